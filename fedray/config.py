@@ -1,0 +1,411 @@
+"""Typed configuration: Hydra structured-config schemas and the checks run before Ray starts.
+
+The YAML files under ``conf/`` extend these dataclasses; Hydra rejects unknown keys and
+wrong types, ``__post_init__`` rejects bad single values, and :func:`validate` rejects bad
+combinations. Every error is a :class:`~fedray.errors.ConfigError` whose message names
+the key and the allowed values, so the launcher can print it as one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fedray.errors import ConfigError
+
+DATASETS = ("breast_cancer", "digits", "wine", "synthetic", "csv")
+MODELS = ("mlp", "logreg", "cnn", "custom")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "median",
+    "trimmed_mean",
+    "krum",
+)
+# Strategies that must see each client's update in the clear: refused with encryption.
+PLAINTEXT_ONLY_STRATEGIES = ("median", "trimmed_mean", "krum")
+PARTITIONS = ("iid", "dirichlet", "shards")
+CRYPTO = ("paillier", "none")
+OBFUSCATORS = ("fixed_base", "standard")
+PRIVACY = ("none", "dp")
+NOISE_PLACEMENTS = ("auto", "distributed", "central")
+PRIVACY_MODES = ("client", "sample")
+CLUSTERS = ("local", "remote")
+CLUSTER_MODES = ("auto", "silo", "simulation")
+
+# Paillier moduli below this are factorable with public effort; NIST SP 800-57 puts
+# 2048-bit RSA-type moduli at 112-bit security, the floor for data protected past 2030.
+MIN_SECURE_KEY_BITS = 2048
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
+
+
+@dataclass
+class DatasetConfig:
+    """Where clients' data comes from and how bundled data is split among clients."""
+
+    name: str = "breast_cancer"
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    test_fraction: float = 0.2
+    holdout_fraction: float = 0.2
+    standardize: bool = True
+    # FedProx Synthetic(alpha, beta)
+    alpha: float = 0.5
+    beta: float = 0.5
+    samples_per_client: int = 100
+    num_features: int = 60
+    num_classes: int = 10
+    test_samples_per_client: int = 10
+    # csv: one file per client, opened only inside that client's actor
+    path: str | None = None
+    label: str | None = None
+    test_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.name, DATASETS)
+        _choice("dataset.partition", self.partition, PARTITIONS)
+        _positive("dataset.dirichlet_alpha", self.dirichlet_alpha)
+        _positive("dataset.shards_per_client", self.shards_per_client)
+        for key in ("test_fraction", "holdout_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"dataset.{key}={value!r} must be in [0, 1)")
+        _positive("dataset.alpha", self.alpha, allow_zero=True)
+        _positive("dataset.beta", self.beta, allow_zero=True)
+        _positive("dataset.samples_per_client", self.samples_per_client)
+        if self.name == "csv":
+            if not self.path or "{client_id}" not in self.path:
+                raise ConfigError(
+                    "dataset.path must be set for dataset=csv and contain '{client_id}', "
+                    "e.g. dataset.path='data/site_{client_id}.csv'"
+                )
+            if not self.label:
+                raise ConfigError("dataset.label must name the label column for dataset=csv")
+
+
+@dataclass
+class ModelConfig:
+    """The model every client trains. ``_target_`` selects any torch ``nn.Module`` class."""
+
+    name: str = "mlp"
+    hidden: int = 128
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Names (or prefixes) of the parameters that are trained and exchanged; null = all.
+    trainable: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _choice("model", self.name, MODELS)
+        _positive("model.hidden", self.hidden)
+        if self.name == "custom" and not self._target_:
+            raise ConfigError("model=custom needs model._target_=package.module.Class")
+
+
+@dataclass
+class StrategyConfig:
+    """Server aggregation and optimizer; see :mod:`fedray.strategies` for the papers."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    proximal_mu: float = 0.0
+    trim_fraction: float = 0.1
+    krum_byzantine: int = 1
+    krum_select: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.name, STRATEGIES)
+        _positive("strategy.server_lr", self.server_lr)
+        _positive("strategy.proximal_mu", self.proximal_mu, allow_zero=True)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"strategy.trim_fraction={self.trim_fraction!r} must be in [0, 0.5)")
+        for key in ("server_momentum", "beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"strategy.{key}={value!r} must be in [0, 1)")
+        _positive("strategy.tau", self.tau)
+        _positive("strategy.krum_byzantine", self.krum_byzantine, allow_zero=True)
+        _positive("strategy.krum_select", self.krum_select)
+
+
+@dataclass
+class CryptoConfig:
+    """Packed Paillier secure aggregation (``paillier``) or plaintext updates (``none``)."""
+
+    name: str = "paillier"
+    key_bits: int = 2048
+    allow_insecure_keys: bool = False
+    quant_bits: int = 16
+    clip: float = 1.0
+    obfuscator: str = "fixed_base"
+    # Processes that share one update's encryption inside a client (1 = in the actor).
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("crypto", self.name, CRYPTO)
+        _choice("crypto.obfuscator", self.obfuscator, OBFUSCATORS)
+        if self.key_bits < 256 or self.key_bits % 8:
+            raise ConfigError(
+                f"crypto.key_bits={self.key_bits} must be a multiple of 8 and >= 256 "
+                f"(>= {MIN_SECURE_KEY_BITS} for real use)"
+            )
+        if (
+            self.name == "paillier"
+            and self.key_bits < MIN_SECURE_KEY_BITS
+            and not self.allow_insecure_keys
+        ):
+            raise ConfigError(
+                f"crypto.key_bits={self.key_bits} is below the secure minimum "
+                f"{MIN_SECURE_KEY_BITS}; use >= {MIN_SECURE_KEY_BITS} or set "
+                "crypto.allow_insecure_keys=true (tests only)"
+            )
+        if not 2 <= self.quant_bits <= 32:
+            raise ConfigError(f"crypto.quant_bits={self.quant_bits} must be in [2, 32]")
+        _positive("crypto.clip", self.clip)
+        _positive("crypto.workers", self.workers)
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg) and its accountant."""
+
+    name: str = "none"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    noise: str = "auto"
+    target_epsilon: float | None = None
+    secure_rng: bool = False
+    mode: str = "client"
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _choice("privacy", self.name, PRIVACY)
+        _choice("privacy.noise", self.noise, NOISE_PLACEMENTS)
+        _choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _choice("privacy.accountant", self.accountant, ("rdp", "pld"))
+        _positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _positive("privacy.clip_norm", self.clip_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta={self.delta!r} must be in (0, 1)")
+        if self.target_epsilon is not None:
+            _positive("privacy.target_epsilon", self.target_epsilon)
+
+
+@dataclass
+class ClusterConfig:
+    """How clients map onto Ray actors and nodes."""
+
+    name: str = "local"
+    # auto: one actor per client when they fit on the CPUs, else a pool (simulation).
+    mode: str = "auto"
+    num_actors: int | None = None
+    # Per-client placement, e.g. {"0": {"site_a": 1}, "1": {"site_b": 1}} (silo mode).
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice("cluster", self.name, CLUSTERS)
+        _choice("cluster.mode", self.mode, CLUSTER_MODES)
+        if self.num_actors is not None:
+            _positive("cluster.num_actors", self.num_actors)
+
+
+@dataclass
+class RayConfig:
+    """``address: null`` starts an embedded local Ray; ``auto`` or HOST:PORT joins one."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_memory: int | None = None
+    include_dashboard: bool = False
+
+
+@dataclass
+class ClientResources:
+    """Resources each client actor asks Ray for (fractions allowed)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive("client.num_cpus", self.num_cpus, allow_zero=True)
+        _positive("client.num_gpus", self.num_gpus, allow_zero=True)
+        for name, amount in self.resources.items():
+            _positive(f"client.resources.{name}", amount)
+
+
+@dataclass
+class CheckpointConfig:
+    """``every: N`` writes a checkpoint every N rounds (0: only after the last round)."""
+
+    every: int = 5
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every", self.every, allow_zero=True)
+
+
+@dataclass
+class FedrayConfig:
+    """The whole job. Field names are the public override contract (see DESIGN.md)."""
+
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    crypto: CryptoConfig = MISSING
+    privacy: PrivacyConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    ray: RayConfig = field(default_factory=RayConfig)
+    client: ClientResources = field(default_factory=ClientResources)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    num_clients: int = 10
+    clients_per_round: int = 10
+    min_clients_per_round: int | None = None
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    seed: int = 0
+    target_accuracy: float | None = None
+    round_timeout_s: float | None = None
+    max_round_retries: int = 3
+    federated_eval: bool = True
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be an integer >= 1")
+        _positive("lr", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)")
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy={self.target_accuracy!r} must be in (0, 1]")
+        if self.round_timeout_s is not None:
+            _positive("round_timeout_s", self.round_timeout_s)
+        _positive("max_round_retries", self.max_round_retries, allow_zero=True)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (called before ``@hydra.main``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="fedray_schema", node=FedrayConfig)
+
+
+def to_config(cfg: DictConfig | FedrayConfig) -> FedrayConfig:
+    """Turn a composed Hydra config into a checked :class:`FedrayConfig`.
+
+    Raises ConfigError with one line naming the key, whatever layer found the problem.
+    """
+    if isinstance(cfg, FedrayConfig):
+        validate(cfg)
+        return cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedrayConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf's ValidationError etc.: keep only the first line
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(first) from exc
+    validate(obj)
+    return obj
+
+
+def min_clients(cfg: FedrayConfig) -> int:
+    """Fewest finished clients a round accepts (default: half the cohort, at least 1)."""
+    if cfg.min_clients_per_round is not None:
+        return cfg.min_clients_per_round
+    return max(1, math.ceil(cfg.clients_per_round / 2))
+
+
+def validate(cfg: FedrayConfig) -> None:
+    """Cross-field rules. Raises ConfigError naming the keys and the allowed values."""
+    if cfg.clients_per_round > cfg.num_clients:
+        raise ConfigError(
+            f"clients_per_round={cfg.clients_per_round} must be between 1 and "
+            f"num_clients={cfg.num_clients}"
+        )
+    if cfg.min_clients_per_round is not None and not (
+        1 <= cfg.min_clients_per_round <= cfg.clients_per_round
+    ):
+        raise ConfigError(
+            f"min_clients_per_round={cfg.min_clients_per_round} must be between 1 and "
+            f"clients_per_round={cfg.clients_per_round}"
+        )
+    if cfg.crypto.name == "paillier" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} needs each client's update in the clear and cannot "
+            "run with crypto=paillier; use crypto=none, or one of: "
+            + ", ".join(s for s in STRATEGIES if s not in PLAINTEXT_ONLY_STRATEGIES)
+        )
+    if cfg.privacy.name == "dp":
+        if cfg.privacy.noise == "distributed" and cfg.crypto.name == "none":
+            raise ConfigError(
+                "privacy.noise=distributed needs crypto=paillier (without encryption the "
+                "server would see each client's under-noised update); use privacy.noise=central"
+            )
+        if cfg.privacy.noise == "central" and cfg.crypto.name == "paillier":
+            raise ConfigError(
+                "privacy.noise=central cannot be used with crypto=paillier (the server only sees "
+                "the decrypted sum); use privacy.noise=distributed or auto"
+            )
+        if cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
+            raise ConfigError(
+                f"privacy=dp is accounted for mean aggregation; strategy={cfg.strategy.name} "
+                "is not supported with it"
+            )
+    if cfg.model.name == "cnn" and cfg.dataset.name != "digits":
+        raise ConfigError("model=cnn is the 8x8 image CNN and needs dataset=digits")
+    if cfg.ray.address not in (None, "auto", "local") and ":" not in str(cfg.ray.address):
+        raise ConfigError(
+            f"ray.address={cfg.ray.address!r} must be null (embedded local Ray), auto, "
+            "or HOST:PORT"
+        )
+    if cfg.cluster.name == "remote" and cfg.ray.address is None:
+        raise ConfigError("cluster=remote needs ray.address=auto or HOST:PORT")
+    for client_id in cfg.cluster.sites:
+        if not str(client_id).isdigit() or int(client_id) >= cfg.num_clients:
+            raise ConfigError(
+                f"cluster.sites key {client_id!r} must be a client id in 0..{cfg.num_clients - 1}"
+            )
+    if cfg.crypto.name == "paillier":
+        slot_bits = cfg.crypto.quant_bits + math.ceil(math.log2(cfg.clients_per_round + 1))
+        if slot_bits > cfg.crypto.key_bits - 2:
+            raise ConfigError(
+                f"crypto.key_bits={cfg.crypto.key_bits} is too small to hold one "
+                f"{slot_bits}-bit slot; lower crypto.quant_bits or raise crypto.key_bits"
+            )

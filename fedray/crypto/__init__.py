@@ -1,0 +1,1 @@
+"""Paillier secure aggregation."""

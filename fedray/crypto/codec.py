@@ -1,0 +1,126 @@
+"""BatchCrypt-style packing of float vectors into Paillier plaintexts.
+
+Zhang et al., "BatchCrypt: Efficient Homomorphic Encryption for Cross-Silo Federated
+Learning" (USENIX ATC 2020). Each value is clipped to [-clip, clip] and quantized to a
+signed ``quant_bits``-bit integer ``q`` with ``|q| <= Q = 2^(quant_bits-1) - 1``. A slot
+stores ``q + Q`` (never negative), in ``slot_bits = quant_bits + ceil(log2(max_summands))``
+bits, so the sum of up to ``max_summands`` slots always fits its slot: no carry can reach
+the neighbouring slot, whatever the values. As many slots as fit below ``n`` share one
+plaintext; decoding subtracts ``count * Q`` per slot.
+
+Weights: client k encodes ``s_k * x_k`` with ``s_k = w_k / weight_ref`` in (0, 1] (its
+example count over a reference known to all, the largest client's), so the server sums
+ciphertexts and divides by the plaintext total ``sum s_k``. Quantization error of the
+weighted mean is at most ``count * clip / (2 Q) / sum s_k`` per value (``error_bound``),
+for values inside the clip range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedray.crypto.paillier import PublicKey
+
+
+@dataclass(frozen=True)
+class PackedPaillierCodec:
+    """Quantize, pack and unpack float vectors for a key of ``key_bits`` bits."""
+
+    key_bits: int
+    num_values: int
+    max_summands: int
+    quant_bits: int = 16
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.quant_bits <= 32:
+            raise ValueError(f"quant_bits={self.quant_bits} must be in [2, 32]")
+        if self.max_summands < 1:
+            raise ValueError(f"max_summands={self.max_summands} must be >= 1")
+        if self.clip <= 0 or not math.isfinite(self.clip):
+            raise ValueError(f"clip={self.clip} must be a finite number > 0")
+        if self.slots_per_ciphertext < 1:
+            raise ValueError(
+                f"a {self.key_bits}-bit key cannot hold one {self.slot_bits}-bit slot; "
+                "lower quant_bits or max_summands, or use a larger key"
+            )
+
+    @classmethod
+    def for_key(cls, public: PublicKey, **kwargs) -> PackedPaillierCodec:
+        return cls(key_bits=public.key_bits, **kwargs)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.quant_bits - 1)) - 1
+
+    @property
+    def slot_bits(self) -> int:
+        return self.quant_bits + max(0, math.ceil(math.log2(self.max_summands)))
+
+    @property
+    def slots_per_ciphertext(self) -> int:
+        # The packed plaintext stays below 2^(key_bits-1) <= n.
+        return (self.key_bits - 1) // self.slot_bits
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return -(-self.num_values // self.slots_per_ciphertext)
+
+    @property
+    def step(self) -> float:
+        """Width of one quantization step."""
+        return self.clip / self.qmax
+
+    def error_bound(self, count: int, total_weight: float) -> float:
+        """Largest |decoded mean - true weighted mean| per value, for values inside the clip."""
+        return count * self.step / 2 / total_weight
+
+    # -- encoding ---------------------------------------------------------------------
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """Clip and round to signed integers in [-Q, Q] (int64)."""
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape != (self.num_values,):
+            raise ValueError(f"expected {self.num_values} values, got shape {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("cannot encode NaN or infinite values")
+        q = np.rint(np.clip(v, -self.clip, self.clip) / self.step)
+        return np.clip(q, -self.qmax, self.qmax).astype(np.int64)
+
+    def encode(self, values: np.ndarray) -> list[int]:
+        """Float vector -> packed plaintext integers, each < 2^(key_bits-1)."""
+        slots = (self.quantize(values) + self.qmax).astype(np.uint64)
+        return self._pack(slots)
+
+    def _pack(self, slots: np.ndarray) -> list[int]:
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        padded = np.zeros(self.num_ciphertexts * s, dtype=np.uint64)
+        padded[: len(slots)] = slots
+        shifts = np.arange(b, dtype=np.uint64)
+        bits = ((padded.reshape(-1, s, 1) >> shifts) & np.uint64(1)).astype(np.uint8)
+        rows = np.packbits(bits.reshape(self.num_ciphertexts, s * b), axis=1, bitorder="little")
+        return [int.from_bytes(row.tobytes(), "little") for row in rows]
+
+    # -- decoding ---------------------------------------------------------------------
+    def unpack(self, plaintexts: list[int]) -> np.ndarray:
+        """Packed integers -> slot values (uint64), the inverse of ``_pack``."""
+        if len(plaintexts) != self.num_ciphertexts:
+            raise ValueError(
+                f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}"
+            )
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        width = (s * b + 7) // 8
+        raw = np.frombuffer(b"".join(int(m).to_bytes(width, "little") for m in plaintexts), np.uint8)
+        bits = np.unpackbits(raw.reshape(len(plaintexts), width), axis=1, bitorder="little")
+        bits = bits[:, : s * b].reshape(-1, b).astype(np.uint64)
+        slots = (bits << np.arange(b, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+        return slots[: self.num_values]
+
+    def decode_sum(self, plaintexts: list[int], count: int) -> np.ndarray:
+        """Decrypted sum of ``count`` encodings -> the sum of their (clipped) float vectors."""
+        if not 1 <= count <= self.max_summands:
+            raise ValueError(f"count={count} must be between 1 and {self.max_summands}")
+        q = self.unpack(plaintexts).astype(np.int64) - count * self.qmax
+        return q.astype(np.float64) * self.step

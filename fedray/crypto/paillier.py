@@ -1,0 +1,227 @@
+"""Raw Paillier on integers: fast encryption for key holders, sums, decryption, wire format.
+
+Keys and decryption come from ``phe`` (python-paillier); the big-integer work is gmpy2.
+This is the integer layer; :mod:`fedray.crypto.codec` packs float vectors on top of it.
+
+Threat model. The server holds only the public key ``n`` and multiplies ciphertexts
+(adds plaintexts). Every client holds the key pair (one shared key, as in BatchCrypt and
+NVIDIA FLARE's HE mode): a client colluding with the server could decrypt the others.
+
+Fast encryption. A Paillier ciphertext is ``(1 + m n) * r^n mod n^2`` with ``g = n + 1``;
+all the cost is the obfuscator ``r^n``. Key holders know ``p`` and ``q`` and compute it
+modulo ``p^2`` and ``q^2`` separately (CRT). Modulo ``p^2``, ``r^n`` ranges over the cyclic
+subgroup of order ``p - 1`` (the p-th powers), so instead of ``r^n`` we draw
+``h_p^x`` with ``x`` uniform in ``[0, p - 1)`` and ``h_p = g_p^p`` for ``g_p`` a primitive
+root mod p, which is uniform over the same subgroup: the obfuscator then has exactly the
+distribution of textbook ``r^n``. ``h_p^x`` uses a fixed-base table of precomputed
+powers, so one encryption is ~2 x 128 multiplications of 2048-bit numbers instead of a
+4096-bit exponentiation (about 25x faster at 2048 bits). ``g_p`` is checked to be a
+generator for every prime factor of ``p - 1`` below 2^16; a large prime factor l that is
+missed (probability < 1/l each) leaves the obfuscator uniform on a subgroup of index l,
+which cannot be told apart without factoring n. ``obfuscator="standard"`` computes
+``r^n`` with CRT instead (about 2x faster than phe, no tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+
+import gmpy2
+import numpy as np
+from phe import paillier
+
+from fedray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """The Paillier public key: the modulus n (g = n + 1). Safe to give to anyone."""
+
+    n: int
+
+    @property
+    def key_bits(self) -> int:
+        return self.n.bit_length()
+
+    @property
+    def ciphertext_bytes(self) -> int:
+        return (2 * self.key_bits + 7) // 8
+
+    @property
+    def fingerprint(self) -> str:
+        """Short id of the key, carried with every update so a wrong key is caught."""
+        return hashlib.sha256(self.n.to_bytes((self.key_bits + 7) // 8, "big")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PrivateKey:
+    """The factors of n. Held by clients (key holders) only; never by the server."""
+
+    public: PublicKey
+    p: int
+    q: int
+
+    def __repr__(self) -> str:  # never print the factors into a log
+        return f"PrivateKey(fingerprint={self.public.fingerprint})"
+
+    def to_phe(self) -> paillier.PaillierPrivateKey:
+        return paillier.PaillierPrivateKey(paillier.PaillierPublicKey(self.public.n), self.p, self.q)
+
+
+def generate_keypair(key_bits: int) -> tuple[PublicKey, PrivateKey]:
+    """A fresh key pair from phe's generator (OS randomness; never derived from the job seed)."""
+    pub, priv = paillier.generate_paillier_keypair(n_length=key_bits)
+    public = PublicKey(int(pub.n))
+    return public, PrivateKey(public, int(priv.p), int(priv.q))
+
+
+@lru_cache(maxsize=1)
+def _small_primes(limit: int = 1 << 16) -> tuple[int, ...]:
+    sieve = np.ones(limit, dtype=bool)
+    sieve[:2] = False
+    for i in range(2, int(limit**0.5) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = False
+    return tuple(int(x) for x in np.flatnonzero(sieve))
+
+
+def _generator_mod_prime(p: int, rng: secrets.SystemRandom) -> int:
+    """A random g that generates Z*_p modulo every prime factor of p - 1 below 2^16."""
+    m = p - 1
+    factors = [ell for ell in _small_primes() if m % ell == 0]
+    gp = gmpy2.mpz(p)
+    while True:
+        g = gmpy2.mpz(rng.randrange(2, p - 1))
+        if all(gmpy2.powmod(g, m // ell, gp) != 1 for ell in factors):
+            return int(g)
+
+
+class _FixedBaseTable:
+    """Powers h^(d * 2^(w*i)) mod M, so h^x is one multiplication per w-bit digit of x."""
+
+    def __init__(self, base: int, modulus: int, exponent_bits: int, window: int = 8):
+        if window != 8:
+            raise ValueError("only 8-bit windows are implemented (digits are bytes)")
+        self.modulus = gmpy2.mpz(modulus)
+        self.num_digits = (exponent_bits + 7) // 8
+        rows = []
+        b = gmpy2.mpz(base) % self.modulus
+        for _ in range(self.num_digits):
+            row = [gmpy2.mpz(1), b]
+            for _ in range(254):
+                row.append(row[-1] * b % self.modulus)
+            rows.append(row)
+            b = row[-1] * b % self.modulus  # b^256
+        self.rows = rows
+
+    def pow(self, x: int) -> gmpy2.mpz:
+        m = self.modulus
+        acc = gmpy2.mpz(1)
+        for row, digit in zip(self.rows, x.to_bytes(self.num_digits, "little"), strict=True):
+            if digit:
+                acc = acc * row[digit] % m
+        return acc
+
+
+class KeyHolderEncryptor:
+    """Encrypts integers for a key holder: CRT plus fixed-base obfuscators (see module doc)."""
+
+    def __init__(self, private: PrivateKey, obfuscator: str = "fixed_base"):
+        if obfuscator not in ("fixed_base", "standard"):
+            raise ConfigError(
+                f"crypto.obfuscator={obfuscator!r}; choose one of: fixed_base, standard"
+            )
+        self.public = private.public
+        self.obfuscator = obfuscator
+        self._rng = secrets.SystemRandom()
+        p, q = gmpy2.mpz(private.p), gmpy2.mpz(private.q)
+        self._p, self._q = p, q
+        self._n = gmpy2.mpz(private.public.n)
+        self._p2, self._q2 = p * p, q * q
+        self._n2 = self._n * self._n
+        self._q2_inv = gmpy2.invert(self._q2, self._p2)
+        if obfuscator == "fixed_base":
+            self._tables = []
+            for prime, sq in ((p, self._p2), (q, self._q2)):
+                g = _generator_mod_prime(int(prime), self._rng)
+                h = gmpy2.powmod(g, prime, sq)  # into the order-(prime-1) subgroup
+                self._tables.append(_FixedBaseTable(int(h), int(sq), int(prime - 1).bit_length()))
+
+    def _obfuscators(self) -> tuple[gmpy2.mpz, gmpy2.mpz]:
+        if self.obfuscator == "fixed_base":
+            tp, tq = self._tables
+            xp = self._rng.randrange(int(self._p) - 1)
+            xq = self._rng.randrange(int(self._q) - 1)
+            return tp.pow(xp), tq.pow(xq)
+        r = gmpy2.mpz(self._rng.randrange(1, int(self._n)))
+        return gmpy2.powmod(r, self._n, self._p2), gmpy2.powmod(r, self._n, self._q2)
+
+    def encrypt(self, m: int) -> gmpy2.mpz:
+        """Ciphertext of a plaintext integer 0 <= m < n."""
+        gm = 1 + gmpy2.mpz(m) * self._n  # (1 + n)^m mod n^2, exactly, for m < n
+        rp, rq = self._obfuscators()
+        cp = gm % self._p2 * rp % self._p2
+        cq = gm % self._q2 * rq % self._q2
+        return cq + self._q2 * ((cp - cq) * self._q2_inv % self._p2)
+
+    def encrypt_many(self, plaintexts: list[int]) -> list[gmpy2.mpz]:
+        return [self.encrypt(m) for m in plaintexts]
+
+
+def public_encrypt(public: PublicKey, m: int) -> gmpy2.mpz:
+    """Textbook encryption with the public key only (no CRT); for tests and comparisons."""
+    n = gmpy2.mpz(public.n)
+    n2 = n * n
+    r = gmpy2.mpz(secrets.randbelow(public.n - 1) + 1)
+    return (1 + gmpy2.mpz(m) * n) * gmpy2.powmod(r, n, n2) % n2
+
+
+class Decryptor:
+    """Decrypts with phe's CRT decryption (``raw_decrypt``)."""
+
+    def __init__(self, private: PrivateKey):
+        self.public = private.public
+        self._phe = private.to_phe()
+
+    def decrypt(self, c: int) -> int:
+        return int(self._phe.raw_decrypt(int(c)))
+
+    def decrypt_many(self, ciphertexts: list[int]) -> list[int]:
+        return [self.decrypt(c) for c in ciphertexts]
+
+
+def add_ciphertexts(public: PublicKey, a: list, b: list) -> list[gmpy2.mpz]:
+    """Homomorphic sum, elementwise: Enc(x) * Enc(y) mod n^2 = Enc(x + y)."""
+    n2 = gmpy2.mpz(public.n) ** 2
+    return [x * y % n2 for x, y in zip(a, b, strict=True)]
+
+
+def to_bytes(public: PublicKey, ciphertexts: list) -> bytes:
+    """Fixed-width little-endian packing: ``ciphertext_bytes`` per ciphertext, no pickling."""
+    width = public.ciphertext_bytes
+    return b"".join(int(c).to_bytes(width, "little") for c in ciphertexts)
+
+
+def from_bytes(public: PublicKey, data: bytes) -> list[gmpy2.mpz]:
+    width = public.ciphertext_bytes
+    if len(data) % width:
+        raise ValueError(f"ciphertext payload of {len(data)} bytes is not a multiple of {width}")
+    mv = memoryview(data)
+    return [
+        gmpy2.mpz(int.from_bytes(mv[i : i + width], "little")) for i in range(0, len(data), width)
+    ]
+
+
+def check_ciphertexts(public: PublicKey, ciphertexts: list) -> str | None:
+    """Why these are not valid ciphertexts under ``public`` (outside Z*_{n^2}), or None."""
+    n = gmpy2.mpz(public.n)
+    n2 = n * n
+    for i, c in enumerate(ciphertexts):
+        if not 0 < c < n2:
+            return f"ciphertext {i} is outside [1, n^2)"
+        if gmpy2.gcd(c, n) != 1:
+            return f"ciphertext {i} is not a unit mod n^2"
+    return None

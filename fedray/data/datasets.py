@@ -1,0 +1,239 @@
+"""Loading each client's data inside its actor, and the server's central test set.
+
+Bundled scikit-learn data sets are split deterministically from the seed, so every actor
+computes the same split and keeps only its own clients' rows. Features are standardised
+per site with the site's own statistics (a site cannot see another site's data).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from fedray.config import DatasetConfig
+from fedray.data.partition import partition_indices
+from fedray.data.synthetic import synthetic_client
+from fedray.errors import DataError
+
+BUNDLED = {"breast_cancer": 2, "digits": 10, "wine": 3}
+
+
+@dataclass
+class ClientData:
+    """One client's local data: a training split and a held-out split for federated eval."""
+
+    client_id: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.y_train)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about the data: feature width and class count."""
+
+    num_features: int
+    num_classes: int
+
+
+@lru_cache(maxsize=4)
+def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets
+
+    loader = {
+        "breast_cancer": datasets.load_breast_cancer,
+        "digits": datasets.load_digits,
+        "wine": datasets.load_wine,
+    }[name]
+    bunch = loader()
+    x = bunch.data.astype(np.float32)
+    if name == "digits":
+        x = x / 16.0  # pixel intensities 0..16: a fixed scale, not data-dependent
+    return x, bunch.target.astype(np.int64)
+
+
+@lru_cache(maxsize=4)
+def _bundled_split(name: str, test_fraction: float, seed: int):
+    """(train_x, train_y, test_x, test_y): the central test set is a stratified holdout."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = _bundled(name)
+    if test_fraction == 0:
+        return x, y, x[:0], y[:0]
+    xtr, xte, ytr, yte = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return xtr, ytr, xte, yte
+
+
+def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    mean = ref.mean(axis=0)
+    std = ref.std(axis=0)
+    std[std < 1e-8] = 1.0
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _holdout(client_id: int, x, y, fraction: float, seed: int) -> ClientData:
+    rng = np.random.default_rng([seed, client_id, 7])
+    order = rng.permutation(len(y))
+    n_val = int(round(len(y) * fraction)) if len(y) > 2 else 0
+    n_val = min(n_val, len(y) - 1)
+    val, train = order[:n_val], order[n_val:]
+    return ClientData(client_id, x[train], y[train], x[val], y[val])
+
+
+def load_client_data(
+    cfg: DatasetConfig, client_ids: list[int], num_clients: int, seed: int
+) -> dict[int, ClientData]:
+    """Load the given clients' data. Runs inside a client actor; nothing is shipped."""
+    out: dict[int, ClientData] = {}
+    if cfg.name in BUNDLED:
+        xtr, ytr, _, _ = _bundled_split(cfg.name, cfg.test_fraction, seed)
+        parts = partition_indices(
+            ytr,
+            num_clients,
+            scheme=cfg.partition,
+            seed=seed,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            shards_per_client=cfg.shards_per_client,
+        )
+        for cid in client_ids:
+            x, y = xtr[parts[cid]], ytr[parts[cid]]
+            data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
+            if cfg.standardize and cfg.name != "digits":
+                ref = data.x_train
+                data.x_train, data.x_val = _standardize(data.x_train, ref), _standardize(
+                    data.x_val, ref
+                )
+            out[cid] = data
+    elif cfg.name == "synthetic":
+        for cid in client_ids:
+            x, y = synthetic_client(
+                cid,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                num_samples=cfg.samples_per_client,
+                num_features=cfg.num_features,
+                num_classes=cfg.num_classes,
+                seed=seed,
+            )
+            out[cid] = _holdout(cid, x, y, cfg.holdout_fraction, seed)
+    elif cfg.name == "csv":
+        for cid in client_ids:
+            path = cfg.path.format(client_id=cid)
+            x, y = read_csv(path, cfg.label)
+            data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
+            if cfg.standardize:
+                ref = data.x_train
+                data.x_train, data.x_val = _standardize(data.x_train, ref), _standardize(
+                    data.x_val, ref
+                )
+            out[cid] = data
+    else:  # guarded by the config schema
+        raise DataError(f"unknown dataset {cfg.name!r}")
+    return out
+
+
+def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int):
+    """The server's central test set, or (None, None) when the job has none."""
+    if cfg.name in BUNDLED:
+        _, _, xte, yte = _bundled_split(cfg.name, cfg.test_fraction, seed)
+        if len(yte) == 0:
+            return None, None
+        if cfg.standardize and cfg.name != "digits":
+            xte = _standardize(xte, xte)
+        return xte, yte
+    if cfg.name == "synthetic":
+        # Fresh draws (stream 1) from a spread of clients' distributions, at most 10,000 rows.
+        per = max(1, cfg.test_samples_per_client)
+        count = min(num_clients, max(1, 10_000 // per))
+        ids = np.linspace(0, num_clients - 1, count).astype(int)
+        xs, ys = [], []
+        for cid in np.unique(ids):
+            x, y = synthetic_client(
+                int(cid),
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                num_samples=per,
+                num_features=cfg.num_features,
+                num_classes=cfg.num_classes,
+                seed=seed,
+                stream=1,
+            )
+            xs.append(x)
+            ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+    if cfg.name == "csv" and cfg.test_path:
+        x, y = read_csv(cfg.test_path, cfg.label)
+        return (_standardize(x, x) if cfg.standardize else x), y
+    return None, None
+
+
+def dataset_info(cfg: DatasetConfig, observed_classes: int = 0, num_features: int = 0):
+    """Feature width and class count; for csv from what the clients observed."""
+    if cfg.name in BUNDLED:
+        x, _ = _bundled(cfg.name)
+        return DatasetInfo(x.shape[1], BUNDLED[cfg.name])
+    if cfg.name == "synthetic":
+        return DatasetInfo(cfg.num_features, cfg.num_classes)
+    return DatasetInfo(num_features, max(2, observed_classes))
+
+
+def read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a numeric CSV with a header row. Errors name the file, row and column."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: the file is empty (expected a header row)") from None
+        header = [h.strip() for h in header]
+        if label not in header:
+            raise DataError(
+                f"{path}: no label column {label!r}; columns are: {', '.join(header)}"
+            )
+        li = header.index(label)
+        rows_x, rows_y = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}: row {lineno} has {len(row)} cells, the header has {len(header)}"
+                )
+            values = []
+            for col, cell in zip(header, row, strict=True):
+                try:
+                    values.append(float(cell))
+                except ValueError:
+                    raise DataError(
+                        f"{path}: row {lineno}, column {col!r}: {cell!r} is not a number"
+                    ) from None
+            y = values.pop(li)
+            if y != int(y) or y < 0:
+                raise DataError(
+                    f"{path}: row {lineno}: label {cell_repr(y)} must be an integer class id >= 0"
+                )
+            rows_x.append(values)
+            rows_y.append(int(y))
+    if not rows_y:
+        raise DataError(f"{path}: no data rows after the header")
+    x = np.asarray(rows_x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: contains NaN or infinite values")
+    return x, np.asarray(rows_y, dtype=np.int64)
+
+
+def cell_repr(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)

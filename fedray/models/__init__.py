@@ -1,0 +1,5 @@
+"""Models clients train, and the flat-vector view of their exchanged parameters."""
+
+from fedray.models.factory import ParamView, build_model
+
+__all__ = ["ParamView", "build_model"]

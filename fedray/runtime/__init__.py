@@ -1,0 +1,1 @@
+"""Runtime: server and client actors, cluster placement, the driver."""

@@ -1,0 +1,273 @@
+"""Client actors: each hosts one client (silo mode) or many virtual clients (simulation).
+
+A ``ClientHost`` loads its clients' data inside its own process and keeps it, and one
+model replica, for the whole run; per-client state stays here between rounds. One call
+trains a list of clients, so a thousand clients need only as many processes as cores.
+The class is plain Python (testable without Ray); :data:`ClientActor` is its Ray form.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedray.config import FedrayConfig
+from fedray.data.datasets import DatasetInfo, load_client_data
+from fedray.data.partition import label_histogram
+
+
+@dataclass
+class RoundTask:
+    """What the server asks of a client host for one round."""
+
+    round: int
+    client_ids: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """One client's answer: a plaintext delta or an encrypted update, plus metrics."""
+
+    client_id: int
+    num_examples: int
+    weight: float
+    delta: np.ndarray | None = None
+    encrypted: Any = None
+    train_loss: float = float("nan")
+    val_loss: float = float("nan")
+    val_correct: int = 0
+    val_count: int = 0
+    train_seconds: float = 0.0
+    encrypt_seconds: float = 0.0
+    bytes_up: int = 0
+    node_id: str = ""
+    error: str | None = None
+
+
+def client_seed(seed: int, round_num: int, client_id: int) -> int:
+    """One RNG stream per (run, round, client): replayable whichever actor hosts the client."""
+    return int(np.random.SeedSequence([seed, round_num, client_id]).generate_state(1)[0])
+
+
+class ClientHost:
+    """Hosts clients: their data, a model replica, training, encryption, key-holder decrypt."""
+
+    def __init__(
+        self,
+        cfg: FedrayConfig,
+        client_ids: list[int],
+        info: DatasetInfo,
+        weight_ref: float = 1.0,
+        key_source: Any = None,
+    ):
+        self._init_error: str | None = None
+        try:
+            self._setup(cfg, client_ids, info, weight_ref, key_source)
+        except Exception as exc:  # reported by ready() as one line, not a restart loop
+            self._init_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    def _setup(self, cfg, client_ids, info, weight_ref, key_source) -> None:
+        import torch
+
+        from fedray.models import ParamView, build_model
+
+        self.cfg = cfg
+        self.client_ids = list(client_ids)
+        self.weight_ref = weight_ref
+        threads = max(1, int(cfg.client.num_cpus or 1))
+        torch.set_num_threads(threads)
+        self.device = torch.device(
+            "cuda" if cfg.client.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        )
+        self.data = load_client_data(cfg.dataset, self.client_ids, cfg.num_clients, cfg.seed)
+        self.tensors = {
+            cid: (
+                torch.as_tensor(d.x_train, device=self.device),
+                torch.as_tensor(d.y_train, device=self.device),
+                torch.as_tensor(d.x_val, device=self.device),
+                torch.as_tensor(d.y_val, device=self.device),
+            )
+            for cid, d in self.data.items()
+        }
+        self.model = build_model(cfg.model, info, cfg.seed).to(self.device)
+        self.view = ParamView(self.model, cfg.model.trainable)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self._encryptor = None
+        self._private = None
+        if key_source is not None:
+            self._init_crypto(key_source)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _init_crypto(self, key_source: Any) -> None:
+        from fedray.crypto.codec import PackedPaillierCodec
+        from fedray.crypto.secure_aggregation import ClientEncryptor
+
+        if hasattr(key_source, "keypair"):  # a KeyDealer actor handle
+            import ray
+
+            private = ray.get(key_source.keypair.remote())
+        else:
+            private = key_source
+        self._private = private
+        self.codec = PackedPaillierCodec.for_key(
+            private.public,
+            num_values=self.view.size,
+            max_summands=self.cfg.clients_per_round,
+            quant_bits=self.cfg.crypto.quant_bits,
+            clip=self.cfg.crypto.clip,
+        )
+        self._encryptor = ClientEncryptor(private, self.codec, self.cfg.crypto.obfuscator)
+
+    def ready(self) -> bool | str:
+        """True once set up, else the error that stopped the set-up (bad data, bad key)."""
+        if self._init_error is not None:
+            msg = self._init_error
+            for prefix in ("DataError: ", "ConfigError: "):
+                msg = msg.removeprefix(prefix)
+            return msg
+        return True
+
+    def set_weight_ref(self, weight_ref: float) -> None:
+        """Example count that maps to weight 1.0 (the largest client's), known to all."""
+        self.weight_ref = float(weight_ref)
+
+    def node_id(self) -> str:
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id()
+        except Exception:
+            return ""
+
+    def describe(self) -> dict[int, dict[str, Any]]:
+        """Each hosted client's size and label histogram (metadata, no data)."""
+        node = self.node_id()
+        out = {}
+        for cid, d in self.data.items():
+            classes = int(max(d.y_train.max(initial=0), d.y_val.max(initial=0))) + 1
+            out[cid] = {
+                "num_examples": d.num_examples,
+                "num_val": len(d.y_val),
+                "num_features": int(d.x_train.shape[1]),
+                "labels": label_histogram(d.y_train, classes),
+                "node_id": node,
+                "device": str(self.device),
+                "pid": os.getpid(),
+            }
+        return out
+
+    # -- one round ----------------------------------------------------------------------
+    def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
+        """Train each listed client from the global weights; return their updates."""
+        node = self.node_id()
+        results = []
+        for cid in task.client_ids:
+            try:
+                result = self._train_one(cid, task, global_weights)
+            except Exception as exc:  # one client's failure must not sink its neighbours
+                result = ClientResult(
+                    cid, 0, 0.0, error=f"{type(exc).__name__}: {exc}".splitlines()[0]
+                )
+            result.node_id = node
+            results.append(result)
+        return results
+
+    def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
+        import torch
+
+        opts = task.options
+        x, y, xv, yv = self.tensors[cid]
+        n = len(y)
+        t0 = time.perf_counter()
+        self.view.set(global_weights)
+        result = ClientResult(cid, n, 1.0)
+        if self.cfg.federated_eval and len(yv):
+            with torch.no_grad():
+                logits = self.model(xv)
+                result.val_loss = float(self.loss_fn(logits, yv))
+                result.val_correct = int((logits.argmax(1) == yv).sum())
+                result.val_count = len(yv)
+
+        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, task.round, cid))
+        params = self.view.params
+        opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)
+        mu = float(opts.get("proximal_mu", 0.0))
+        anchor = [p.detach().clone() for p in params] if mu > 0 else None
+        bs = self.cfg.batch_size
+        total, batches = 0.0, 0
+        self.model.train()
+        for _ in range(self.cfg.local_epochs):
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x[idx]), y[idx])
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * mu * prox
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                batches += 1
+        self.model.eval()
+        delta = (self.view.get() - global_weights).astype(np.float32)
+        result.train_loss = total / max(1, batches)
+        result.train_seconds = time.perf_counter() - t0
+
+        privacy = opts.get("privacy")
+        if privacy is not None:
+            from fedray.privacy.mechanisms import privatize_update
+
+            delta = privatize_update(delta, privacy, client_seed(self.cfg.seed, task.round, cid))
+            result.weight = 1.0  # uniform weights keep the sensitivity bound C / m
+        else:
+            result.weight = min(1.0, n / self.weight_ref)
+
+        if not np.all(np.isfinite(delta)):
+            result.error = "update has NaN or infinite values (diverged); lower lr"
+            return result
+        if self._encryptor is not None:
+            t1 = time.perf_counter()
+            result.encrypted = self._encryptor.encrypt(delta, result.weight)
+            result.encrypt_seconds = time.perf_counter() - t1
+            result.bytes_up = result.encrypted.nbytes
+        else:
+            result.delta = delta
+            result.bytes_up = delta.nbytes
+        return result
+
+    # -- key holder ---------------------------------------------------------------------
+    def decrypt_sum(self, payload: bytes, count: int, start: int = 0, stop: int | None = None):
+        """Decrypt a *sum* of ``count`` updates (the server asks only for sums).
+
+        ``start:stop`` selects a range of ciphertexts so several hosts can share the work;
+        returns the integer plaintexts of that range.
+        """
+        from fedray.crypto.paillier import Decryptor, from_bytes
+
+        if self._private is None:
+            raise RuntimeError("this client host holds no key")
+        from fedray.config import min_clients
+
+        min_count = min_clients(self.cfg)
+        if count < min_count:
+            raise PermissionError(
+                f"refusing to decrypt a sum of {count} updates (fewer than the "
+                f"{min_count} a round must have)"
+            )
+        width = self._private.public.ciphertext_bytes
+        stop = len(payload) // width if stop is None else stop
+        cts = from_bytes(self._private.public, payload[start * width : stop * width])
+        return Decryptor(self._private).decrypt_many(cts)
+
+
+def client_actor_class():
+    """The Ray actor form of :class:`ClientHost` (restarted by Ray if its process dies)."""
+    import ray
+
+    return ray.remote(max_restarts=-1, max_task_retries=0)(ClientHost)

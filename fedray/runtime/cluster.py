@@ -1,0 +1,114 @@
+"""Connecting to Ray and placing client hosts: silo mode (one actor per client, pinned)
+or simulation mode (a pool of actors, each hosting many virtual clients)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fedray.config import FedrayConfig
+from fedray.errors import ClusterError
+
+log = logging.getLogger("fedray.cluster")
+
+
+def connect(cfg: FedrayConfig) -> bool:
+    """Start an embedded Ray (address null) or join one. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address in (None, "local"):
+        kwargs.update(
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            num_gpus=cfg.ray.num_gpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            object_store_memory=cfg.ray.object_store_memory,
+        )
+        ray.init(**kwargs)
+        return True
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(
+            f"cannot reach the Ray cluster at ray.address={address!r}: {first}. Start one with "
+            "`ray start --head` (with RAY_AUTH_MODE=token, export its token), or use "
+            "ray.address=null for an embedded local Ray"
+        ) from None
+    return False
+
+
+@dataclass
+class Placement:
+    """Which host actor serves which clients, and what each actor asks Ray for."""
+
+    mode: str
+    host_clients: list[list[int]]
+    host_options: list[dict[str, Any]]
+
+    @property
+    def assignment(self) -> dict[int, int]:
+        return {cid: h for h, cids in enumerate(self.host_clients) for cid in cids}
+
+
+def _actor_options(cfg: FedrayConfig, extra: dict[str, float]) -> dict[str, Any]:
+    resources = {**cfg.client.resources, **extra}
+    opts: dict[str, Any] = {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus}
+    if resources:
+        opts["resources"] = resources
+    return opts
+
+
+def plan_placement(cfg: FedrayConfig, cluster: dict[str, float]) -> Placement:
+    """Decide silo vs simulation and the actors' resources; fail fast if nothing fits."""
+    needs = {"CPU": cfg.client.num_cpus, "GPU": cfg.client.num_gpus, **cfg.client.resources}
+    capacity = math.inf
+    for name, amount in needs.items():
+        if amount <= 0:
+            continue
+        have = cluster.get(name, 0.0)
+        if have < amount:
+            key = {"CPU": "client.num_cpus", "GPU": "client.num_gpus"}.get(
+                name, f"client.resources.{name}"
+            )
+            raise ClusterError(
+                f"{key}={amount} but the Ray cluster has {have:g} {name}; lower it or add "
+                f"nodes with that resource (cluster has: "
+                + ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if "node:" not in k)
+                + ")"
+            )
+        capacity = min(capacity, math.floor(have / amount + 1e-9))
+    for cid, site in cfg.cluster.sites.items():
+        for name, amount in site.items():
+            if cluster.get(name, 0.0) < amount:
+                raise ClusterError(
+                    f"cluster.sites.{cid} asks for {name}={amount:g} but no node of the Ray "
+                    f"cluster offers it (start that site's node with "
+                    f"--resources='{{\"{name}\": {amount:g}}}')"
+                )
+    if capacity is math.inf:
+        capacity = max(1, int(cluster.get("CPU", 1)))
+    mode = cfg.cluster.mode
+    if mode == "auto":
+        mode = "silo" if (cfg.cluster.sites or cfg.num_clients <= capacity) else "simulation"
+    if mode == "silo":
+        if cfg.num_clients > capacity and not cfg.cluster.sites:
+            raise ClusterError(
+                f"cluster.mode=silo needs one actor per client: num_clients={cfg.num_clients} "
+                f"actors of {needs} do not fit (room for {capacity}); lower client.num_cpus "
+                "or use cluster.mode=simulation"
+            )
+        hosts = [[cid] for cid in range(cfg.num_clients)]
+        opts = [_actor_options(cfg, cfg.cluster.sites.get(str(cid), {})) for cid in range(cfg.num_clients)]
+        return Placement("silo", hosts, opts)
+    num = cfg.cluster.num_actors or int(min(capacity, cfg.num_clients))
+    num = max(1, min(num, cfg.num_clients))
+    per = math.ceil(cfg.num_clients / num)
+    hosts = [list(range(i, min(i + per, cfg.num_clients))) for i in range(0, cfg.num_clients, per)]
+    return Placement("simulation", hosts, [_actor_options(cfg, {}) for _ in hosts])

@@ -1,0 +1,234 @@
+"""Run one federated job: connect to Ray, place actors, run rounds, write the outputs.
+
+This is the plain function behind ``python -m fedray.launch``; tests call it directly
+with a config from Hydra's ``compose``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedray.config import FedrayConfig, min_clients
+from fedray.errors import ClusterError, DataError, FedrayError
+from fedray.runtime.outputs import MetricsWriter, load_checkpoint, save_checkpoint, write_json
+
+log = logging.getLogger("fedray")
+
+READY_TIMEOUT_S = 180.0
+
+
+def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
+    if not cfg.progress:
+        return
+    eps = f" | eps {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
+    crypto = (
+        f" | enc {m['encrypt_seconds']:.2f}s dec {m['decrypt_seconds']:.2f}s"
+        if cfg.crypto.name != "none"
+        else ""
+    )
+    print(
+        f"[fedray] round {m['round']:>3}/{cfg.rounds} | train_loss {m['train_loss']:.4f} | "
+        f"test_loss {m['test_loss']:.4f} | test_acc {m['test_accuracy']:.4f} | "
+        f"clients {m['clients_ok']}/{cfg.clients_per_round}"
+        + (f" ({m['clients_failed']} failed)" if m["clients_failed"] else "")
+        + f"{eps}{crypto} | {m['seconds']:.2f}s",
+        flush=True,
+    )
+
+
+def _wait_ready(hosts: list[Any], timeout: float) -> None:
+    import ray
+
+    refs = [h.ready.remote() for h in hosts]
+    try:
+        answers = ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(
+            f"client actors could not be placed within {timeout:.0f}s: the cluster lacks the "
+            "resources asked for (client.num_cpus / num_gpus / resources, cluster.sites)"
+        ) from None
+    except ray.exceptions.RayActorError as exc:
+        raise ClusterError(f"a client actor failed to start: {str(exc).splitlines()[0]}") from None
+    for answer in answers:
+        if answer is not True:
+            raise DataError(answer)
+
+
+def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
+    if not cfg.resume:
+        return None
+    path = Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
+    if not path.exists() or not (
+        (path / "latest").exists() or (path / "state.json").exists()
+    ):
+        raise FedrayError(
+            f"resume=true but there is no checkpoint at {path}; pass the old run's directory "
+            "with hydra.run.dir=... or checkpoint.path=..."
+        )
+    return load_checkpoint(path)
+
+
+def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Run the job described by ``cfg`` and write its files into ``output_dir``."""
+    import ray
+
+    from fedray.data.datasets import dataset_info
+    from fedray.runtime.client import client_actor_class
+    from fedray.runtime.cluster import connect, plan_placement
+    from fedray.runtime.server import server_actor_class
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_state = _resume_state(cfg, output_dir)
+    t_start = time.perf_counter()
+    started = connect(cfg)
+    metrics_writer = None
+    try:
+        placement = plan_placement(cfg, ray.cluster_resources())
+        info = dataset_info(cfg.dataset)
+        dealer = None
+        public_key = None
+        if cfg.crypto.name == "paillier":
+            from fedray.runtime.keys import key_dealer_class
+
+            dealer = key_dealer_class().remote(cfg.crypto.key_bits)
+            public_key = ray.get(dealer.public_key.remote())
+        actor_cls = client_actor_class()
+        hosts = [
+            actor_cls.options(**opts).remote(cfg, cids, info, 1.0, dealer)
+            for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
+        ]
+        _wait_ready(hosts, READY_TIMEOUT_S)
+        described: dict[int, dict[str, Any]] = {}
+        for answer in ray.get([h.describe.remote() for h in hosts]):
+            described.update(answer)
+        weight_ref = max(d["num_examples"] for d in described.values())
+        ray.get([h.set_weight_ref.remote(weight_ref) for h in hosts])
+        if cfg.progress:
+            print(
+                f"[fedray] {cfg.num_clients} clients on {len(hosts)} actors ({placement.mode} "
+                f"mode), {len({d['node_id'] for d in described.values()})} node(s); "
+                f"crypto={cfg.crypto.name}"
+                + (f" ({cfg.crypto.key_bits}-bit)" if public_key else "")
+                + f", privacy={cfg.privacy.name}, strategy={cfg.strategy.name}",
+                flush=True,
+            )
+            for cid in sorted(described)[: min(len(described), 20)]:
+                d = described[cid]
+                log.info("client %d: %d examples, labels %s", cid, d["num_examples"], d["labels"])
+
+        privacy = None
+        if cfg.privacy.name == "dp":
+            from fedray.privacy import build_privacy
+
+            privacy = build_privacy(cfg)
+        server = server_actor_class().remote(
+            cfg, info, hosts, placement.assignment, public_key, privacy
+        )
+        if resume_state is not None:
+            ray.get(server.load_state_dict.remote(resume_state))
+        first_round = int(resume_state["round"]) + 1 if resume_state else 1
+        num_params, values_per_ct = ray.get(
+            [server.num_parameters.remote(), server.values_per_ciphertext.remote()]
+        )
+        setup_seconds = time.perf_counter() - t_start
+
+        metrics_writer = MetricsWriter(output_dir / "metrics.csv", first_round - 1)
+        summary: dict[str, Any] = {
+            "final_accuracy": None,
+            "rounds_completed": first_round - 1,
+            "round_seconds": [],
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "epsilon": None,
+            "delta": cfg.privacy.delta if privacy is not None else None,
+            "num_clients": cfg.num_clients,
+            "clients_per_round": cfg.clients_per_round,
+            "min_clients_per_round": min_clients(cfg),
+            "crypto": cfg.crypto.name,
+            "key_bits": cfg.crypto.key_bits if public_key else None,
+            "values_per_ciphertext": values_per_ct or None,
+            "client_failures": 0,
+            "clients_rejected": 0,
+            "privacy": cfg.privacy.name,
+            "strategy": cfg.strategy.name,
+            "dataset": cfg.dataset.name,
+            "model": cfg.model.name,
+            "num_parameters": num_params,
+            "mode": placement.mode,
+            "num_actors": len(hosts),
+            "setup_seconds": setup_seconds,
+            "client_nodes": {str(c): d["node_id"] for c, d in sorted(described.items())},
+            "stopped_early": False,
+        }
+        if resume_state is not None:
+            summary["resumed_from_round"] = first_round - 1
+        checkpoint_dir = (
+            Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
+        )
+        last_round = first_round - 1
+        for _ in range(first_round, cfg.rounds + 1):
+            outcome = ray.get(server.run_round.remote())
+            m = outcome.metrics
+            last_round = m["round"]
+            metrics_writer.write(m)
+            _progress(cfg, m)
+            summary["rounds_completed"] = last_round
+            summary["round_seconds"].append(round(m["seconds"], 4))
+            summary["bytes_up"] += m["bytes_up"]
+            summary["bytes_down"] += m["bytes_down"]
+            summary["client_failures"] += m["clients_failed"]
+            summary["clients_rejected"] += m["clients_rejected"]
+            summary["final_accuracy"] = m["test_accuracy"]
+            summary["final_test_loss"] = m["test_loss"]
+            summary["final_fed_val_accuracy"] = m["fed_val_accuracy"]
+            summary["epsilon"] = m.get("epsilon")
+            for cid, node in outcome.client_nodes.items():
+                summary["client_nodes"][str(cid)] = node
+            reached = (
+                cfg.target_accuracy is not None
+                and m["test_accuracy"] is not None
+                and not math.isnan(m["test_accuracy"])
+                and m["test_accuracy"] >= cfg.target_accuracy
+            )
+            if cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0:
+                save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
+            write_json(output_dir / "summary.json", summary)
+            if reached:
+                summary["stopped_early"] = True
+                print(
+                    f"[fedray] target_accuracy={cfg.target_accuracy} reached at round "
+                    f"{last_round}; stopping",
+                    flush=True,
+                )
+                break
+            if outcome.stop:
+                summary["stopped_early"] = True
+                break
+        if last_round >= first_round and (
+            not cfg.checkpoint.every or last_round % cfg.checkpoint.every
+        ):
+            save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
+        summary["nodes_used"] = sorted(set(summary["client_nodes"].values()))
+        summary["total_seconds"] = time.perf_counter() - t_start
+        write_json(output_dir / "summary.json", summary)
+        if cfg.progress:
+            acc = summary["final_accuracy"]
+            print(
+                f"[fedray] done: {summary['rounds_completed']} rounds, final test accuracy "
+                f"{acc if acc is None else round(acc, 4)}, "
+                f"{summary['total_seconds']:.1f}s; outputs in {output_dir}",
+                file=sys.stdout,
+                flush=True,
+            )
+        return summary
+    finally:
+        if metrics_writer is not None:
+            metrics_writer.close()
+        if started:
+            ray.shutdown()

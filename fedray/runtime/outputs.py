@@ -1,0 +1,115 @@
+"""The run directory's files: metrics.csv (a row per round), summary.json, checkpoints/.
+
+Checkpoints are readable files (``.npz`` arrays and ``.json`` state), written to a
+temporary folder and renamed into place, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRIC_COLUMNS = [
+    "round",
+    "seconds",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "epsilon",
+    "clients_ok",
+    "clients_failed",
+    "bytes_up",
+    "bytes_down",
+    "fed_val_loss",
+    "fed_val_accuracy",
+    "clients_late",
+    "clients_rejected",
+    "retries",
+    "train_seconds",
+    "encrypt_seconds",
+    "aggregate_seconds",
+    "decrypt_seconds",
+]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+class MetricsWriter:
+    """Appends one row per round to metrics.csv, flushed at once (safe to tail)."""
+
+    def __init__(self, path: Path, resume_round: int = 0):
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resume_round and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["round"]) <= resume_round]
+        self._fh = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        self._writer.writeheader()
+        for row in rows:
+            self._writer.writerow(row)
+        self._fh.flush()
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        row = {}
+        for k in METRIC_COLUMNS:
+            v = _clean(metrics.get(k))
+            row[k] = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({k: _clean(v) for k, v in data.items()}, indent=2, default=_clean))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (Server.state_dict()) as round_NNNNN/ and point ``latest`` at it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"round_{int(state['round']):05d}"
+    tmp = directory / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    arrays = {"weights": state["weights"]}
+    arrays.update({f"strategy.{k}": v for k, v in state["strategy"].items()})
+    np.savez(tmp / "arrays.npz", **arrays)
+    meta = {k: v for k, v in state.items() if k not in ("weights", "strategy")}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    final = directory / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = directory / ".latest.tmp"
+    latest_tmp.write_text(name)
+    os.replace(latest_tmp, directory / "latest")
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint folder, or the one a ``checkpoints/`` folder's ``latest`` names."""
+    if (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    with np.load(path / "arrays.npz") as arrays:
+        state: dict[str, Any] = json.loads((path / "state.json").read_text())
+        state["weights"] = arrays["weights"]
+        state["strategy"] = {
+            k.split(".", 1)[1]: arrays[k] for k in arrays.files if k.startswith("strategy.")
+        }
+    return state

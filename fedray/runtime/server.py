@@ -1,0 +1,388 @@
+"""The server: owns the global model and the server optimizer, and runs one round per call.
+
+Per round: sample the cohort -> put the global weights in the object store once -> ask
+each client host to train its sampled clients -> fold results in as they finish
+(``ray.wait``) -> decrypt the *sum* through key holders (crypto) or average (plaintext)
+-> server optimizer step -> evaluate. The server holds the public key only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedray.config import FedrayConfig, min_clients
+from fedray.data.datasets import DatasetInfo, load_test_set
+from fedray.runtime.client import ClientResult, RoundTask
+
+log = logging.getLogger("fedray.server")
+
+
+def sample_cohort(rng: np.random.Generator, num_clients: int, size: int) -> list[int]:
+    """``size`` distinct client ids, uniformly without replacement, sorted."""
+    return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
+
+
+@dataclass
+class RoundOutcome:
+    """What one round produced: the metrics row plus per-client node placement."""
+
+    metrics: dict[str, Any]
+    client_nodes: dict[int, str] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    stop: bool = False
+
+
+class _PlainSum:
+    """Running weighted sum of plaintext deltas (mean strategies), or the list (robust)."""
+
+    def __init__(self, keep_all: bool):
+        self.keep_all = keep_all
+        self.total: np.ndarray | None = None
+        self.deltas: list[np.ndarray] = []
+        self.weights: list[float] = []
+        self.count = 0
+        self.total_weight = 0.0
+
+    def add(self, delta: np.ndarray, weight: float) -> None:
+        if self.keep_all:
+            self.deltas.append(delta)
+        else:
+            scaled = delta.astype(np.float64) * weight
+            self.total = scaled if self.total is None else self.total + scaled
+        self.weights.append(weight)
+        self.count += 1
+        self.total_weight += weight
+
+
+class Server:
+    """Global model, strategy, cohort sampling and evaluation. Never holds a private key."""
+
+    def __init__(
+        self,
+        cfg: FedrayConfig,
+        info: DatasetInfo,
+        hosts: list[Any],
+        assignment: dict[int, int],
+        public_key: Any = None,
+        privacy: Any = None,
+    ):
+        import torch
+
+        from fedray.models import ParamView, build_model
+        from fedray.strategies import build_strategy
+
+        torch.set_num_threads(1)
+        self.cfg = cfg
+        self.hosts = hosts
+        self.assignment = assignment
+        self.public_key = public_key
+        self.privacy = privacy
+        self.model = build_model(cfg.model, info, cfg.seed)
+        self.view = ParamView(self.model, cfg.model.trainable)
+        self.weights = self.view.get()
+        self.strategy = build_strategy(cfg.strategy)
+        self.rng = np.random.default_rng([cfg.seed, 1])
+        self.noise_rng = np.random.default_rng([cfg.seed, 2])
+        self.round = 0
+        xt, yt = load_test_set(cfg.dataset, cfg.num_clients, cfg.seed)
+        self.test = None if xt is None else (torch.as_tensor(xt), torch.as_tensor(yt))
+        self.codec = None
+        if public_key is not None:
+            from fedray.crypto.codec import PackedPaillierCodec
+
+            self.codec = PackedPaillierCodec.for_key(
+                public_key,
+                num_values=self.view.size,
+                max_summands=cfg.clients_per_round,
+                quant_bits=cfg.crypto.quant_bits,
+                clip=privacy.encode_clip if privacy is not None else cfg.crypto.clip,
+            )
+
+    # -- info ---------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return self.view.size
+
+    def values_per_ciphertext(self) -> int:
+        return self.codec.slots_per_ciphertext if self.codec else 0
+
+    def get_weights(self) -> np.ndarray:
+        return self.weights
+
+    def holds_private_key(self) -> bool:
+        """True if anything reachable from this server's attributes is a private key."""
+        from fedray.crypto.paillier import PrivateKey
+
+        seen: set[int] = set()
+
+        def walk(obj: Any, depth: int) -> bool:
+            if id(obj) in seen or depth > 6:
+                return False
+            seen.add(id(obj))
+            if isinstance(obj, PrivateKey) or type(obj).__name__ == "PaillierPrivateKey":
+                return True
+            if isinstance(obj, dict):
+                return any(walk(v, depth + 1) for v in obj.values())
+            if isinstance(obj, list | tuple | set):
+                return any(walk(v, depth + 1) for v in obj)
+            if hasattr(obj, "__dict__") and not isinstance(obj, type):
+                return any(walk(v, depth + 1) for v in vars(obj).values())
+            return False
+
+        return walk(self, 0)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly. Contains no key material."""
+        return {
+            "round": self.round,
+            "weights": self.weights.copy(),
+            "strategy": self.strategy.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "noise_rng": self.noise_rng.bit_generator.state,
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        self.weights = np.asarray(state["weights"], dtype=np.float32)
+        self.strategy.load_state_dict(state["strategy"])
+        self.rng.bit_generator.state = state["rng"]
+        self.noise_rng.bit_generator.state = state["noise_rng"]
+        if self.privacy is not None and state.get("privacy") is not None:
+            self.privacy.load_state_dict(state["privacy"])
+
+    # -- one round ------------------------------------------------------------------------
+    def run_round(self) -> RoundOutcome:
+        """Run the next round, retrying it if too few clients answer."""
+        import ray
+
+        self.round += 1
+        start = time.perf_counter()
+        retries = 0
+        failed_total = 0
+        while True:
+            outcome = self._attempt(ray)
+            failed_total += outcome.metrics["clients_failed"]
+            if outcome.metrics["clients_ok"] >= min_clients(self.cfg):
+                break
+            retries += 1
+            if retries > self.cfg.max_round_retries:
+                self.round -= 1
+                raise RuntimeError(
+                    f"round {self.round + 1}: only {outcome.metrics['clients_ok']} clients "
+                    f"answered (min_clients_per_round={min_clients(self.cfg)}) after "
+                    f"{retries - 1} retries"
+                )
+            log.warning(
+                "round %d: %d clients answered, fewer than %d; retrying",
+                self.round,
+                outcome.metrics["clients_ok"],
+                min_clients(self.cfg),
+            )
+        m = outcome.metrics
+        m["clients_failed"] = failed_total
+        m["retries"] = retries
+        m["seconds"] = time.perf_counter() - start
+        return outcome
+
+    def _attempt(self, ray) -> RoundOutcome:
+        cfg = self.cfg
+        cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
+        weights_ref = ray.put(self.weights)  # one broadcast per round
+        options: dict[str, Any] = dict(self.strategy.client_options())
+        if self.privacy is not None:
+            options["privacy"] = self.privacy.client_plan(self.codec)
+        by_host: dict[int, list[int]] = {}
+        for cid in cohort:
+            by_host.setdefault(self.assignment[cid], []).append(cid)
+        pending: dict[Any, list[int]] = {}
+        for host, cids in by_host.items():
+            # Two calls per host, so results stream in while the rest still train.
+            size = max(1, math.ceil(len(cids) / 2))
+            for i in range(0, len(cids), size):
+                chunk = cids[i : i + size]
+                ref = self.hosts[host].train.remote(RoundTask(self.round, chunk, options), weights_ref)
+                pending[ref] = chunk
+
+        if self.codec is not None:
+            from fedray.crypto.secure_aggregation import EncryptedSum, RejectedUpdate
+
+            acc: Any = EncryptedSum(self.public_key, self.codec)
+        else:
+            RejectedUpdate = ValueError  # noqa: N806 - same role as the crypto exception
+            acc = _PlainSum(keep_all=self.strategy.needs_individual_updates)
+
+        deadline = None if cfg.round_timeout_s is None else time.monotonic() + cfg.round_timeout_s
+        results: list[ClientResult] = []
+        failed, late = 0, 0
+        rejected: list[tuple[int, str]] = []
+        aggregate_s = 0.0
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not done:
+                late = sum(len(c) for c in pending.values())
+                log.warning("round %d: %d clients missed the deadline", self.round, late)
+                break
+            ref = done[0]
+            chunk = pending.pop(ref)
+            try:
+                batch = ray.get(ref)
+            except Exception as exc:  # actor died or the call failed: those clients failed
+                failed += len(chunk)
+                log.warning(
+                    "round %d: clients %s failed: %s",
+                    self.round,
+                    chunk,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                )
+                continue
+            for res in batch:
+                if res.error:
+                    failed += 1
+                    rejected.append((res.client_id, res.error))
+                    log.warning("round %d: client %d failed: %s", self.round, res.client_id, res.error)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    self._fold(acc, res, RejectedUpdate)
+                except RejectedUpdate as exc:
+                    failed += 1
+                    rejected.append((res.client_id, str(exc)))
+                    log.warning("round %d: rejected client %d: %s", self.round, res.client_id, exc)
+                    continue
+                finally:
+                    aggregate_s += time.perf_counter() - t0
+                results.append(res)
+
+        metrics: dict[str, Any] = {
+            "round": self.round,
+            "clients_ok": len(results),
+            "clients_failed": failed + late,
+            "clients_late": late,
+            "clients_rejected": len(rejected),
+        }
+        if len(results) < min_clients(cfg):
+            return RoundOutcome(metrics, rejected=rejected)
+
+        decrypt_s = 0.0
+        if self.codec is not None:
+            t0 = time.perf_counter()
+            total = self._decrypt(acc)
+            decrypt_s = time.perf_counter() - t0
+        elif acc.keep_all:
+            total = None
+        else:
+            total = acc.total
+        t0 = time.perf_counter()
+        if total is not None:
+            if self.privacy is not None:
+                total = self.privacy.server_noise(total, self.noise_rng)
+            delta = total / acc.total_weight
+        else:
+            delta = self.strategy.aggregate(acc.deltas, acc.weights)
+        self.weights = self.strategy.apply(self.weights, delta)
+        aggregate_s += time.perf_counter() - t0
+        if self.privacy is not None:
+            self.privacy.step()
+
+        n_ex = sum(r.num_examples for r in results)
+        val_count = sum(r.val_count for r in results)
+        metrics.update(
+            {
+                "train_loss": sum(r.train_loss * r.num_examples for r in results) / max(1, n_ex),
+                "fed_val_loss": (
+                    sum(r.val_loss * r.val_count for r in results) / val_count
+                    if val_count
+                    else float("nan")
+                ),
+                "fed_val_accuracy": (
+                    sum(r.val_correct for r in results) / val_count if val_count else float("nan")
+                ),
+                "bytes_up": int(sum(r.bytes_up for r in results)),
+                "bytes_down": int(self.weights.nbytes * len(cohort)),
+                "train_seconds": sum(r.train_seconds for r in results),
+                "encrypt_seconds": sum(r.encrypt_seconds for r in results),
+                "aggregate_seconds": aggregate_s,
+                "decrypt_seconds": decrypt_s,
+                "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
+            }
+        )
+        metrics.update(self.evaluate())
+        return RoundOutcome(
+            metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
+        )
+
+    def _fold(self, acc, res: ClientResult, rejected_type) -> None:
+        if self.codec is not None:
+            if res.encrypted is None:
+                raise rejected_type("sent a plaintext update to an encrypted round")
+            acc.add(res.encrypted)
+            return
+        delta = res.delta
+        if not isinstance(delta, np.ndarray) or delta.dtype != np.float32:
+            raise rejected_type(f"update must be a float32 vector, got {type(delta).__name__}")
+        if delta.shape != self.weights.shape:
+            raise rejected_type(f"update has shape {delta.shape}, the model has {self.weights.shape}")
+        if not np.all(np.isfinite(delta)):
+            raise rejected_type("update has NaN or infinite values")
+        if self.privacy is not None:
+            self.privacy.check_clipped(delta, rejected_type)
+        if not 0.0 < res.weight <= 1.0:
+            raise rejected_type(f"weight {res.weight} outside (0, 1]")
+        acc.add(delta, res.weight)
+
+    def _decrypt(self, acc) -> np.ndarray:
+        """Key holders decrypt the summed ciphertexts, split across hosts."""
+        import ray
+
+        payload = acc.payload()
+        num = self.codec.num_ciphertexts
+        parts = min(len(self.hosts), num)
+        bounds = np.linspace(0, num, parts + 1).astype(int)
+        refs = [
+            self.hosts[i].decrypt_sum.remote(payload, acc.count, int(bounds[i]), int(bounds[i + 1]))
+            for i in range(parts)
+        ]
+        plaintexts: list[int] = []
+        for i, ref in enumerate(refs):
+            try:
+                plaintexts.extend(ray.get(ref))
+            except Exception:
+                # That host died: any other key holder can decrypt the range.
+                backup = self.hosts[(i + 1) % len(self.hosts)]
+                plaintexts.extend(
+                    ray.get(
+                        backup.decrypt_sum.remote(
+                            payload, acc.count, int(bounds[i]), int(bounds[i + 1])
+                        )
+                    )
+                )
+        return self.codec.decode_sum(plaintexts, acc.count)
+
+    def evaluate(self) -> dict[str, float]:
+        """Central test-set loss and accuracy of the current global model."""
+        import torch
+
+        if self.test is None:
+            return {"test_loss": float("nan"), "test_accuracy": float("nan")}
+        self.view.set(self.weights)
+        x, y = self.test
+        with torch.no_grad():
+            logits = self.model(x)
+            loss = float(torch.nn.functional.cross_entropy(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        return {"test_loss": loss, "test_accuracy": acc}
+
+
+def server_actor_class():
+    """Ray actor form of :class:`Server`. It uses a fraction of a CPU: it mostly waits."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Server)
