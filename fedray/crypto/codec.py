@@ -89,9 +89,16 @@ class PackedPaillierCodec:
         q = np.rint(np.clip(v, -self.clip, self.clip) / self.step)
         return np.clip(q, -self.qmax, self.qmax).astype(np.int64)
 
-    def encode(self, values: np.ndarray) -> list[int]:
-        """Float vector -> packed plaintext integers, each < 2^(key_bits-1)."""
-        slots = (self.quantize(values) + self.qmax).astype(np.uint64)
+    def encode(self, values: np.ndarray, noise_steps: np.ndarray | None = None) -> list[int]:
+        """Float vector -> packed plaintext integers, each < 2^(key_bits-1).
+
+        ``noise_steps`` (integer DP noise in grid units) is added after quantizing, and
+        the result is clipped to [-Q, Q] again, so slots never overflow.
+        """
+        q = self.quantize(values)
+        if noise_steps is not None:
+            q = np.clip(q + np.asarray(noise_steps, dtype=np.int64), -self.qmax, self.qmax)
+        slots = (q + self.qmax).astype(np.uint64)
         return self._pack(slots)
 
     def _pack(self, slots: np.ndarray) -> list[int]:

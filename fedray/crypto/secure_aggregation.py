@@ -51,10 +51,13 @@ class ClientEncryptor:
         self.codec = codec
         self._enc = KeyHolderEncryptor(private, obfuscator)
 
-    def encrypt(self, update: np.ndarray, weight: float) -> EncryptedUpdate:
+    def encrypt(
+        self, update: np.ndarray, weight: float, noise_steps: np.ndarray | None = None
+    ) -> EncryptedUpdate:
+        """Encrypt ``weight * update``; ``noise_steps`` (DP) is added after quantizing."""
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight={weight} must be in (0, 1]")
-        plaintexts = self.codec.encode(np.asarray(update, dtype=np.float64) * weight)
+        plaintexts = self.codec.encode(np.asarray(update, dtype=np.float64) * weight, noise_steps)
         return EncryptedUpdate(
             key_id=self.public.fingerprint,
             num_values=self.codec.num_values,

@@ -114,13 +114,9 @@ class ClientHost:
         else:
             private = key_source
         self._private = private
-        self.codec = PackedPaillierCodec.for_key(
-            private.public,
-            num_values=self.view.size,
-            max_summands=self.cfg.clients_per_round,
-            quant_bits=self.cfg.crypto.quant_bits,
-            clip=self.cfg.crypto.clip,
-        )
+        from fedray.runtime.server import codec_for
+
+        self.codec = codec_for(self.cfg, private.public, self.view.size)
         self._encryptor = ClientEncryptor(private, self.codec, self.cfg.crypto.obfuscator)
 
     def ready(self) -> bool | str:
@@ -220,11 +216,13 @@ class ClientHost:
         result.train_seconds = time.perf_counter() - t0
 
         privacy = opts.get("privacy")
+        noise = None
         if privacy is not None:
-            from fedray.privacy.mechanisms import privatize_update
+            from fedray.privacy.dp import privatize_update
 
-            delta = privatize_update(delta, privacy, client_seed(self.cfg.seed, task.round, cid))
-            result.weight = 1.0  # uniform weights keep the sensitivity bound C / m
+            seed = client_seed(self.cfg.seed + 7919, task.round, cid)
+            delta, noise = privatize_update(delta, privacy, seed)
+            result.weight = 1.0  # uniform weights keep the sensitivity bound C
         else:
             result.weight = min(1.0, n / self.weight_ref)
 
@@ -233,7 +231,7 @@ class ClientHost:
             return result
         if self._encryptor is not None:
             t1 = time.perf_counter()
-            result.encrypted = self._encryptor.encrypt(delta, result.weight)
+            result.encrypted = self._encryptor.encrypt(delta, result.weight, noise)
             result.encrypt_seconds = time.perf_counter() - t1
             result.bytes_up = result.encrypted.nbytes
         else:

@@ -174,6 +174,15 @@ def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
         last_round = first_round - 1
         for _ in range(first_round, cfg.rounds + 1):
             outcome = ray.get(server.run_round.remote())
+            if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
+                summary["stopped_early"] = True
+                summary["stop_reason"] = "privacy.target_epsilon"
+                print(
+                    f"[fedray] stopping before round {outcome.metrics['round'] + 1}: it would "
+                    f"exceed privacy.target_epsilon={cfg.privacy.target_epsilon}",
+                    flush=True,
+                )
+                break
             m = outcome.metrics
             last_round = m["round"]
             metrics_writer.write(m)
@@ -201,14 +210,12 @@ def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
             write_json(output_dir / "summary.json", summary)
             if reached:
                 summary["stopped_early"] = True
+                summary["stop_reason"] = "target_accuracy"
                 print(
                     f"[fedray] target_accuracy={cfg.target_accuracy} reached at round "
                     f"{last_round}; stopping",
                     flush=True,
                 )
-                break
-            if outcome.stop:
-                summary["stopped_early"] = True
                 break
         if last_round >= first_round and (
             not cfg.checkpoint.every or last_round % cfg.checkpoint.every

@@ -23,6 +23,25 @@ from fedray.runtime.client import ClientResult, RoundTask
 log = logging.getLogger("fedray.server")
 
 
+def codec_for(cfg: FedrayConfig, public_key: Any, num_values: int):
+    """The packed codec both sides derive from the config (identical by construction)."""
+    from fedray.crypto.codec import PackedPaillierCodec
+
+    clip, max_summands = cfg.crypto.clip, cfg.clients_per_round
+    if cfg.privacy.name == "dp":
+        from fedray.privacy import build_privacy
+
+        plan = build_privacy(cfg)
+        clip, max_summands = plan.encode_clip, max(plan.cohort_cap, cfg.clients_per_round)
+    return PackedPaillierCodec.for_key(
+        public_key,
+        num_values=num_values,
+        max_summands=max_summands,
+        quant_bits=cfg.crypto.quant_bits,
+        clip=clip,
+    )
+
+
 def sample_cohort(rng: np.random.Generator, num_clients: int, size: int) -> list[int]:
     """``size`` distinct client ids, uniformly without replacement, sorted."""
     return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
@@ -94,15 +113,10 @@ class Server:
         self.test = None if xt is None else (torch.as_tensor(xt), torch.as_tensor(yt))
         self.codec = None
         if public_key is not None:
-            from fedray.crypto.codec import PackedPaillierCodec
-
-            self.codec = PackedPaillierCodec.for_key(
-                public_key,
-                num_values=self.view.size,
-                max_summands=cfg.clients_per_round,
-                quant_bits=cfg.crypto.quant_bits,
-                clip=privacy.encode_clip if privacy is not None else cfg.crypto.clip,
-            )
+            self.codec = codec_for(cfg, public_key, self.view.size)
+        if privacy is not None:
+            privacy.num_parameters = self.view.size
+            privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
 
     # -- info ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -162,6 +176,12 @@ class Server:
         """Run the next round, retrying it if too few clients answer."""
         import ray
 
+        if self.privacy is not None and self.privacy.would_exceed_target():
+            log.warning(
+                "stopping: one more round would exceed privacy.target_epsilon=%s",
+                self.privacy.target_epsilon,
+            )
+            return RoundOutcome({"round": self.round}, stop=True)
         self.round += 1
         start = time.perf_counter()
         retries = 0
@@ -193,7 +213,10 @@ class Server:
 
     def _attempt(self, ray) -> RoundOutcome:
         cfg = self.cfg
-        cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
+        if self.privacy is not None:
+            cohort = self.privacy.sample_cohort(self.rng)
+        else:
+            cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
         weights_ref = ray.put(self.weights)  # one broadcast per round
         options: dict[str, Any] = dict(self.strategy.client_options())
         if self.privacy is not None:
@@ -284,7 +307,9 @@ class Server:
         if total is not None:
             if self.privacy is not None:
                 total = self.privacy.server_noise(total, self.noise_rng)
-            delta = total / acc.total_weight
+                delta = total / self.privacy.denominator  # fixed: qN, not the count
+            else:
+                delta = total / acc.total_weight
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
         self.weights = self.strategy.apply(self.weights, delta)
