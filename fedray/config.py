@@ -392,8 +392,7 @@ def validate(cfg: FedrayConfig) -> None:
         raise ConfigError("model=cnn is the 8x8 image CNN and needs dataset=digits")
     if cfg.ray.address not in (None, "auto", "local") and ":" not in str(cfg.ray.address):
         raise ConfigError(
-            f"ray.address={cfg.ray.address!r} must be null (embedded local Ray), auto, "
-            "or HOST:PORT"
+            f"ray.address={cfg.ray.address!r} must be null (embedded local Ray), auto, or HOST:PORT"
         )
     if cfg.cluster.name == "remote" and cfg.ray.address is None:
         raise ConfigError("cluster=remote needs ray.address=auto or HOST:PORT")

@@ -114,12 +114,12 @@ class PackedPaillierCodec:
     def unpack(self, plaintexts: list[int]) -> np.ndarray:
         """Packed integers -> slot values (uint64), the inverse of ``_pack``."""
         if len(plaintexts) != self.num_ciphertexts:
-            raise ValueError(
-                f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}"
-            )
+            raise ValueError(f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}")
         s, b = self.slots_per_ciphertext, self.slot_bits
         width = (s * b + 7) // 8
-        raw = np.frombuffer(b"".join(int(m).to_bytes(width, "little") for m in plaintexts), np.uint8)
+        raw = np.frombuffer(
+            b"".join(int(m).to_bytes(width, "little") for m in plaintexts), np.uint8
+        )
         bits = np.unpackbits(raw.reshape(len(plaintexts), width), axis=1, bitorder="little")
         bits = bits[:, : s * b].reshape(-1, b).astype(np.uint64)
         slots = (bits << np.arange(b, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)

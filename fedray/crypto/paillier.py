@@ -68,7 +68,9 @@ class PrivateKey:
         return f"PrivateKey(fingerprint={self.public.fingerprint})"
 
     def to_phe(self) -> paillier.PaillierPrivateKey:
-        return paillier.PaillierPrivateKey(paillier.PaillierPublicKey(self.public.n), self.p, self.q)
+        return paillier.PaillierPrivateKey(
+            paillier.PaillierPublicKey(self.public.n), self.p, self.q
+        )
 
 
 def generate_keypair(key_bits: int) -> tuple[PublicKey, PrivateKey]:
@@ -137,6 +139,7 @@ class KeyHolderEncryptor:
         self.public = private.public
         self.obfuscator = obfuscator
         self._rng = secrets.SystemRandom()
+        self._pool: list[tuple[gmpy2.mpz, gmpy2.mpz]] = []
         p, q = gmpy2.mpz(private.p), gmpy2.mpz(private.q)
         self._p, self._q = p, q
         self._n = gmpy2.mpz(private.public.n)
@@ -150,7 +153,29 @@ class KeyHolderEncryptor:
                 h = gmpy2.powmod(g, prime, sq)  # into the order-(prime-1) subgroup
                 self._tables.append(_FixedBaseTable(int(h), int(sq), int(prime - 1).bit_length()))
 
+    def precompute(self, count: int, should_stop=None) -> int:
+        """Add up to ``count`` obfuscators to the pool (off the critical path).
+
+        ``should_stop()`` is polled between obfuscators so a caller can pause the work
+        the moment real encryption needs the CPU. Returns how many were added.
+        """
+        added = 0
+        while added < count and not (should_stop and should_stop()):
+            self._pool.append(self._fresh_obfuscators())
+            added += 1
+        return added
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
+
     def _obfuscators(self) -> tuple[gmpy2.mpz, gmpy2.mpz]:
+        try:
+            return self._pool.pop()  # each precomputed obfuscator is used exactly once
+        except IndexError:
+            return self._fresh_obfuscators()
+
+    def _fresh_obfuscators(self) -> tuple[gmpy2.mpz, gmpy2.mpz]:
         if self.obfuscator == "fixed_base":
             tp, tq = self._tables
             xp = self._rng.randrange(int(self._p) - 1)
@@ -219,9 +244,13 @@ def check_ciphertexts(public: PublicKey, ciphertexts: list) -> str | None:
     """Why these are not valid ciphertexts under ``public`` (outside Z*_{n^2}), or None."""
     n = gmpy2.mpz(public.n)
     n2 = n * n
+    product = gmpy2.mpz(1)
     for i, c in enumerate(ciphertexts):
         if not 0 < c < n2:
             return f"ciphertext {i} is outside [1, n^2)"
-        if gmpy2.gcd(c, n) != 1:
-            return f"ciphertext {i} is not a unit mod n^2"
+        product = product * c % n
+    # c is a unit mod n^2 iff gcd(c, n) = 1; one gcd on the product tests them all.
+    if gmpy2.gcd(product, n) != 1:
+        bad = next(i for i, c in enumerate(ciphertexts) if gmpy2.gcd(c, n) != 1)
+        return f"ciphertext {bad} is not a unit mod n^2 (not in Z*_(n^2))"
     return None

@@ -51,6 +51,14 @@ class ClientEncryptor:
         self.codec = codec
         self._enc = KeyHolderEncryptor(private, obfuscator)
 
+    def precompute(self, count: int, should_stop=None) -> int:
+        """Precompute obfuscators for ``count`` future ciphertexts (see KeyHolderEncryptor)."""
+        return self._enc.precompute(count, should_stop)
+
+    @property
+    def pool_size(self) -> int:
+        return self._enc.pool_size
+
     def encrypt(
         self, update: np.ndarray, weight: float, noise_steps: np.ndarray | None = None
     ) -> EncryptedUpdate:

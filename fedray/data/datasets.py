@@ -111,8 +111,9 @@ def load_client_data(
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
             if cfg.standardize and cfg.name != "digits":
                 ref = data.x_train
-                data.x_train, data.x_val = _standardize(data.x_train, ref), _standardize(
-                    data.x_val, ref
+                data.x_train, data.x_val = (
+                    _standardize(data.x_train, ref),
+                    _standardize(data.x_val, ref),
                 )
             out[cid] = data
     elif cfg.name == "synthetic":
@@ -134,8 +135,9 @@ def load_client_data(
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
             if cfg.standardize:
                 ref = data.x_train
-                data.x_train, data.x_val = _standardize(data.x_train, ref), _standardize(
-                    data.x_val, ref
+                data.x_train, data.x_val = (
+                    _standardize(data.x_train, ref),
+                    _standardize(data.x_val, ref),
                 )
             out[cid] = data
     else:  # guarded by the config schema
@@ -200,9 +202,7 @@ def read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: the file is empty (expected a header row)") from None
         header = [h.strip() for h in header]
         if label not in header:
-            raise DataError(
-                f"{path}: no label column {label!r}; columns are: {', '.join(header)}"
-            )
+            raise DataError(f"{path}: no label column {label!r}; columns are: {', '.join(header)}")
         li = header.index(label)
         rows_x, rows_y = [], []
         for lineno, row in enumerate(reader, start=2):

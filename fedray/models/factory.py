@@ -107,9 +107,7 @@ class ParamView:
 
     def get(self) -> np.ndarray:
         with torch.no_grad():
-            return (
-                torch.nn.utils.parameters_to_vector(self.params).detach().cpu().numpy().copy()
-            )
+            return torch.nn.utils.parameters_to_vector(self.params).detach().cpu().numpy().copy()
 
     def set(self, flat: np.ndarray) -> None:
         if flat.shape != (self.size,):

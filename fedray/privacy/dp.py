@@ -199,7 +199,9 @@ class ClientLevelDP:
     def check_clipped(self, delta: np.ndarray, rejected_type: type[Exception]) -> None:
         norm = float(np.linalg.norm(delta.astype(np.float64)))
         if norm > self.clip_norm * (1 + 1e-4):
-            raise rejected_type(f"update norm {norm:.4g} is above privacy.clip_norm={self.clip_norm}")
+            raise rejected_type(
+                f"update norm {norm:.4g} is above privacy.clip_norm={self.clip_norm}"
+            )
 
     # -- accounting -----------------------------------------------------------------------
     def epsilon(self, steps: int | None = None) -> float:
@@ -216,7 +218,9 @@ class ClientLevelDP:
 
     def would_exceed_target(self) -> bool:
         """True if one more round would push epsilon past privacy.target_epsilon."""
-        return self.target_epsilon is not None and self.epsilon(self.steps + 1) > self.target_epsilon
+        return (
+            self.target_epsilon is not None and self.epsilon(self.steps + 1) > self.target_epsilon
+        )
 
     def step(self) -> None:
         self.steps += 1

@@ -8,7 +8,9 @@ The class is plain Python (testable without Ray); :data:`ClientActor` is its Ray
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,7 @@ class ClientResult:
     encrypt_seconds: float = 0.0
     bytes_up: int = 0
     node_id: str = ""
+    pool_before: int = 0
     error: str | None = None
 
 
@@ -99,12 +102,13 @@ class ClientHost:
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self._encryptor = None
         self._private = None
+        self._busy = False
+        self._precompute_thread: threading.Thread | None = None
         if key_source is not None:
             self._init_crypto(key_source)
 
     # -- set-up -------------------------------------------------------------------------
     def _init_crypto(self, key_source: Any) -> None:
-        from fedray.crypto.codec import PackedPaillierCodec
         from fedray.crypto.secure_aggregation import ClientEncryptor
 
         if hasattr(key_source, "keypair"):  # a KeyDealer actor handle
@@ -118,6 +122,28 @@ class ClientHost:
 
         self.codec = codec_for(self.cfg, private.public, self.view.size)
         self._encryptor = ClientEncryptor(private, self.codec, self.cfg.crypto.obfuscator)
+        # Obfuscators for the ciphertexts this host expects to make per round (x1.5).
+        per_round = len(self.client_ids) * self.cfg.clients_per_round / self.cfg.num_clients
+        self._pool_target = min(
+            100_000, math.ceil(1.5 * per_round + 1) * self.codec.num_ciphertexts
+        )
+        self._precompute_in_background()
+
+    def _precompute_in_background(self) -> None:
+        """Fill the obfuscator pool while this host is idle; a train call stops it at once."""
+        enc = self._encryptor
+        if enc is None or enc.pool_size >= self._pool_target:
+            return
+        if self._precompute_thread is not None and self._precompute_thread.is_alive():
+            return
+        self._busy = False
+        self._precompute_thread = threading.Thread(
+            target=enc.precompute,
+            args=(self._pool_target - enc.pool_size, lambda: self._busy),
+            name="fedray-obfuscators",
+            daemon=True,
+        )
+        self._precompute_thread.start()
 
     def ready(self) -> bool | str:
         """True once set up, else the error that stopped the set-up (bad data, bad key)."""
@@ -133,12 +159,11 @@ class ClientHost:
         self.weight_ref = float(weight_ref)
 
     def node_id(self) -> str:
-        try:
-            import ray
+        import ray
 
-            return ray.get_runtime_context().get_node_id()
-        except Exception:
+        if not ray.is_initialized():  # plain use outside Ray: do not start one
             return ""
+        return ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict[int, dict[str, Any]]:
         """Each hosted client's size and label histogram (metadata, no data)."""
@@ -160,6 +185,14 @@ class ClientHost:
     # -- one round ----------------------------------------------------------------------
     def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         """Train each listed client from the global weights; return their updates."""
+        self._busy = True  # the precompute thread yields the CPU to real work
+        try:
+            return self._train_many(task, global_weights)
+        finally:
+            self._busy = False
+            self._precompute_in_background()
+
+    def _train_many(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         node = self.node_id()
         results = []
         for cid in task.client_ids:
@@ -230,6 +263,7 @@ class ClientHost:
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
         if self._encryptor is not None:
+            result.pool_before = self._encryptor.pool_size
             t1 = time.perf_counter()
             result.encrypted = self._encryptor.encrypt(delta, result.weight, noise)
             result.encrypt_seconds = time.perf_counter() - t1
@@ -261,7 +295,12 @@ class ClientHost:
         width = self._private.public.ciphertext_bytes
         stop = len(payload) // width if stop is None else stop
         cts = from_bytes(self._private.public, payload[start * width : stop * width])
-        return Decryptor(self._private).decrypt_many(cts)
+        self._busy = True  # pause obfuscator precomputation: decryption is on the clock
+        try:
+            return Decryptor(self._private).decrypt_many(cts)
+        finally:
+            self._busy = False
+            self._precompute_in_background()
 
 
 def client_actor_class():

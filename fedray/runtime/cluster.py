@@ -29,6 +29,8 @@ def connect(cfg: FedrayConfig) -> bool:
             num_gpus=cfg.ray.num_gpus,
             include_dashboard=cfg.ray.include_dashboard,
             object_store_memory=cfg.ray.object_store_memory,
+            # An embedded Ray serves only this machine: keep its traffic on loopback.
+            _node_ip_address="127.0.0.1",
         )
         ray.init(**kwargs)
         return True
@@ -105,7 +107,10 @@ def plan_placement(cfg: FedrayConfig, cluster: dict[str, float]) -> Placement:
                 "or use cluster.mode=simulation"
             )
         hosts = [[cid] for cid in range(cfg.num_clients)]
-        opts = [_actor_options(cfg, cfg.cluster.sites.get(str(cid), {})) for cid in range(cfg.num_clients)]
+        opts = [
+            _actor_options(cfg, cfg.cluster.sites.get(str(cid), {}))
+            for cid in range(cfg.num_clients)
+        ]
         return Placement("silo", hosts, opts)
     num = cfg.cluster.num_actors or int(min(capacity, cfg.num_clients))
     num = max(1, min(num, cfg.num_clients))

@@ -63,9 +63,7 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
     if not cfg.resume:
         return None
     path = Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
-    if not path.exists() or not (
-        (path / "latest").exists() or (path / "state.json").exists()
-    ):
+    if not path.exists() or not ((path / "latest").exists() or (path / "state.json").exists()):
         raise FedrayError(
             f"resume=true but there is no checkpoint at {path}; pass the old run's directory "
             "with hydra.run.dir=... or checkpoint.path=..."

@@ -230,7 +230,9 @@ class Server:
             size = max(1, math.ceil(len(cids) / 2))
             for i in range(0, len(cids), size):
                 chunk = cids[i : i + size]
-                ref = self.hosts[host].train.remote(RoundTask(self.round, chunk, options), weights_ref)
+                ref = self.hosts[host].train.remote(
+                    RoundTask(self.round, chunk, options), weights_ref
+                )
                 pending[ref] = chunk
 
         if self.codec is not None:
@@ -270,7 +272,9 @@ class Server:
                 if res.error:
                     failed += 1
                     rejected.append((res.client_id, res.error))
-                    log.warning("round %d: client %d failed: %s", self.round, res.client_id, res.error)
+                    log.warning(
+                        "round %d: client %d failed: %s", self.round, res.client_id, res.error
+                    )
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -354,7 +358,9 @@ class Server:
         if not isinstance(delta, np.ndarray) or delta.dtype != np.float32:
             raise rejected_type(f"update must be a float32 vector, got {type(delta).__name__}")
         if delta.shape != self.weights.shape:
-            raise rejected_type(f"update has shape {delta.shape}, the model has {self.weights.shape}")
+            raise rejected_type(
+                f"update has shape {delta.shape}, the model has {self.weights.shape}"
+            )
         if not np.all(np.isfinite(delta)):
             raise rejected_type("update has NaN or infinite values")
         if self.privacy is not None:

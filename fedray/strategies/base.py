@@ -8,8 +8,6 @@ applies that delta (a pseudo-gradient) to the global weights.
 
 from __future__ import annotations
 
-from abc import ABC
-
 import numpy as np
 
 
@@ -23,7 +21,7 @@ def weighted_mean(deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return np.tensordot(w / w.sum(), np.stack(deltas).astype(np.float64), axes=1)
 
 
-class Strategy(ABC):
+class Strategy:
     """Base class: FedAvg-style mean aggregation and a plain server step.
 
     Subclasses override :meth:`apply` (server optimizers) or set

@@ -1,0 +1,166 @@
+"""Packed Paillier: exact sums under real keys, rejection of bad ciphertexts, key custody."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.paillier import (
+    Decryptor,
+    KeyHolderEncryptor,
+    check_ciphertexts,
+    from_bytes,
+    generate_keypair,
+    public_encrypt,
+    to_bytes,
+)
+from fedray.crypto.secure_aggregation import (
+    ClientEncryptor,
+    EncryptedSum,
+    RejectedUpdate,
+    decrypt_sum,
+)
+
+MAX_CLIENTS = 12
+
+
+def _aggregate(private, codec, updates, weights, obfuscator="fixed_base"):
+    enc = ClientEncryptor(private, codec, obfuscator)
+    acc = EncryptedSum(private.public, codec)
+    for u, w in zip(updates, weights, strict=True):
+        acc.add(enc.encrypt(u, w))
+    total = decrypt_sum(private, codec, acc.payload(), acc.count)
+    return total / acc.total_weight, acc
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    num_clients=st.integers(1, MAX_CLIENTS),
+    num_values=st.integers(1, 60),
+    quant_bits=st.sampled_from([8, 12, 16]),
+    edge=st.booleans(),
+)
+def test_decrypted_aggregate_equals_weighted_mean(
+    small_keypair, data, num_clients, num_values, quant_bits, edge
+):
+    _, private = small_keypair
+    clip = 1.0
+    codec = PackedPaillierCodec.for_key(
+        private.public,
+        num_values=num_values,
+        max_summands=MAX_CLIENTS,
+        quant_bits=quant_bits,
+        clip=clip,
+    )
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if edge:  # worst case: every weighted value at the clip edge, of either sign
+        updates = [rng.choice([-clip, clip], size=num_values) for _ in range(num_clients)]
+        weights = [1.0] * num_clients
+    else:
+        updates = [rng.uniform(-clip, clip, size=num_values) for _ in range(num_clients)]
+        weights = [float(w) for w in rng.uniform(0.05, 1.0, size=num_clients)]
+    mean, acc = _aggregate(private, codec, updates, weights)
+    expected = np.tensordot(np.array(weights) / sum(weights), np.stack(updates), axes=1)
+    bound = codec.error_bound(num_clients, sum(weights))
+    assert np.max(np.abs(mean - expected)) <= bound + 1e-12
+    assert acc.count == num_clients
+
+
+def test_no_carry_between_slots_at_max_summands(small_keypair):
+    _, private = small_keypair
+    codec = PackedPaillierCodec.for_key(
+        private.public, num_values=50, max_summands=7, quant_bits=8, clip=2.0
+    )
+    assert codec.slots_per_ciphertext > 1
+    updates = [np.full(50, 2.0) for _ in range(7)]
+    updates[0][::2] = -2.0  # neighbours alternate between the extremes
+    mean, _ = _aggregate(private, codec, updates, [1.0] * 7)
+    expected = np.mean(updates, axis=0)
+    np.testing.assert_allclose(mean, expected, atol=codec.error_bound(7, 7.0))
+
+
+def test_both_obfuscators_and_textbook_encryption_decrypt(small_keypair):
+    public, private = small_keypair
+    dec = Decryptor(private)
+    phe_key = private.to_phe()
+    for obfuscator in ("fixed_base", "standard"):
+        enc = KeyHolderEncryptor(private, obfuscator)
+        for m in (0, 1, 2**100 + 3, public.n - 1):
+            c = enc.encrypt(m)
+            assert dec.decrypt(c) == m
+            assert phe_key.raw_decrypt(int(c)) == m  # phe agrees it is a Paillier ciphertext
+        # randomised: the same plaintext never encrypts to the same ciphertext
+        assert enc.encrypt(5) != enc.encrypt(5)
+    assert dec.decrypt(public_encrypt(public, 42)) == 42
+
+
+def test_wire_format_is_compact_bytes(small_keypair):
+    public, private = small_keypair
+    codec = PackedPaillierCodec.for_key(public, num_values=1000, max_summands=10)
+    update = ClientEncryptor(private, codec, "fixed_base").encrypt(np.zeros(1000), 1.0)
+    assert isinstance(update.ciphertexts, bytes)
+    assert update.nbytes == codec.num_ciphertexts * public.ciphertext_bytes
+    assert update.nbytes / 1000 < 8 * 2  # 512-bit key: 128 B per ciphertext, ~24 values each
+    assert from_bytes(public, to_bytes(public, from_bytes(public, update.ciphertexts))) == (
+        from_bytes(public, update.ciphertexts)
+    )
+
+
+def test_2048_bit_packing_density():
+    public, _ = generate_keypair(2048)
+    codec = PackedPaillierCodec.for_key(public, num_values=10_000, max_summands=10)
+    assert codec.slots_per_ciphertext == 102  # 20-bit slots in 2047 bits
+    assert public.ciphertext_bytes / codec.slots_per_ciphertext <= 8
+
+
+def test_server_rejects_bad_ciphertexts(small_keypair):
+    public, private = small_keypair
+    other_public, other_private = generate_keypair(512)
+    codec = PackedPaillierCodec.for_key(public, num_values=30, max_summands=3)
+    good = ClientEncryptor(private, codec, "fixed_base").encrypt(np.ones(30) * 0.1, 1.0)
+    acc = EncryptedSum(public, codec)
+    acc.add(good)
+
+    foreign_codec = PackedPaillierCodec.for_key(other_public, num_values=30, max_summands=3)
+    foreign = ClientEncryptor(other_private, foreign_codec, "fixed_base").encrypt(np.ones(30), 1.0)
+    with pytest.raises(RejectedUpdate, match="another key"):
+        acc.add(foreign)
+
+    width = public.ciphertext_bytes
+    n2 = public.n**2
+    outside = type(good)(
+        good.key_id, 30, (n2 + 5).to_bytes(width, "little") * codec.num_ciphertexts, 1.0
+    )
+    with pytest.raises(RejectedUpdate, match="outside"):
+        acc.add(outside)
+    not_unit = type(good)(
+        good.key_id, 30, public.n.to_bytes(width, "little") * codec.num_ciphertexts, 1.0
+    )
+    with pytest.raises(RejectedUpdate, match="unit"):
+        acc.add(not_unit)
+    short = type(good)(good.key_id, 30, good.ciphertexts[:-1], 1.0)
+    with pytest.raises(RejectedUpdate, match="bytes"):
+        acc.add(short)
+    wrong_shape = type(good)(good.key_id, 31, good.ciphertexts, 1.0)
+    with pytest.raises(RejectedUpdate, match="values"):
+        acc.add(wrong_shape)
+    # The sum is unchanged by the rejected updates.
+    assert acc.count == 1
+    assert check_ciphertexts(public, from_bytes(public, acc.payload())) is None
+    np.testing.assert_allclose(
+        decrypt_sum(private, codec, acc.payload(), 1), np.full(30, 0.1), atol=codec.step
+    )
+
+
+def test_codec_refuses_nan_and_too_many_summands(small_keypair):
+    public, _ = small_keypair
+    codec = PackedPaillierCodec.for_key(public, num_values=3, max_summands=2)
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match="count"):
+        codec.decode_sum(codec.encode(np.zeros(3)), 3)
