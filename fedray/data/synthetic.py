@@ -1,7 +1,8 @@
 """FedProx Synthetic(alpha, beta): Li et al., "Federated Optimization in Heterogeneous
 Networks" (MLSys 2020), after Shamir et al. (2014).
 
-Client k draws u_k ~ N(0, alpha), B_k ~ N(0, beta); its model W_k, b_k ~ N(u_k, 1); its
+Client k draws u_k ~ N(0, alpha^2), B_k ~ N(0, beta^2) (alpha, beta are std devs, as in
+the reference code); its model W_k, b_k ~ N(u_k, 1); its
 feature mean v_k ~ N(B_k, 1); x ~ N(v_k, Sigma) with Sigma_jj = j^-1.2; y = argmax(W_k x + b_k).
 alpha controls how much local models differ, beta how much local features differ.
 Each client's data depends only on (seed, client_id), so any actor can make it alone.
@@ -29,8 +30,8 @@ def synthetic_client(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Samples of one client's distribution. ``stream`` picks independent draws (1 = test)."""
     params = _client_rng(seed, client_id, 0)
-    u = params.normal(0.0, np.sqrt(alpha))
-    b_mean = params.normal(0.0, np.sqrt(beta))
+    u = params.normal(0.0, alpha)
+    b_mean = params.normal(0.0, beta)
     w = params.normal(u, 1.0, size=(num_features, num_classes))
     b = params.normal(u, 1.0, size=num_classes)
     v = params.normal(b_mean, 1.0, size=num_features)
