@@ -18,7 +18,9 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 
 def run_and_measure(cmd: list[str], interval: float = 0.25, **popen) -> dict:
     """Run ``cmd``; sample the summed RSS and PSS of its process tree; return peaks."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
     root = psutil.Process(proc.pid)
     peaks = {"rss": 0, "pss": 0, "processes": 0}
     out: list[str] = []

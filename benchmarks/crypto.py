@@ -112,7 +112,9 @@ def main() -> None:
             t0 = time.perf_counter()
             acc = cts if acc is None else [a * c % n2 for a, c in zip(acc, cts, strict=True)]
             t_sum += time.perf_counter() - t0
-        total, t_dec = timed(lambda: big.decode_sum(par.decrypt(to_bytes(public, acc)), args.clients))
+        total, t_dec = timed(
+            lambda: big.decode_sum(par.decrypt(to_bytes(public, acc)), args.clients)
+        )
     err = np.max(np.abs(total / args.clients - np.mean(updates, axis=0)))
     print(
         f"\n{args.params:,}-parameter update, {args.clients} clients, {args.processes} processes: "

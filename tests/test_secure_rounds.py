@@ -21,9 +21,11 @@ SMALL_KEY = ["crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
 def test_server_never_holds_the_private_key(ray_2cpus):
     cfg = compose([*SMALL_KEY, "num_clients=4", "clients_per_round=4", "rounds=1"])
     info = dataset_info(cfg.dataset)
-    dealer = key_dealer_class().remote(cfg.crypto.key_bits)
+    dealer = key_dealer_class().options(name="test-dealer").remote(cfg.crypto.key_bits)
     public = ray.get(dealer.public_key.remote())
-    hosts = [client_actor_class().remote(cfg, [i, i + 2], info, 40.0, dealer) for i in range(2)]
+    hosts = [
+        client_actor_class().remote(cfg, [i, i + 2], info, 40.0, "test-dealer") for i in range(2)
+    ]
     assert ray.get([h.ready.remote() for h in hosts]) == [True, True]
     server = server_actor_class().remote(cfg, info, hosts, {0: 0, 2: 0, 1: 1, 3: 1}, public)
     outcome = ray.get(server.run_round.remote())

@@ -59,7 +59,11 @@ class ParallelCrypto:
         width = self.public.ciphertext_bytes
         count = len(payload) // width
         bounds = np.linspace(0, count, self.processes * 4 + 1).astype(int)
-        parts = [payload[a * width : b * width] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        parts = [
+            payload[a * width : b * width]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            if b > a
+        ]
         return [m for chunk in self._pool.map(_decrypt, parts) for m in chunk]
 
     def close(self) -> None:

@@ -111,11 +111,11 @@ class ClientHost:
     def _init_crypto(self, key_source: Any) -> None:
         from fedray.crypto.secure_aggregation import ClientEncryptor
 
-        if hasattr(key_source, "keypair"):  # a KeyDealer actor handle
+        if isinstance(key_source, str):  # the key dealer's actor name
             import ray
 
-            private = ray.get(key_source.keypair.remote())
-        else:
+            private = ray.get(ray.get_actor(key_source).keypair.remote())
+        else:  # a PrivateKey (plain use, tests)
             private = key_source
         self._private = private
         from fedray.runtime.server import codec_for

@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,12 @@ def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
         if cfg.crypto.name == "paillier":
             from fedray.runtime.keys import key_dealer_class
 
-            dealer = key_dealer_class().remote(cfg.crypto.key_bits)
-            public_key = ray.get(dealer.public_key.remote())
+            # Client hosts find the dealer by name (also after a restart); the server is
+            # given the public key only.
+            dealer_name = f"fedray-key-dealer-{uuid.uuid4().hex[:12]}"
+            dealer_actor = key_dealer_class().options(name=dealer_name).remote(cfg.crypto.key_bits)
+            public_key = ray.get(dealer_actor.public_key.remote())
+            dealer = dealer_name
         actor_cls = client_actor_class()
         hosts = [
             actor_cls.options(**opts).remote(cfg, cids, info, 1.0, dealer)
