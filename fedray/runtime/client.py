@@ -303,8 +303,12 @@ class ClientHost:
             self._precompute_in_background()
 
 
-def client_actor_class():
-    """The Ray actor form of :class:`ClientHost` (restarted by Ray if its process dies)."""
+def client_actor_class(host_class: type | None = None):
+    """The Ray actor form of :class:`ClientHost` (restarted by Ray if its process dies).
+
+    A restarted host reloads its clients' data and fetches the key again; calls that were
+    running when it died fail (the server counts those clients as failed this round).
+    """
     import ray
 
-    return ray.remote(max_restarts=-1, max_task_retries=0)(ClientHost)
+    return ray.remote(max_restarts=-1, max_task_retries=0)(host_class or ClientHost)

@@ -34,6 +34,8 @@ def connect(cfg: FedrayConfig) -> bool:
         )
         ray.init(**kwargs)
         return True
+    if address != "auto":
+        _check_reachable(address)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
@@ -44,6 +46,23 @@ def connect(cfg: FedrayConfig) -> bool:
             "ray.address=null for an embedded local Ray"
         ) from None
     return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at HOST:PORT (Ray retries long)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("ray://").strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at ray.address={address!r} ({exc}); start one with "
+            "`ray start --head`, check the host and port, or use ray.address=null for an "
+            "embedded local Ray"
+        ) from None
 
 
 @dataclass

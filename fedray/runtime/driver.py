@@ -72,8 +72,14 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
     return load_checkpoint(path)
 
 
-def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run the job described by ``cfg`` and write its files into ``output_dir``."""
+def run_experiment(
+    cfg: FedrayConfig, output_dir: str | Path, *, host_class: type | None = None
+) -> dict[str, Any]:
+    """Run the job described by ``cfg`` and write its files into ``output_dir``.
+
+    ``host_class`` replaces :class:`~fedray.runtime.client.ClientHost` (a subclass), e.g.
+    to inject faults in tests or to customise local training.
+    """
     import ray
 
     from fedray.data.datasets import dataset_info
@@ -101,7 +107,7 @@ def run_experiment(cfg: FedrayConfig, output_dir: str | Path) -> dict[str, Any]:
             dealer_actor = key_dealer_class().options(name=dealer_name).remote(cfg.crypto.key_bits)
             public_key = ray.get(dealer_actor.public_key.remote())
             dealer = dealer_name
-        actor_cls = client_actor_class()
+        actor_cls = client_actor_class(host_class)
         hosts = [
             actor_cls.options(**opts).remote(cfg, cids, info, 1.0, dealer)
             for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)

@@ -1,0 +1,178 @@
+"""Faults: dead actors, stragglers, bad updates, interrupted drivers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+
+import tests.faulty_hosts as faulty
+from fedray.errors import DataError
+from fedray.runtime.driver import run_experiment
+from fedray.runtime.outputs import load_checkpoint
+from tests.conftest import ROOT, compose, run_cli
+
+# Ray workers import nothing from tests/: ship these classes by value.
+ray.cloudpickle.register_pickle_by_value(faulty)
+
+SMALL_KEY = ["crypto=paillier", "crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
+
+
+def _rows(path):
+    with (path / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crypto", [["crypto=none"], SMALL_KEY], ids=["plain", "paillier"])
+def test_killing_a_client_actor_each_round_does_not_stop_the_run(ray_2cpus, tmp_path, crypto):
+    """Acceptance: a random client actor dies mid-round in each of 5 rounds of a 10-client run."""
+    rng = np.random.default_rng(11)
+    plan = frozenset((r, int(rng.choice([0, 5]))) for r in range(1, 6))  # 2 hosts: ids 0-4, 5-9
+    crashing = type(
+        "CrashEachRound", (faulty.CrashingHost,), {"plan": plan, "token": uuid.uuid4().hex}
+    )
+    cfg = compose([*crypto, "checkpoint.every=0"])
+    faulty_run = run_experiment(cfg, tmp_path / "faulty", host_class=crashing)
+    clean_run = run_experiment(cfg, tmp_path / "clean")
+    rows = _rows(tmp_path / "faulty")
+    assert faulty_run["rounds_completed"] == clean_run["rounds_completed"] == 20
+    assert [int(r["clients_failed"]) >= 5 for r in rows[:5]] == [True] * 5
+    assert all(int(r["clients_ok"]) >= 5 for r in rows)
+    # The dead host was restarted and its clients are served again afterwards.
+    assert all(int(r["clients_ok"]) == 10 for r in rows[6:])
+    assert abs(faulty_run["final_accuracy"] - clean_run["final_accuracy"]) <= 0.02
+
+
+def test_stragglers_are_dropped_at_the_deadline(ray_2cpus, tmp_path):
+    cfg = compose(["crypto=none", "rounds=3", "round_timeout_s=1.5", "checkpoint.every=0"])
+    summary = run_experiment(cfg, tmp_path, host_class=faulty.SlowHost)
+    rows = _rows(tmp_path)
+    assert summary["rounds_completed"] == 3
+    assert int(rows[1]["clients_late"]) >= 1
+    assert int(rows[1]["clients_ok"]) >= 5
+    assert int(rows[0]["clients_late"]) == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["crypto=none", "privacy=dp"], SMALL_KEY],
+    ids=["plaintext-dp", "paillier"],
+)
+def test_bad_updates_are_rejected_and_the_round_goes_on(ray_2cpus, tmp_path, overrides):
+    cfg = compose([*overrides, "rounds=5", "checkpoint.every=0"])
+    summary = run_experiment(cfg, tmp_path, host_class=faulty.CorruptingHost)
+    rows = _rows(tmp_path)
+    assert summary["rounds_completed"] == 5
+    # Each of the 2 hosts corrupts its first client's update, a different way each round.
+    assert [int(r["clients_rejected"]) for r in rows] == [2, 2, 2, 2, 2]
+    assert all(int(r["clients_ok"]) == 8 for r in rows)
+    assert np.isfinite(load_checkpoint(tmp_path / "checkpoints")["weights"]).all()
+    assert summary["final_accuracy"] > 0.5
+
+
+def test_killed_driver_resumes_to_the_same_final_weights(ray_2cpus, tmp_path):
+    """Acceptance: interrupted at round k and resumed == uninterrupted, same seed."""
+    args = [
+        "dataset=synthetic",
+        "num_clients=200",
+        "clients_per_round=100",
+        "local_epochs=3",
+        "rounds=8",
+        "crypto=none",
+        "checkpoint.every=1",
+        f"ray.address={ray_2cpus}",
+    ]
+    full = run_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedray.launch", *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "round_00003":
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+    proc.wait()
+    stopped_at = int(latest.read_text().strip().split("_")[1])
+    assert 3 <= stopped_at < 8, "the driver was not interrupted mid-run"
+
+    resumed = run_cli([*args, f"hydra.run.dir={run_dir}", "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints")
+    b = load_checkpoint(run_dir / "checkpoints")
+    assert a["round"] == b["round"] == 8
+    np.testing.assert_array_equal(a["weights"], b["weights"])
+    assert [int(r["round"]) for r in _rows(run_dir)] == list(range(1, 9))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    res = run_cli(["resume=true", f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert res.returncode == 2
+    assert "resume=true but there is no checkpoint" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _write_site(path, rows, header="f1,f2,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "data file not found"),
+        (("f1,f2,diagnosis", ["1,2,0", "3,4,1"]), "no label column 'label'"),
+        (("f1,f2,label", ["1,2,0", "3,x,1"]), "row 3, column 'f2': 'x' is not a number"),
+        (("f1,f2,label", ["1,2,0", "3,4"]), "row 3 has 2 cells"),
+    ],
+    ids=["missing", "no-label", "non-numeric", "ragged"],
+)
+def test_bad_csv_is_one_clear_error(ray_2cpus, tmp_path, content, message):
+    for cid in range(3):
+        path = tmp_path / f"site_{cid}.csv"
+        if content is not None and cid == 1:
+            header, rows = content
+            _write_site(path, rows, header)
+        elif content is not None or cid != 1:
+            _write_site(path, [f"{i},{i % 3},{i % 2}" for i in range(12)])
+    cfg = compose(
+        [
+            "dataset=csv",
+            f"dataset.path='{tmp_path}/site_{{client_id}}.csv'",
+            "dataset.label=label",
+            "num_clients=3",
+            "clients_per_round=3",
+            "crypto=none",
+            "rounds=1",
+        ]
+    )
+    with pytest.raises(DataError, match=message) as err:
+        run_experiment(cfg, tmp_path / "out")
+    assert "site_1.csv" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreachable_ray_address_is_one_clear_error():
+    # Port 1 on loopback: nothing listens there.
+    res = run_cli(["ray.address=127.0.0.1:1", "crypto=none"], timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "fedray: error: cannot reach the Ray cluster at ray.address='127.0.0.1:1'"
+    )
