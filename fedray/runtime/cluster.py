@@ -99,7 +99,7 @@ def plan_placement(cfg: FedrayConfig, cluster: dict[str, float]) -> Placement:
                 name, f"client.resources.{name}"
             )
             raise ClusterError(
-                f"{key}={amount} but the Ray cluster has {have:g} {name}; lower it or add "
+                f"{key}={amount:g} but the Ray cluster has {have:g} {name}; lower it or add "
                 f"nodes with that resource (cluster has: "
                 + ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if "node:" not in k)
                 + ")"
