@@ -176,3 +176,38 @@ def test_unreachable_ray_address_is_one_clear_error():
     assert lines[0].startswith(
         "fedray: error: cannot reach the Ray cluster at ray.address='127.0.0.1:1'"
     )
+
+
+def _crash_in(round_num: int):
+    return type(
+        "CrashOnce",
+        (faulty.CrashingHost,),
+        {"plan": frozenset({(round_num, 0)}), "token": uuid.uuid4().hex},
+    )
+
+
+def test_round_with_too_few_clients_is_retried(ray_2cpus, tmp_path):
+    cfg = compose(["crypto=none", "rounds=3", "min_clients_per_round=10", "checkpoint.every=0"])
+    summary = run_experiment(cfg, tmp_path, host_class=_crash_in(2))
+    rows = _rows(tmp_path)
+    assert summary["rounds_completed"] == 3
+    assert int(rows[1]["retries"]) >= 1 and int(rows[1]["clients_ok"]) == 10
+
+
+def test_out_of_retries_is_one_clear_error_and_keeps_finished_rounds(ray_2cpus, tmp_path):
+    from fedray.errors import ClusterError
+
+    cfg = compose(
+        [
+            "crypto=none",
+            "rounds=3",
+            "min_clients_per_round=10",
+            "max_round_retries=0",
+            "checkpoint.every=1",
+        ]
+    )
+    with pytest.raises(ClusterError, match="round 2: only 5 clients answered") as err:
+        run_experiment(cfg, tmp_path, host_class=_crash_in(2))
+    assert "\n" not in str(err.value)
+    assert [int(r["round"]) for r in _rows(tmp_path)] == [1]
+    assert load_checkpoint(tmp_path / "checkpoints")["round"] == 1

@@ -182,7 +182,12 @@ def run_experiment(
         )
         last_round = first_round - 1
         for _ in range(first_round, cfg.rounds + 1):
-            outcome = ray.get(server.run_round.remote())
+            try:
+                outcome = ray.get(server.run_round.remote())
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, FedrayError):  # one clear line, outputs kept
+                    raise exc.cause from None
+                raise
             if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
                 summary["stopped_early"] = True
                 summary["stop_reason"] = "privacy.target_epsilon"

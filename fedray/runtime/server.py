@@ -18,6 +18,7 @@ import numpy as np
 
 from fedray.config import FedrayConfig, min_clients
 from fedray.data.datasets import DatasetInfo, load_test_set
+from fedray.errors import ClusterError
 from fedray.runtime.client import ClientResult, RoundTask
 
 log = logging.getLogger("fedray.server")
@@ -194,10 +195,10 @@ class Server:
             retries += 1
             if retries > self.cfg.max_round_retries:
                 self.round -= 1
-                raise RuntimeError(
+                raise ClusterError(
                     f"round {self.round + 1}: only {outcome.metrics['clients_ok']} clients "
                     f"answered (min_clients_per_round={min_clients(self.cfg)}) after "
-                    f"{retries - 1} retries"
+                    f"{retries - 1} retries; completed rounds are in metrics.csv and checkpoints/"
                 )
             log.warning(
                 "round %d: %d clients answered, fewer than %d; retrying",
