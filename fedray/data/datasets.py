@@ -190,6 +190,21 @@ def dataset_info(cfg: DatasetConfig, observed_classes: int = 0, num_features: in
     return DatasetInfo(num_features, max(2, observed_classes))
 
 
+def csv_metadata(path_template: str, label: str, client_ids: list[int]) -> tuple[int, int]:
+    """(feature count, largest label) of these sites' files: metadata only, run at the site."""
+    features, max_label = None, 0
+    for cid in client_ids:
+        path = path_template.format(client_id=cid)
+        x, y = read_csv(path, label)
+        if features is not None and x.shape[1] != features:
+            raise DataError(
+                f"{path}: has {x.shape[1]} feature columns, other sites have {features}"
+            )
+        features = x.shape[1]
+        max_label = max(max_label, int(y.max()))
+    return int(features or 0), max_label
+
+
 def read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a numeric CSV with a header row. Errors name the file, row and column."""
     if not os.path.isfile(path):

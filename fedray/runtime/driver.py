@@ -60,6 +60,44 @@ def _wait_ready(hosts: list[Any], timeout: float) -> None:
             raise DataError(answer)
 
 
+def _dataset_info(cfg: FedrayConfig, placement) -> Any:
+    """Feature width and class count; for csv, read at each site (metadata only)."""
+    import ray
+
+    from fedray.data.datasets import csv_metadata, dataset_info, read_csv
+
+    if cfg.dataset.name != "csv":
+        return dataset_info(cfg.dataset)
+    task = ray.remote(csv_metadata)
+    refs = [
+        task.options(**{k: v for k, v in opts.items() if k != "num_gpus"}).remote(
+            cfg.dataset.path, cfg.dataset.label, cids
+        )
+        for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
+    ]
+    try:
+        metas = ray.get(refs, timeout=READY_TIMEOUT_S)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FedrayError):
+            raise exc.cause from None
+        raise
+    widths = {w for w, _ in metas}
+    if len(widths) != 1:
+        raise DataError(
+            f"sites' CSV files disagree on the number of feature columns: {sorted(widths)}"
+        )
+    max_label = max(m for _, m in metas)
+    if cfg.dataset.test_path:
+        xt, yt = read_csv(cfg.dataset.test_path, cfg.dataset.label)
+        if xt.shape[1] not in widths:
+            raise DataError(
+                f"{cfg.dataset.test_path}: has {xt.shape[1]} feature columns, the sites have "
+                f"{widths.pop()}"
+            )
+        max_label = max(max_label, int(yt.max()))
+    return dataset_info(cfg.dataset, observed_classes=max_label + 1, num_features=widths.pop())
+
+
 def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
     if not cfg.resume:
         return None
@@ -82,7 +120,6 @@ def run_experiment(
     """
     import ray
 
-    from fedray.data.datasets import dataset_info
     from fedray.runtime.client import client_actor_class
     from fedray.runtime.cluster import connect, plan_placement
     from fedray.runtime.server import server_actor_class
@@ -95,7 +132,7 @@ def run_experiment(
     metrics_writer = None
     try:
         placement = plan_placement(cfg, ray.cluster_resources())
-        info = dataset_info(cfg.dataset)
+        info = _dataset_info(cfg, placement)
         dealer = None
         public_key = None
         if cfg.crypto.name == "paillier":

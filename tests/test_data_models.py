@@ -1,0 +1,150 @@
+"""Partitioners, per-site CSV data, and the models (cnn, custom _target_, trainable head)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedray.data.datasets import dataset_info, load_client_data
+from fedray.data.partition import partition_indices
+from fedray.errors import ConfigError
+from fedray.models import ParamView, build_model
+from fedray.runtime.client import ClientHost, RoundTask
+from fedray.runtime.driver import run_experiment
+from tests.conftest import compose
+
+
+def _labels():
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_partitions_cover_every_row_once_and_are_deterministic(scheme):
+    y = _labels()
+    parts = partition_indices(y, 20, scheme=scheme, seed=3, dirichlet_alpha=0.5)
+    assert len(parts) == 20
+    flat = np.concatenate(parts)
+    assert sorted(flat.tolist()) == list(range(len(y)))
+    again = partition_indices(y, 20, scheme=scheme, seed=3, dirichlet_alpha=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_iid_sizes_are_balanced_and_non_iid_schemes_skew_labels():
+    y = _labels()
+    iid = partition_indices(y, 20, scheme="iid", seed=0)
+    assert max(map(len, iid)) - min(map(len, iid)) <= 1
+    distinct = {
+        scheme: np.mean(
+            [
+                len(np.unique(y[p]))
+                for p in partition_indices(y, 20, scheme=scheme, seed=0, dirichlet_alpha=0.1)
+            ]
+        )
+        for scheme in ("iid", "dirichlet", "shards")
+    }
+    assert distinct["iid"] == 10
+    assert distinct["dirichlet"] < 7
+    # 2 shards of label-sorted rows per client: at most 2 labels per shard.
+    shards = partition_indices(y, 20, scheme="shards", seed=0, shards_per_client=2)
+    assert max(len(np.unique(y[p])) for p in shards) <= 4
+    assert distinct["shards"] < 4
+
+
+def test_too_many_clients_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_clients=1000 is too many"):
+        partition_indices(_labels()[:100], 1000)
+
+
+def test_client_data_is_loaded_per_client_and_holds_out_validation():
+    cfg = compose(
+        ["dataset=digits", "num_clients=5", "clients_per_round=5", "dataset.partition=dirichlet"]
+    )
+    data = load_client_data(cfg.dataset, [1, 3], 5, seed=0)
+    assert set(data) == {1, 3}
+    for d in data.values():
+        assert len(d.y_val) >= 1 and d.x_train.shape[1] == 64
+        assert d.x_train.max() <= 1.0  # digits scaled by a fixed 1/16
+
+
+def test_three_sites_csv_job(ray_2cpus, tmp_path):
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    header = ",".join([f"f{i}" for i in range(x.shape[1])] + ["diagnosis"])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    test_rows, site_rows = order[:100], np.array_split(order[100:], 3)
+    for name, rows in [("test", test_rows)] + [(f"site_{i}", r) for i, r in enumerate(site_rows)]:
+        lines = [",".join(f"{v:.6g}" for v in x[i]) + f",{y[i]}" for i in rows]
+        (tmp_path / f"{name}.csv").write_text(header + "\n" + "\n".join(lines) + "\n")
+    cfg = compose(
+        [
+            "dataset=csv",
+            f"dataset.path='{tmp_path}/site_{{client_id}}.csv'",
+            "dataset.label=diagnosis",
+            f"dataset.test_path='{tmp_path}/test.csv'",
+            "num_clients=3",
+            "clients_per_round=3",
+            "crypto.key_bits=512",
+            "crypto.allow_insecure_keys=true",
+            "rounds=10",
+        ]
+    )
+    summary = run_experiment(cfg, tmp_path / "out")
+    assert summary["rounds_completed"] == 10
+    assert summary["final_accuracy"] >= 0.9
+    assert set(summary["client_nodes"]) == {"0", "1", "2"}
+
+
+def test_cnn_trains_on_digits(ray_2cpus, tmp_path):
+    cfg = compose(["dataset=digits", "model=cnn", "crypto=none", "rounds=8", "lr=0.1"])
+    summary = run_experiment(cfg, tmp_path)
+    assert summary["final_accuracy"] > 0.6  # 10 classes: chance is 0.1
+
+
+def test_custom_model_by_target_through_ray(ray_2cpus, tmp_path):
+    cfg = compose(
+        [
+            "model=custom",
+            "model._target_=fedray.models.factory.MLP",
+            "+model.kwargs.hidden=16",
+            "crypto=none",
+            "rounds=5",
+        ]
+    )
+    summary = run_experiment(cfg, tmp_path)
+    assert summary["num_parameters"] == 30 * 16 + 16 + 16 * 2 + 2
+    assert summary["final_accuracy"] > 0.85
+    with pytest.raises(ConfigError, match="could not be built"):
+        build_model(
+            compose(["model=custom", "model._target_=no.such.Module"]).model,
+            dataset_info(cfg.dataset),
+            0,
+        )
+
+
+def test_trainable_exchanges_only_the_head(ray_2cpus, tmp_path):
+    cfg = compose(["model.trainable=[net.2]", "crypto=none", "rounds=4"])
+    model = build_model(cfg.model, dataset_info(cfg.dataset), cfg.seed)
+    view = ParamView(model, ["net.2"])
+    assert view.size == 128 * 2 + 2
+    assert not model.net[0].weight.requires_grad
+    summary = run_experiment(cfg, tmp_path)
+    assert summary["num_parameters"] == 258
+    assert summary["bytes_up"] == 4 * 258 * 10 * 4  # float32 x params x clients x rounds
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        ParamView(build_model(cfg.model, dataset_info(cfg.dataset), 0), ["nope"])
+
+
+def test_fedprox_term_pulls_the_local_model_toward_the_global_one():
+    cfg = compose(["crypto=none", "local_epochs=5"])
+    host = ClientHost(cfg, [0], dataset_info(cfg.dataset), 40.0)
+    assert host.ready() is True
+    w = host.view.get()
+    free = host.train(RoundTask(1, [0], {"proximal_mu": 0.0}), w)[0].delta
+    prox = host.train(RoundTask(1, [0], {"proximal_mu": 10.0}), w)[0].delta
+    assert np.linalg.norm(prox) < 0.8 * np.linalg.norm(free)
+    assert torch.get_num_threads() >= 1
