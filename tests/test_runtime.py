@@ -82,6 +82,9 @@ def test_cli_full_job_writes_contract_outputs(ray_2cpus, tmp_path):
     assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
     assert all(int(r["clients_ok"]) == 4 for r in rows)
     assert (out / "checkpoints" / "latest").exists()
+    clients = json.loads((out / "clients.json").read_text())
+    assert set(clients) == {str(i) for i in range(6)}
+    assert all(sum(c["labels"]) == c["num_examples"] for c in clients.values())
 
 
 def test_same_seed_same_final_weights(ray_2cpus, tmp_path):

@@ -167,6 +167,15 @@ def run_experiment(
             for cid in sorted(described)[: min(len(described), 20)]:
                 d = described[cid]
                 log.info("client %d: %d examples, labels %s", cid, d["num_examples"], d["labels"])
+            if len(described) > 20:
+                log.info("... %d more clients: see clients.json", len(described) - 20)
+        write_json(
+            output_dir / "clients.json",
+            {
+                str(cid): {k: d[k] for k in ("num_examples", "num_val", "labels", "node_id")}
+                for cid, d in sorted(described.items())
+            },
+        )
 
         privacy = None
         if cfg.privacy.name == "dp":
