@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_2cpus():
-    """One embedded 2-CPU Ray shared by the session (on loopback)."""
+    """An embedded 2-CPU Ray shared by a module's tests (on loopback)."""
     import ray
 
     ctx = ray.init(
@@ -27,6 +27,24 @@ def ray_2cpus():
     )
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A head (site_a, 1 GPU declared) and a worker (site_b, 1 GPU declared), this machine."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 1, "resources": {"site_a": 1}},
+    )
+    cluster.add_node(num_cpus=1, num_gpus=1, resources={"site_b": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,23 @@ def test_target_accuracy_stops_early(ray_2cpus, tmp_path):
 def test_federated_eval_reported(ray_2cpus, tmp_path):
     summary = run_experiment(compose(["crypto=none", "rounds=3"]), tmp_path)
     assert 0.5 < summary["final_fed_val_accuracy"] <= 1.0
+
+
+def test_hydra_multirun_gives_one_run_dir_per_combination(ray_2cpus, tmp_path):
+    res = run_cli(
+        [
+            "-m",
+            "num_clients=10,20",
+            "crypto=none,paillier",
+            "crypto.key_bits=512",
+            "crypto.allow_insecure_keys=true",
+            "rounds=2",
+            f"ray.address={ray_2cpus}",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    combos = {(s["num_clients"], s["crypto"]) for s in summaries}
+    assert combos == {(10, "none"), (10, "paillier"), (20, "none"), (20, "paillier")}
+    assert all(s["rounds_completed"] == 2 for s in summaries)

@@ -168,6 +168,9 @@ class ClientHost:
     def describe(self) -> dict[int, dict[str, Any]]:
         """Each hosted client's size and label histogram (metadata, no data)."""
         node = self.node_id()
+        import ray
+
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         out = {}
         for cid, d in self.data.items():
             classes = int(max(d.y_train.max(initial=0), d.y_val.max(initial=0))) + 1
@@ -178,6 +181,7 @@ class ClientHost:
                 "labels": label_histogram(d.y_train, classes),
                 "node_id": node,
                 "device": str(self.device),
+                "gpu_ids": gpu_ids,
                 "pid": os.getpid(),
             }
         return out

@@ -172,7 +172,10 @@ def run_experiment(
         write_json(
             output_dir / "clients.json",
             {
-                str(cid): {k: d[k] for k in ("num_examples", "num_val", "labels", "node_id")}
+                str(cid): {
+                    k: d[k]
+                    for k in ("num_examples", "num_val", "labels", "node_id", "device", "gpu_ids")
+                }
                 for cid, d in sorted(described.items())
             },
         )
