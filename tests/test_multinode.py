@@ -35,6 +35,9 @@ def test_clients_pinned_to_sites_run_on_those_nodes(two_node_cluster, tmp_path):
     assert summary["client_nodes"]["0"] == _node_with("site_a")
     assert summary["client_nodes"]["1"] == _node_with("site_b")
     assert len(summary["nodes_used"]) == 2
+    # The sites were reserved together in a placement group, released after the run.
+    states = [pg["state"] for pg in ray.util.placement_group_table().values()]
+    assert states and "CREATED" not in states
 
 
 def test_fractional_gpus_are_assigned_and_torch_stays_on_cpu(two_node_cluster, tmp_path):

@@ -98,6 +98,48 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
     return dataset_info(cfg.dataset, observed_classes=max_label + 1, num_features=widths.pop())
 
 
+def _reserve(placement) -> tuple[list[dict[str, Any]], Any]:
+    """Silo mode: reserve every site's resources at once in a placement group.
+
+    Either the whole federation fits (each bundle on a node offering that site's
+    resources) or the job fails here, before any actor starts: no half-placed federation
+    waiting for a site that never comes. Simulation pools are placed actor by actor.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if placement.mode != "silo":
+        return placement.host_options, None
+    bundles = []
+    for opts in placement.host_options:
+        bundle = {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0)}
+        bundle.update(opts.get("resources", {}))
+        bundles.append({k: v for k, v in bundle.items() if v})
+    if not all(bundles):  # a client asking for nothing cannot be a bundle
+        return placement.host_options, None
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise ClusterError(
+            f"the cluster cannot host all {len(bundles)} sites at once (placement group of "
+            f"{bundles[0]} x {len(bundles)} not placed within {READY_TIMEOUT_S:.0f}s); check "
+            "client.num_cpus / num_gpus and cluster.sites against `ray status`"
+        ) from None
+    options = [
+        {
+            **opts,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=i
+            ),
+        }
+        for i, opts in enumerate(placement.host_options)
+    ]
+    return options, pg
+
+
 def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
     if not cfg.resume:
         return None
@@ -130,6 +172,7 @@ def run_experiment(
     t_start = time.perf_counter()
     started = connect(cfg)
     metrics_writer = None
+    reservation = None
     try:
         placement = plan_placement(cfg, ray.cluster_resources())
         info = _dataset_info(cfg, placement)
@@ -145,9 +188,10 @@ def run_experiment(
             public_key = ray.get(dealer_actor.public_key.remote())
             dealer = dealer_name
         actor_cls = client_actor_class(host_class)
+        host_options, reservation = _reserve(placement)
         hosts = [
             actor_cls.options(**opts).remote(cfg, cids, info, 1.0, dealer)
-            for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
+            for cids, opts in zip(placement.host_clients, host_options, strict=True)
         ]
         _wait_ready(hosts, READY_TIMEOUT_S)
         described: dict[int, dict[str, Any]] = {}
@@ -300,5 +344,7 @@ def run_experiment(
     finally:
         if metrics_writer is not None:
             metrics_writer.close()
+        if reservation is not None:  # placement groups outlive their actors otherwise
+            ray.util.remove_placement_group(reservation)
         if started:
             ray.shutdown()
