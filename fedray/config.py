@@ -383,7 +383,12 @@ def validate(cfg: FedrayConfig) -> None:
                 "privacy.noise=central cannot be used with crypto=paillier (the server only sees "
                 "the decrypted sum); use privacy.noise=distributed or auto"
             )
-        if cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
+        if cfg.privacy.mode == "sample" and cfg.privacy.secure_rng:
+            raise ConfigError(
+                "privacy.secure_rng=true is not supported with privacy.mode=sample (Opacus's "
+                "secure mode needs torchcsprng); use privacy.mode=client or secure_rng=false"
+            )
+        if cfg.privacy.mode == "client" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
             raise ConfigError(
                 f"privacy=dp is accounted for mean aggregation; strategy={cfg.strategy.name} "
                 "is not supported with it"

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 
 from fedray.config import FedrayConfig, min_clients
-from fedray.errors import ConfigError
 from fedray.privacy.mechanisms import gaussian, l2_clip
 
 # Codec clip range, in standard deviations of one client's noise share.
@@ -121,11 +120,6 @@ class ClientLevelDP:
     @classmethod
     def from_config(cls, cfg: FedrayConfig) -> ClientLevelDP:
         p = cfg.privacy
-        if p.mode == "sample":
-            raise ConfigError(
-                "privacy.mode=sample (Opacus DP-SGD inside clients) is not available yet; "
-                "use privacy.mode=client"
-            )
         distributed = cfg.crypto.name == "paillier"
         return cls(
             clip_norm=p.clip_norm,
@@ -222,7 +216,8 @@ class ClientLevelDP:
             self.target_epsilon is not None and self.epsilon(self.steps + 1) > self.target_epsilon
         )
 
-    def step(self) -> None:
+    def step(self, participants: list[int] | None = None) -> None:
+        del participants  # every round counts for every client (Poisson sampling)
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -244,3 +239,109 @@ def privatize_update(delta: np.ndarray, plan: ClientPlan, seed: int):
     rng = np.random.default_rng(seed)
     noise = gaussian(clipped.shape, plan.noise_std / plan.quant_step, rng, secure=plan.secure_rng)
     return clipped, np.rint(noise).astype(np.int64)
+
+
+@dataclass
+class SamplePlan:
+    """Sample-level DP-SGD inside each client (Opacus)."""
+
+    noise_multiplier: float
+    clip_norm: float
+    mode: str = "sample"
+
+
+class SampleLevelDP:
+    """DP-SGD inside clients with Opacus; each site's epsilon from Opacus's RDP accountant.
+
+    Protects each *example* of a site's data (not the whole site): every local step
+    Poisson-samples the site's examples at rate batch_size / n_k, clips per-example
+    gradients to ``privacy.clip_norm`` and adds N(0, sigma^2 C^2). A site's epsilon
+    composes local_epochs * n_k / batch_size such steps for each round it took part in;
+    the reported epsilon is the largest over sites. Updates stay example-weighted.
+    """
+
+    denominator = None  # example-weighted mean, as FedAvg
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier,
+        clip_norm,
+        delta,
+        batch_size,
+        local_epochs,
+        client_sizes,
+        target_epsilon=None,
+        accountant="rdp",
+    ):
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.delta = delta
+        self.batch_size = batch_size
+        self.local_epochs = local_epochs
+        self.client_sizes = {int(k): int(v) for k, v in client_sizes.items()}
+        self.target_epsilon = target_epsilon
+        self.accountant = accountant
+        self.participation: dict[int, int] = {}
+
+    @classmethod
+    def from_config(cls, cfg: FedrayConfig, client_sizes: dict[int, int]) -> SampleLevelDP:
+        p = cfg.privacy
+        return cls(
+            noise_multiplier=p.noise_multiplier,
+            clip_norm=p.clip_norm,
+            delta=p.delta,
+            batch_size=cfg.batch_size,
+            local_epochs=cfg.local_epochs,
+            client_sizes=client_sizes,
+            target_epsilon=p.target_epsilon,
+            accountant=p.accountant,
+        )
+
+    def sample_cohort(self, rng):
+        return None  # the usual fixed-size cohort
+
+    def client_plan(self, codec) -> SamplePlan:
+        return SamplePlan(self.noise_multiplier, self.clip_norm)
+
+    def server_noise(self, total, rng):
+        return total
+
+    def check_clipped(self, delta, rejected_type) -> None:
+        return None
+
+    def client_epsilon(self, cid: int, rounds: int) -> float:
+        """One site's epsilon after ``rounds`` rounds, by Opacus's accountant."""
+        from opacus.accountants import create_accountant
+
+        if rounds == 0:
+            return 0.0
+        n = max(1, self.client_sizes.get(cid, 1))
+        rate = min(1.0, self.batch_size / n)
+        steps_per_round = self.local_epochs * max(1, math.ceil(n / self.batch_size))
+        acc = create_accountant(mechanism=self.accountant if self.accountant == "rdp" else "prv")
+        acc.history = [(self.noise_multiplier, rate, steps_per_round * rounds)]
+        return float(acc.get_epsilon(delta=self.delta))
+
+    def epsilon(self) -> float:
+        return max((self.client_epsilon(c, r) for c, r in self.participation.items()), default=0.0)
+
+    def would_exceed_target(self) -> bool:
+        if self.target_epsilon is None:
+            return False
+        worst = max(self.client_sizes, key=lambda c: self.participation.get(c, 0), default=None)
+        if worst is None:
+            return False
+        return (
+            self.client_epsilon(worst, self.participation.get(worst, 0) + 1) > self.target_epsilon
+        )
+
+    def step(self, participants: list[int] | None = None) -> None:
+        for cid in participants or []:
+            self.participation[cid] = self.participation.get(cid, 0) + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"participation": {str(k): v for k, v in self.participation.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.participation = {int(k): int(v) for k, v in state["participation"].items()}

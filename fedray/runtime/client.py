@@ -12,6 +12,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +227,13 @@ class ClientHost:
                 result.val_correct = int((logits.argmax(1) == yv).sum())
                 result.val_count = len(yv)
 
+        privacy = opts.get("privacy")
+        if getattr(privacy, "mode", None) == "sample":
+            delta, result.train_loss = self._train_dp_sgd(cid, task, global_weights, privacy)
+            result.weight = min(1.0, n / self.weight_ref)
+            result.train_seconds = time.perf_counter() - t0
+            return self._finish(result, delta, None)
+
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, task.round, cid))
         params = self.view.params
         opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)
@@ -252,7 +260,6 @@ class ClientHost:
         result.train_loss = total / max(1, batches)
         result.train_seconds = time.perf_counter() - t0
 
-        privacy = opts.get("privacy")
         noise = None
         if privacy is not None:
             from fedray.privacy.dp import privatize_update
@@ -262,7 +269,10 @@ class ClientHost:
             result.weight = 1.0  # uniform weights keep the sensitivity bound C
         else:
             result.weight = min(1.0, n / self.weight_ref)
+        return self._finish(result, delta, noise)
 
+    def _finish(self, result: ClientResult, delta: np.ndarray, noise) -> ClientResult:
+        """Check, then encrypt (or attach) the update."""
         if not np.all(np.isfinite(delta)):
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
@@ -276,6 +286,57 @@ class ClientHost:
             result.delta = delta
             result.bytes_up = delta.nbytes
         return result
+
+    def _train_dp_sgd(self, cid: int, task: RoundTask, global_weights: np.ndarray, plan):
+        """Sample-level DP-SGD with Opacus on a fresh copy of the model (no hooks left)."""
+        import copy
+
+        import torch
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from fedray.models import ParamView
+
+        x, y, _, _ = self.tensors[cid]
+        model = copy.deepcopy(self.model)
+        view = ParamView(model, self.cfg.model.trainable)
+        view.set(global_weights)
+        seed = client_seed(self.cfg.seed + 104729, task.round, cid)
+        torch.manual_seed(seed)  # Opacus's Poisson sampler and noise use torch's RNG
+        loader = DataLoader(
+            TensorDataset(x.cpu(), y.cpu()),
+            batch_size=min(self.cfg.batch_size, len(y)),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        optimizer = torch.optim.SGD(view.params, lr=self.cfg.lr, momentum=self.cfg.momentum)
+        engine = PrivacyEngine(accountant="rdp")
+        with warnings.catch_warnings():
+            # fedray documents the RNG choice (privacy.secure_rng); no per-round warning.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            private_model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.clip_norm,
+                poisson_sampling=True,
+            )
+        total, batches = 0.0, 0
+        private_model.train()
+        for _ in range(self.cfg.local_epochs):
+            for xb, yb in loader:
+                if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(private_model(xb.to(self.device)), yb.to(self.device))
+                with warnings.catch_warnings():  # inputs need no grad: the hook still fires
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+        delta = (view.get() - global_weights).astype(np.float32)
+        return delta, total / max(1, batches)
 
     # -- key holder ---------------------------------------------------------------------
     def decrypt_sum(self, payload: bytes, count: int, start: int = 0, stop: int | None = None):

@@ -228,7 +228,7 @@ def run_experiment(
         if cfg.privacy.name == "dp":
             from fedray.privacy import build_privacy
 
-            privacy = build_privacy(cfg)
+            privacy = build_privacy(cfg, {cid: d["num_examples"] for cid, d in described.items()})
         server = server_actor_class().remote(
             cfg, info, hosts, placement.assignment, public_key, privacy
         )

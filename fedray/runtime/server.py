@@ -29,7 +29,7 @@ def codec_for(cfg: FedrayConfig, public_key: Any, num_values: int):
     from fedray.crypto.codec import PackedPaillierCodec
 
     clip, max_summands = cfg.crypto.clip, cfg.clients_per_round
-    if cfg.privacy.name == "dp":
+    if cfg.privacy.name == "dp" and cfg.privacy.mode == "client":
         from fedray.privacy import build_privacy
 
         plan = build_privacy(cfg)
@@ -214,9 +214,8 @@ class Server:
 
     def _attempt(self, ray) -> RoundOutcome:
         cfg = self.cfg
-        if self.privacy is not None:
-            cohort = self.privacy.sample_cohort(self.rng)
-        else:
+        cohort = self.privacy.sample_cohort(self.rng) if self.privacy is not None else None
+        if cohort is None:
             cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
         weights_ref = ray.put(self.weights)  # one broadcast per round
         options: dict[str, Any] = dict(self.strategy.client_options())
@@ -312,6 +311,7 @@ class Server:
         if total is not None:
             if self.privacy is not None:
                 total = self.privacy.server_noise(total, self.noise_rng)
+            if self.privacy is not None and self.privacy.denominator:
                 delta = total / self.privacy.denominator  # fixed: qN, not the count
             else:
                 delta = total / acc.total_weight
@@ -320,7 +320,7 @@ class Server:
         self.weights = self.strategy.apply(self.weights, delta)
         aggregate_s += time.perf_counter() - t0
         if self.privacy is not None:
-            self.privacy.step()
+            self.privacy.step([r.client_id for r in results])
 
         n_ex = sum(r.num_examples for r in results)
         val_count = sum(r.val_count for r in results)
