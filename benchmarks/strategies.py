@@ -17,21 +17,10 @@ from pathlib import Path
 import ray
 from hydra import compose, initialize_config_dir
 
-from fedray.config import register_configs, to_config
+from fedray.config import STRATEGIES, register_configs, to_config
 from fedray.runtime.driver import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = [
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "median",
-    "trimmed_mean",
-    "krum",
-]
 BASE = [
     "dataset=digits",
     "dataset.partition=dirichlet",

@@ -138,14 +138,17 @@ def test_sample_level_epsilon_matches_opacus_stepwise():
 
     from fedray.privacy.dp import SampleLevelDP
 
-    dp = SampleLevelDP(
-        noise_multiplier=1.1,
-        clip_norm=1.0,
-        delta=1e-5,
-        batch_size=16,
-        local_epochs=2,
-        client_sizes={0: 100, 1: 400},
-    )
+    def make():
+        return SampleLevelDP(
+            noise_multiplier=1.1,
+            clip_norm=1.0,
+            delta=1e-5,
+            batch_size=16,
+            local_epochs=2,
+            client_sizes={0: 100, 1: 400},
+        )
+
+    dp = make()
     for _ in range(3):
         dp.step([0, 1])
     dp.step([1])
@@ -155,14 +158,7 @@ def test_sample_level_epsilon_matches_opacus_stepwise():
             acc.step(noise_multiplier=1.1, sample_rate=16 / n)
         assert dp.client_epsilon(cid, rounds) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
     assert dp.epsilon() == max(dp.client_epsilon(0, 3), dp.client_epsilon(1, 4))
-    restored = SampleLevelDP(
-        noise_multiplier=1.1,
-        clip_norm=1.0,
-        delta=1e-5,
-        batch_size=16,
-        local_epochs=2,
-        client_sizes={0: 100, 1: 400},
-    )
+    restored = make()
     restored.load_state_dict(dp.state_dict())
     assert restored.epsilon() == dp.epsilon()
 

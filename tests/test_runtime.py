@@ -41,6 +41,25 @@ METRIC_KEYS = {
 }
 
 
+def _tensorboard_scalars(directory):
+    """Read scalars back from TensorBoard event files (TFRecord framing, tensorboardX protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 def test_fedavg_matches_hand_computed_weighted_mean():
     deltas = [np.array([1.0, -2.0, 0.5]), np.array([3.0, 4.0, -0.5]), np.array([0.0, 1.0, 2.0])]
     weights = [1.0, 3.0, 4.0]
@@ -82,6 +101,10 @@ def test_cli_full_job_writes_contract_outputs(ray_2cpus, tmp_path):
     assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
     assert all(int(r["clients_ok"]) == 4 for r in rows)
     assert (out / "checkpoints" / "latest").exists()
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["test_accuracy"]] == [1, 2, 3, 4]
+    accuracies = [float(r["test_accuracy"]) for r in rows]
+    assert [v for _, v in scalars["test_accuracy"]] == pytest.approx(accuracies, abs=1e-5)
     clients = json.loads((out / "clients.json").read_text())
     assert set(clients) == {str(i) for i in range(6)}
     assert all(sum(c["labels"]) == c["num_examples"] for c in clients.values())

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from fedray.config import STRATEGIES
 from fedray.strategies import (
     FedAdagrad,
     FedAdam,
@@ -96,20 +97,7 @@ def test_fedprox_options_and_validation():
         FedProx(proximal_mu=0.0)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "fedavg",
-        "fedprox",
-        "fedavgm",
-        "fedadam",
-        "fedyogi",
-        "fedadagrad",
-        "median",
-        "trimmed_mean",
-        "krum",
-    ],
-)
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_builds_from_config(name):
     strategy = build_strategy(compose(["crypto=none", f"strategy={name}"]).strategy)
     assert strategy.name == name

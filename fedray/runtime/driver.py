@@ -16,7 +16,13 @@ from typing import Any
 
 from fedray.config import FedrayConfig, min_clients
 from fedray.errors import ClusterError, DataError, FedrayError
-from fedray.runtime.outputs import MetricsWriter, load_checkpoint, save_checkpoint, write_json
+from fedray.runtime.outputs import (
+    MetricsWriter,
+    TensorBoardWriter,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 
 log = logging.getLogger("fedray")
 
@@ -241,6 +247,7 @@ def run_experiment(
         setup_seconds = time.perf_counter() - t_start
 
         metrics_writer = MetricsWriter(output_dir / "metrics.csv", first_round - 1)
+        tensorboard = TensorBoardWriter(output_dir / "tensorboard")
         summary: dict[str, Any] = {
             "final_accuracy": None,
             "rounds_completed": first_round - 1,
@@ -293,6 +300,7 @@ def run_experiment(
             m = outcome.metrics
             last_round = m["round"]
             metrics_writer.write(m)
+            tensorboard.write(m)
             _progress(cfg, m)
             summary["rounds_completed"] = last_round
             summary["round_seconds"].append(round(m["seconds"], 4))
@@ -344,6 +352,7 @@ def run_experiment(
     finally:
         if metrics_writer is not None:
             metrics_writer.close()
+            tensorboard.close()
         if reservation is not None:  # placement groups outlive their actors otherwise
             ray.util.remove_placement_group(reservation)
         if started:

@@ -113,3 +113,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             k.split(".", 1)[1]: arrays[k] for k in arrays.files if k.startswith("strategy.")
         }
     return state
+
+
+class TensorBoardWriter:
+    """Per-round scalars as TensorBoard event files in ``<run dir>/tensorboard``.
+
+    Watch a run with ``tensorboard --logdir outputs/`` (tensorboard is not a dependency;
+    the files are written with tensorboardX).
+    """
+
+    SCALARS = [c for c in METRIC_COLUMNS if c != "round"]
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=str(directory), flush_secs=5)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        step = int(metrics["round"])
+        for key in self.SCALARS:
+            value = _clean(metrics.get(key))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
