@@ -46,12 +46,14 @@ def sweeps() -> dict[str, list[tuple[str, list[str]]]]:
             (f"{n} clients", [f"num_clients={n}", f"clients_per_round={per_round(n)}", "rounds=6"])
             for n in (10, 100, 1000, 5000)
         ],
+        # The whole process tree (driver, Ray, server, actors) is pinned to the cores with
+        # taskset, so "1 CPU" really is one core, not one Ray CPU beside a free second core.
         "cpus": [
-            (label, ["num_clients=1000", "clients_per_round=100", "rounds=8", *extra])
+            (label, ["num_clients=1000", "clients_per_round=100", "rounds=10", *extra])
             for label, extra in (
-                ("1 CPU, 1 actor", ["ray.num_cpus=1"]),
-                ("2 CPUs, 2 actors", ["ray.num_cpus=2"]),
-                ("2 CPUs, 4 actors (0.5 CPU each)", ["ray.num_cpus=2", "client.num_cpus=0.5"]),
+                ("1 core, 1 actor", ["@cores=0", "ray.num_cpus=1"]),
+                ("2 cores, 2 actors", ["@cores=0,1", "ray.num_cpus=2"]),
+                ("2 cores, 4 actors", ["@cores=0,1", "ray.num_cpus=2", "client.num_cpus=0.5"]),
             )
         ],
         "crypto": [
@@ -73,8 +75,12 @@ def sweeps() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def run_point(sweep: str, label: str, overrides: list[str]) -> dict:
+    cores = [o.split("=", 1)[1] for o in overrides if o.startswith("@cores=")]
+    overrides = [o for o in overrides if not o.startswith("@cores=")]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fedray.launch", *BASE, *overrides, f"hydra.run.dir={tmp}"]
+        if cores:
+            cmd = ["taskset", "-c", cores[0], *cmd]
         res = run_and_measure(cmd, cwd=ROOT)
         if res["returncode"] != 0:
             print(res["output"][-2000:])
@@ -126,7 +132,7 @@ def plot(rows: list[dict]) -> None:
         ax2.set_ylabel("peak memory, all processes (GiB PSS)")
         ax.set_title("clients")
     for ax, sweep, title in (
-        (axes[0][1], "cpus", "CPUs and actors (1000 clients)"),
+        (axes[0][1], "cpus", "cores and actors (1000 clients, 100/round)"),
         (axes[1][0], "crypto", "encryption (1000 clients, 100/round)"),
     ):
         pts = by(sweep)
@@ -182,8 +188,9 @@ def main() -> None:
         w.writerows(rows)
     plot(rows)
     cpus = {r["point"]: r["updates_per_second"] for r in rows if r["sweep"] == "cpus"}
-    if "1 CPU, 1 actor" in cpus and "2 CPUs, 2 actors" in cpus:
-        print(f"1 -> 2 CPUs: {cpus['2 CPUs, 2 actors'] / cpus['1 CPU, 1 actor']:.2f}x updates/s")
+    if "1 core, 1 actor" in cpus and "2 cores, 2 actors" in cpus:
+        ratio = cpus["2 cores, 2 actors"] / cpus["1 core, 1 actor"]
+        print(f"1 -> 2 cores at 1000 clients: {ratio:.2f}x client updates per second")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,20 @@ def test_hydra_multirun_gives_one_run_dir_per_combination(ray_2cpus, tmp_path):
     combos = {(s["num_clients"], s["crypto"]) for s in summaries}
     assert combos == {(10, "none"), (10, "paillier"), (20, "none"), (20, "paillier")}
     assert all(s["rounds_completed"] == 2 for s in summaries)
+
+
+def test_stratified_cohorts_balance_actors_and_keep_inclusion_probability():
+    from fedray.runtime.server import sample_cohort_stratified
+
+    rng = np.random.default_rng(0)
+    groups = [list(range(0, 500)), list(range(500, 1000)), list(range(1000, 1300))]
+    counts = np.zeros(1300)
+    for _ in range(3000):
+        cohort = sample_cohort_stratified(rng, groups, 100)
+        assert len(cohort) == len(set(cohort)) == 100
+        per_group = [sum(c in range(g[0], g[-1] + 1) for c in cohort) for g in groups]
+        assert per_group[0] in (38, 39) and per_group[1] in (38, 39) and per_group[2] in (23, 24)
+        counts[cohort] += 1
+    # every client joins with probability 100 / 1300 (binomial std ~ 0.0049 over 3000 draws)
+    assert np.abs(counts / 3000 - 100 / 1300).max() < 0.025
+    assert abs(counts.mean() / 3000 - 100 / 1300) < 1e-9

@@ -101,6 +101,11 @@ class ClientHost:
         self.model = build_model(cfg.model, info, cfg.seed).to(self.device)
         self.view = ParamView(self.model, cfg.model.trainable)
         self.loss_fn = torch.nn.CrossEntropyLoss()
+        # One optimizer per host, reset per client: building one per client costs more
+        # than a small client's whole local step.
+        self._optimizer = torch.optim.SGD(
+            self.view.params, lr=cfg.lr, momentum=cfg.momentum, foreach=True
+        )
         self._encryptor = None
         self._private = None
         self._busy = False
@@ -236,7 +241,8 @@ class ClientHost:
 
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, task.round, cid))
         params = self.view.params
-        opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)
+        opt = self._optimizer
+        opt.state.clear()  # momentum buffers belong to one client's local run
         mu = float(opts.get("proximal_mu", 0.0))
         anchor = [p.detach().clone() for p in params] if mu > 0 else None
         bs = self.cfg.batch_size

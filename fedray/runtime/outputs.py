@@ -36,6 +36,9 @@ METRIC_COLUMNS = [
     "encrypt_seconds",
     "aggregate_seconds",
     "decrypt_seconds",
+    "dispatch_seconds",
+    "wait_seconds",
+    "evaluate_seconds",
 ]
 
 

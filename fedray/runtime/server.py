@@ -48,6 +48,29 @@ def sample_cohort(rng: np.random.Generator, num_clients: int, size: int) -> list
     return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
 
 
+def sample_cohort_stratified(
+    rng: np.random.Generator, groups: list[list[int]], size: int
+) -> list[int]:
+    """``size`` client ids drawn from each group in proportion to its size.
+
+    Every client is still included with probability size / num_clients (the group shares
+    are rounded by a random largest-remainder draw), but each actor gets an equal share
+    of the round's work, so a round waits for no unlucky actor.
+    """
+    total = sum(len(g) for g in groups)
+    exact = np.array([size * len(g) / total for g in groups])
+    counts = np.floor(exact).astype(int)
+    short = size - counts.sum()
+    if short:
+        frac = exact - counts
+        extra = rng.choice(len(groups), size=short, replace=False, p=frac / frac.sum())
+        counts[extra] += 1
+    chosen: list[int] = []
+    for g, k in zip(groups, counts, strict=True):
+        chosen.extend(rng.choice(g, size=int(k), replace=False).tolist())
+    return sorted(chosen)
+
+
 @dataclass
 class RoundOutcome:
     """What one round produced: the metrics row plus per-client node placement."""
@@ -101,6 +124,12 @@ class Server:
         self.cfg = cfg
         self.hosts = hosts
         self.assignment = assignment
+        groups: dict[int, list[int]] = {}
+        for cid, host in sorted(assignment.items()):
+            groups.setdefault(host, []).append(cid)
+        # Simulation mode (hosts with many clients): stratify cohorts over hosts.
+        many = len(groups) > 1 and max(len(g) for g in groups.values()) > 1
+        self._groups = [groups[h] for h in sorted(groups)] if many else None
         self.public_key = public_key
         self.privacy = privacy
         self.model = build_model(cfg.model, info, cfg.seed)
@@ -214,8 +243,11 @@ class Server:
 
     def _attempt(self, ray) -> RoundOutcome:
         cfg = self.cfg
+        t_attempt = time.perf_counter()
         cohort = self.privacy.sample_cohort(self.rng) if self.privacy is not None else None
-        if cohort is None:
+        if cohort is None and self._groups is not None:
+            cohort = sample_cohort_stratified(self.rng, self._groups, cfg.clients_per_round)
+        elif cohort is None:
             cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
         weights_ref = ray.put(self.weights)  # one broadcast per round
         options: dict[str, Any] = dict(self.strategy.client_options())
@@ -225,9 +257,11 @@ class Server:
         for cid in cohort:
             by_host.setdefault(self.assignment[cid], []).append(cid)
         pending: dict[Any, list[int]] = {}
+        # With crypto, two calls per host, so ciphertexts are folded in while the rest
+        # still train; a plaintext fold is cheap, and one call per host costs less.
+        calls_per_host = 2 if self.codec is not None else 1
         for host, cids in by_host.items():
-            # Two calls per host, so results stream in while the rest still train.
-            size = max(1, math.ceil(len(cids) / 2))
+            size = max(1, math.ceil(len(cids) / calls_per_host))
             for i in range(0, len(cids), size):
                 chunk = cids[i : i + size]
                 ref = self.hosts[host].train.remote(
@@ -243,6 +277,7 @@ class Server:
             RejectedUpdate = ValueError  # noqa: N806 - same role as the crypto exception
             acc = _PlainSum(keep_all=self.strategy.needs_individual_updates)
 
+        dispatch_s = time.perf_counter() - t_attempt
         deadline = None if cfg.round_timeout_s is None else time.monotonic() + cfg.round_timeout_s
         results: list[ClientResult] = []
         failed, late = 0, 0
@@ -288,8 +323,11 @@ class Server:
                     aggregate_s += time.perf_counter() - t0
                 results.append(res)
 
+        wait_s = time.perf_counter() - t_attempt - dispatch_s
         metrics: dict[str, Any] = {
             "round": self.round,
+            "dispatch_seconds": dispatch_s,
+            "wait_seconds": wait_s,
             "clients_ok": len(results),
             "clients_failed": failed + late,
             "clients_late": late,
@@ -344,7 +382,9 @@ class Server:
                 "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
             }
         )
+        t0 = time.perf_counter()
         metrics.update(self.evaluate())
+        metrics["evaluate_seconds"] = time.perf_counter() - t0
         return RoundOutcome(
             metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
         )
