@@ -160,8 +160,6 @@ class CryptoConfig:
     quant_bits: int = 16
     clip: float = 1.0
     obfuscator: str = "fixed_base"
-    # Processes that share one update's encryption inside a client (1 = in the actor).
-    workers: int = 1
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)
@@ -184,7 +182,6 @@ class CryptoConfig:
         if not 2 <= self.quant_bits <= 32:
             raise ConfigError(f"crypto.quant_bits={self.quant_bits} must be in [2, 32]")
         _positive("crypto.clip", self.clip)
-        _positive("crypto.workers", self.workers)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Each worker builds its own encryptor (fixed-base tables, ~0.1 s) once, then takes chunks
 of plaintexts or ciphertexts; ciphertexts come back as packed bytes. Pays off for large
 updates (a 1M-parameter model is ~10,000 ciphertexts); a client host with few cores and
-small models is faster in-process.
+small models is faster in-process, which is what client hosts do today
+(``benchmarks/crypto.py`` uses this pool for its 1M-parameter figures).
 """
 
 from __future__ import annotations
