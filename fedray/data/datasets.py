@@ -82,6 +82,12 @@ def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
+def _standardize_site(data: ClientData) -> None:
+    """Z-score a site's features with its own training statistics (in place)."""
+    ref = data.x_train
+    data.x_train, data.x_val = _standardize(data.x_train, ref), _standardize(data.x_val, ref)
+
+
 def _holdout(client_id: int, x, y, fraction: float, seed: int) -> ClientData:
     rng = np.random.default_rng([seed, client_id, 7])
     order = rng.permutation(len(y))
@@ -110,11 +116,7 @@ def load_client_data(
             x, y = xtr[parts[cid]], ytr[parts[cid]]
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
             if cfg.standardize and cfg.name != "digits":
-                ref = data.x_train
-                data.x_train, data.x_val = (
-                    _standardize(data.x_train, ref),
-                    _standardize(data.x_val, ref),
-                )
+                _standardize_site(data)
             out[cid] = data
     elif cfg.name == "synthetic":
         for cid in client_ids:
@@ -134,11 +136,7 @@ def load_client_data(
             x, y = read_csv(path, cfg.label)
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
             if cfg.standardize:
-                ref = data.x_train
-                data.x_train, data.x_val = (
-                    _standardize(data.x_train, ref),
-                    _standardize(data.x_val, ref),
-                )
+                _standardize_site(data)
             out[cid] = data
     else:  # guarded by the config schema
         raise DataError(f"unknown dataset {cfg.name!r}")

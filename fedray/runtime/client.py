@@ -8,6 +8,7 @@ The class is plain Python (testable without Ray); :data:`ClientActor` is its Ray
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -49,7 +50,6 @@ class ClientResult:
     encrypt_seconds: float = 0.0
     bytes_up: int = 0
     node_id: str = ""
-    pool_before: int = 0
     error: str | None = None
 
 
@@ -142,7 +142,6 @@ class ClientHost:
             return
         if self._precompute_thread is not None and self._precompute_thread.is_alive():
             return
-        self._busy = False
         self._precompute_thread = threading.Thread(
             target=enc.precompute,
             args=(self._pool_target - enc.pool_size, lambda: self._busy),
@@ -193,14 +192,20 @@ class ClientHost:
         return out
 
     # -- one round ----------------------------------------------------------------------
-    def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
-        """Train each listed client from the global weights; return their updates."""
-        self._busy = True  # the precompute thread yields the CPU to real work
+    @contextlib.contextmanager
+    def _on_the_clock(self):
+        """Real work (training, decryption): the precompute thread yields, then resumes."""
+        self._busy = True
         try:
-            return self._train_many(task, global_weights)
+            yield
         finally:
             self._busy = False
             self._precompute_in_background()
+
+    def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
+        """Train each listed client from the global weights; return their updates."""
+        with self._on_the_clock():
+            return self._train_many(task, global_weights)
 
     def _train_many(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         node = self.node_id()
@@ -283,7 +288,6 @@ class ClientHost:
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
         if self._encryptor is not None:
-            result.pool_before = self._encryptor.pool_size
             t1 = time.perf_counter()
             result.encrypted = self._encryptor.encrypt(delta, result.weight, noise)
             result.encrypt_seconds = time.perf_counter() - t1
@@ -366,12 +370,8 @@ class ClientHost:
         width = self._private.public.ciphertext_bytes
         stop = len(payload) // width if stop is None else stop
         cts = from_bytes(self._private.public, payload[start * width : stop * width])
-        self._busy = True  # pause obfuscator precomputation: decryption is on the clock
-        try:
+        with self._on_the_clock():
             return Decryptor(self._private).decrypt_many(cts)
-        finally:
-            self._busy = False
-            self._precompute_in_background()
 
 
 def client_actor_class(host_class: type | None = None):

@@ -66,6 +66,18 @@ def _wait_ready(hosts: list[Any], timeout: float) -> None:
             raise DataError(answer)
 
 
+def _get(refs: Any, timeout: float | None = None) -> Any:
+    """``ray.get`` that re-raises a remote FedrayError as itself (one clear line)."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FedrayError):
+            raise exc.cause from None
+        raise
+
+
 def _dataset_info(cfg: FedrayConfig, placement) -> Any:
     """Feature width and class count; for csv, read at each site (metadata only)."""
     import ray
@@ -81,12 +93,7 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
         )
         for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
     ]
-    try:
-        metas = ray.get(refs, timeout=READY_TIMEOUT_S)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, FedrayError):
-            raise exc.cause from None
-        raise
+    metas = _get(refs, timeout=READY_TIMEOUT_S)
     widths = {w for w, _ in metas}
     if len(widths) != 1:
         raise DataError(
@@ -282,12 +289,7 @@ def run_experiment(
         )
         last_round = first_round - 1
         for _ in range(first_round, cfg.rounds + 1):
-            try:
-                outcome = ray.get(server.run_round.remote())
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, FedrayError):  # one clear line, outputs kept
-                    raise exc.cause from None
-                raise
+            outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
             if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
                 summary["stopped_early"] = True
                 summary["stop_reason"] = "privacy.target_epsilon"

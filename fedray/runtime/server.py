@@ -145,7 +145,6 @@ class Server:
         if public_key is not None:
             self.codec = codec_for(cfg, public_key, self.view.size)
         if privacy is not None:
-            privacy.num_parameters = self.view.size
             privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
 
     # -- info ---------------------------------------------------------------------------
