@@ -160,6 +160,8 @@ class CryptoConfig:
     quant_bits: int = 16
     clip: float = 1.0
     obfuscator: str = "fixed_base"
+    host_sum: bool = True
+    fast_decrypt: bool = True
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)

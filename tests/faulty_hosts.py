@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from fedray.crypto.secure_aggregation import EncryptedUpdate
 from fedray.runtime.client import ClientHost, ClientResult, RoundTask
 
 
@@ -40,47 +40,60 @@ class SlowHost(ClientHost):
 
 
 class CorruptingHost(ClientHost):
-    """Corrupts one client's update per round, each round a different way."""
+    """Corrupts one update per host per round, each round a different way.
+
+    Plaintext: the first client's delta. Encrypted: the first client's own update, or
+    with ``crypto.host_sum`` host 0's whole sum (so half the cohort is rejected).
+    """
 
     KINDS = ("nan", "inf", "shape", "dtype", "huge", "foreign_key", "outside", "not_unit")
 
+    def _kind(self, task) -> str:
+        return self.KINDS[(task.round - 1) % len(self.KINDS)]
+
     def _train_one(self, cid, task, global_weights):
         result = super()._train_one(cid, task, global_weights)
-        if cid != self.client_ids[0] or result.error:
+        if cid != self.client_ids[0] or result.error or result.delta is None:
             return result
-        kind = self.KINDS[(task.round - 1) % len(self.KINDS)]
-        if result.encrypted is None:
-            delta = result.delta
-            if kind == "nan":
-                delta[0] = np.nan
-            elif kind == "inf":
-                delta[-1] = np.inf
-            elif kind == "shape":
-                result.delta = delta[:-1]
-            elif kind == "dtype":
-                result.delta = delta.astype(np.float64)
-            elif kind == "huge":
-                result.delta = delta * 1e6
-            return result
-        enc = result.encrypted
+        kind, delta = self._kind(task), result.delta
+        if kind == "nan":
+            delta[0] = np.nan
+        elif kind == "inf":
+            delta[-1] = np.inf
+        elif kind == "shape":
+            result.delta = delta[:-1]
+        elif kind == "dtype":
+            result.delta = delta.astype(np.float64)
+        elif kind == "huge":
+            result.delta = delta * 1e6
+        return result
+
+    def _seal(self, task, results):
+        super()._seal(task, results)
+        carrier = next((r for r in results if r.encrypted is not None), None)
+        if carrier is None:
+            return
+        if self.cfg.crypto.host_sum and 0 not in self.client_ids:
+            return  # a sum is all of a host's clients: corrupt only host 0's
+        if not self.cfg.crypto.host_sum and carrier.client_id != self.client_ids[0]:
+            return
+        kind, enc = self._kind(task), carrier.encrypted
         width = len(enc.ciphertexts) // self.codec.num_ciphertexts
         n = self._private.public.n
         if kind in ("nan", "foreign_key"):
-            result.encrypted = EncryptedUpdate(
-                "0" * 16, enc.num_values, enc.ciphertexts, enc.weight
-            )
+            carrier.encrypted = replace(enc, key_id="0" * 16)
         elif kind in ("inf", "outside"):
             bad = (n * n + 1).to_bytes(width, "little")
-            result.encrypted = EncryptedUpdate(
-                enc.key_id, enc.num_values, bad + enc.ciphertexts[width:], enc.weight
-            )
+            carrier.encrypted = replace(enc, ciphertexts=bad + enc.ciphertexts[width:])
         elif kind in ("shape", "not_unit"):
             bad = n.to_bytes(width, "little")
-            result.encrypted = EncryptedUpdate(
-                enc.key_id, enc.num_values, bad + enc.ciphertexts[width:], enc.weight
-            )
+            carrier.encrypted = replace(enc, ciphertexts=bad + enc.ciphertexts[width:])
         else:  # dtype / huge: a truncated payload
-            result.encrypted = EncryptedUpdate(
-                enc.key_id, enc.num_values, enc.ciphertexts[:-3], enc.weight
-            )
-        return result
+            carrier.encrypted = replace(enc, ciphertexts=enc.ciphertexts[:-3])
+
+
+class WrongDepositHost(ClientHost):
+    """Gives the key holder obfuscators that are not the ones it encrypted with."""
+
+    def _deposit(self, round_num, count, obfuscators):
+        return super()._deposit(round_num, count, bytes(reversed(obfuscators)))

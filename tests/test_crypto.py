@@ -11,9 +11,11 @@ from fedray.crypto.codec import PackedPaillierCodec
 from fedray.crypto.paillier import (
     Decryptor,
     KeyHolderEncryptor,
+    KnownObfuscatorDecryptor,
     check_ciphertexts,
     from_bytes,
     generate_keypair,
+    obfuscators_from_bytes,
     public_encrypt,
     to_bytes,
 )
@@ -27,12 +29,25 @@ from fedray.crypto.secure_aggregation import (
 MAX_CLIENTS = 12
 
 
-def _aggregate(private, codec, updates, weights, obfuscator="fixed_base"):
+def _aggregate(private, codec, updates, weights, obfuscator="fixed_base", hosts=None):
+    """Encrypt (summed per host when ``hosts`` gives each client's host), sum, decrypt.
+
+    Decrypts twice, with the private key and with the deposited obfuscators, and checks
+    that both give the same plaintexts.
+    """
     enc = ClientEncryptor(private, codec, obfuscator)
     acc = EncryptedSum(private.public, codec)
-    for u, w in zip(updates, weights, strict=True):
-        acc.add(enc.encrypt(u, w))
-    total = decrypt_sum(private, codec, acc.payload(), acc.count)
+    hosts = list(range(len(updates))) if hosts is None else hosts
+    obfuscator_sets = []
+    for h in sorted(set(hosts)):
+        entries = [(u, w, None) for u, w, g in zip(updates, weights, hosts, strict=True) if g == h]
+        update, obfuscators = enc.encrypt_sum(entries)
+        acc.add(update)
+        obfuscator_sets.append(obfuscators_from_bytes(private.public, obfuscators))
+    cts = from_bytes(private.public, acc.payload())
+    plaintexts = Decryptor(private).decrypt_many(cts)
+    assert KnownObfuscatorDecryptor(private).decrypt_sum(cts, obfuscator_sets) == plaintexts
+    total = codec.decode_sum(plaintexts, acc.count)
     return total / acc.total_weight, acc
 
 
@@ -57,6 +72,8 @@ def test_decrypted_aggregate_equals_weighted_mean(
         clip=clip,
     )
     seed = data.draw(st.integers(0, 2**32 - 1))
+    # Clients sealed one by one, or summed by the hosts that trained them, any grouping.
+    hosts = data.draw(st.lists(st.integers(0, 3), min_size=num_clients, max_size=num_clients))
     rng = np.random.default_rng(seed)
     if edge:  # worst case: every weighted value at the clip edge, of either sign
         updates = [rng.choice([-clip, clip], size=num_values) for _ in range(num_clients)]
@@ -64,11 +81,78 @@ def test_decrypted_aggregate_equals_weighted_mean(
     else:
         updates = [rng.uniform(-clip, clip, size=num_values) for _ in range(num_clients)]
         weights = [float(w) for w in rng.uniform(0.05, 1.0, size=num_clients)]
-    mean, acc = _aggregate(private, codec, updates, weights)
+    mean, acc = _aggregate(private, codec, updates, weights, hosts=hosts)
     expected = np.tensordot(np.array(weights) / sum(weights), np.stack(updates), axes=1)
     bound = codec.error_bound(num_clients, sum(weights))
     assert np.max(np.abs(mean - expected)) <= bound + 1e-12
     assert acc.count == num_clients
+
+
+def test_host_sum_is_the_sum_of_the_clients_encodings(small_keypair):
+    """A host's sealed sum decrypts to exactly what its clients' updates sum to."""
+    _, private = small_keypair
+    codec = PackedPaillierCodec.for_key(private.public, num_values=40, max_summands=6)
+    rng = np.random.default_rng(3)
+    entries = [(rng.uniform(-1, 1, 40), 1.0, rng.integers(-3, 4, 40)) for _ in range(5)]
+    singles = [codec.encode(u * w, noise) for u, w, noise in entries]
+    summed = codec.encode_sum([(u * w, noise) for u, w, noise in entries])
+    assert summed == [sum(col) for col in zip(*singles, strict=True)]
+    with pytest.raises(ValueError, match="cannot sum 7"):
+        codec.encode_sum([(np.zeros(40), None)] * 7)
+
+
+def test_known_obfuscator_decryption_checks_the_sum(small_keypair):
+    public, private = small_keypair
+    codec = PackedPaillierCodec.for_key(public, num_values=30, max_summands=4)
+    enc = ClientEncryptor(private, codec, "fixed_base")
+    (a, oa), (b, ob) = (enc.encrypt_sum([(np.full(30, x), 1.0, None)]) for x in (0.25, -0.5))
+    acc = EncryptedSum(public, codec)
+    acc.add(a)
+    acc.add(b)
+    cts = from_bytes(public, acc.payload())
+    sets = [obfuscators_from_bytes(public, o) for o in (oa, ob)]
+    fast = KnownObfuscatorDecryptor(private)
+    plain = fast.decrypt_sum(cts, sets)
+    np.testing.assert_allclose(codec.decode_sum(plain, 2), np.full(30, -0.25), atol=codec.step)
+    # A sum that is not the product of the named updates is caught, not mis-decrypted:
+    assert fast.decrypt_sum(cts, sets[:1]) is None  # an update missing from the claim
+    assert fast.decrypt_sum(from_bytes(public, a.ciphertexts), sets) is None  # one too few
+    tampered = list(cts)
+    tampered[0] = tampered[0] * (1 + 7 * public.n) % public.n**2  # still a valid ciphertext
+    assert Decryptor(private).decrypt(tampered[0]) != plain[0]
+    assert fast.decrypt_sum(tampered, sets)[0] == plain[0] + 7  # a plaintext shift passes
+    assert fast.decrypt_sum(cts, []) is None
+
+
+def test_key_dealer_decrypts_deposited_sums_once_and_counts_clients(small_keypair):
+    from fedray.runtime.keys import KeyDealer
+
+    dealer = KeyDealer(512, min_count=3)
+    public, private = dealer.public_key(), dealer.keypair()
+    codec = PackedPaillierCodec.for_key(public, num_values=20, max_summands=5)
+    enc = ClientEncryptor(private, codec, "fixed_base")
+    host_a, obf_a = enc.encrypt_sum([(np.full(20, 0.5), 1.0, None)] * 2)
+    host_b, obf_b = enc.encrypt_sum([(np.full(20, -0.1), 1.0, None)])
+    assert dealer.deposit(4, "a", host_a.count, obf_a) and dealer.deposit(4, "b", 1, obf_b)
+    assert not dealer.deposit(4, "a", 2, obf_a)  # an id is deposited once
+    acc = EncryptedSum(public, codec)
+    acc.add(host_a)
+    acc.add(host_b)
+    assert dealer.decrypt_sum(3, ["a", "b"], acc.payload()) is None  # another round's
+    # The count comes from the deposits: 2 + 1 clients >= min_count 3.
+    plain = dealer.decrypt_sum(4, ["a", "b"], acc.payload())
+    np.testing.assert_allclose(codec.decode_sum(plain, 3), np.full(20, 0.9), atol=3 * codec.step)
+    assert dealer.decrypt_sum(4, ["a", "b"], acc.payload()) is None  # deposits are used once
+    # A sum of fewer clients than a round must have is refused, whatever the server says.
+    only_a = EncryptedSum(public, codec)
+    only_a.add(host_a)
+    dealer.deposit(5, "a2", 2, obf_a)
+    with pytest.raises(PermissionError, match="refusing to decrypt a sum of 2"):
+        dealer.decrypt_sum(5, ["a2"], only_a.payload())
+    # Stragglers' deposits do not pile up: two rounds later they are dropped.
+    dealer.deposit(5, "late", 1, obf_b)
+    dealer.decrypt_sum(7, ["nothing"], acc.payload())
+    assert dealer.pending_deposits() == 0
 
 
 def test_no_carry_between_slots_at_max_summands(small_keypair):

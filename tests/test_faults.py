@@ -63,18 +63,23 @@ def test_stragglers_are_dropped_at_the_deadline(ray_2cpus, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [["crypto=none", "privacy=dp"], SMALL_KEY],
-    ids=["plaintext-dp", "paillier"],
+    ("overrides", "rejected"),
+    [
+        (["crypto=none", "privacy=dp"], 2),
+        ([*SMALL_KEY, "crypto.host_sum=false"], 2),
+        (SMALL_KEY, 5),
+    ],
+    ids=["plaintext-dp", "paillier-per-client", "paillier-host-sum"],
 )
-def test_bad_updates_are_rejected_and_the_round_goes_on(ray_2cpus, tmp_path, overrides):
+def test_bad_updates_are_rejected_and_the_round_goes_on(ray_2cpus, tmp_path, overrides, rejected):
     cfg = compose([*overrides, "rounds=5", "checkpoint.every=0"])
     summary = run_experiment(cfg, tmp_path, host_class=faulty.CorruptingHost)
     rows = _rows(tmp_path)
     assert summary["rounds_completed"] == 5
-    # Each of the 2 hosts corrupts its first client's update, a different way each round.
-    assert [int(r["clients_rejected"]) for r in rows] == [2, 2, 2, 2, 2]
-    assert all(int(r["clients_ok"]) == 8 for r in rows)
+    # Each of the 2 hosts corrupts its first client's update, a different way each round;
+    # with host sums, host 0's sum of its 5 clients is corrupted.
+    assert [int(r["clients_rejected"]) for r in rows] == [rejected] * 5
+    assert all(int(r["clients_ok"]) == 10 - rejected for r in rows)
     assert np.isfinite(load_checkpoint(tmp_path / "checkpoints")["weights"]).all()
     assert summary["final_accuracy"] > 0.5
 

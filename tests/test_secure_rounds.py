@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import ray
 
@@ -12,7 +14,9 @@ from fedray.data.datasets import dataset_info
 from fedray.runtime.client import client_actor_class
 from fedray.runtime.driver import run_experiment
 from fedray.runtime.keys import key_dealer_class
+from fedray.runtime.outputs import load_checkpoint
 from fedray.runtime.server import server_actor_class
+from tests import faulty_hosts as faulty
 from tests.conftest import compose
 
 SMALL_KEY = ["crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
@@ -57,8 +61,39 @@ def test_encrypted_default_job_matches_plaintext_accuracy(ray_2cpus, tmp_path):
     assert abs(enc["final_accuracy"] - plain["final_accuracy"]) <= 0.01
     assert plain["final_accuracy"] >= 0.93
     # Encrypted updates are bigger on the wire than float32 deltas, but < 8 B per value.
-    per_value = enc["bytes_up"] / (enc["rounds_completed"] * 10 * enc["num_parameters"])
+    per_value = enc["bytes_up"] / (enc["updates_up"] * enc["num_parameters"])
     assert 4 < per_value <= 8
+    # Each of the 2 hosts sealed one sum of its clients per round, and the key holder
+    # decrypted every round from the obfuscators the hosts deposited.
+    assert enc["updates_up"] == 2 * enc["rounds_completed"]
+    assert plain["updates_up"] == 10 * plain["rounds_completed"]
+    rows = list(csv.DictReader((tmp_path / "paillier" / "metrics.csv").open()))
+    assert {r["decrypted_by"] for r in rows} == {"key_holder"}
+
+
+def test_key_holder_fast_path_and_fallback_give_identical_models(ray_2cpus, tmp_path):
+    """Decrypting with deposited obfuscators, or falling back to the private key when they
+    are off or wrong, yields the very same global model; per-client sealing agrees too."""
+    base = [*SMALL_KEY, "rounds=3", "checkpoint.every=1"]
+
+    def run(name, extra=(), host_class=None):
+        summary = run_experiment(compose([*base, *extra]), tmp_path / name, host_class=host_class)
+        rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
+        weights = load_checkpoint(tmp_path / name / "checkpoints")["weights"]
+        return summary, {r["decrypted_by"] for r in rows}, weights
+
+    fast, fast_by, fast_w = run("fast")
+    assert fast_by == {"key_holder"}
+    for name, extra, host_class in [
+        ("off", ["crypto.fast_decrypt=false"], None),
+        ("wrong-deposits", [], faulty.WrongDepositHost),
+        ("per-client", ["crypto.host_sum=false"], None),
+    ]:
+        summary, by, weights = run(name, extra, host_class)
+        assert by == ({"key_holder"} if name == "per-client" else {"hosts"}), name
+        np.testing.assert_array_equal(weights, fast_w)
+        assert summary["final_accuracy"] == fast["final_accuracy"]
+    assert summary["updates_up"] == 10 * 3  # per-client: one update per client per round
 
 
 def test_plaintext_only_strategy_refused_with_crypto():

@@ -14,7 +14,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from fedray.crypto.paillier import Decryptor, KeyHolderEncryptor, PrivateKey, from_bytes, to_bytes
+from fedray.crypto.paillier import (
+    Decryptor,
+    KeyHolderEncryptor,
+    PrivateKey,
+    from_bytes,
+    obfuscators_to_bytes,
+    to_bytes,
+)
 
 _STATE: dict = {}
 
@@ -27,6 +34,11 @@ def _init(private: PrivateKey, obfuscator: str) -> None:
 
 def _encrypt(plaintexts: list[int]) -> bytes:
     return to_bytes(_STATE["public"], _STATE["enc"].encrypt_many(plaintexts))
+
+
+def _encrypt_keeping(plaintexts: list[int]) -> tuple[bytes, bytes]:
+    cts, obfuscators = _STATE["enc"].encrypt_keeping_obfuscators(plaintexts)
+    return to_bytes(_STATE["public"], cts), obfuscators_to_bytes(_STATE["public"], obfuscators)
 
 
 def _decrypt(payload: bytes) -> list[int]:
@@ -55,6 +67,11 @@ class ParallelCrypto:
     def encrypt(self, plaintexts: list[int]) -> bytes:
         chunks = self._chunks(plaintexts, self.processes * 4)
         return b"".join(self._pool.map(_encrypt, chunks))
+
+    def encrypt_keeping_obfuscators(self, plaintexts: list[int]) -> tuple[bytes, bytes]:
+        """Ciphertexts and their obfuscators (for the key holder), both as bytes."""
+        parts = list(self._pool.map(_encrypt_keeping, self._chunks(plaintexts, self.processes * 4)))
+        return b"".join(c for c, _ in parts), b"".join(o for _, o in parts)
 
     def decrypt(self, payload: bytes) -> list[int]:
         width = self.public.ciphertext_bytes

@@ -1,9 +1,11 @@
 """Secure aggregation on top of the packed codec: what clients send and what the server sums.
 
 A client turns its weighted update into an :class:`EncryptedUpdate` (compact bytes, never
-pickled phe objects). The server folds updates into an :class:`EncryptedSum` as they
-arrive, holding one running ciphertext vector, and hands the final product to a key
-holder, which returns only the decoded *sum*. The server never holds a private key.
+pickled phe objects); a host running several simulated clients may seal the sum of their
+updates into one (``count`` > 1). The server folds updates into an
+:class:`EncryptedSum` as they arrive, holding one running ciphertext vector, and hands
+the final product to a key holder, which returns only the decoded *sum*. The server
+never holds a private key, nor the obfuscators that clients give the key holder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fedray.crypto.paillier import (
     PublicKey,
     check_ciphertexts,
     from_bytes,
+    obfuscators_to_bytes,
     to_bytes,
 )
 
@@ -31,12 +34,20 @@ class RejectedUpdate(ValueError):
 
 @dataclass
 class EncryptedUpdate:
-    """One client's encrypted, packed, weighted update as it travels to the server."""
+    """An encrypted, packed, weighted update as it travels to the server.
+
+    One client's, or the sum of ``count`` clients' (``client_ids``) sealed by the host
+    that trained them; ``weight`` is then their total weight. ``update_id`` names the
+    obfuscators deposited with the key holder ("" if none were).
+    """
 
     key_id: str
     num_values: int
     ciphertexts: bytes
     weight: float
+    count: int = 1
+    client_ids: tuple[int, ...] = ()
+    update_id: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -63,15 +74,32 @@ class ClientEncryptor:
         self, update: np.ndarray, weight: float, noise_steps: np.ndarray | None = None
     ) -> EncryptedUpdate:
         """Encrypt ``weight * update``; ``noise_steps`` (DP) is added after quantizing."""
-        if not 0.0 < weight <= 1.0:
-            raise ValueError(f"weight={weight} must be in (0, 1]")
-        plaintexts = self.codec.encode(np.asarray(update, dtype=np.float64) * weight, noise_steps)
-        return EncryptedUpdate(
+        return self.encrypt_sum([(update, weight, noise_steps)])[0]
+
+    def encrypt_sum(
+        self, entries: list[tuple[np.ndarray, float, np.ndarray | None]]
+    ) -> tuple[EncryptedUpdate, bytes]:
+        """One update holding the sum of ``weight * update`` over ``entries``.
+
+        Returns it with its obfuscators as bytes: give those to a key holder for fast
+        decryption (:class:`~fedray.crypto.paillier.KnownObfuscatorDecryptor`), never to
+        the server.
+        """
+        for _, weight, _ in entries:
+            if not 0.0 < weight <= 1.0:
+                raise ValueError(f"weight={weight} must be in (0, 1]")
+        plaintexts = self.codec.encode_sum(
+            [(np.asarray(u, dtype=np.float64) * w, noise) for u, w, noise in entries]
+        )
+        cts, obfuscators = self._enc.encrypt_keeping_obfuscators(plaintexts)
+        update = EncryptedUpdate(
             key_id=self.public.fingerprint,
             num_values=self.codec.num_values,
-            ciphertexts=to_bytes(self.public, self._enc.encrypt_many(plaintexts)),
-            weight=float(weight),
+            ciphertexts=to_bytes(self.public, cts),
+            weight=float(sum(w for _, w, _ in entries)),
+            count=len(entries),
         )
+        return update, obfuscators_to_bytes(self.public, obfuscators)
 
 
 class EncryptedSum:
@@ -84,6 +112,7 @@ class EncryptedSum:
         self._acc: list | None = None
         self.count = 0
         self.total_weight = 0.0
+        self.update_ids: list[str] = []  # for the key holder's fast path ("" = none)
 
     def add(self, update: EncryptedUpdate) -> None:
         """Fold one update in, or raise RejectedUpdate (the sum is then unchanged)."""
@@ -93,10 +122,15 @@ class EncryptedSum:
             raise RejectedUpdate(
                 f"has {update.num_values} values, the model has {self.codec.num_values}"
             )
-        if not 0.0 < update.weight <= 1.0:
-            raise RejectedUpdate(f"weight {update.weight} outside (0, 1]")
-        if self.count >= self.codec.max_summands:
-            raise RejectedUpdate(f"the sum already holds {self.count} updates (the maximum)")
+        if not isinstance(update.count, int) or update.count < 1:
+            raise RejectedUpdate(f"count {update.count!r} is not a positive integer")
+        if not 0.0 < update.weight <= update.count:
+            raise RejectedUpdate(f"weight {update.weight} outside (0, {update.count}]")
+        if self.count + update.count > self.codec.max_summands:
+            raise RejectedUpdate(
+                f"the sum holds {self.count} updates; {update.count} more would exceed "
+                f"the maximum {self.codec.max_summands}"
+            )
         expected = self.codec.num_ciphertexts * self.public.ciphertext_bytes
         if len(update.ciphertexts) != expected:
             raise RejectedUpdate(f"payload of {len(update.ciphertexts)} bytes, expected {expected}")
@@ -109,8 +143,9 @@ class EncryptedSum:
         else:
             n2 = self._n2
             self._acc = [a * c % n2 for a, c in zip(self._acc, cts, strict=True)]
-        self.count += 1
+        self.count += update.count
         self.total_weight += update.weight
+        self.update_ids.append(update.update_id)
 
     def payload(self) -> bytes:
         if self._acc is None:

@@ -23,6 +23,8 @@ from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo, load_client_data
 from fedray.data.partition import label_histogram
 
+DEPOSIT_TIMEOUT_S = 30.0
+
 
 @dataclass
 class RoundTask:
@@ -108,6 +110,8 @@ class ClientHost:
         )
         self._encryptor = None
         self._private = None
+        self._key_holder = None
+        self._to_seal: dict[int, tuple[np.ndarray, float, Any]] = {}
         self._busy = False
         self._precompute_thread: threading.Thread | None = None
         if key_source is not None:
@@ -120,7 +124,10 @@ class ClientHost:
         if isinstance(key_source, str):  # the key dealer's actor name
             import ray
 
-            private = ray.get(ray.get_actor(key_source).keypair.remote())
+            dealer = ray.get_actor(key_source)
+            private = ray.get(dealer.keypair.remote())
+            if self.cfg.crypto.fast_decrypt:
+                self._key_holder = dealer
         else:  # a PrivateKey (plain use, tests)
             private = key_source
         self._private = private
@@ -128,8 +135,11 @@ class ClientHost:
 
         self.codec = codec_for(self.cfg, private.public, self.view.size)
         self._encryptor = ClientEncryptor(private, self.codec, self.cfg.crypto.obfuscator)
-        # Obfuscators for the ciphertexts this host expects to make per round (x1.5).
+        # Obfuscators for the ciphertexts this host expects to make per round (x1.5):
+        # one update per call with crypto.host_sum, else one per sampled client.
         per_round = len(self.client_ids) * self.cfg.clients_per_round / self.cfg.num_clients
+        if self.cfg.crypto.host_sum:
+            per_round = min(per_round, 1.0)
         self._pool_target = min(
             100_000, math.ceil(1.5 * per_round + 1) * self.codec.num_ciphertexts
         )
@@ -210,15 +220,22 @@ class ClientHost:
     def _train_many(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         node = self.node_id()
         results = []
+        self._to_seal.clear()
         for cid in task.client_ids:
             try:
                 result = self._train_one(cid, task, global_weights)
             except Exception as exc:  # one client's failure must not sink its neighbours
+                self._to_seal.pop(cid, None)
                 result = ClientResult(
                     cid, 0, 0.0, error=f"{type(exc).__name__}: {exc}".splitlines()[0]
                 )
             result.node_id = node
             results.append(result)
+        if self._encryptor is not None:
+            try:
+                self._seal(task, results)
+            finally:
+                self._to_seal.clear()  # no plaintext update outlives the call
         return results
 
     def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
@@ -283,19 +300,61 @@ class ClientHost:
         return self._finish(result, delta, noise)
 
     def _finish(self, result: ClientResult, delta: np.ndarray, noise) -> ClientResult:
-        """Check, then encrypt (or attach) the update."""
+        """Check the update, then attach it (plaintext) or keep it for ``_seal`` (crypto)."""
         if not np.all(np.isfinite(delta)):
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
         if self._encryptor is not None:
-            t1 = time.perf_counter()
-            result.encrypted = self._encryptor.encrypt(delta, result.weight, noise)
-            result.encrypt_seconds = time.perf_counter() - t1
-            result.bytes_up = result.encrypted.nbytes
+            self._to_seal[result.client_id] = (delta, result.weight, noise)
         else:
             result.delta = delta
             result.bytes_up = delta.nbytes
         return result
+
+    def _seal(self, task: RoundTask, results: list[ClientResult]) -> None:
+        """Encrypt this call's updates: one sum for all its clients (``crypto.host_sum``),
+        or one update per client. The obfuscators go to the key holder, not the server.
+
+        With a sum, the first client's result carries it and the others only their
+        metrics; the server accepts those clients with it or rejects them with it.
+        """
+        ok = [r for r in results if r.error is None and r.client_id in self._to_seal]
+        if not ok:
+            return
+        groups = [ok] if self.cfg.crypto.host_sum else [[r] for r in ok]
+        for group in groups:
+            t1 = time.perf_counter()
+            update, obfuscators = self._encryptor.encrypt_sum(
+                [self._to_seal[r.client_id] for r in group]
+            )
+            update.client_ids = tuple(r.client_id for r in group)
+            update.update_id = self._deposit(task.round, update.count, obfuscators)
+            carrier = group[0]
+            carrier.encrypted = update
+            carrier.encrypt_seconds = time.perf_counter() - t1
+            carrier.bytes_up = update.nbytes
+
+    def _deposit(self, round_num: int, count: int, obfuscators: bytes) -> str:
+        """Give the key holder an update's obfuscators; its id, or "" if that failed.
+
+        Waits for the answer, so the deposit is in before the server can ask for the sum.
+        A failed deposit costs only speed: the server then decrypts the ordinary way.
+        """
+        if self._key_holder is None:
+            return ""
+        import secrets
+
+        import ray
+
+        update_id = secrets.token_hex(16)
+        try:
+            ok = ray.get(
+                self._key_holder.deposit.remote(round_num, update_id, count, obfuscators),
+                timeout=DEPOSIT_TIMEOUT_S,
+            )
+        except Exception:  # key holder gone or slow: fall back, never fail the round
+            return ""
+        return update_id if ok else ""
 
     def _train_dp_sgd(self, cid: int, task: RoundTask, global_weights: np.ndarray, plan):
         """Sample-level DP-SGD with Opacus on a fresh copy of the model (no hooks left)."""

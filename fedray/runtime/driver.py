@@ -197,7 +197,11 @@ def run_experiment(
             # Client hosts find the dealer by name (also after a restart); the server is
             # given the public key only.
             dealer_name = f"fedray-key-dealer-{uuid.uuid4().hex[:12]}"
-            dealer_actor = key_dealer_class().options(name=dealer_name).remote(cfg.crypto.key_bits)
+            dealer_actor = (
+                key_dealer_class()
+                .options(name=dealer_name)
+                .remote(cfg.crypto.key_bits, min_clients(cfg))
+            )
             public_key = ray.get(dealer_actor.public_key.remote())
             dealer = dealer_name
         actor_cls = client_actor_class(host_class)
@@ -243,7 +247,13 @@ def run_experiment(
 
             privacy = build_privacy(cfg, {cid: d["num_examples"] for cid, d in described.items()})
         server = server_actor_class().remote(
-            cfg, info, hosts, placement.assignment, public_key, privacy
+            cfg,
+            info,
+            hosts,
+            placement.assignment,
+            public_key,
+            privacy,
+            key_holder=dealer if cfg.crypto.fast_decrypt else None,
         )
         if resume_state is not None:
             ray.get(server.load_state_dict.remote(resume_state))
@@ -260,6 +270,7 @@ def run_experiment(
             "rounds_completed": first_round - 1,
             "round_seconds": [],
             "bytes_up": 0,
+            "updates_up": 0,
             "bytes_down": 0,
             "epsilon": None,
             "delta": cfg.privacy.delta if privacy is not None else None,
@@ -307,6 +318,7 @@ def run_experiment(
             summary["rounds_completed"] = last_round
             summary["round_seconds"].append(round(m["seconds"], 4))
             summary["bytes_up"] += m["bytes_up"]
+            summary["updates_up"] += m["updates_up"]
             summary["bytes_down"] += m["bytes_down"]
             summary["client_failures"] += m["clients_failed"]
             summary["clients_rejected"] += m["clients_rejected"]

@@ -39,6 +39,8 @@ METRIC_COLUMNS = [
     "dispatch_seconds",
     "wait_seconds",
     "evaluate_seconds",
+    "decrypted_by",
+    "updates_up",
 ]
 
 

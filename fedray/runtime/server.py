@@ -114,6 +114,7 @@ class Server:
         assignment: dict[int, int],
         public_key: Any = None,
         privacy: Any = None,
+        key_holder: str | None = None,
     ):
         import torch
 
@@ -132,6 +133,10 @@ class Server:
         self._groups = [groups[h] for h in sorted(groups)] if many else None
         self.public_key = public_key
         self.privacy = privacy
+        # The key dealer's actor name: it decrypts sums with the obfuscators hosts gave
+        # it (fast); the server falls back to the hosts' private-key decryption.
+        self.key_holder = key_holder
+        self._holder = None  # its handle, looked up on first use
         self.model = build_model(cfg.model, info, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
         self.weights = self.view.get()
@@ -256,9 +261,11 @@ class Server:
         for cid in cohort:
             by_host.setdefault(self.assignment[cid], []).append(cid)
         pending: dict[Any, list[int]] = {}
-        # With crypto, two calls per host, so ciphertexts are folded in while the rest
-        # still train; a plaintext fold is cheap, and one call per host costs less.
-        calls_per_host = 2 if self.codec is not None else 1
+        # With one encrypted update per client, two calls per host, so ciphertexts are
+        # folded in while the rest still train. Otherwise (plaintext, or a host sealing
+        # the sum of its clients) one call per host costs less.
+        per_client = self.codec is not None and not cfg.crypto.host_sum
+        calls_per_host = 2 if per_client else 1
         for host, cids in by_host.items():
             size = max(1, math.ceil(len(cids) / calls_per_host))
             for i in range(0, len(cids), size):
@@ -302,7 +309,9 @@ class Server:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                 )
                 continue
-            for res in batch:
+            covered: dict[int, bool] = {}  # client -> was the update carrying it accepted
+            # Updates first: a host's summed update precedes the clients it covers.
+            for res in sorted(batch, key=lambda r: r.encrypted is None):
                 if res.error:
                     failed += 1
                     rejected.append((res.client_id, res.error))
@@ -312,7 +321,7 @@ class Server:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    self._fold(acc, res, RejectedUpdate)
+                    self._fold(acc, res, RejectedUpdate, covered, chunk)
                 except RejectedUpdate as exc:
                     failed += 1
                     rejected.append((res.client_id, str(exc)))
@@ -336,9 +345,10 @@ class Server:
             return RoundOutcome(metrics, rejected=rejected)
 
         decrypt_s = 0.0
+        decrypted_by = None
         if self.codec is not None:
             t0 = time.perf_counter()
-            total = self._decrypt(acc)
+            total, decrypted_by = self._decrypt(acc)
             decrypt_s = time.perf_counter() - t0
         elif acc.keep_all:
             total = None
@@ -373,11 +383,14 @@ class Server:
                     sum(r.val_correct for r in results) / val_count if val_count else float("nan")
                 ),
                 "bytes_up": int(sum(r.bytes_up for r in results)),
+                # Updates sent: one per client, or one per host call with crypto.host_sum.
+                "updates_up": int(sum(1 for r in results if r.bytes_up)),
                 "bytes_down": int(self.weights.nbytes * len(cohort)),
                 "train_seconds": sum(r.train_seconds for r in results),
                 "encrypt_seconds": sum(r.encrypt_seconds for r in results),
                 "aggregate_seconds": aggregate_s,
                 "decrypt_seconds": decrypt_s,
+                "decrypted_by": decrypted_by,
                 "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
             }
         )
@@ -388,11 +401,34 @@ class Server:
             metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
         )
 
-    def _fold(self, acc, res: ClientResult, rejected_type) -> None:
+    def _fold(self, acc, res: ClientResult, rejected_type, covered=None, chunk=()) -> None:
         if self.codec is not None:
-            if res.encrypted is None:
-                raise rejected_type("sent a plaintext update to an encrypted round")
-            acc.add(res.encrypted)
+            covered = {} if covered is None else covered
+            enc = res.encrypted
+            if enc is None:
+                if res.delta is not None:
+                    raise rejected_type("sent a plaintext update to an encrypted round")
+                if res.client_id not in covered:
+                    raise rejected_type("sent no encrypted update")
+                if not covered[res.client_id]:
+                    raise rejected_type("its host's summed update was rejected")
+                return  # its update is inside an accepted sum from its host
+            ids = tuple(enc.client_ids) or (res.client_id,)
+            try:
+                if (
+                    res.client_id not in ids
+                    or len(set(ids)) != len(ids)
+                    or len(ids) != enc.count
+                    or not set(ids) <= set(chunk or ids)
+                ):
+                    raise rejected_type(
+                        f"update of {enc.count} clients names {list(ids)}, not clients of this call"
+                    )
+                acc.add(enc)
+            except rejected_type:
+                covered.update({i: False for i in ids if i != res.client_id})
+                raise
+            covered.update({i: True for i in ids if i != res.client_id})
             return
         delta = res.delta
         if not isinstance(delta, np.ndarray) or delta.dtype != np.float32:
@@ -409,16 +445,37 @@ class Server:
             raise rejected_type(f"weight {res.weight} outside (0, 1]")
         acc.add(delta, res.weight)
 
-    def _decrypt(self, acc) -> np.ndarray:
-        """Key holders decrypt the summed ciphertexts, split across hosts."""
+    def _decrypt(self, acc) -> tuple[np.ndarray, str]:
+        """The decoded sum, and who decrypted it: the key holder, or the client hosts."""
         import ray
 
         payload = acc.payload()
+        if self.key_holder is not None and all(acc.update_ids):
+            try:
+                if self._holder is None:
+                    self._holder = ray.get_actor(self.key_holder)
+                holder = self._holder
+                plaintexts = ray.get(holder.decrypt_sum.remote(self.round, acc.update_ids, payload))
+            except Exception as exc:  # key holder gone or refusing: the hosts decide
+                log.warning(
+                    "round %d: key holder did not decrypt (%s); asking the client hosts",
+                    self.round,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+                )
+                plaintexts = None
+            if plaintexts is not None:
+                return self.codec.decode_sum(plaintexts, acc.count), "key_holder"
+        return self._decrypt_on_hosts(payload, acc.count), "hosts"
+
+    def _decrypt_on_hosts(self, payload: bytes, count: int) -> np.ndarray:
+        """Key holders decrypt the summed ciphertexts with the private key, split across hosts."""
+        import ray
+
         num = self.codec.num_ciphertexts
         parts = min(len(self.hosts), num)
         bounds = np.linspace(0, num, parts + 1).astype(int)
         refs = [
-            self.hosts[i].decrypt_sum.remote(payload, acc.count, int(bounds[i]), int(bounds[i + 1]))
+            self.hosts[i].decrypt_sum.remote(payload, count, int(bounds[i]), int(bounds[i + 1]))
             for i in range(parts)
         ]
         plaintexts: list[int] = []
@@ -431,11 +488,11 @@ class Server:
                 plaintexts.extend(
                     ray.get(
                         backup.decrypt_sum.remote(
-                            payload, acc.count, int(bounds[i]), int(bounds[i + 1])
+                            payload, count, int(bounds[i]), int(bounds[i + 1])
                         )
                     )
                 )
-        return self.codec.decode_sum(plaintexts, acc.count)
+        return self.codec.decode_sum(plaintexts, count)
 
     def evaluate(self) -> dict[str, float]:
         """Central test-set loss and accuracy of the current global model."""
