@@ -162,6 +162,7 @@ class CryptoConfig:
     obfuscator: str = "fixed_base"
     host_sum: bool = True
     fast_decrypt: bool = True
+    dealer_site: str | None = None
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)

@@ -28,12 +28,15 @@ def test_clients_pinned_to_sites_run_on_those_nodes(two_node_cluster, tmp_path):
             "client.num_cpus=0.5",
             "+cluster.sites.0.site_a=1",
             "+cluster.sites.1.site_b=1",
+            "crypto.dealer_site=site_b",
         ]
     )
     summary = run_experiment(cfg, tmp_path)
     assert summary["mode"] == "silo"
     assert summary["client_nodes"]["0"] == _node_with("site_a")
     assert summary["client_nodes"]["1"] == _node_with("site_b")
+    # The key dealer (private key, obfuscators) ran on site_b's node, not the head's.
+    assert summary["key_dealer_node"] == _node_with("site_b") != _node_with("site_a")
     assert len(summary["nodes_used"]) == 2
     # The sites were reserved together in a placement group, released after the run.
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]

@@ -136,3 +136,35 @@ def plan_placement(cfg: FedrayConfig, cluster: dict[str, float]) -> Placement:
     per = math.ceil(cfg.num_clients / num)
     hosts = [list(range(i, min(i + per, cfg.num_clients))) for i in range(0, cfg.num_clients, per)]
     return Placement("simulation", hosts, [_actor_options(cfg, {}) for _ in hosts])
+
+
+def dealer_options(cfg: FedrayConfig, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ray options that pin the key dealer to the node offering ``crypto.dealer_site``.
+
+    The dealer holds the private key and receives the hosts' obfuscators, so in a
+    deployment it belongs on a client site, not on a head node the server's operator runs.
+    Without ``crypto.dealer_site`` Ray places it (usually on the driver's node).
+    """
+    site = cfg.crypto.dealer_site
+    if not site:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    offering = sorted(n["NodeID"] for n in nodes if n.get("Alive") and site in n["Resources"])
+    if not offering:
+        names = sorted(
+            {
+                r
+                for n in nodes
+                if n.get("Alive")
+                for r in n["Resources"]
+                if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                and not r.startswith(("node:", "accelerator_type:"))
+            }
+        )
+        raise ClusterError(
+            f"crypto.dealer_site={site!r} but no node of the Ray cluster offers that resource "
+            f"(custom resources offered: {', '.join(names) or 'none'}); start the site's node "
+            f"with --resources='{{\"{site}\": 1}}'"
+        )
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(offering[0], soft=False)}

@@ -176,7 +176,7 @@ def run_experiment(
     import ray
 
     from fedray.runtime.client import client_actor_class
-    from fedray.runtime.cluster import connect, plan_placement
+    from fedray.runtime.cluster import connect, dealer_options, plan_placement
     from fedray.runtime.server import server_actor_class
 
     output_dir = Path(output_dir)
@@ -190,6 +190,7 @@ def run_experiment(
         placement = plan_placement(cfg, ray.cluster_resources())
         info = _dataset_info(cfg, placement)
         dealer = None
+        dealer_node = None
         public_key = None
         if cfg.crypto.name == "paillier":
             from fedray.runtime.keys import key_dealer_class
@@ -197,12 +198,15 @@ def run_experiment(
             # Client hosts find the dealer by name (also after a restart); the server is
             # given the public key only.
             dealer_name = f"fedray-key-dealer-{uuid.uuid4().hex[:12]}"
+            dealer_opts = dealer_options(cfg, ray.nodes())
             dealer_actor = (
                 key_dealer_class()
-                .options(name=dealer_name)
+                .options(name=dealer_name, **dealer_opts)
                 .remote(cfg.crypto.key_bits, min_clients(cfg))
             )
-            public_key = ray.get(dealer_actor.public_key.remote())
+            public_key, dealer_node = ray.get(
+                [dealer_actor.public_key.remote(), dealer_actor.node_id.remote()]
+            )
             dealer = dealer_name
         actor_cls = client_actor_class(host_class)
         host_options, reservation = _reserve(placement)
@@ -279,6 +283,7 @@ def run_experiment(
             "min_clients_per_round": min_clients(cfg),
             "crypto": cfg.crypto.name,
             "key_bits": cfg.crypto.key_bits if public_key else None,
+            "key_dealer_node": dealer_node,
             "values_per_ciphertext": values_per_ct or None,
             "client_failures": 0,
             "clients_rejected": 0,

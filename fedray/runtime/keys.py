@@ -49,6 +49,11 @@ class KeyDealer:
         self._deposits[update_id] = (int(round_num), int(count), bytes(obfuscators))
         return True
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
     def pending_deposits(self) -> int:
         return len(self._deposits)
 
