@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scaling.py              # every sweep (~10 minutes on 2 cores)
     .venv/bin/python benchmarks/scaling.py --only cpus  # one sweep: clients|cpus|crypto|model
+                                                        # (other sweeps kept from scaling.csv)
 
 Each point runs ``python -m fedray.launch`` in its own process tree on FedProx Synthetic
 (MLP 60-128-10, 100 samples per client, 1 local epoch, batch 32) and samples the peak
@@ -62,6 +63,8 @@ def sweeps() -> dict[str, list[tuple[str, list[str]]]]:
                 ("none", []),
                 ("paillier 2048", ["crypto=paillier", "crypto.key_bits=2048"]),
                 ("paillier 3072", ["crypto=paillier", "crypto.key_bits=3072"]),
+                # One update per client, as if each were its own site: the per-client cost.
+                ("paillier 2048 per client", ["crypto=paillier", "crypto.host_sum=false"]),
             )
         ],
         "model": [
@@ -165,23 +168,49 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(OUT / "scaling.png", dpi=110)
 
 
+def _line(row: dict) -> str:
+    return (
+        f"{row['sweep']:<7} {row['point']:<32} {row['seconds_per_round']:>8.3f} s/round "
+        f"{row['updates_per_second']:>9,.0f} updates/s  peak {row['peak_pss_gib']:.2f} GiB"
+    )
+
+
+def _typed(row: dict) -> dict:
+    """A row read back from scaling.csv, with its numbers as numbers."""
+    out = dict(row)
+    for key in ("num_clients", "num_parameters", "num_actors"):
+        out[key] = int(row[key])
+    for key in ("seconds_per_round", "updates_per_second", "peak_pss_gib", "peak_rss_gib"):
+        out[key] = float(row[key])
+    out["accuracy"] = float(row["accuracy"]) if row["accuracy"] else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", choices=list(sweeps()), action="append")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = []
+    fresh = {}
     for sweep, points in sweeps().items():
         if args.only and sweep not in args.only:
             continue
+        fresh[sweep] = []
         for label, overrides in points:
             row = run_point(sweep, label, overrides)
-            rows.append(row)
-            print(
-                f"{sweep:<7} {label:<32} {row['seconds_per_round']:>8.3f} s/round "
-                f"{row['updates_per_second']:>9,.0f} updates/s  peak {row['peak_pss_gib']:.2f} GiB",
-                flush=True,
-            )
+            fresh[sweep].append(row)
+            print(f"(measured) {_line(row)}", flush=True)
+    # --only keeps the other sweeps' rows from the last full run.
+    kept = {}
+    if args.only and (OUT / "scaling.csv").exists():
+        with (OUT / "scaling.csv").open() as fh:
+            for r in csv.DictReader(fh):
+                if r["sweep"] not in fresh:
+                    kept.setdefault(r["sweep"], []).append(_typed(r))
+    rows = [r for sweep in sweeps() for r in fresh.get(sweep, kept.get(sweep, []))]
+    print()
+    for row in rows:
+        print(_line(row))
     with (OUT / "scaling.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
