@@ -15,14 +15,15 @@ class CrashingHost(ClientHost):
     """Kills its own process mid-round (after training started) in the planned rounds.
 
     Subclass it in a test with ``plan`` = {(round, first client id of the host)} and a
-    unique ``token``; a class made in a test is shipped to Ray by value.
+    ``marker_dir`` (the test's tmp_path: a marker file there says "already crashed",
+    since a restarted actor forgets); a class made in a test is shipped to Ray by value.
     """
 
     plan: frozenset = frozenset()
-    token: str = ""
+    marker_dir: str = ""
 
     def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
-        marker = f"/tmp/fedray-crash-{self.token}-{task.round}-{self.client_ids[0]}"
+        marker = os.path.join(self.marker_dir, f"crashed-{task.round}-{self.client_ids[0]}")
         if (task.round, self.client_ids[0]) in self.plan and not os.path.exists(marker):
             open(marker, "w").close()  # crash once per planned round, not after restart
             self._train_one(task.client_ids[0], task, global_weights)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -38,7 +37,7 @@ def test_killing_a_client_actor_each_round_does_not_stop_the_run(ray_2cpus, tmp_
     rng = np.random.default_rng(11)
     plan = frozenset((r, int(rng.choice([0, 5]))) for r in range(1, 6))  # 2 hosts: ids 0-4, 5-9
     crashing = type(
-        "CrashEachRound", (faulty.CrashingHost,), {"plan": plan, "token": uuid.uuid4().hex}
+        "CrashEachRound", (faulty.CrashingHost,), {"plan": plan, "marker_dir": str(tmp_path)}
     )
     cfg = compose([*crypto, "checkpoint.every=0"])
     faulty_run = run_experiment(cfg, tmp_path / "faulty", host_class=crashing)
@@ -183,17 +182,17 @@ def test_unreachable_ray_address_is_one_clear_error():
     )
 
 
-def _crash_in(round_num: int):
+def _crash_in(round_num: int, marker_dir):
     return type(
         "CrashOnce",
         (faulty.CrashingHost,),
-        {"plan": frozenset({(round_num, 0)}), "token": uuid.uuid4().hex},
+        {"plan": frozenset({(round_num, 0)}), "marker_dir": str(marker_dir)},
     )
 
 
 def test_round_with_too_few_clients_is_retried(ray_2cpus, tmp_path):
     cfg = compose(["crypto=none", "rounds=3", "min_clients_per_round=10", "checkpoint.every=0"])
-    summary = run_experiment(cfg, tmp_path, host_class=_crash_in(2))
+    summary = run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path))
     rows = _rows(tmp_path)
     assert summary["rounds_completed"] == 3
     assert int(rows[1]["retries"]) >= 1 and int(rows[1]["clients_ok"]) == 10
@@ -212,7 +211,7 @@ def test_out_of_retries_is_one_clear_error_and_keeps_finished_rounds(ray_2cpus, 
         ]
     )
     with pytest.raises(ClusterError, match="round 2: only 5 clients answered") as err:
-        run_experiment(cfg, tmp_path, host_class=_crash_in(2))
+        run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path))
     assert "\n" not in str(err.value)
     assert [int(r["round"]) for r in _rows(tmp_path)] == [1]
     assert load_checkpoint(tmp_path / "checkpoints")["round"] == 1
