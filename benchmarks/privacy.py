@@ -40,7 +40,13 @@ def _run(overrides: list[str]) -> dict:
 
 def main() -> None:
     register_configs()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     rows = []
     try:
         base = _run([])

@@ -62,7 +62,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args, extra = parser.parse_known_args()
     register_configs()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     means: dict[str, list[float]] = {name: [] for name in VARIANTS}
     last: dict[str, tuple[dict, list[dict]]] = {}
     try:

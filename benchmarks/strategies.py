@@ -38,7 +38,13 @@ BASE = [
 
 def main() -> None:
     register_configs()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     rows = []
     try:
         for name in STRATEGIES:

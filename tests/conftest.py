@@ -19,6 +19,7 @@ def ray_2cpus():
     import ray
 
     ctx = ray.init(
+        address="local",  # a new instance, whatever `ray start` left in /tmp/ray
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -68,9 +69,11 @@ def compose(overrides: list[str]):
     return to_config(raw)
 
 
-def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m fedray.launch`` as a user would."""
-    env = dict(os.environ)
+def run_cli(
+    args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m fedray.launch`` as a user would (``env`` replaces the environment)."""
+    env = dict(os.environ if env is None else env)
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "fedray.launch", *args],

@@ -32,7 +32,9 @@ def connect(cfg: FedrayConfig) -> bool:
             # An embedded Ray serves only this machine: keep its traffic on loopback.
             _node_ip_address="127.0.0.1",
         )
-        ray.init(**kwargs)
+        # address="local": always a new instance. Without it, ray.init() joins the cluster
+        # named in /tmp/ray/ray_current_cluster, which a killed `ray start` leaves behind.
+        ray.init(address="local", **kwargs)
         return True
     if address != "auto":
         _check_reachable(address)
