@@ -163,6 +163,7 @@ class CryptoConfig:
     host_sum: bool = True
     fast_decrypt: bool = True
     dealer_site: str | None = None
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)
@@ -185,6 +186,10 @@ class CryptoConfig:
         if not 2 <= self.quant_bits <= 32:
             raise ConfigError(f"crypto.quant_bits={self.quant_bits} must be in [2, 32]")
         _positive("crypto.clip", self.clip)
+        if self.processes is not None and self.processes < 1:
+            raise ConfigError(
+                f"crypto.processes={self.processes} must be >= 1, or null (automatic)"
+            )
 
 
 @dataclass

@@ -98,3 +98,14 @@ class WrongDepositHost(ClientHost):
 
     def _deposit(self, round_num, count, obfuscators):
         return super()._deposit(round_num, count, bytes(reversed(obfuscators)))
+
+
+class DealerKillingHost(ClientHost):
+    """Host 0 kills the key dealer at the start of round 2 (the key holder is gone)."""
+
+    def train(self, task, global_weights):
+        if task.round == 2 and 0 in self.client_ids and self._key_holder is not None:
+            import ray
+
+            ray.kill(self._key_holder)
+        return super().train(task, global_weights)

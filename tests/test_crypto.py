@@ -248,3 +248,23 @@ def test_codec_refuses_nan_and_too_many_summands(small_keypair):
         codec.encode(np.array([0.0, np.nan, 1.0]))
     with pytest.raises(ValueError, match="count"):
         codec.decode_sum(codec.encode(np.zeros(3)), 3)
+
+
+def test_process_pool_encrypts_what_one_process_would(small_keypair):
+    """A host's ParallelCrypto: same plaintexts after decryption, both ways, and the
+    obfuscators it returns are the ones it used."""
+    from fedray.crypto.parallel import ParallelCrypto
+
+    public, private = small_keypair
+    codec = PackedPaillierCodec.for_key(public, num_values=400, max_summands=3)
+    rng = np.random.default_rng(5)
+    entries = [(rng.uniform(-1, 1, 400), 0.5, None) for _ in range(3)]
+    with ParallelCrypto(private, 2) as pool:
+        enc = ClientEncryptor(private, codec, "fixed_base", pool=pool)
+        update, obfuscators = enc.encrypt_sum(entries)
+    assert update.count == 3 and update.nbytes == codec.num_ciphertexts * public.ciphertext_bytes
+    cts = from_bytes(public, update.ciphertexts)
+    plaintexts = Decryptor(private).decrypt_many(cts)
+    assert plaintexts == codec.encode_sum([(u * w, None) for u, w, _ in entries])
+    sets = [obfuscators_from_bytes(public, obfuscators)]
+    assert KnownObfuscatorDecryptor(private).decrypt_sum(cts, sets) == plaintexts

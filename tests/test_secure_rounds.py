@@ -88,12 +88,33 @@ def test_key_holder_fast_path_and_fallback_give_identical_models(ray_2cpus, tmp_
         ("off", ["crypto.fast_decrypt=false"], None),
         ("wrong-deposits", [], faulty.WrongDepositHost),
         ("per-client", ["crypto.host_sum=false"], None),
+        ("dealer-killed", [], faulty.DealerKillingHost),
+        ("2-processes", ["crypto.processes=2"], None),  # each host encrypts with a pool
     ]:
         summary, by, weights = run(name, extra, host_class)
-        assert by == ({"key_holder"} if name == "per-client" else {"hosts"}), name
+        expected = {
+            "per-client": {"key_holder"},
+            "2-processes": {"key_holder"},
+            "dealer-killed": {"key_holder", "hosts"},  # round 1 fast, then the hosts
+        }.get(name, {"hosts"})
+        assert by == expected, name
         np.testing.assert_array_equal(weights, fast_w)
         assert summary["final_accuracy"] == fast["final_accuracy"]
-    assert summary["updates_up"] == 10 * 3  # per-client: one update per client per round
+        if name == "per-client":  # one update per client per round
+            assert summary["updates_up"] == 10 * 3
+
+
+def test_hosts_use_a_process_pool_only_where_it_pays():
+    from fedray.errors import ConfigError
+    from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS, crypto_processes
+
+    big = PARALLEL_MIN_CIPHERTEXTS
+    assert crypto_processes(compose([]), big - 1) == 1  # small update: in-process
+    assert crypto_processes(compose(["client.num_cpus=4"]), big) == 4
+    assert crypto_processes(compose(["client.num_cpus=0.5"]), big) == 1
+    assert crypto_processes(compose(["crypto.processes=3"]), 10) == 3  # asked for
+    with pytest.raises(ConfigError, match=r"crypto.processes=0 must be >= 1, or null"):
+        compose(["crypto.processes=0"])
 
 
 def test_plaintext_only_strategy_refused_with_crypto():

@@ -2,9 +2,10 @@
 
 Each worker builds its own encryptor (fixed-base tables, ~0.1 s) once, then takes chunks
 of plaintexts or ciphertexts; ciphertexts come back as packed bytes. Pays off for large
-updates (a 1M-parameter model is ~10,000 ciphertexts); a client host with few cores and
-small models is faster in-process, which is what client hosts do today
-(``benchmarks/crypto.py`` uses this pool for its 1M-parameter figures).
+updates (a 1M-parameter model is ~10,000 ciphertexts) on hosts with several CPUs: a
+client host uses one when ``crypto.processes`` says so (by default, with
+``client.num_cpus`` >= 2 and >= 1000 ciphertexts per update); small updates are faster
+in-process, with obfuscators precomputed while the host is idle.
 """
 
 from __future__ import annotations

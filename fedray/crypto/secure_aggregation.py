@@ -57,10 +57,13 @@ class EncryptedUpdate:
 class ClientEncryptor:
     """Client side: weight, quantize, pack and encrypt an update."""
 
-    def __init__(self, private: PrivateKey, codec: PackedPaillierCodec, obfuscator: str):
+    def __init__(self, private: PrivateKey, codec: PackedPaillierCodec, obfuscator: str, pool=None):
         self.public = private.public
         self.codec = codec
         self._enc = KeyHolderEncryptor(private, obfuscator)
+        # A ParallelCrypto spreads one update over processes (gmpy2 holds the GIL); the
+        # in-process pool of precomputed obfuscators is used first, whole updates only.
+        self._pool = pool
 
     def precompute(self, count: int, should_stop=None) -> int:
         """Precompute obfuscators for ``count`` future ciphertexts (see KeyHolderEncryptor)."""
@@ -91,15 +94,20 @@ class ClientEncryptor:
         plaintexts = self.codec.encode_sum(
             [(np.asarray(u, dtype=np.float64) * w, noise) for u, w, noise in entries]
         )
-        cts, obfuscators = self._enc.encrypt_keeping_obfuscators(plaintexts)
+        if self._pool is not None and self._enc.pool_size < len(plaintexts):
+            ciphertexts, obfuscators = self._pool.encrypt_keeping_obfuscators(plaintexts)
+        else:
+            cts, obfs = self._enc.encrypt_keeping_obfuscators(plaintexts)
+            ciphertexts = to_bytes(self.public, cts)
+            obfuscators = obfuscators_to_bytes(self.public, obfs)
         update = EncryptedUpdate(
             key_id=self.public.fingerprint,
             num_values=self.codec.num_values,
-            ciphertexts=to_bytes(self.public, cts),
+            ciphertexts=ciphertexts,
             weight=float(sum(w for _, w, _ in entries)),
             count=len(entries),
         )
-        return update, obfuscators_to_bytes(self.public, obfuscators)
+        return update, obfuscators
 
 
 class EncryptedSum:

@@ -159,9 +159,6 @@ class Server:
     def values_per_ciphertext(self) -> int:
         return self.codec.slots_per_ciphertext if self.codec else 0
 
-    def get_weights(self) -> np.ndarray:
-        return self.weights
-
     def holds_private_key(self) -> bool:
         """True if anything reachable from this server's attributes is a private key."""
         from fedray.crypto.paillier import PrivateKey
