@@ -183,6 +183,12 @@ def run_experiment(
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_state = _resume_state(cfg, output_dir)
     t_start = time.perf_counter()
+    # Load torch before Ray starts its threads in this process. The TensorBoard writer
+    # imports it (through tensorboardX) after connecting, and there, in the first job on
+    # a fresh `ray start` cluster, oneMKL failed to load libtorch_cpu.so and killed the
+    # driver (exit 2, or a segfault). Importing it first is cheap: the hosts need it.
+    import torch  # noqa: F401
+
     started = connect(cfg)
     metrics_writer = None
     reservation = None

@@ -1,0 +1,142 @@
+"""`ray job submit` of a fedray job, the first job on a fresh two-node `ray start` cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops its processes
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def fresh_cluster():
+    """A head (site_a, with the job server) and a worker (site_b), 1 CPU each, on loopback.
+
+    Each node runs as `ray start --block` in its own session, so the fixture can stop
+    exactly its own processes (no `ray stop`, which would stop every Ray on the machine).
+    """
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",  # Ray 2.60: `ray start --head` turns tokens on
+        # A job's entrypoint runs with the head node's environment: its `python` is ours.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    port, dash = _free_port(), _free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    spawn = dict(
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            '--resources={"site_a": 1}',
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            *common,
+        ],
+        **spawn,
+    )
+    nodes = [head]
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the job server answers once the head is up
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the Ray head did not come up within 90 s")
+                time.sleep(0.5)
+        nodes.append(
+            subprocess.Popen(
+                [RAY, "start", f"--address=127.0.0.1:{port}", '--resources={"site_b": 1}', *common],
+                **spawn,
+            )
+        )
+        while (
+            "site_b"
+            not in subprocess.run(
+                [RAY, "status", f"--address=127.0.0.1:{port}"],
+                env=env,
+                capture_output=True,
+                text=True,
+            ).stdout
+        ):
+            if time.monotonic() > deadline:
+                pytest.fail("the worker node did not join within 90 s")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()  # Ray's pointer to this (now dead) cluster
+
+
+@pytest.mark.slow
+def test_first_job_submitted_to_a_fresh_cluster_runs_on_both_nodes(fresh_cluster, tmp_path):
+    """The path of jobs/local_cluster.sh: the first job of a new cluster used to lose its
+    driver to oneMKL ('Cannot load libtorch_cpu.so') when torch was imported late."""
+    address, env = fresh_cluster
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "-m",
+            "fedray.launch",
+            "cluster=remote",
+            "rounds=2",
+            "crypto.key_bits=512",
+            "crypto.allow_insecure_keys=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert len(summary["nodes_used"]) == 2
