@@ -183,10 +183,13 @@ def run_experiment(
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_state = _resume_state(cfg, output_dir)
     t_start = time.perf_counter()
-    # Load torch before Ray starts its threads in this process. The TensorBoard writer
-    # imports it (through tensorboardX) after connecting, and there, in the first job on
-    # a fresh `ray start` cluster, oneMKL failed to load libtorch_cpu.so and killed the
-    # driver (exit 2, or a segfault). Importing it first is cheap: the hosts need it.
+    # Load torch before connecting. The TensorBoard writer imports it (through
+    # tensorboardX) later, and there, in the first job on a fresh two-node `ray start`
+    # cluster on one machine, oneMKL failed to load libtorch_cpu.so and killed the driver
+    # (exit 2, or a segfault); tests/test_job_submit.py. Likely cause: both nodes share
+    # the session's runtime_resources, and setting up the job's working_dir for the
+    # other node's actors replaces the directory the driver runs in (the same message is
+    # reported after getcwd() fails). Importing first is cheap: the hosts need it anyway.
     import torch  # noqa: F401
 
     started = connect(cfg)
