@@ -33,10 +33,6 @@ def _init(private: PrivateKey, obfuscator: str) -> None:
     _STATE["public"] = private.public
 
 
-def _encrypt(plaintexts: list[int]) -> bytes:
-    return to_bytes(_STATE["public"], _STATE["enc"].encrypt_many(plaintexts))
-
-
 def _encrypt_keeping(plaintexts: list[int]) -> tuple[bytes, bytes]:
     cts, obfuscators = _STATE["enc"].encrypt_keeping_obfuscators(plaintexts)
     return to_bytes(_STATE["public"], cts), obfuscators_to_bytes(_STATE["public"], obfuscators)
@@ -59,15 +55,11 @@ class ParallelCrypto:
             initargs=(private, obfuscator),
         )
         # Warm every worker (builds its tables) before anything is timed.
-        list(self._pool.map(_encrypt, [[0]] * processes))
+        list(self._pool.map(_encrypt_keeping, [[0]] * processes))
 
     def _chunks(self, items: list, parts: int) -> list[list]:
         bounds = np.linspace(0, len(items), parts + 1).astype(int)
         return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-
-    def encrypt(self, plaintexts: list[int]) -> bytes:
-        chunks = self._chunks(plaintexts, self.processes * 4)
-        return b"".join(self._pool.map(_encrypt, chunks))
 
     def encrypt_keeping_obfuscators(self, plaintexts: list[int]) -> tuple[bytes, bytes]:
         """Ciphertexts and their obfuscators (for the key holder), both as bytes."""

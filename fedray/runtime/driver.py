@@ -198,14 +198,14 @@ def run_experiment(
     try:
         placement = plan_placement(cfg, ray.cluster_resources())
         info = _dataset_info(cfg, placement)
-        dealer = None
+        dealer = dealer_actor = None
         dealer_node = None
         public_key = None
         if cfg.crypto.name == "paillier":
             from fedray.runtime.keys import key_dealer_class
 
             # Client hosts find the dealer by name (also after a restart); the server is
-            # given the public key only.
+            # given the public key, and the dealer's handle to ask it for sums only.
             dealer_name = f"fedray-key-dealer-{uuid.uuid4().hex[:12]}"
             dealer_opts = dealer_options(cfg, ray.nodes())
             dealer_actor = (
@@ -266,7 +266,7 @@ def run_experiment(
             placement.assignment,
             public_key,
             privacy,
-            key_holder=dealer if cfg.crypto.fast_decrypt else None,
+            key_holder=dealer_actor if cfg.crypto.fast_decrypt else None,
         )
         if resume_state is not None:
             ray.get(server.load_state_dict.remote(resume_state))

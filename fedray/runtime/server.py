@@ -114,7 +114,7 @@ class Server:
         assignment: dict[int, int],
         public_key: Any = None,
         privacy: Any = None,
-        key_holder: str | None = None,
+        key_holder: Any = None,
     ):
         import torch
 
@@ -133,10 +133,9 @@ class Server:
         self._groups = [groups[h] for h in sorted(groups)] if many else None
         self.public_key = public_key
         self.privacy = privacy
-        # The key dealer's actor name: it decrypts sums with the obfuscators hosts gave
+        # The key dealer's actor handle: it decrypts sums with the obfuscators hosts gave
         # it (fast); the server falls back to the hosts' private-key decryption.
         self.key_holder = key_holder
-        self._holder = None  # its handle, looked up on first use
         self.model = build_model(cfg.model, info, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
         self.weights = self.view.get()
@@ -398,9 +397,13 @@ class Server:
             metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
         )
 
-    def _fold(self, acc, res: ClientResult, rejected_type, covered=None, chunk=()) -> None:
+    def _fold(
+        self, acc, res: ClientResult, rejected_type, covered: dict[int, bool], chunk: list[int]
+    ) -> None:
+        """Fold one result in, or raise ``rejected_type``. ``covered`` records, per client
+        in a host's summed update, whether that update was accepted (for its results
+        without a payload); ``chunk`` is the clients this call was asked to train."""
         if self.codec is not None:
-            covered = {} if covered is None else covered
             enc = res.encrypted
             if enc is None:
                 if res.delta is not None:
@@ -416,7 +419,7 @@ class Server:
                     res.client_id not in ids
                     or len(set(ids)) != len(ids)
                     or len(ids) != enc.count
-                    or not set(ids) <= set(chunk or ids)
+                    or not set(ids) <= set(chunk)
                 ):
                     raise rejected_type(
                         f"update of {enc.count} clients names {list(ids)}, not clients of this call"
@@ -449,10 +452,9 @@ class Server:
         payload = acc.payload()
         if self.key_holder is not None and all(acc.update_ids):
             try:
-                if self._holder is None:
-                    self._holder = ray.get_actor(self.key_holder)
-                holder = self._holder
-                plaintexts = ray.get(holder.decrypt_sum.remote(self.round, acc.update_ids, payload))
+                plaintexts = ray.get(
+                    self.key_holder.decrypt_sum.remote(self.round, acc.update_ids, payload)
+                )
             except Exception as exc:  # key holder gone or refusing: the hosts decide
                 log.warning(
                     "round %d: key holder did not decrypt (%s); asking the client hosts",
