@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,11 +19,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from fedray.config import register_configs, to_config  # noqa: E402
-from fedray.runtime.driver import run_experiment  # noqa: E402
+from _jobs import embedded_ray, run_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["clients_per_round=5", "rounds=30", "checkpoint.every=0", "progress=false"]
@@ -32,23 +27,12 @@ SIGMAS = [0.5, 0.8, 1.2, 2.0, 4.0]
 
 
 def _run(overrides: list[str]) -> dict:
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        raw = compose("config", overrides=[*BASE, *overrides, *sys.argv[1:]])
-    with tempfile.TemporaryDirectory() as tmp:
-        return run_experiment(to_config(raw), tmp)
+    return run_job([*BASE, *overrides, *sys.argv[1:]])[0]
 
 
 def main() -> None:
-    register_configs()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
     rows = []
-    try:
+    with embedded_ray():
         base = _run([])
         for sigma in SIGMAS:
             s = _run(["privacy=dp", f"privacy.noise_multiplier={sigma}", "privacy.clip_norm=1.0"])
@@ -59,8 +43,6 @@ def main() -> None:
                     "accuracy": round(s["final_accuracy"], 4),
                 }
             )
-    finally:
-        ray.shutdown()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     with (out / "privacy.csv").open("w", newline="") as fh:

@@ -22,18 +22,10 @@ round. Also prints where an encrypted round goes.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
-import tempfile
-from pathlib import Path
 
-import ray
-from hydra import compose, initialize_config_dir
+from _jobs import embedded_ray, run_job
 
-from fedray.config import register_configs, to_config
-from fedray.runtime.driver import run_experiment
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET = 5.0
 VARIANTS = {
     "plaintext": ["crypto=none"],
@@ -48,37 +40,19 @@ VARIANTS = {
 PHASES = ("train_seconds", "encrypt_seconds", "aggregate_seconds", "decrypt_seconds")
 
 
-def run(overrides: list[str]) -> tuple[dict, list[dict]]:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = to_config(compose("config", overrides=["progress=false", *overrides]))
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run_experiment(cfg, tmp)
-        rows = list(csv.DictReader((Path(tmp) / "metrics.csv").open()))[1:]
-    return summary, rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args, extra = parser.parse_known_args()
-    register_configs()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
     means: dict[str, list[float]] = {name: [] for name in VARIANTS}
     last: dict[str, tuple[dict, list[dict]]] = {}
-    try:
+    with embedded_ray():
         for _ in range(args.repeats):
             for name, overrides in VARIANTS.items():
-                summary, rows = run([*overrides, *extra])
+                summary, rows = run_job(["progress=false", *overrides, *extra])
+                rows = rows[1:]  # round 1 is the warm-up
                 means[name].append(statistics.mean(float(r["seconds"]) for r in rows))
                 last[name] = (summary, rows)
-    finally:
-        ray.shutdown()
 
     plain = statistics.median(means["plaintext"])
     print(f"default job, {args.repeats} runs per variant, median of per-run mean round time")

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import csv
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import ray
-from hydra import compose, initialize_config_dir
+from _jobs import embedded_ray, run_job
 
-from fedray.config import STRATEGIES, register_configs, to_config
-from fedray.runtime.driver import run_experiment
+from fedray.config import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
@@ -37,22 +34,11 @@ BASE = [
 
 
 def main() -> None:
-    register_configs()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
     rows = []
-    try:
+    with embedded_ray():
         for name in STRATEGIES:
-            with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-                raw = compose("config", overrides=[*BASE, f"strategy={name}", *sys.argv[1:]])
             t = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                summary = run_experiment(to_config(raw), tmp)
+            summary, _ = run_job([*BASE, f"strategy={name}", *sys.argv[1:]])
             rows.append(
                 {
                     "strategy": name,
@@ -62,8 +48,6 @@ def main() -> None:
                     "seconds": round(time.perf_counter() - t, 1),
                 }
             )
-    finally:
-        ray.shutdown()
     out = ROOT / "benchmarks" / "results" / "strategies.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
