@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,49 @@ def run_cli(
         timeout=timeout,
         env=env,
     )
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_node(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`ray start --block ARGS` on loopback, in its own session (for fixtures only).
+
+    Its GCS, raylet and workers share the session's process group, so
+    :func:`stop_ray_nodes` stops exactly them; `ray stop` would stop every Ray here.
+    """
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_ray_nodes(nodes: list[subprocess.Popen], port: int) -> None:
+    """Stop nodes from :func:`start_ray_node` (workers first), and forget the cluster."""
+    for node in reversed(nodes):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGINT)  # `ray start --block` stops its processes
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)  # whatever is left of the group
+        node.wait(timeout=10)
+    # `ray stop` would drop Ray's pointer to this (now dead) cluster; killing it does not,
+    # and a bare ray.init() elsewhere would then try to join it.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()

@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, start_ray_node, stop_ray_nodes
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops its processes
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def fresh_cluster():
     """A head (site_a, with the job server) and a worker (site_b), 1 CPU each, on loopback.
 
-    Each node runs as `ray start --block` in its own session, so the fixture can stop
-    exactly its own processes (no `ray stop`, which would stop every Ray on the machine).
+    Each node runs as `ray start --block` in its own session (conftest.start_ray_node).
     """
     env = {
         **os.environ,
@@ -48,24 +30,18 @@ def fresh_cluster():
         # A job's entrypoint runs with the head node's environment: its `python` is ours.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    port, dash = _free_port(), _free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    spawn = dict(
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    head = subprocess.Popen(
+    port, dash = free_port(), free_port()
+    head = start_ray_node(
         [
-            RAY,
-            "start",
             "--head",
             f"--port={port}",
+            "--num-cpus=1",
             '--resources={"site_a": 1}',
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
-            *common,
         ],
-        **spawn,
+        env,
     )
     nodes = [head]
     try:
@@ -79,9 +55,8 @@ def fresh_cluster():
                     pytest.fail("the Ray head did not come up within 90 s")
                 time.sleep(0.5)
         nodes.append(
-            subprocess.Popen(
-                [RAY, "start", f"--address=127.0.0.1:{port}", '--resources={"site_b": 1}', *common],
-                **spawn,
+            start_ray_node(
+                [f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"site_b": 1}'], env
             )
         )
         while (
@@ -98,11 +73,7 @@ def fresh_cluster():
             time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        for proc in reversed(nodes):
-            _stop(proc)
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()  # Ray's pointer to this (now dead) cluster
+        stop_ray_nodes(nodes, port)
 
 
 @pytest.mark.slow

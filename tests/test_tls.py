@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import json
 import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli, start_ray_node, stop_ray_nodes
 
 SMALL_KEY = ["crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
 
@@ -58,12 +53,6 @@ def _self_signed(directory: Path, ips: list[str]) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tls_handshake(port: int, ca: Path) -> str:
     """The TLS version the port negotiates, verifying its certificate against ``ca``."""
     ctx = ssl.create_default_context(cafile=str(ca))
@@ -91,24 +80,9 @@ def tls_head(tmp_path_factory):
         "RAY_TLS_CA_CERT": str(cert),
         "RAY_AUTH_MODE": "token",
     }
-    port = _free_port()
-    ray_cli = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [
-            str(ray_cli),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its GCS, raylet and workers die with the group below
+    port = free_port()
+    head = start_ray_node(
+        ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"], env
     )
     try:
         deadline = time.monotonic() + 90
@@ -122,17 +96,7 @@ def tls_head(tmp_path_factory):
                 time.sleep(0.5)
         yield port, env, cert
     finally:
-        os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its processes
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
-        head.wait(timeout=10)
-        # `ray stop` would drop Ray's pointer to this (now dead) cluster; killing it does
-        # not, and a bare ray.init() elsewhere would then try to join it.
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+        stop_ray_nodes([head], port)
 
 
 def test_encrypted_job_runs_on_a_tls_cluster_that_speaks_only_tls(tls_head, tmp_path):
