@@ -34,6 +34,7 @@ PLAINTEXT_ONLY_STRATEGIES = ("median", "trimmed_mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "shards")
 CRYPTO = ("paillier", "none")
 OBFUSCATORS = ("fixed_base", "standard")
+CUSTODIES = ("threshold", "shared")
 PRIVACY = ("none", "dp")
 NOISE_PLACEMENTS = ("auto", "distributed", "central")
 PRIVACY_MODES = ("client", "sample")
@@ -164,10 +165,20 @@ class CryptoConfig:
     fast_decrypt: bool = True
     dealer_site: str | None = None
     processes: int | None = None
+    # threshold: no process holds the private key after set-up; t of the key holders
+    # (one per client actor, at its site) decrypt a sum. shared: every host holds it.
+    custody: str = "threshold"
+    threshold: int | None = None  # null: a majority of the key holders
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)
         _choice("crypto.obfuscator", self.obfuscator, OBFUSCATORS)
+        _choice("crypto.custody", self.custody, CUSTODIES)
+        if self.threshold is not None and self.threshold < 2:
+            raise ConfigError(
+                f"crypto.threshold={self.threshold} must be >= 2 (one key holder alone must "
+                "not decrypt), or null for a majority of the key holders"
+            )
         if self.key_bits < 256 or self.key_bits % 8:
             raise ConfigError(
                 f"crypto.key_bits={self.key_bits} must be a multiple of 8 and >= 256 "
@@ -351,10 +362,12 @@ def to_config(cfg: DictConfig | FedrayConfig) -> FedrayConfig:
 
 
 def min_clients(cfg: FedrayConfig) -> int:
-    """Fewest finished clients a round accepts (default: half the cohort, at least 1)."""
+    """Fewest finished clients a round accepts (default: half the cohort, at least 1;
+    at least 2 with encryption, so a decrypted sum is never one client's update)."""
     if cfg.min_clients_per_round is not None:
         return cfg.min_clients_per_round
-    return max(1, math.ceil(cfg.clients_per_round / 2))
+    floor = 2 if cfg.crypto.name == "paillier" else 1
+    return max(floor, math.ceil(cfg.clients_per_round / 2))
 
 
 def validate(cfg: FedrayConfig) -> None:
@@ -370,6 +383,16 @@ def validate(cfg: FedrayConfig) -> None:
         raise ConfigError(
             f"min_clients_per_round={cfg.min_clients_per_round} must be between 1 and "
             f"clients_per_round={cfg.clients_per_round}"
+        )
+    if cfg.crypto.name == "paillier" and min_clients(cfg) < 2:
+        raise ConfigError(
+            f"min_clients_per_round={cfg.min_clients_per_round} must be >= 2 with "
+            "crypto=paillier (key holders never decrypt one client's update)"
+        )
+    if cfg.crypto.name == "paillier" and cfg.clients_per_round < 2:
+        raise ConfigError(
+            f"clients_per_round={cfg.clients_per_round} must be >= 2 with crypto=paillier "
+            "(a sum of one client is that client's update)"
         )
     if cfg.crypto.name == "paillier" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
         raise ConfigError(

@@ -60,6 +60,14 @@ def small_keypair():
     return generate_keypair(512)
 
 
+@pytest.fixture(scope="session")
+def threshold_key():
+    """A 512-bit threshold key, 3 holders, any 2 decrypt: (public key, the 3 shares)."""
+    from fedray.crypto.threshold import deal_threshold_key
+
+    return deal_threshold_key(512, holders=3, threshold=2)
+
+
 def compose(overrides: list[str]):
     """Compose and check a config exactly as the launcher does."""
     from hydra import compose as hydra_compose

@@ -79,8 +79,8 @@ class CorruptingHost(ClientHost):
         if not self.cfg.crypto.host_sum and carrier.client_id != self.client_ids[0]:
             return
         kind, enc = self._kind(task), carrier.encrypted
-        width = len(enc.ciphertexts) // self.codec.num_ciphertexts
-        n = self._private.public.n
+        width = len(enc.ciphertexts) // self.layout.num_ciphertexts
+        n = self._key.n
         if kind in ("nan", "foreign_key"):
             carrier.encrypted = replace(enc, key_id="0" * 16)
         elif kind in ("inf", "outside"):
@@ -93,19 +93,20 @@ class CorruptingHost(ClientHost):
             carrier.encrypted = replace(enc, ciphertexts=enc.ciphertexts[:-3])
 
 
-class WrongDepositHost(ClientHost):
-    """Gives the key holder obfuscators that are not the ones it encrypted with."""
+class WrongSharesHost(ClientHost):
+    """Gives the key holders exponent shares that are not those of its obfuscators (signed,
+    so the holders accept them): the share sums cannot open the sum."""
 
-    def _deposit(self, round_num, count, obfuscators):
-        return super()._deposit(round_num, count, bytes(reversed(obfuscators)))
+    def _deposit(self, round_num, update, shares):
+        return super()._deposit(round_num, update, [bytes(reversed(b)) for b in shares])
 
 
-class DealerKillingHost(ClientHost):
-    """Host 0 kills the key dealer at the start of round 2 (the key holder is gone)."""
+class HolderKillingHost(ClientHost):
+    """Host 0 kills the last key holder as round 2 starts (mid-run, before the deposits)."""
 
     def train(self, task, global_weights):
-        if task.round == 2 and 0 in self.client_ids and self._key_holder is not None:
+        if task.round == 2 and 0 in self.client_ids:
             import ray
 
-            ray.kill(self._key_holder)
+            ray.kill(self._holders[-1])
         return super().train(task, global_weights)

@@ -1,21 +1,20 @@
-"""Packed Paillier: exact sums under real keys, rejection of bad ciphertexts, key custody."""
+"""Packed Paillier: exact sums under real keys, threshold decryption, bad ciphertexts."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.codec import PackedPaillierCodec, StatsCodec
 from fedray.crypto.paillier import (
     Decryptor,
     KeyHolderEncryptor,
-    KnownObfuscatorDecryptor,
     check_ciphertexts,
     from_bytes,
-    generate_keypair,
-    obfuscators_from_bytes,
     public_encrypt,
     to_bytes,
 )
@@ -23,57 +22,77 @@ from fedray.crypto.secure_aggregation import (
     ClientEncryptor,
     EncryptedSum,
     RejectedUpdate,
-    decrypt_sum,
+    UpdateLayout,
+)
+from fedray.crypto.threshold import (
+    PublicEncryptor,
+    Unmasker,
+    add_share_blobs,
+    combine_partial_decryptions,
+    deal_threshold_key,
+    partial_decrypt,
+    shared_public_key,
 )
 
 MAX_CLIENTS = 12
 
 
-def _aggregate(private, codec, updates, weights, obfuscator="fixed_base", hosts=None):
-    """Encrypt (summed per host when ``hosts`` gives each client's host), sum, decrypt.
+def _layout(public, **kwargs):
+    return UpdateLayout.for_key(public, PackedPaillierCodec.for_key(public, **kwargs))
 
-    Decrypts twice, with the private key and with the deposited obfuscators, and checks
-    that both give the same plaintexts.
-    """
-    enc = ClientEncryptor(private, codec, obfuscator)
-    acc = EncryptedSum(private.public, codec)
-    hosts = list(range(len(updates))) if hosts is None else hosts
-    obfuscator_sets = []
-    for h in sorted(set(hosts)):
-        entries = [(u, w, None) for u, w, g in zip(updates, weights, hosts, strict=True) if g == h]
-        update, obfuscators = enc.encrypt_sum(entries)
+
+def _seal(key, layout, groups):
+    """Encrypt each group of (update, weight, noise, stats) entries as one update; sum them.
+
+    Returns the server's EncryptedSum and each update's exponent-share blobs."""
+    enc = ClientEncryptor(key, layout)
+    acc = EncryptedSum(key.public, layout)
+    blobs = []
+    for i, entries in enumerate(groups):
+        update, shares = enc.encrypt_sum(entries)
+        update.update_id = f"u{i}"
         acc.add(update)
-        obfuscator_sets.append(obfuscators_from_bytes(private.public, obfuscators))
-    cts = from_bytes(private.public, acc.payload())
-    plaintexts = Decryptor(private).decrypt_many(cts)
-    assert KnownObfuscatorDecryptor(private).decrypt_sum(cts, obfuscator_sets) == plaintexts
-    total = codec.decode_sum(plaintexts, acc.count)
-    return total / acc.total_weight, acc
+        blobs.append(shares)
+    return acc, blobs
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _open_both_ways(key, shares, acc, blobs, holders):
+    """Open the sum with the share sums of ``holders`` and with their partial decryptions;
+    both must give the same plaintexts."""
+    sums = {j: add_share_blobs(key, [b[j - 1] for b in blobs]) for j in holders}
+    unmasker = Unmasker(key, acc.layout.codec.max_summands)
+    plain = unmasker.unmask(acc.ciphertexts(), unmasker.exponents(sums, len(blobs)))
+    partials = {j: partial_decrypt(shares[j - 1], acc.ciphertexts()) for j in holders}
+    assert combine_partial_decryptions(key, partials) == plain
+    return plain
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    num_clients=st.integers(1, MAX_CLIENTS),
+    num_clients=st.integers(2, MAX_CLIENTS),
     num_values=st.integers(1, 60),
     quant_bits=st.sampled_from([8, 12, 16]),
     edge=st.booleans(),
 )
 def test_decrypted_aggregate_equals_weighted_mean(
-    small_keypair, data, num_clients, num_values, quant_bits, edge
+    threshold_key, data, num_clients, num_values, quant_bits, edge
 ):
-    _, private = small_keypair
+    """Public-key encryption, hosts summing any grouping of clients, any 2 of 3 holders
+    opening the sum, both ways: the weighted mean within the stated quantization bound,
+    and the statistics (weights, example counts) summed exactly."""
+    key, shares = threshold_key
     clip = 1.0
-    codec = PackedPaillierCodec.for_key(
-        private.public,
+    layout = _layout(
+        key.public,
         num_values=num_values,
         max_summands=MAX_CLIENTS,
         quant_bits=quant_bits,
         clip=clip,
     )
     seed = data.draw(st.integers(0, 2**32 - 1))
-    # Clients sealed one by one, or summed by the hosts that trained them, any grouping.
     hosts = data.draw(st.lists(st.integers(0, 3), min_size=num_clients, max_size=num_clients))
+    holders = data.draw(st.sampled_from(list(itertools.combinations([1, 2, 3], 2))))
     rng = np.random.default_rng(seed)
     if edge:  # worst case: every weighted value at the clip edge, of either sign
         updates = [rng.choice([-clip, clip], size=num_values) for _ in range(num_clients)]
@@ -81,11 +100,25 @@ def test_decrypted_aggregate_equals_weighted_mean(
     else:
         updates = [rng.uniform(-clip, clip, size=num_values) for _ in range(num_clients)]
         weights = [float(w) for w in rng.uniform(0.05, 1.0, size=num_clients)]
-    mean, acc = _aggregate(private, codec, updates, weights, hosts=hosts)
+    examples = [int(e) for e in rng.integers(1, 5000, size=num_clients)]
+    groups = [
+        [
+            (u, w, None, {"num_examples": e})
+            for u, w, e, g in zip(updates, weights, examples, hosts, strict=True)
+            if g == h
+        ]
+        for h in sorted(set(hosts))
+    ]
+    acc, blobs = _seal(key, layout, groups)
+    plain = _open_both_ways(key, shares, acc, blobs, holders)
+    total, stats = layout.decode_sum(plain, acc.count)
+    mean = total / stats["weight"]
     expected = np.tensordot(np.array(weights) / sum(weights), np.stack(updates), axes=1)
-    bound = codec.error_bound(num_clients, sum(weights))
-    assert np.max(np.abs(mean - expected)) <= bound + 1e-12
+    bound = layout.codec.error_bound(num_clients, sum(weights))
+    assert np.max(np.abs(mean - expected)) <= bound + 1e-6
     assert acc.count == num_clients
+    assert stats["num_examples"] == sum(examples)
+    assert stats["weight"] == pytest.approx(sum(weights), abs=num_clients * 2**-24)
 
 
 def test_host_sum_is_the_sum_of_the_clients_encodings(small_keypair):
@@ -101,74 +134,77 @@ def test_host_sum_is_the_sum_of_the_clients_encodings(small_keypair):
         codec.encode_sum([(np.zeros(40), None)] * 7)
 
 
-def test_known_obfuscator_decryption_checks_the_sum(small_keypair):
-    public, private = small_keypair
-    codec = PackedPaillierCodec.for_key(public, num_values=30, max_summands=4)
-    enc = ClientEncryptor(private, codec, "fixed_base")
-    (a, oa), (b, ob) = (enc.encrypt_sum([(np.full(30, x), 1.0, None)]) for x in (0.25, -0.5))
-    acc = EncryptedSum(public, codec)
-    acc.add(a)
-    acc.add(b)
-    cts = from_bytes(public, acc.payload())
-    sets = [obfuscators_from_bytes(public, o) for o in (oa, ob)]
-    fast = KnownObfuscatorDecryptor(private)
-    plain = fast.decrypt_sum(cts, sets)
-    np.testing.assert_allclose(codec.decode_sum(plain, 2), np.full(30, -0.25), atol=codec.step)
-    # A sum that is not the product of the named updates is caught, not mis-decrypted:
-    assert fast.decrypt_sum(cts, sets[:1]) is None  # an update missing from the claim
-    assert fast.decrypt_sum(from_bytes(public, a.ciphertexts), sets) is None  # one too few
-    tampered = list(cts)
-    tampered[0] = tampered[0] * (1 + 7 * public.n) % public.n**2  # still a valid ciphertext
-    assert Decryptor(private).decrypt(tampered[0]) != plain[0]
-    assert fast.decrypt_sum(tampered, sets)[0] == plain[0] + 7  # a plaintext shift passes
-    assert fast.decrypt_sum(cts, []) is None
+def test_any_t_holders_decrypt_and_t_minus_1_do_not(threshold_key):
+    """Threshold arithmetic: every pair of the 3 holders opens a sum, both ways; one
+    holder alone (its share, or its partial decryption) opens nothing."""
+    key, shares = threshold_key
+    layout = _layout(key.public, num_values=30, max_summands=4)
+    groups = [[(np.full(30, 0.25), 1.0, None, {})], [(np.full(30, -0.5), 1.0, None, {})]]
+    acc, blobs = _seal(key, layout, groups)
+    results = [
+        _open_both_ways(key, shares, acc, blobs, pair)
+        for pair in itertools.combinations([1, 2, 3], 2)
+    ]
+    assert results[0] == results[1] == results[2]
+    total, _ = layout.decode_sum(results[0], 2)
+    np.testing.assert_allclose(total, np.full(30, -0.25), atol=2 * layout.codec.step)
+    unmasker = Unmasker(key, 4)
+    one = {1: add_share_blobs(key, [b[0] for b in blobs])}
+    with pytest.raises(ValueError, match="2 are needed"):
+        unmasker.exponents(one, 2)
+    with pytest.raises(ValueError, match="2 are needed"):
+        combine_partial_decryptions(key, {1: partial_decrypt(shares[0], acc.ciphertexts())})
 
 
-def test_key_dealer_decrypts_deposited_sums_once_and_counts_clients(small_keypair):
-    from fedray.runtime.keys import KeyDealer
-
-    dealer = KeyDealer(512, min_count=3)
-    public, private = dealer.public_key(), dealer.keypair()
-    codec = PackedPaillierCodec.for_key(public, num_values=20, max_summands=5)
-    enc = ClientEncryptor(private, codec, "fixed_base")
-    host_a, obf_a = enc.encrypt_sum([(np.full(20, 0.5), 1.0, None)] * 2)
-    host_b, obf_b = enc.encrypt_sum([(np.full(20, -0.1), 1.0, None)])
-    assert dealer.deposit(4, "a", host_a.count, obf_a) and dealer.deposit(4, "b", 1, obf_b)
-    assert not dealer.deposit(4, "a", 2, obf_a)  # an id is deposited once
-    acc = EncryptedSum(public, codec)
-    acc.add(host_a)
-    acc.add(host_b)
-    assert dealer.decrypt_sum(3, ["a", "b"], acc.payload()) is None  # another round's
-    # The count comes from the deposits: 2 + 1 clients >= min_count 3.
-    plain = dealer.decrypt_sum(4, ["a", "b"], acc.payload())
-    np.testing.assert_allclose(codec.decode_sum(plain, 3), np.full(20, 0.9), atol=3 * codec.step)
-    assert dealer.decrypt_sum(4, ["a", "b"], acc.payload()) is None  # deposits are used once
-    # A sum of fewer clients than a round must have is refused, whatever the server says.
-    only_a = EncryptedSum(public, codec)
-    only_a.add(host_a)
-    dealer.deposit(5, "a2", 2, obf_a)
-    with pytest.raises(PermissionError, match="refusing to decrypt a sum of 2"):
-        dealer.decrypt_sum(5, ["a2"], only_a.payload())
-    # Stragglers' deposits do not pile up: two rounds later they are dropped.
-    dealer.deposit(5, "late", 1, obf_b)
-    dealer.decrypt_sum(7, ["nothing"], acc.payload())
-    assert dealer.pending_deposits() == 0
+def test_wrong_shares_or_a_wrong_sum_do_not_open(threshold_key):
+    key, shares = threshold_key
+    layout = _layout(key.public, num_values=30, max_summands=4)
+    groups = [[(np.full(30, 0.1 * i), 1.0, None, {})] for i in range(3)]
+    acc, blobs = _seal(key, layout, groups)
+    unmasker = Unmasker(key, 4)
+    # The share sums of two of the three updates do not open the sum of all three.
+    sums = {j: add_share_blobs(key, [b[j - 1] for b in blobs[:2]]) for j in (1, 2)}
+    assert unmasker.unmask(acc.ciphertexts(), unmasker.exponents(sums, 2)) is None
+    # A corrupted share sum is caught (it no longer interpolates to an exponent, or the
+    # exponent does not open the ciphertexts), never silently mis-decrypted.
+    good = {j: add_share_blobs(key, [b[j - 1] for b in blobs]) for j in (1, 2)}
+    bad = dict(good)
+    bad[2] = bytes([good[2][0] ^ 1]) + good[2][1:]
+    with pytest.raises(ValueError, match="interpolate"):
+        unmasker.exponents(bad, 3)
 
 
-def test_no_carry_between_slots_at_max_summands(small_keypair):
-    _, private = small_keypair
-    codec = PackedPaillierCodec.for_key(
-        private.public, num_values=50, max_summands=7, quant_bits=8, clip=2.0
-    )
-    assert codec.slots_per_ciphertext > 1
-    updates = [np.full(50, 2.0) for _ in range(7)]
-    updates[0][::2] = -2.0  # neighbours alternate between the extremes
-    mean, _ = _aggregate(private, codec, updates, [1.0] * 7)
-    expected = np.mean(updates, axis=0)
-    np.testing.assert_allclose(mean, expected, atol=codec.error_bound(7, 7.0))
+def test_public_key_ciphertexts_are_textbook_paillier_ciphertexts():
+    """DJN public-key encryption gives ciphertexts phe's private key decrypts; the same
+    plaintext never encrypts twice to the same ciphertext; no obfuscator is reused."""
+    key, private = shared_public_key(512, holders=2)
+    enc = PublicEncryptor(key)
+    enc.precompute(5)
+    phe_key = private.to_phe()
+    ms = [0, 1, 2**100 + 3, key.n - 1, 5, 5]
+    cts, exponents = enc.encrypt_many(ms)
+    assert [phe_key.raw_decrypt(int(c)) for c in cts] == ms
+    assert cts[-1] != cts[-2]
+    assert len(set(exponents)) == len(exponents) and enc.pool_size == 0
+    assert Decryptor(private).decrypt(public_encrypt(key.public, 42)) == 42
 
 
-def test_both_obfuscators_and_textbook_encryption_decrypt(small_keypair):
+def test_no_two_ciphertexts_of_a_round_share_an_obfuscator(threshold_key):
+    """Precomputed and fresh obfuscators are each used once: every ciphertext of many
+    updates divided by its plaintext's (1 + m n) leaves a distinct obfuscator."""
+    key, _ = threshold_key
+    enc = PublicEncryptor(key)
+    enc.precompute(40)
+    n2 = key.n**2
+    obfuscators = []
+    for _ in range(4):
+        cts, _ = enc.encrypt_many([7] * 25)  # pool of 40, then fresh ones
+        inv = pow(1 + 7 * key.n, -1, n2)
+        obfuscators += [int(c) * inv % n2 for c in cts]
+    assert len(set(obfuscators)) == len(obfuscators) == 100
+
+
+def test_shared_custody_obfuscators_decrypt(small_keypair):
     public, private = small_keypair
     dec = Decryptor(private)
     phe_key = private.to_phe()
@@ -178,67 +214,97 @@ def test_both_obfuscators_and_textbook_encryption_decrypt(small_keypair):
             c = enc.encrypt(m)
             assert dec.decrypt(c) == m
             assert phe_key.raw_decrypt(int(c)) == m  # phe agrees it is a Paillier ciphertext
-        # randomised: the same plaintext never encrypts to the same ciphertext
         assert enc.encrypt(5) != enc.encrypt(5)
-    assert dec.decrypt(public_encrypt(public, 42)) == 42
 
 
-def test_wire_format_is_compact_bytes(small_keypair):
-    public, private = small_keypair
-    codec = PackedPaillierCodec.for_key(public, num_values=1000, max_summands=10)
-    update = ClientEncryptor(private, codec, "fixed_base").encrypt(np.zeros(1000), 1.0)
-    assert isinstance(update.ciphertexts, bytes)
-    assert update.nbytes == codec.num_ciphertexts * public.ciphertext_bytes
-    assert update.nbytes / 1000 < 8 * 2  # 512-bit key: 128 B per ciphertext, ~24 values each
-    assert from_bytes(public, to_bytes(public, from_bytes(public, update.ciphertexts))) == (
-        from_bytes(public, update.ciphertexts)
+def test_no_carry_between_slots_at_max_summands(threshold_key):
+    key, shares = threshold_key
+    layout = _layout(key.public, num_values=50, max_summands=7, quant_bits=8, clip=2.0)
+    assert layout.codec.slots_per_ciphertext > 1
+    updates = [np.full(50, 2.0) for _ in range(7)]
+    updates[0][::2] = -2.0  # neighbours alternate between the extremes
+    acc, blobs = _seal(key, layout, [[(u, 1.0, None, {})] for u in updates])
+    total, stats = layout.decode_sum(_open_both_ways(key, shares, acc, blobs, (1, 3)), 7)
+    np.testing.assert_allclose(
+        total / stats["weight"], np.mean(updates, axis=0), atol=layout.codec.error_bound(7, 7.0)
     )
 
 
+def test_stats_codec_sums_exactly_without_carries():
+    codec = StatsCodec(key_bits=512, max_summands=16)
+    rng = np.random.default_rng(0)
+    stats = [
+        {"num_examples": int(rng.integers(0, 10**6)), "train_loss_sum": float(rng.uniform(0, 1e5))}
+        for _ in range(16)
+    ]
+    summed = codec.decode_sum(
+        [sum(col) for col in zip(*(codec.encode_sum([s]) for s in stats), strict=True)]
+    )
+    assert summed["num_examples"] == sum(s["num_examples"] for s in stats)
+    assert summed["train_loss_sum"] == pytest.approx(
+        sum(s["train_loss_sum"] for s in stats), abs=16 * 2**-24
+    )
+    assert summed["val_count"] == 0
+
+
+def test_wire_format_is_compact_bytes(threshold_key):
+    key, _ = threshold_key
+    public = key.public
+    layout = _layout(public, num_values=1000, max_summands=10)
+    update, shares = ClientEncryptor(key, layout).encrypt_sum([(np.zeros(1000), 1.0, None, {})])
+    assert isinstance(update.ciphertexts, bytes)
+    assert update.nbytes == layout.num_ciphertexts * public.ciphertext_bytes
+    assert update.nbytes / 1000 < 8 * 2  # 512-bit key: 128 B per ciphertext, ~24 values each
+    assert [len(b) for b in shares] == [layout.num_ciphertexts * key.share_width()] * 3
+    cts = from_bytes(public, update.ciphertexts)
+    assert from_bytes(public, to_bytes(public, cts)) == cts
+
+
 def test_2048_bit_packing_density():
-    public, _ = generate_keypair(2048)
-    codec = PackedPaillierCodec.for_key(public, num_values=10_000, max_summands=10)
-    assert codec.slots_per_ciphertext == 102  # 20-bit slots in 2047 bits
-    assert public.ciphertext_bytes / codec.slots_per_ciphertext <= 8
+    key, _ = deal_threshold_key(2048, holders=2, threshold=2)
+    layout = _layout(key.public, num_values=10_000, max_summands=10)
+    assert layout.codec.slots_per_ciphertext == 102  # 20-bit slots in 2047 bits
+    assert layout.stats.num_ciphertexts == 1
+    # Ciphertexts, plus one exponent share for the other key holder: < 6.5 B per value.
+    per_value = (key.public.ciphertext_bytes + key.share_width()) / 102
+    assert per_value < 6.5
 
 
-def test_server_rejects_bad_ciphertexts(small_keypair):
-    public, private = small_keypair
-    other_public, other_private = generate_keypair(512)
-    codec = PackedPaillierCodec.for_key(public, num_values=30, max_summands=3)
-    good = ClientEncryptor(private, codec, "fixed_base").encrypt(np.ones(30) * 0.1, 1.0)
-    acc = EncryptedSum(public, codec)
+def test_server_rejects_bad_ciphertexts(threshold_key):
+    key, shares = threshold_key
+    public = key.public
+    other, _ = deal_threshold_key(512, holders=3, threshold=2)
+    layout = _layout(public, num_values=30, max_summands=3)
+    good, good_shares = ClientEncryptor(key, layout).encrypt_sum(
+        [(np.ones(30) * 0.1, 1.0, None, {})]
+    )
+    acc = EncryptedSum(public, layout)
     acc.add(good)
 
-    foreign_codec = PackedPaillierCodec.for_key(other_public, num_values=30, max_summands=3)
-    foreign = ClientEncryptor(other_private, foreign_codec, "fixed_base").encrypt(np.ones(30), 1.0)
+    foreign_layout = _layout(other.public, num_values=30, max_summands=3)
+    foreign, _ = ClientEncryptor(other, foreign_layout).encrypt_sum([(np.ones(30), 1.0, None, {})])
     with pytest.raises(RejectedUpdate, match="another key"):
         acc.add(foreign)
 
     width = public.ciphertext_bytes
+    num = layout.num_ciphertexts
     n2 = public.n**2
-    outside = type(good)(
-        good.key_id, 30, (n2 + 5).to_bytes(width, "little") * codec.num_ciphertexts, 1.0
-    )
+    outside = type(good)(good.key_id, 30, (n2 + 5).to_bytes(width, "little") * num)
     with pytest.raises(RejectedUpdate, match="outside"):
         acc.add(outside)
-    not_unit = type(good)(
-        good.key_id, 30, public.n.to_bytes(width, "little") * codec.num_ciphertexts, 1.0
-    )
+    not_unit = type(good)(good.key_id, 30, public.n.to_bytes(width, "little") * num)
     with pytest.raises(RejectedUpdate, match="unit"):
         acc.add(not_unit)
-    short = type(good)(good.key_id, 30, good.ciphertexts[:-1], 1.0)
     with pytest.raises(RejectedUpdate, match="bytes"):
-        acc.add(short)
-    wrong_shape = type(good)(good.key_id, 31, good.ciphertexts, 1.0)
+        acc.add(type(good)(good.key_id, 30, good.ciphertexts[:-1]))
     with pytest.raises(RejectedUpdate, match="values"):
-        acc.add(wrong_shape)
+        acc.add(type(good)(good.key_id, 31, good.ciphertexts))
     # The sum is unchanged by the rejected updates.
     assert acc.count == 1
-    assert check_ciphertexts(public, from_bytes(public, acc.payload())) is None
-    np.testing.assert_allclose(
-        decrypt_sum(private, codec, acc.payload(), 1), np.full(30, 0.1), atol=codec.step
-    )
+    assert check_ciphertexts(public, acc.ciphertexts()) is None
+    partials = {j: partial_decrypt(shares[j - 1], acc.ciphertexts()) for j in (1, 2)}
+    total, _ = layout.decode_sum(combine_partial_decryptions(key, partials), 1)
+    np.testing.assert_allclose(total, np.full(30, 0.1), atol=layout.codec.step)
 
 
 def test_codec_refuses_nan_and_too_many_summands(small_keypair):
@@ -250,21 +316,18 @@ def test_codec_refuses_nan_and_too_many_summands(small_keypair):
         codec.decode_sum(codec.encode(np.zeros(3)), 3)
 
 
-def test_process_pool_encrypts_what_one_process_would(small_keypair):
-    """A host's ParallelCrypto: same plaintexts after decryption, both ways, and the
-    obfuscators it returns are the ones it used."""
+def test_process_pool_encrypts_what_one_process_would(threshold_key):
+    """A host's ParallelCrypto: the same plaintexts, and the exponents it returns are the
+    ones it used (they open the ciphertexts)."""
     from fedray.crypto.parallel import ParallelCrypto
 
-    public, private = small_keypair
-    codec = PackedPaillierCodec.for_key(public, num_values=400, max_summands=3)
+    key, _ = threshold_key
+    layout = _layout(key.public, num_values=400, max_summands=3)
     rng = np.random.default_rng(5)
-    entries = [(rng.uniform(-1, 1, 400), 0.5, None) for _ in range(3)]
-    with ParallelCrypto(private, 2) as pool:
-        enc = ClientEncryptor(private, codec, "fixed_base", pool=pool)
-        update, obfuscators = enc.encrypt_sum(entries)
-    assert update.count == 3 and update.nbytes == codec.num_ciphertexts * public.ciphertext_bytes
-    cts = from_bytes(public, update.ciphertexts)
-    plaintexts = Decryptor(private).decrypt_many(cts)
-    assert plaintexts == codec.encode_sum([(u * w, None) for u, w, _ in entries])
-    sets = [obfuscators_from_bytes(public, obfuscators)]
-    assert KnownObfuscatorDecryptor(private).decrypt_sum(cts, sets) == plaintexts
+    entries = [(rng.uniform(-1, 1, 400), 0.5, None, {}) for _ in range(3)]
+    with ParallelCrypto(key, 2) as pool:
+        payload, exponents = pool.encrypt(layout.encode_sum(entries))
+    cts = from_bytes(key.public, payload)
+    assert len(cts) == layout.num_ciphertexts
+    plain = Unmasker(key, 3).unmask(cts, exponents)
+    assert plain == layout.encode_sum(entries)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fedray.crypto.codec import PackedPaillierCodec
-from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, decrypt_sum
+from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, UpdateLayout
+from fedray.crypto.threshold import combine_partial_decryptions, partial_decrypt
 from fedray.privacy.dp import ClientLevelDP, compute_epsilon, privatize_update
 from fedray.privacy.mechanisms import l2_clip, secure_standard_normal
 from tests.conftest import run_cli
@@ -42,21 +43,23 @@ def _plan(distributed, sigma=1.0, clip=0.5, m_min=4):
     )
 
 
-def test_distributed_noise_sums_to_sigma_c_under_encryption(small_keypair):
+def test_distributed_noise_sums_to_sigma_c_under_encryption(threshold_key):
     """m_min clients each add their share; the decrypted sum's noise has std sigma*C."""
-    _, private = small_keypair
+    key, shares = threshold_key
     dp = _plan(distributed=True)
     d = 4000
     codec = PackedPaillierCodec.for_key(
-        private.public, num_values=d, max_summands=dp.cohort_cap, quant_bits=16, clip=dp.encode_clip
+        key.public, num_values=d, max_summands=dp.cohort_cap, quant_bits=16, clip=dp.encode_clip
     )
+    layout = UpdateLayout.for_key(key.public, codec)
     plan = dp.client_plan(codec)
-    enc = ClientEncryptor(private, codec, "fixed_base")
-    acc = EncryptedSum(private.public, codec)
+    enc = ClientEncryptor(key, layout, share=False)
+    acc = EncryptedSum(key.public, layout)
     for k in range(dp.min_clients):
         clipped, noise = privatize_update(np.zeros(d, dtype=np.float32), plan, seed=100 + k)
-        acc.add(enc.encrypt(clipped, 1.0, noise))
-    total = decrypt_sum(private, codec, acc.payload(), acc.count)
+        acc.add(enc.encrypt_sum([(clipped, 1.0, noise, {})])[0])
+    partials = {j: partial_decrypt(shares[j - 1], acc.ciphertexts()) for j in (1, 2)}
+    total, _ = layout.decode_sum(combine_partial_decryptions(key, partials), acc.count)
     target = dp.noise_multiplier * dp.clip_norm
     # std estimate over d samples: relative standard error ~ 1/sqrt(2d) ~ 1.1%; allow 5%.
     assert abs(total.std() / target - 1) < 0.05

@@ -148,3 +148,75 @@ class PackedPaillierCodec:
             raise ValueError(f"count={count} must be between 1 and {self.max_summands}")
         q = self.unpack(plaintexts).astype(np.int64) - count * self.qmax
         return q.astype(np.float64) * self.step
+
+
+STATS_FIELDS = (
+    "weight",
+    "num_examples",
+    "train_loss_sum",
+    "val_loss_sum",
+    "val_correct",
+    "val_count",
+    "values_clipped",
+)
+
+
+@dataclass(frozen=True)
+class StatsCodec:
+    """Per-client round statistics packed as exact fixed-point integers (extra ciphertexts).
+
+    With encryption on, a client's example count, weight, losses and validation counts
+    travel *inside* the encrypted update: the server learns only their sums over the
+    clients of the aggregate, like the model update itself. Each field is a non-negative
+    number stored as ``round(value * 2^frac_bits)`` in a slot of ``value_bits`` bits plus
+    ``ceil(log2(max_summands))`` bits of headroom, so sums never carry.
+    """
+
+    key_bits: int
+    max_summands: int
+    value_bits: int = 64
+    frac_bits: int = 24
+    fields: tuple[str, ...] = STATS_FIELDS
+
+    @property
+    def slot_bits(self) -> int:
+        return self.value_bits + max(0, math.ceil(math.log2(self.max_summands)))
+
+    @property
+    def slots_per_ciphertext(self) -> int:
+        return (self.key_bits - 1) // self.slot_bits
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return -(-len(self.fields) // self.slots_per_ciphertext)
+
+    def encode_sum(self, stats: list[dict[str, float]]) -> list[int]:
+        """The packed sum of several clients' statistics (missing fields count 0)."""
+        limit = (1 << self.value_bits) - 1
+        scale = 1 << self.frac_bits
+        slots = []
+        for name in self.fields:
+            total = 0
+            for s in stats:
+                v = float(s.get(name, 0.0))
+                if not math.isfinite(v) or v < 0:
+                    v = 0.0
+                total += min(limit, round(v * scale))
+            slots.append(total)
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        out = []
+        for i in range(0, len(slots), s):
+            m = 0
+            for k, v in enumerate(slots[i : i + s]):
+                m |= v << (k * b)
+            out.append(m)
+        return out
+
+    def decode_sum(self, plaintexts: list[int]) -> dict[str, float]:
+        if len(plaintexts) != self.num_ciphertexts:
+            raise ValueError(f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}")
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        mask = (1 << b) - 1
+        slots = [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
+        scale = float(1 << self.frac_bits)
+        return {name: slots[i] / scale for i, name in enumerate(self.fields)}

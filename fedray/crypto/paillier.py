@@ -4,8 +4,10 @@ Keys and decryption come from ``phe`` (python-paillier); the big-integer work is
 This is the integer layer; :mod:`fedray.crypto.codec` packs float vectors on top of it.
 
 Threat model. The server holds only the public key ``n`` and multiplies ciphertexts
-(adds plaintexts). Every client holds the key pair (one shared key, as in BatchCrypt and
-NVIDIA FLARE's HE mode): a client colluding with the server could decrypt the others.
+(adds plaintexts). This module is the shared-key layer (``crypto.custody=shared``: every
+client holds the key pair, as in BatchCrypt and NVIDIA FLARE's HE mode, so a client
+colluding with the server could decrypt the others). The default, threshold custody, is
+in :mod:`fedray.crypto.threshold`: there no process holds ``p`` and ``q`` after set-up.
 
 Fast encryption. A Paillier ciphertext is ``(1 + m n) * r^n mod n^2`` with ``g = n + 1``;
 all the cost is the obfuscator ``r^n``. Key holders know ``p`` and ``q`` and compute it
@@ -58,7 +60,7 @@ class PublicKey:
 
 @dataclass(frozen=True)
 class PrivateKey:
-    """The factors of n. Held by clients (key holders) only; never by the server."""
+    """The factors of n. Shared custody only (every key holder and host); never the server."""
 
     public: PublicKey
     p: int
@@ -198,19 +200,6 @@ class KeyHolderEncryptor:
     def encrypt_many(self, plaintexts: list[int]) -> list[gmpy2.mpz]:
         return [self.encrypt(m) for m in plaintexts]
 
-    def encrypt_keeping_obfuscators(
-        self, plaintexts: list[int]
-    ) -> tuple[list[gmpy2.mpz], list[tuple[gmpy2.mpz, gmpy2.mpz]]]:
-        """Ciphertexts plus the obfuscators used, for a key holder's fast decryption.
-
-        Whoever holds a ciphertext and its obfuscator can read the plaintext: the
-        obfuscators go to a key holder (which can decrypt anyway), never to the server.
-        """
-        obfuscators = [self._obfuscators() for _ in plaintexts]
-        return [self._encrypt_with(m, r) for m, r in zip(plaintexts, obfuscators, strict=True)], (
-            obfuscators
-        )
-
 
 def public_encrypt(public: PublicKey, m: int) -> gmpy2.mpz:
     """Textbook encryption with the public key only (no CRT); for tests and comparisons."""
@@ -232,80 +221,6 @@ class Decryptor:
 
     def decrypt_many(self, ciphertexts: list[int]) -> list[int]:
         return [self.decrypt(c) for c in ciphertexts]
-
-
-class KnownObfuscatorDecryptor:
-    """Decrypts a *sum* of ciphertexts whose obfuscators the key holder was given.
-
-    A sum of ciphertexts is ``(1 + n)^M * S`` with ``S`` the product of the obfuscators
-    that went into it. Knowing ``S`` (mod p^2 and mod q^2), a key holder removes it with
-    one inversion and reads ``M`` off ``1 + M n``: a few multiplications per ciphertext
-    instead of two 1024-bit exponentiations (~50x faster at 2048 bits). It also checks
-    the sum: a ciphertext that is not exactly the product of the claimed updates leaves a
-    residue that is not 1 mod p (or q), and ``decrypt_sum`` then answers None, so the
-    caller falls back to ordinary decryption (:class:`Decryptor`).
-    """
-
-    def __init__(self, private: PrivateKey):
-        self.public = private.public
-        p, q = gmpy2.mpz(private.p), gmpy2.mpz(private.q)
-        self._p, self._q = p, q
-        self._p2, self._q2 = p * p, q * q
-        self._q_inv_p = gmpy2.invert(q, p)  # (x - 1) / p = M q mod p; also the CRT factor
-        self._p_inv_q = gmpy2.invert(p, q)
-
-    def decrypt_sum(
-        self, ciphertexts: list, obfuscator_sets: list[list[tuple[int, int]]]
-    ) -> list[int] | None:
-        """Plaintexts of ``ciphertexts`` = the product of the updates whose obfuscators
-        are ``obfuscator_sets`` (one list per update, one (r_p, r_q) per ciphertext);
-        None if a ciphertext is not that product."""
-        if not obfuscator_sets or any(len(s) != len(ciphertexts) for s in obfuscator_sets):
-            return None
-        p, q, p2, q2 = self._p, self._q, self._p2, self._q2
-        out = []
-        for k, c in enumerate(ciphertexts):
-            sp, sq = gmpy2.mpz(1), gmpy2.mpz(1)
-            for obfs in obfuscator_sets:
-                rp, rq = obfs[k]
-                sp = sp * rp % p2
-                sq = sq * rq % q2
-            try:
-                xp = gmpy2.mpz(c) % p2 * gmpy2.invert(sp, p2) % p2
-                xq = gmpy2.mpz(c) % q2 * gmpy2.invert(sq, q2) % q2
-            except ZeroDivisionError:  # an obfuscator that is not a unit: not ours
-                return None
-            if xp % p != 1 or xq % q != 1:
-                return None
-            mp = (xp - 1) // p * self._q_inv_p % p
-            mq = (xq - 1) // q * self._p_inv_q % q
-            out.append(int(mq + q * ((mp - mq) * self._q_inv_p % p)))
-        return out
-
-
-def obfuscators_to_bytes(public: PublicKey, obfuscators: list) -> bytes:
-    """(r_p, r_q) pairs as fixed-width bytes: 2 x key_bits/8 bytes per ciphertext."""
-    width = (public.key_bits + 7) // 8
-    return b"".join(
-        int(rp).to_bytes(width, "little") + int(rq).to_bytes(width, "little")
-        for rp, rq in obfuscators
-    )
-
-
-def obfuscators_from_bytes(public: PublicKey, data: bytes) -> list[tuple[gmpy2.mpz, gmpy2.mpz]]:
-    width = (public.key_bits + 7) // 8
-    if len(data) % (2 * width):
-        raise ValueError(
-            f"obfuscator payload of {len(data)} bytes is not a multiple of {2 * width}"
-        )
-    mv = memoryview(data)
-    return [
-        (
-            gmpy2.mpz(int.from_bytes(mv[i : i + width], "little")),
-            gmpy2.mpz(int.from_bytes(mv[i + width : i + 2 * width], "little")),
-        )
-        for i in range(0, len(data), 2 * width)
-    ]
 
 
 def add_ciphertexts(public: PublicKey, a: list, b: list) -> list[gmpy2.mpz]:

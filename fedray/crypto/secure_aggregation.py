@@ -1,11 +1,13 @@
-"""Secure aggregation on top of the packed codec: what clients send and what the server sums.
+"""Secure aggregation on top of the packed codecs: what clients send and what the server sums.
 
-A client turns its weighted update into an :class:`EncryptedUpdate` (compact bytes, never
-pickled phe objects); a host running several simulated clients may seal the sum of their
-updates into one (``count`` > 1). The server folds updates into an
-:class:`EncryptedSum` as they arrive, holding one running ciphertext vector, and hands
-the final product to a key holder, which returns only the decoded *sum*. The server
-never holds a private key, nor the obfuscators that clients give the key holder.
+A client turns its weighted update, plus its round statistics (example count, weight,
+losses: :class:`~fedray.crypto.codec.StatsCodec`), into one :class:`EncryptedUpdate`
+(compact bytes, never pickled phe objects); a host running several simulated clients may
+seal the sum of their updates into one (``count`` > 1). With threshold custody it
+encrypts with the public key only and returns, beside the update, one blob of exponent
+shares per key holder (:mod:`fedray.crypto.threshold`): those go to the key holders,
+never to the server. The server folds updates into an :class:`EncryptedSum` and asks the
+key holders for what it needs to open the *sum* only.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from dataclasses import dataclass
 import gmpy2
 import numpy as np
 
-from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.codec import PackedPaillierCodec, StatsCodec
 from fedray.crypto.paillier import (
-    Decryptor,
     KeyHolderEncryptor,
     PrivateKey,
     PublicKey,
     check_ciphertexts,
     from_bytes,
-    obfuscators_to_bytes,
     to_bytes,
 )
+from fedray.crypto.threshold import PublicEncryptor, ThresholdPublicKey, share_exponents
 
 
 class RejectedUpdate(ValueError):
@@ -34,17 +35,16 @@ class RejectedUpdate(ValueError):
 
 @dataclass
 class EncryptedUpdate:
-    """An encrypted, packed, weighted update as it travels to the server.
+    """An encrypted, packed update (model delta, then statistics) as it travels.
 
     One client's, or the sum of ``count`` clients' (``client_ids``) sealed by the host
-    that trained them; ``weight`` is then their total weight. ``update_id`` names the
-    obfuscators deposited with the key holder ("" if none were).
+    that trained them. ``update_id`` names the signed contribution deposited with the key
+    holders. Weights and example counts are inside the ciphertexts, not beside them.
     """
 
     key_id: str
     num_values: int
     ciphertexts: bytes
-    weight: float
     count: int = 1
     client_ids: tuple[int, ...] = ()
     update_id: str = ""
@@ -54,92 +54,132 @@ class EncryptedUpdate:
         return len(self.ciphertexts)
 
 
-class ClientEncryptor:
-    """Client side: weight, quantize, pack and encrypt an update."""
+@dataclass(frozen=True)
+class UpdateLayout:
+    """The ciphertexts of one update: the model delta's, then the statistics'."""
 
-    def __init__(self, private: PrivateKey, codec: PackedPaillierCodec, obfuscator: str, pool=None):
-        self.public = private.public
-        self.codec = codec
-        self._enc = KeyHolderEncryptor(private, obfuscator)
-        # A ParallelCrypto spreads one update over processes (gmpy2 holds the GIL); the
-        # in-process pool of precomputed obfuscators is used first, whole updates only.
+    codec: PackedPaillierCodec
+    stats: StatsCodec
+
+    @classmethod
+    def for_key(cls, public: PublicKey, codec: PackedPaillierCodec) -> UpdateLayout:
+        return cls(codec, StatsCodec(public.key_bits, codec.max_summands))
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return self.codec.num_ciphertexts + self.stats.num_ciphertexts
+
+    def encode_sum(self, entries: list[tuple[np.ndarray, float, np.ndarray | None, dict]]):
+        """Plaintexts for ``(update, weight, noise_steps, stats)`` entries, summed."""
+        for _, weight, _, _ in entries:
+            if not 0.0 < weight <= 1.0:
+                raise ValueError(f"weight={weight} must be in (0, 1]")
+        delta = self.codec.encode_sum(
+            [(np.asarray(u, dtype=np.float64) * w, noise) for u, w, noise, _ in entries]
+        )
+        stats = self.stats.encode_sum([{**s, "weight": w} for _, w, _, s in entries])
+        return delta + stats
+
+    def decode_sum(self, plaintexts: list[int], count: int) -> tuple[np.ndarray, dict]:
+        """The summed float delta (weighted) and the summed statistics."""
+        k = self.codec.num_ciphertexts
+        return self.codec.decode_sum(plaintexts[:k], count), self.stats.decode_sum(plaintexts[k:])
+
+
+class ClientEncryptor:
+    """Client side: weight, quantize, pack and encrypt an update with its statistics.
+
+    Threshold custody: public-key (DJN) encryption, and ``share_exponents`` gives one blob
+    of exponent shares per key holder (the fast path). Shared custody: the host holds the
+    private key (``private``) and encrypts with CRT; no shares.
+    """
+
+    def __init__(
+        self,
+        key: ThresholdPublicKey,
+        layout: UpdateLayout,
+        *,
+        private: PrivateKey | None = None,
+        obfuscator: str = "fixed_base",
+        share: bool = True,
+        pool=None,
+    ):
+        self.key = key
+        self.public = key.public
+        self.layout = layout
+        self.share = share and private is None
+        self._private_enc = KeyHolderEncryptor(private, obfuscator) if private else None
+        self._public_enc = None if private else PublicEncryptor(key)
+        # A ParallelCrypto spreads one big update over processes (gmpy2 holds the GIL);
+        # the in-process pool of precomputed obfuscators is used first, whole updates only.
         self._pool = pool
 
+    @property
+    def _enc(self):
+        return self._private_enc or self._public_enc
+
     def precompute(self, count: int, should_stop=None) -> int:
-        """Precompute obfuscators for ``count`` future ciphertexts (see KeyHolderEncryptor)."""
+        """Precompute obfuscators for ``count`` future ciphertexts (idle time)."""
         return self._enc.precompute(count, should_stop)
 
     @property
     def pool_size(self) -> int:
         return self._enc.pool_size
 
-    def encrypt(
-        self, update: np.ndarray, weight: float, noise_steps: np.ndarray | None = None
-    ) -> EncryptedUpdate:
-        """Encrypt ``weight * update``; ``noise_steps`` (DP) is added after quantizing."""
-        return self.encrypt_sum([(update, weight, noise_steps)])[0]
-
     def encrypt_sum(
-        self, entries: list[tuple[np.ndarray, float, np.ndarray | None]]
-    ) -> tuple[EncryptedUpdate, bytes]:
-        """One update holding the sum of ``weight * update`` over ``entries``.
+        self, entries: list[tuple[np.ndarray, float, np.ndarray | None, dict]]
+    ) -> tuple[EncryptedUpdate, list[bytes] | None]:
+        """One update holding the sum over ``entries`` of (update, weight, noise, stats).
 
-        Returns it with its obfuscators as bytes: give those to a key holder for fast
-        decryption (:class:`~fedray.crypto.paillier.KnownObfuscatorDecryptor`), never to
-        the server.
+        Returns it with one blob of exponent shares per key holder (None without shares).
         """
-        for _, weight, _ in entries:
-            if not 0.0 < weight <= 1.0:
-                raise ValueError(f"weight={weight} must be in (0, 1]")
-        plaintexts = self.codec.encode_sum(
-            [(np.asarray(u, dtype=np.float64) * w, noise) for u, w, noise in entries]
-        )
-        if self._pool is not None and self._enc.pool_size < len(plaintexts):
-            ciphertexts, obfuscators = self._pool.encrypt_keeping_obfuscators(plaintexts)
+        plaintexts = self.layout.encode_sum(entries)
+        if self._pool is not None and self.pool_size < len(plaintexts):
+            ciphertexts, exponents = self._pool.encrypt(plaintexts)
+        elif self._private_enc is not None:
+            cts = self._private_enc.encrypt_many(plaintexts)
+            ciphertexts, exponents = to_bytes(self.public, cts), None
         else:
-            cts, obfs = self._enc.encrypt_keeping_obfuscators(plaintexts)
+            cts, exponents = self._public_enc.encrypt_many(plaintexts)
             ciphertexts = to_bytes(self.public, cts)
-            obfuscators = obfuscators_to_bytes(self.public, obfs)
+        shares = share_exponents(self.key, exponents) if self.share and exponents else None
         update = EncryptedUpdate(
             key_id=self.public.fingerprint,
-            num_values=self.codec.num_values,
+            num_values=self.layout.codec.num_values,
             ciphertexts=ciphertexts,
-            weight=float(sum(w for _, w, _ in entries)),
             count=len(entries),
         )
-        return update, obfuscators
+        return update, shares
 
 
 class EncryptedSum:
     """Server side: the running homomorphic sum of the updates accepted this round."""
 
-    def __init__(self, public: PublicKey, codec: PackedPaillierCodec):
+    def __init__(self, public: PublicKey, layout: UpdateLayout):
         self.public = public
-        self.codec = codec
+        self.layout = layout
         self._n2 = gmpy2.mpz(public.n) ** 2
         self._acc: list | None = None
         self.count = 0
-        self.total_weight = 0.0
-        self.update_ids: list[str] = []  # for the key holder's fast path ("" = none)
+        self.update_ids: list[str] = []
+        self.payloads: list[bytes] = []  # each update's ciphertexts (for the slow path)
 
     def add(self, update: EncryptedUpdate) -> None:
         """Fold one update in, or raise RejectedUpdate (the sum is then unchanged)."""
         if update.key_id != self.public.fingerprint:
             raise RejectedUpdate("encrypted under another key")
-        if update.num_values != self.codec.num_values:
+        if update.num_values != self.layout.codec.num_values:
             raise RejectedUpdate(
-                f"has {update.num_values} values, the model has {self.codec.num_values}"
+                f"has {update.num_values} values, the model has {self.layout.codec.num_values}"
             )
         if not isinstance(update.count, int) or update.count < 1:
             raise RejectedUpdate(f"count {update.count!r} is not a positive integer")
-        if not 0.0 < update.weight <= update.count:
-            raise RejectedUpdate(f"weight {update.weight} outside (0, {update.count}]")
-        if self.count + update.count > self.codec.max_summands:
+        if self.count + update.count > self.layout.codec.max_summands:
             raise RejectedUpdate(
                 f"the sum holds {self.count} updates; {update.count} more would exceed "
-                f"the maximum {self.codec.max_summands}"
+                f"the maximum {self.layout.codec.max_summands}"
             )
-        expected = self.codec.num_ciphertexts * self.public.ciphertext_bytes
+        expected = self.layout.num_ciphertexts * self.public.ciphertext_bytes
         if len(update.ciphertexts) != expected:
             raise RejectedUpdate(f"payload of {len(update.ciphertexts)} bytes, expected {expected}")
         cts = from_bytes(self.public, update.ciphertexts)
@@ -152,20 +192,30 @@ class EncryptedSum:
             n2 = self._n2
             self._acc = [a * c % n2 for a, c in zip(self._acc, cts, strict=True)]
         self.count += update.count
-        self.total_weight += update.weight
         self.update_ids.append(update.update_id)
+        self.payloads.append(update.ciphertexts)
 
-    def payload(self) -> bytes:
+    def ciphertexts(self) -> list:
         if self._acc is None:
             raise ValueError("no update was added")
-        return to_bytes(self.public, self._acc)
+        return self._acc
+
+    def payload(self) -> bytes:
+        return to_bytes(self.public, self.ciphertexts())
 
 
-def decrypt_sum(
-    private: PrivateKey, codec: PackedPaillierCodec, payload: bytes, count: int
-) -> np.ndarray:
-    """Key holder side: decrypt and decode a sum of ``count`` updates (not a single one)."""
-    if count < 1:
-        raise ValueError("refusing to decrypt an empty sum")
-    cts = from_bytes(private.public, payload)
-    return codec.decode_sum(Decryptor(private).decrypt_many(cts), count)
+def codec_for(cfg, public: PublicKey, num_values: int) -> PackedPaillierCodec:
+    """The packed codec clients and server derive from the config (identical by construction)."""
+    clip, max_summands = cfg.crypto.clip, cfg.clients_per_round
+    if cfg.privacy.name == "dp" and cfg.privacy.mode == "client":
+        from fedray.privacy import build_privacy
+
+        plan = build_privacy(cfg)
+        clip, max_summands = plan.encode_clip, max(plan.cohort_cap, cfg.clients_per_round)
+    return PackedPaillierCodec.for_key(
+        public,
+        num_values=num_values,
+        max_summands=max_summands,
+        quant_bits=cfg.crypto.quant_bits,
+        clip=clip,
+    )

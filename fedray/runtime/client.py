@@ -51,6 +51,7 @@ class ClientResult:
     train_seconds: float = 0.0
     encrypt_seconds: float = 0.0
     bytes_up: int = 0
+    bytes_to_key_holders: int = 0
     node_id: str = ""
     error: str | None = None
 
@@ -85,15 +86,17 @@ class ClientHost:
         client_ids: list[int],
         info: DatasetInfo,
         weight_ref: float = 1.0,
-        key_source: Any = None,
+        authority: bytes | None = None,
     ):
+        """``authority``: the driver's set-up public key; with crypto on, the host accepts
+        only a key and key holders that the driver signed (see ``configure_crypto``)."""
         self._init_error: str | None = None
         try:
-            self._setup(cfg, client_ids, info, weight_ref, key_source)
+            self._setup(cfg, client_ids, info, weight_ref, authority)
         except Exception as exc:  # reported by ready() as one line, not a restart loop
             self._init_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
-    def _setup(self, cfg, client_ids, info, weight_ref, key_source) -> None:
+    def _setup(self, cfg, client_ids, info, weight_ref, authority) -> None:
         import torch
 
         from fedray.models import ParamView, build_model
@@ -126,38 +129,78 @@ class ClientHost:
         )
         self._encryptor = None
         self._private = None
-        self._key_holder = None
+        self._key = None
+        self._holders: list[Any] = []
+        self._host_index = -1
         self._parallel = None
-        self._to_seal: dict[int, tuple[np.ndarray, float, Any]] = {}
+        self._to_seal: dict[int, tuple[np.ndarray, float, Any, dict]] = {}
         self._busy = False
         self._precompute_thread: threading.Thread | None = None
-        if key_source is not None:
-            self._init_crypto(key_source)
+        self._authority = authority
+        self._identity = None
+        if cfg.crypto.name == "paillier":
+            from fedray.runtime.keys import HostIdentity
+
+            self._identity = HostIdentity()  # made here; only its public half ever leaves
 
     # -- set-up -------------------------------------------------------------------------
-    def _init_crypto(self, key_source: Any) -> None:
-        from fedray.crypto.secure_aggregation import ClientEncryptor
+    def identity(self) -> tuple[bytes, bool]:
+        """This host's public signing key, and whether its crypto is configured (a
+        restarted host is not: the driver registers it again)."""
+        if self._identity is None:
+            raise RuntimeError("this host runs without encryption")
+        return self._identity.public_bytes(), self._encryptor is not None
 
-        if isinstance(key_source, str):  # the key dealer's actor name
-            import ray
+    def install_private_key(self, private: Any) -> bool:
+        """Shared custody only: the key dealer gives every host the private key. Once."""
+        from fedray.crypto.paillier import PrivateKey
 
-            dealer = ray.get_actor(key_source)
-            private = ray.get(dealer.keypair.remote())
-            if self.cfg.crypto.fast_decrypt:
-                self._key_holder = dealer
-        else:  # a PrivateKey (plain use, tests)
-            private = key_source
+        if self.cfg.crypto.custody != "shared" or not isinstance(private, PrivateKey):
+            raise PermissionError("a private key is accepted only in crypto.custody=shared")
+        if self._private is not None or self._encryptor is not None:
+            raise PermissionError("this host already has its key")
         self._private = private
-        from fedray.runtime.server import codec_for
+        return True
 
-        self.codec = codec_for(self.cfg, private.public, self.view.size)
-        processes = crypto_processes(self.cfg, self.codec.num_ciphertexts)
+    def configure_crypto(
+        self, key: Any, holders: list[Any], host_index: int, signature: bytes
+    ) -> bool:
+        """Take the public key and the key holders to deposit with, as the driver signed.
+
+        Unsigned (or signed for other holders) it is refused: a host must never give its
+        exponent shares to holders the server picked.
+        """
+        from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout, codec_for
+        from fedray.runtime.keys import configure_message, verify
+
+        if self._identity is None or self._authority is None:
+            raise PermissionError("this host was started without crypto")
+        holder_ids = [h._actor_id.hex() for h in holders]
+        message = configure_message(key.fingerprint, int(host_index), holder_ids)
+        if not verify(self._authority, signature, message):
+            raise PermissionError("crypto configuration not signed by the job's set-up key")
+        if self._encryptor is not None:
+            raise PermissionError("this host's crypto is already configured")
+        private = self._private
+        if private is not None and private.public != key.public:
+            raise PermissionError("the installed private key is not this job's key")
+        self._key, self._holders, self._host_index = key, list(holders), int(host_index)
+        self.codec = codec_for(self.cfg, key.public, self.view.size)
+        self.layout = UpdateLayout.for_key(key.public, self.codec)
+        processes = crypto_processes(self.cfg, self.layout.num_ciphertexts)
         if processes > 1:
             from fedray.crypto.parallel import ParallelCrypto
 
-            self._parallel = ParallelCrypto(private, processes, self.cfg.crypto.obfuscator)
+            self._parallel = ParallelCrypto(
+                key, processes, private=private, obfuscator=self.cfg.crypto.obfuscator
+            )
         self._encryptor = ClientEncryptor(
-            private, self.codec, self.cfg.crypto.obfuscator, pool=self._parallel
+            key,
+            self.layout,
+            private=private,
+            obfuscator=self.cfg.crypto.obfuscator,
+            share=self.cfg.crypto.custody == "threshold" and self.cfg.crypto.fast_decrypt,
+            pool=self._parallel,
         )
         # Obfuscators for the ciphertexts this host expects to make per round (x1.5):
         # one update per call with crypto.host_sum, else one per sampled client.
@@ -165,9 +208,10 @@ class ClientHost:
         if self.cfg.crypto.host_sum:
             per_round = min(per_round, 1.0)
         self._pool_target = min(
-            100_000, math.ceil(1.5 * per_round + 1) * self.codec.num_ciphertexts
+            100_000, math.ceil(1.5 * per_round + 1) * self.layout.num_ciphertexts
         )
         self._precompute_in_background()
+        return True
 
     def _precompute_in_background(self) -> None:
         """Fill the obfuscator pool while this host is idle; a train call stops it at once."""
@@ -329,7 +373,14 @@ class ClientHost:
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
         if self._encryptor is not None:
-            self._to_seal[result.client_id] = (delta, result.weight, noise)
+            stats = {
+                "num_examples": result.num_examples,
+                "train_loss_sum": result.train_loss * result.num_examples,
+                "val_loss_sum": result.val_loss * result.val_count if result.val_count else 0.0,
+                "val_correct": result.val_correct,
+                "val_count": result.val_count,
+            }
+            self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
         else:
             result.delta = delta
             result.bytes_up = delta.nbytes
@@ -337,48 +388,84 @@ class ClientHost:
 
     def _seal(self, task: RoundTask, results: list[ClientResult]) -> None:
         """Encrypt this call's updates: one sum for all its clients (``crypto.host_sum``),
-        or one update per client. The obfuscators go to the key holder, not the server.
+        or one update per client. Each is signed and deposited with the key holders (with
+        their exponent shares) before it goes to the server.
 
-        With a sum, the first client's result carries it and the others only their
-        metrics; the server accepts those clients with it or rejects them with it.
+        Per-client numbers (example counts, weights, losses, timings) travel only inside
+        the ciphertexts: every result sent to the server is scrubbed of them. With a sum,
+        the first client's result carries it; the server accepts those clients with it or
+        rejects them with it.
         """
         ok = [r for r in results if r.error is None and r.client_id in self._to_seal]
+        call_seconds = sum(r.train_seconds for r in results)
+        for r in results:
+            r.num_examples, r.weight, r.train_seconds = 0, 0.0, 0.0
+            r.train_loss = r.val_loss = float("nan")
+            r.val_correct = r.val_count = 0
         if not ok:
             return
+        ok[0].train_seconds = call_seconds
         groups = [ok] if self.cfg.crypto.host_sum else [[r] for r in ok]
+        sealed = []
         for group in groups:
             t1 = time.perf_counter()
-            update, obfuscators = self._encryptor.encrypt_sum(
+            update, shares = self._encryptor.encrypt_sum(
                 [self._to_seal[r.client_id] for r in group]
             )
             update.client_ids = tuple(r.client_id for r in group)
-            update.update_id = self._deposit(task.round, update.count, obfuscators)
+            pending = self._deposit(task.round, update, shares)  # all groups' calls at once
+            sealed.append((group, update, pending, time.perf_counter() - t1))
+        for group, update, pending, seconds in sealed:
+            t1 = time.perf_counter()
+            accepted = self._await_deposits(pending)
+            needed = self._key.threshold
+            if accepted < needed:
+                for r in group:
+                    r.error = f"only {accepted} key holders accepted the update ({needed} needed)"
+                continue
             carrier = group[0]
             carrier.encrypted = update
-            carrier.encrypt_seconds = time.perf_counter() - t1
+            carrier.encrypt_seconds = seconds + time.perf_counter() - t1
             carrier.bytes_up = update.nbytes
+            carrier.bytes_to_key_holders = sum(
+                len(b) for i, b in enumerate(shares or []) if i != self._host_index
+            )
 
-    def _deposit(self, round_num: int, count: int, obfuscators: bytes) -> str:
-        """Give the key holder an update's obfuscators; its id, or "" if that failed.
-
-        Waits for the answer, so the deposit is in before the server can ask for the sum.
-        A failed deposit costs only speed: the server then decrypts the ordinary way.
-        """
-        if self._key_holder is None:
-            return ""
+    def _deposit(self, round_num: int, update: Any, shares: list[bytes] | None) -> list:
+        """Sign the update's contribution (setting its ``update_id``) and send it to every
+        key holder, each with its exponent shares; returns the pending calls."""
         import secrets
 
+        from fedray.runtime.keys import Contribution, digest
+
+        update.update_id = secrets.token_hex(16)
+        contribution = Contribution(
+            key_id=self._key.fingerprint,
+            round=int(round_num),
+            update_id=update.update_id,
+            host=self._host_index,
+            client_ids=tuple(int(c) for c in update.client_ids),
+            ciphertext_sha256=digest(update.ciphertexts),
+            share_sha256=tuple(digest(b) for b in shares) if shares else (),
+        )
+        signed = self._identity.sign(contribution)
+        return [
+            holder.deposit.remote(signed, shares[i] if shares else None)
+            for i, holder in enumerate(self._holders)
+        ]
+
+    def _await_deposits(self, pending: list) -> int:
+        """How many key holders accepted; waits, so the deposits are in before the server
+        can ask for the sum. A dead or slow holder is skipped: the others may suffice."""
         import ray
 
-        update_id = secrets.token_hex(16)
-        try:
-            ok = ray.get(
-                self._key_holder.deposit.remote(round_num, update_id, count, obfuscators),
-                timeout=DEPOSIT_TIMEOUT_S,
-            )
-        except Exception:  # key holder gone or slow: fall back, never fail the round
-            return ""
-        return update_id if ok else ""
+        accepted = 0
+        for ref in pending:
+            try:
+                accepted += bool(ray.get(ref, timeout=DEPOSIT_TIMEOUT_S))
+            except Exception:
+                continue
+        return accepted
 
     def _train_dp_sgd(self, cid: int, task: RoundTask, global_weights: np.ndarray, plan):
         """Sample-level DP-SGD with Opacus on a fresh copy of the model (no hooks left)."""
@@ -431,36 +518,12 @@ class ClientHost:
         delta = (view.get() - global_weights).astype(np.float32)
         return delta, total / max(1, batches)
 
-    # -- key holder ---------------------------------------------------------------------
-    def decrypt_sum(self, payload: bytes, count: int, start: int = 0, stop: int | None = None):
-        """Decrypt a *sum* of ``count`` updates (the server asks only for sums).
-
-        ``start:stop`` selects a range of ciphertexts so several hosts can share the work;
-        returns the integer plaintexts of that range.
-        """
-        from fedray.crypto.paillier import Decryptor, from_bytes
-
-        if self._private is None:
-            raise RuntimeError("this client host holds no key")
-        from fedray.config import min_clients
-
-        min_count = min_clients(self.cfg)
-        if count < min_count:
-            raise PermissionError(
-                f"refusing to decrypt a sum of {count} updates (fewer than the "
-                f"{min_count} a round must have)"
-            )
-        width = self._private.public.ciphertext_bytes
-        stop = len(payload) // width if stop is None else stop
-        cts = from_bytes(self._private.public, payload[start * width : stop * width])
-        with self._on_the_clock():
-            return Decryptor(self._private).decrypt_many(cts)
-
 
 def client_actor_class(host_class: type | None = None):
     """The Ray actor form of :class:`ClientHost` (restarted by Ray if its process dies).
 
-    A restarted host reloads its clients' data and fetches the key again; calls that were
+    A restarted host reloads its clients' data and makes a new signing identity, which
+    the driver registers with the key holders before the next round; calls that were
     running when it died fail (the server counts those clients as failed this round).
     """
     import ray

@@ -10,7 +10,6 @@ import logging
 import math
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +165,22 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
 
 
 def run_experiment(
-    cfg: FedrayConfig, output_dir: str | Path, *, host_class: type | None = None
+    cfg: FedrayConfig,
+    output_dir: str | Path,
+    *,
+    host_class: type | None = None,
+    server_class: type | None = None,
 ) -> dict[str, Any]:
     """Run the job described by ``cfg`` and write its files into ``output_dir``.
 
-    ``host_class`` replaces :class:`~fedray.runtime.client.ClientHost` (a subclass), e.g.
-    to inject faults in tests or to customise local training.
+    ``host_class`` / ``server_class`` replace :class:`~fedray.runtime.client.ClientHost`
+    / :class:`~fedray.runtime.server.Server` (subclasses), e.g. to inject faults in tests
+    or to record what the server receives.
     """
     import ray
 
     from fedray.runtime.client import client_actor_class
-    from fedray.runtime.cluster import connect, dealer_options, plan_placement
+    from fedray.runtime.cluster import connect, plan_placement
     from fedray.runtime.server import server_actor_class
 
     output_dir = Path(output_dir)
@@ -198,32 +202,26 @@ def run_experiment(
     try:
         placement = plan_placement(cfg, ray.cluster_resources())
         info = _dataset_info(cfg, placement)
-        dealer = dealer_actor = None
-        dealer_node = None
-        public_key = None
+        authority = None
         if cfg.crypto.name == "paillier":
-            from fedray.runtime.keys import key_dealer_class
+            from fedray.runtime.keys import HostIdentity
 
-            # Client hosts find the dealer by name (also after a restart); the server is
-            # given the public key, and the dealer's handle to ask it for sums only.
-            dealer_name = f"fedray-key-dealer-{uuid.uuid4().hex[:12]}"
-            dealer_opts = dealer_options(cfg, ray.nodes())
-            dealer_actor = (
-                key_dealer_class()
-                .options(name=dealer_name, **dealer_opts)
-                .remote(cfg.crypto.key_bits, min_clients(cfg))
-            )
-            public_key, dealer_node = ray.get(
-                [dealer_actor.public_key.remote(), dealer_actor.node_id.remote()]
-            )
-            dealer = dealer_name
+            authority = HostIdentity()  # the job's set-up key: signs host config, never leaves
         actor_cls = client_actor_class(host_class)
         host_options, reservation = _reserve(placement)
         hosts = [
-            actor_cls.options(**opts).remote(cfg, cids, info, 1.0, dealer)
+            actor_cls.options(**opts).remote(
+                cfg, cids, info, 1.0, authority.public_bytes() if authority else None
+            )
             for cids, opts in zip(placement.host_clients, host_options, strict=True)
         ]
         _wait_ready(hosts, READY_TIMEOUT_S)
+        custody = None
+        if authority is not None:
+            from fedray.runtime.custody import set_up_keys
+
+            custody = set_up_keys(cfg, hosts, placement.assignment, authority)
+        public_key = custody.key if custody else None
         described: dict[int, dict[str, Any]] = {}
         for answer in ray.get([h.describe.remote() for h in hosts]):
             described.update(answer)
@@ -234,7 +232,12 @@ def run_experiment(
                 f"[fedray] {cfg.num_clients} clients on {len(hosts)} actors ({placement.mode} "
                 f"mode), {len({d['node_id'] for d in described.values()})} node(s); "
                 f"crypto={cfg.crypto.name}"
-                + (f" ({cfg.crypto.key_bits}-bit)" if public_key else "")
+                + (
+                    f" ({cfg.crypto.key_bits}-bit, {cfg.crypto.custody} custody: "
+                    f"{public_key.threshold} of {len(custody.holders)} key holders decrypt)"
+                    if public_key
+                    else ""
+                )
                 + f", privacy={cfg.privacy.name}, strategy={cfg.strategy.name}",
                 flush=True,
             )
@@ -259,14 +262,14 @@ def run_experiment(
             from fedray.privacy import build_privacy
 
             privacy = build_privacy(cfg, {cid: d["num_examples"] for cid, d in described.items()})
-        server = server_actor_class().remote(
+        server = server_actor_class(server_class).remote(
             cfg,
             info,
             hosts,
             placement.assignment,
             public_key,
             privacy,
-            key_holder=dealer_actor if cfg.crypto.fast_decrypt else None,
+            key_holders=custody.holders if custody else None,
         )
         if resume_state is not None:
             ray.get(server.load_state_dict.remote(resume_state))
@@ -292,7 +295,11 @@ def run_experiment(
             "min_clients_per_round": min_clients(cfg),
             "crypto": cfg.crypto.name,
             "key_bits": cfg.crypto.key_bits if public_key else None,
-            "key_dealer_node": dealer_node,
+            "key_dealer_node": custody.dealer_node if custody else None,
+            "custody": cfg.crypto.custody if custody else None,
+            "threshold": custody.key.threshold if custody else None,
+            "key_holders": len(custody.holders) if custody else None,
+            "key_holder_nodes": custody.holder_nodes if custody else None,
             "values_per_ciphertext": values_per_ct or None,
             "client_failures": 0,
             "clients_rejected": 0,
@@ -334,6 +341,9 @@ def run_experiment(
             summary["bytes_up"] += m["bytes_up"]
             summary["updates_up"] += m["updates_up"]
             summary["bytes_down"] += m["bytes_down"]
+            summary["bytes_to_key_holders"] = summary.get("bytes_to_key_holders", 0) + m.get(
+                "bytes_to_key_holders", 0
+            )
             summary["client_failures"] += m["clients_failed"]
             summary["clients_rejected"] += m["clients_rejected"]
             summary["final_accuracy"] = m["test_accuracy"]
@@ -351,6 +361,8 @@ def run_experiment(
             if cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0:
                 save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
             write_json(output_dir / "summary.json", summary)
+            if custody is not None and m["clients_failed"]:
+                custody.refresh_restarted_hosts()  # a dead host's successor signs anew
             if reached:
                 summary["stopped_early"] = True
                 summary["stop_reason"] = "target_accuracy"

@@ -1,52 +1,208 @@
-"""The key dealer: makes the Paillier key pair, hands it out by role, decrypts sums fast.
+"""Key custody at run time: the one-shot key dealer, and the key holders at the sites.
 
-The driver gives the server ``public_key()`` only and gives client hosts a handle to this
-actor, from which each fetches ``keypair()`` itself; the private key never passes through
-the driver or the server. Run it on a site you trust (see README, "Threat model").
+Threat model (threshold custody, the default). The server is honest-but-curious and may
+deviate from the protocol with what it holds: the public key, every ciphertext, the
+decrypted aggregates, and a Ray handle to every client host and key holder (so it can call
+any of their methods with any arguments). It must not learn one client's update. So:
 
-It is also the key holder the server asks first for a round's decrypted sum. Hosts
-deposit the obfuscators of each update they send (client -> key holder, never through
-the server), so the dealer strips them from the sum with a few multiplications per
-ciphertext instead of two 1024-bit exponentiations. It decrypts only sums of at least
-``min_count`` clients, counted from its own deposits; when a deposit is missing or the
-sum is not the product of the named updates, it answers None and the server falls back
-to ordinary decryption by the client hosts.
+* **No single process holds the private key after set-up.** :class:`KeyDealer` makes the
+  key, pushes one decryption share to each :class:`KeyHolder` (holder -> never returned),
+  drops the factors and is killed by the driver. No method of any actor returns key
+  material; ``install`` is one-shot.
+* **Key holders decide themselves what they help decrypt.** Each host signs (Ed25519) a
+  :class:`Contribution` for every encrypted update it sends: round, update id, which of
+  *its* clients it covers, digests of the ciphertexts and of each holder's exponent
+  shares. The hosts' verification keys and the client -> host assignment are given to
+  each holder at construction by the driver (the trusted set-up party), so the server
+  cannot add Sybil contributions. A holder helps decrypt a sum only if every update in it
+  was deposited with a valid signature for that round, the updates cover at least
+  ``min_clients`` distinct clients with none counted twice, and the round is not older
+  than the last one it released. It releases at most one sum per round (asking again
+  for the *same* sum is answered again), so two overlapping sums cannot be differenced.
+* **Restarted hosts.** A restarted host has a new identity; only the driver can vouch
+  for it (a registration signed with the driver's set-up key, with a per-host epoch
+  that only grows), never the server.
+
+Within one Ray cluster this protects against a curious server process (and what it
+receives, logs and checkpoints). Ray runs the submitted job's code on every node: a site
+that does not trust the submitter must run only fedray and job code it installed itself.
 """
 
 from __future__ import annotations
 
-from fedray.crypto.paillier import (
-    KnownObfuscatorDecryptor,
-    PrivateKey,
-    PublicKey,
-    from_bytes,
-    generate_keypair,
-    obfuscators_from_bytes,
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedray.crypto.paillier import PrivateKey, check_ciphertexts, from_bytes
+from fedray.crypto.threshold import (
+    DecryptionShare,
+    ThresholdPublicKey,
+    add_share_blobs,
+    deal_threshold_key,
+    partial_decrypt,
 )
+
+log = logging.getLogger("fedray.keys")
 
 KEEP_ROUNDS = 2  # deposits of older rounds (stragglers' leftovers) are dropped
 
 
-class KeyDealer:
-    """Holds one fresh key pair for the run; decrypts sums with deposited obfuscators."""
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
-    def __init__(self, key_bits: int, min_count: int = 1):
-        self._public, self._private = generate_keypair(key_bits)
-        self._min_count = int(min_count)
-        self._decryptor = KnownObfuscatorDecryptor(self._private)
-        self._deposits: dict[str, tuple[int, int, bytes]] = {}  # id -> (round, count, obfs)
 
-    def public_key(self) -> PublicKey:
-        return self._public
+@dataclass(frozen=True)
+class Contribution:
+    """What a host vouches for about one encrypted update it sent (signed, Ed25519)."""
 
-    def keypair(self) -> PrivateKey:
-        return self._private
+    key_id: str
+    round: int
+    update_id: str
+    host: int
+    client_ids: tuple[int, ...]
+    ciphertext_sha256: str
+    share_sha256: tuple[str, ...] = ()  # one per key holder; () when no shares travel
 
-    def deposit(self, round_num: int, update_id: str, count: int, obfuscators: bytes) -> bool:
-        """Keep the obfuscators of one update (of ``count`` clients) until its round ends."""
-        if not update_id or update_id in self._deposits or count < 1:
-            return False
-        self._deposits[update_id] = (int(round_num), int(count), bytes(obfuscators))
+    def message(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class SignedContribution:
+    contribution: Contribution
+    signature: bytes
+
+
+class HostIdentity:
+    """A host's Ed25519 signing key. Made in the host's process; only the public half leaves."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self._key = Ed25519PrivateKey.generate()
+
+    def __repr__(self) -> str:
+        return "HostIdentity(<secret>)"
+
+    def public_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def sign(self, contribution: Contribution) -> SignedContribution:
+        return SignedContribution(contribution, self._key.sign(contribution.message()))
+
+    def sign_bytes(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+
+def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def configure_message(key_id: str, host: int, holder_ids: list[str]) -> bytes:
+    """What the driver signs so a host accepts its key and key holders (and no others)."""
+    return json.dumps(
+        {"key": key_id, "host": host, "holders": list(holder_ids)}, sort_keys=True
+    ).encode()
+
+
+def registration_message(key_id: str, host: int, public_key: bytes, epoch: int) -> bytes:
+    return json.dumps(
+        {"key": key_id, "host": host, "identity": public_key.hex(), "epoch": epoch},
+        sort_keys=True,
+    ).encode()
+
+
+@dataclass
+class _Deposit:
+    round: int
+    host: int
+    client_ids: tuple[int, ...]
+    ciphertext_sha256: str
+    shares: bytes | None
+
+
+class KeyHolder:
+    """One site's key holder: a decryption share, a ledger of signed contributions.
+
+    ``peers`` maps host index -> Ed25519 public key, ``assignment`` client id -> host
+    index, ``authority`` is the driver's set-up public key (re-registers restarted hosts).
+    With ``custody="shared"`` it is given the whole private key instead of a share.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        peers: dict[int, bytes],
+        assignment: dict[int, int],
+        min_clients: int,
+        authority: bytes,
+        custody: str = "threshold",
+    ):
+        if min_clients < 2:
+            raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
+        self.index = int(index)
+        self.key: ThresholdPublicKey | None = None
+        self.custody = custody
+        self._peers = {int(h): bytes(k) for h, k in peers.items()}
+        self._epochs = {h: 0 for h in self._peers}
+        self._assignment = {int(c): int(h) for c, h in assignment.items()}
+        self._min_clients = int(min_clients)
+        self._authority = bytes(authority)
+        self._secret: DecryptionShare | PrivateKey | None = None
+        self._deposits: dict[str, _Deposit] = {}
+        self._released: dict[int, tuple[str, ...]] = {}
+        self._last_round = 0
+
+    def __repr__(self) -> str:
+        return f"KeyHolder(index={self.index})"
+
+    # -- set-up -------------------------------------------------------------------------
+    def install(self, key: ThresholdPublicKey, secret: DecryptionShare | PrivateKey) -> bool:
+        """Take the key and this holder's share (shared custody: the private key). Once."""
+        if self._secret is not None:
+            raise PermissionError("this key holder already holds its key material")
+        if isinstance(secret, DecryptionShare):
+            if self.custody != "threshold" or secret.key != key or secret.index != self.index:
+                raise ValueError("a decryption share for another key, holder or custody")
+        elif isinstance(secret, PrivateKey):
+            if self.custody != "shared" or secret.public != key.public:
+                raise ValueError("a private key is accepted only in shared custody, same key")
+        else:
+            raise TypeError(f"cannot install a {type(secret).__name__}")
+        self.key, self._secret = key, secret
+        return True
+
+    def ready(self) -> bool:
+        return self._secret is not None
+
+    def register(self, host: int, public_key: bytes, epoch: int, signature: bytes) -> bool:
+        """Accept a restarted host's new identity, vouched for by the driver's set-up key."""
+        host, epoch = int(host), int(epoch)
+        if self.key is None:
+            raise PermissionError("this key holder holds no key yet")
+        if host not in self._peers:
+            raise PermissionError(f"host {host} is not part of this federation")
+        if epoch <= self._epochs[host]:
+            raise PermissionError(f"registration epoch {epoch} for host {host} is not new")
+        message = registration_message(self.key.fingerprint, host, bytes(public_key), epoch)
+        if not verify(self._authority, bytes(signature), message):
+            raise PermissionError("registration not signed by the job's set-up key")
+        self._peers[host] = bytes(public_key)
+        self._epochs[host] = epoch
         return True
 
     def node_id(self) -> str:
@@ -54,36 +210,239 @@ class KeyDealer:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
-    def pending_deposits(self) -> int:
-        return len(self._deposits)
+    # -- contributions --------------------------------------------------------------------
+    def deposit(self, signed: SignedContribution, shares: bytes | None = None) -> bool:
+        """Record one host's signed contribution (and this holder's exponent shares)."""
+        c = signed.contribution
+        if self.key is None:
+            raise PermissionError("this key holder holds no key yet")
+        if not isinstance(c, Contribution) or c.key_id != self.key.fingerprint:
+            raise PermissionError("a contribution for another key")
+        host = self._peers.get(c.host)
+        if host is None or not verify(host, signed.signature, c.message()):
+            raise PermissionError(f"contribution {c.update_id!r} is not signed by host {c.host}")
+        ids = tuple(int(i) for i in c.client_ids)
+        if not ids or len(set(ids)) != len(ids):
+            raise PermissionError("a contribution must name distinct clients")
+        if any(self._assignment.get(i) != c.host for i in ids):
+            raise PermissionError(f"host {c.host} vouches for clients it does not host")
+        if not c.update_id or c.update_id in self._deposits:
+            raise PermissionError(f"update id {c.update_id!r} is empty or already deposited")
+        if shares is not None and (
+            len(c.share_sha256) != self.key.holders
+            or digest(shares) != c.share_sha256[self.index - 1]
+        ):
+            raise PermissionError("exponent shares do not match the signed digest")
+        self._deposits[c.update_id] = _Deposit(
+            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares
+        )
+        return True
 
-    def decrypt_sum(
-        self, round_num: int, update_ids: list[str], payload: bytes
-    ) -> list[int] | None:
-        """Plaintexts of the summed ``payload`` of ``update_ids``, or None (fall back).
-
-        Each deposit is used once: a sum is decrypted at most once this way.
-        """
-        stale = [k for k, (r, _, _) in self._deposits.items() if r <= round_num - KEEP_ROUNDS]
-        for k in stale:
-            del self._deposits[k]
-        if not update_ids or len(set(update_ids)) != len(update_ids):
-            return None
-        if any(self._deposits.get(u, (None,))[0] != round_num for u in update_ids):
-            return None
-        deposits = [self._deposits.pop(u) for u in update_ids]
-        count = sum(c for _, c, _ in deposits)
-        if count < self._min_count:
+    def _authorize(self, round_num: int, update_ids: list[str]) -> list[_Deposit]:
+        """The deposits of a sum this holder may help decrypt, or PermissionError."""
+        round_num = int(round_num)
+        ids = tuple(update_ids)
+        if round_num < self._last_round:
             raise PermissionError(
-                f"refusing to decrypt a sum of {count} updates (fewer than the "
-                f"{self._min_count} a round must have)"
+                f"round {round_num} is older than round {self._last_round}, already released"
             )
-        cts = from_bytes(self._public, payload)
-        sets = [obfuscators_from_bytes(self._public, obfs) for _, _, obfs in deposits]
-        return self._decryptor.decrypt_sum(cts, sets)
+        if round_num in self._released and self._released[round_num] != ids:
+            raise PermissionError(f"round {round_num}: a different sum was already released")
+        if not ids or len(set(ids)) != len(ids):
+            raise PermissionError("a sum must name distinct updates")
+        deposits = []
+        for u in ids:
+            d = self._deposits.get(u)
+            if d is None or d.round != round_num:
+                raise PermissionError(f"update {u!r} was not deposited for round {round_num}")
+            deposits.append(d)
+        clients = [c for d in deposits for c in d.client_ids]
+        if len(set(clients)) != len(clients):
+            raise PermissionError("the sum counts a client twice")
+        if len(clients) < self._min_clients:
+            raise PermissionError(
+                f"refusing to decrypt a sum of {len(clients)} clients (fewer than the "
+                f"{self._min_clients} a round must have)"
+            )
+        return deposits
+
+    def _release(self, round_num: int, update_ids: list[str]) -> None:
+        round_num = int(round_num)
+        self._released[round_num] = tuple(update_ids)
+        self._last_round = max(self._last_round, round_num)
+        for k in [k for k, d in self._deposits.items() if d.round <= round_num - KEEP_ROUNDS]:
+            del self._deposits[k]
+        for r in [r for r in self._released if r <= round_num - KEEP_ROUNDS]:
+            del self._released[r]
+
+    def share_sum(self, round_num: int, update_ids: list[str]) -> bytes:
+        """Fast path: this holder's share of the summed obfuscator exponents of a sum."""
+        if not isinstance(self._secret, DecryptionShare):
+            raise PermissionError("this key holder holds no share")
+        deposits = self._authorize(round_num, update_ids)
+        if any(d.shares is None for d in deposits):
+            raise PermissionError("an update of this sum deposited no exponent shares")
+        total = add_share_blobs(self.key, [d.shares for d in deposits])
+        self._release(round_num, update_ids)
+        return total
+
+    def partial_decrypt(
+        self,
+        round_num: int,
+        update_ids: list[str],
+        payloads: list[bytes],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[int]:
+        """Slow path: ``c^(s_j)`` of ciphertexts ``start:stop`` of the sum (threshold), or
+        their plaintexts (shared custody). The holder checks each update's ciphertexts
+        against the signed digest and multiplies them itself."""
+        if self._secret is None:
+            raise PermissionError("this key holder holds no key material")
+        deposits = self._authorize(round_num, update_ids)
+        if len(payloads) != len(deposits):
+            raise PermissionError("one ciphertext payload per update is needed")
+        public = self.key.public
+        n2 = public.n * public.n
+        product = None
+        for d, payload in zip(deposits, payloads, strict=True):
+            if digest(payload) != d.ciphertext_sha256:
+                raise PermissionError("a ciphertext payload does not match its signed digest")
+            cts = from_bytes(public, payload)
+            problem = check_ciphertexts(public, cts)
+            if problem:
+                raise PermissionError(problem)
+            if product is not None and len(cts) != len(product):
+                raise PermissionError("updates of different lengths cannot be summed")
+            product = (
+                cts if product is None else [a * b % n2 for a, b in zip(product, cts, strict=True)]
+            )
+        self._release(round_num, update_ids)
+        part = product[start:stop]
+        if isinstance(self._secret, DecryptionShare):
+            return partial_decrypt(self._secret, part)
+        from fedray.crypto.paillier import Decryptor
+
+        return Decryptor(self._secret).decrypt_many(part)
+
+
+class KeyDealer:
+    """Makes the key, gives each holder its share directly, then forgets the factors.
+
+    ``deal`` returns only the public key; the driver kills the actor right after.
+    """
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    def deal(
+        self,
+        key_bits: int,
+        holders: list[Any],
+        threshold: int,
+        custody: str = "threshold",
+        hosts: list[Any] | None = None,
+    ) -> ThresholdPublicKey:
+        import ray
+
+        if custody == "threshold":
+            key, shares = deal_threshold_key(key_bits, len(holders), threshold)
+            ray.get([h.install.remote(key, s) for h, s in zip(holders, shares, strict=True)])
+            del shares
+            return key
+        # Shared custody (BatchCrypt): every holder and every host gets the whole key.
+        from fedray.crypto.threshold import shared_public_key
+
+        key, private = shared_public_key(key_bits, len(holders))
+        ray.get([h.install.remote(key, private) for h in holders])
+        ray.get([h.install_private_key.remote(private) for h in hosts or []])
+        del private
+        return key
+
+
+def key_holder_class():
+    import ray
+
+    # A dead holder stays dead (a restarted one would hold no share): max_restarts=0.
+    return ray.remote(num_cpus=0, max_restarts=0)(KeyHolder)
 
 
 def key_dealer_class():
     import ray
 
     return ray.remote(num_cpus=0, max_restarts=0)(KeyDealer)
+
+
+def find_key_material(root: Any, n: int, max_depth: int = 8) -> list[str]:
+    """Where, inside ``root``'s object graph, something could decrypt or factor ``n``.
+
+    Flags private keys (fedray's or phe's), decryption shares, signing identities, and any
+    integer (or bytes read as one) sharing a non-trivial factor with ``n``. Used by the
+    curious-server tests on everything the server holds and everything it is answered.
+    """
+    import gmpy2
+
+    from fedray.crypto.threshold import DecryptionShare
+
+    found: list[str] = []
+    seen: set[int] = set()
+    n_mpz = gmpy2.mpz(n)
+
+    def factor_of_n(x: int) -> bool:
+        g = gmpy2.gcd(gmpy2.mpz(x), n_mpz)
+        return 1 < g < n_mpz
+
+    def walk(obj: Any, path: str, depth: int) -> None:
+        if depth > max_depth or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        name = type(obj).__name__
+        if isinstance(obj, PrivateKey | DecryptionShare | HostIdentity) or name in (
+            "PaillierPrivateKey",
+            "Ed25519PrivateKey",
+        ):
+            found.append(f"{path}: {name}")
+            return
+        if isinstance(obj, bool):
+            return
+        if isinstance(obj, int) or name == "mpz":
+            if obj and factor_of_n(int(obj)):
+                found.append(f"{path}: an integer sharing a factor with n")
+            return
+        if isinstance(obj, bytes | bytearray | memoryview):
+            data = bytes(obj)
+            if 0 < len(data) <= 4 * ((n.bit_length() + 7) // 8):
+                for order in ("little", "big"):
+                    if factor_of_n(int.from_bytes(data, order)):
+                        found.append(f"{path}: bytes encoding a factor of n")
+                        return
+            return
+        if (
+            isinstance(obj, str | float | complex | type)
+            or callable(obj)
+            and not hasattr(obj, "__dict__")
+        ):
+            return
+        if isinstance(obj, dict):
+            for k, v in list(obj.items()):
+                walk(k, f"{path}[{k!r}]", depth + 1)
+                walk(v, f"{path}[{k!r}]", depth + 1)
+            return
+        if isinstance(obj, list | tuple | set | frozenset):
+            for i, v in enumerate(list(obj)):
+                walk(v, f"{path}[{i}]", depth + 1)
+            return
+        if type(obj).__module__.startswith(("ray", "torch", "numpy", "logging", "_")):
+            return
+        attrs = getattr(obj, "__dict__", None)
+        if attrs is not None:
+            for k, v in list(attrs.items()):
+                walk(v, f"{path}.{k}", depth + 1)
+        for slot in getattr(type(obj), "__slots__", ()):
+            if hasattr(obj, slot):
+                walk(getattr(obj, slot), f"{path}.{slot}", depth + 1)
+
+    walk(root, "root", 0)
+    return found

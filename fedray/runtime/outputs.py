@@ -41,6 +41,7 @@ METRIC_COLUMNS = [
     "evaluate_seconds",
     "decrypted_by",
     "updates_up",
+    "bytes_to_key_holders",
 ]
 
 

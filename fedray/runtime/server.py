@@ -8,6 +8,7 @@ each client host to train its sampled clients -> fold results in as they finish
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,30 +18,12 @@ from typing import Any
 import numpy as np
 
 from fedray.config import FedrayConfig, min_clients
+from fedray.crypto.secure_aggregation import codec_for
 from fedray.data.datasets import DatasetInfo, load_test_set
 from fedray.errors import ClusterError
 from fedray.runtime.client import ClientResult, RoundTask
 
 log = logging.getLogger("fedray.server")
-
-
-def codec_for(cfg: FedrayConfig, public_key: Any, num_values: int):
-    """The packed codec both sides derive from the config (identical by construction)."""
-    from fedray.crypto.codec import PackedPaillierCodec
-
-    clip, max_summands = cfg.crypto.clip, cfg.clients_per_round
-    if cfg.privacy.name == "dp" and cfg.privacy.mode == "client":
-        from fedray.privacy import build_privacy
-
-        plan = build_privacy(cfg)
-        clip, max_summands = plan.encode_clip, max(plan.cohort_cap, cfg.clients_per_round)
-    return PackedPaillierCodec.for_key(
-        public_key,
-        num_values=num_values,
-        max_summands=max_summands,
-        quant_bits=cfg.crypto.quant_bits,
-        clip=clip,
-    )
 
 
 def sample_cohort(rng: np.random.Generator, num_clients: int, size: int) -> list[int]:
@@ -103,6 +86,23 @@ class _PlainSum:
         self.total_weight += weight
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _plain_stats(results: list[ClientResult]) -> dict[str, float]:
+    """The round statistics of plaintext results (with crypto they arrive encrypted)."""
+    return {
+        "weight": sum(r.weight for r in results),
+        "num_examples": sum(r.num_examples for r in results),
+        "train_loss_sum": sum(r.train_loss * r.num_examples for r in results),
+        "val_loss_sum": sum(r.val_loss * r.val_count for r in results if r.val_count),
+        "val_correct": sum(r.val_correct for r in results),
+        "val_count": sum(r.val_count for r in results),
+    }
+
+
 class Server:
     """Global model, strategy, cohort sampling and evaluation. Never holds a private key."""
 
@@ -112,10 +112,12 @@ class Server:
         info: DatasetInfo,
         hosts: list[Any],
         assignment: dict[int, int],
-        public_key: Any = None,
+        key: Any = None,
         privacy: Any = None,
-        key_holder: Any = None,
+        key_holders: list[Any] | None = None,
     ):
+        """``key``: the :class:`~fedray.crypto.threshold.ThresholdPublicKey` (public only);
+        ``key_holders``: the holders' handles, holder ``j`` at index ``j - 1``."""
         import torch
 
         from fedray.models import ParamView, build_model
@@ -131,11 +133,9 @@ class Server:
         # Simulation mode (hosts with many clients): stratify cohorts over hosts.
         many = len(groups) > 1 and max(len(g) for g in groups.values()) > 1
         self._groups = [groups[h] for h in sorted(groups)] if many else None
-        self.public_key = public_key
+        self.key = key
         self.privacy = privacy
-        # The key dealer's actor handle: it decrypts sums with the obfuscators hosts gave
-        # it (fast); the server falls back to the hosts' private-key decryption.
-        self.key_holder = key_holder
+        self.key_holders = list(key_holders or [])
         self.model = build_model(cfg.model, info, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
         self.weights = self.view.get()
@@ -145,9 +145,16 @@ class Server:
         self.round = 0
         xt, yt = load_test_set(cfg.dataset, cfg.num_clients, cfg.seed)
         self.test = None if xt is None else (torch.as_tensor(xt), torch.as_tensor(yt))
-        self.codec = None
-        if public_key is not None:
-            self.codec = codec_for(cfg, public_key, self.view.size)
+        self.codec = self.layout = self._unmasker = None
+        if key is not None:
+            from fedray.crypto.secure_aggregation import UpdateLayout
+
+            self.codec = codec_for(cfg, key.public, self.view.size)
+            self.layout = UpdateLayout.for_key(key.public, self.codec)
+            if key.threshold >= 2 and cfg.crypto.fast_decrypt:
+                from fedray.crypto.threshold import Unmasker
+
+                self._unmasker = Unmasker(key, self.codec.max_summands)
         if privacy is not None:
             privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
 
@@ -157,28 +164,6 @@ class Server:
 
     def values_per_ciphertext(self) -> int:
         return self.codec.slots_per_ciphertext if self.codec else 0
-
-    def holds_private_key(self) -> bool:
-        """True if anything reachable from this server's attributes is a private key."""
-        from fedray.crypto.paillier import PrivateKey
-
-        seen: set[int] = set()
-
-        def walk(obj: Any, depth: int) -> bool:
-            if id(obj) in seen or depth > 6:
-                return False
-            seen.add(id(obj))
-            if isinstance(obj, PrivateKey) or type(obj).__name__ == "PaillierPrivateKey":
-                return True
-            if isinstance(obj, dict):
-                return any(walk(v, depth + 1) for v in obj.values())
-            if isinstance(obj, list | tuple | set):
-                return any(walk(v, depth + 1) for v in obj)
-            if hasattr(obj, "__dict__") and not isinstance(obj, type):
-                return any(walk(v, depth + 1) for v in vars(obj).values())
-            return False
-
-        return walk(self, 0)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -274,7 +259,7 @@ class Server:
         if self.codec is not None:
             from fedray.crypto.secure_aggregation import EncryptedSum, RejectedUpdate
 
-            acc: Any = EncryptedSum(self.public_key, self.codec)
+            acc: Any = EncryptedSum(self.key.public, self.layout)
         else:
             RejectedUpdate = ValueError  # noqa: N806 - same role as the crypto exception
             acc = _PlainSum(keep_all=self.strategy.needs_individual_updates)
@@ -295,7 +280,7 @@ class Server:
             ref = done[0]
             chunk = pending.pop(ref)
             try:
-                batch = ray.get(ref)
+                batch = self._fetch(ref)
             except Exception as exc:  # actor died or the call failed: those clients failed
                 failed += len(chunk)
                 log.warning(
@@ -344,12 +329,12 @@ class Server:
         decrypted_by = None
         if self.codec is not None:
             t0 = time.perf_counter()
-            total, decrypted_by = self._decrypt(acc)
+            plaintexts, decrypted_by = self._decrypt(acc)
+            total, stats = self.layout.decode_sum(plaintexts, acc.count)
             decrypt_s = time.perf_counter() - t0
-        elif acc.keep_all:
-            total = None
         else:
-            total = acc.total
+            stats = _plain_stats(results)
+            total = None if acc.keep_all else acc.total
         t0 = time.perf_counter()
         if total is not None:
             if self.privacy is not None:
@@ -357,7 +342,7 @@ class Server:
             if self.privacy is not None and self.privacy.denominator:
                 delta = total / self.privacy.denominator  # fixed: qN, not the count
             else:
-                delta = total / acc.total_weight
+                delta = total / stats["weight"]
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
         self.weights = self.strategy.apply(self.weights, delta)
@@ -365,20 +350,16 @@ class Server:
         if self.privacy is not None:
             self.privacy.step([r.client_id for r in results])
 
-        n_ex = sum(r.num_examples for r in results)
-        val_count = sum(r.val_count for r in results)
+        n_ex, val_count = stats["num_examples"], stats["val_count"]
         metrics.update(
             {
-                "train_loss": sum(r.train_loss * r.num_examples for r in results) / max(1, n_ex),
-                "fed_val_loss": (
-                    sum(r.val_loss * r.val_count for r in results) / val_count
-                    if val_count
-                    else float("nan")
-                ),
+                "train_loss": stats["train_loss_sum"] / n_ex if n_ex else float("nan"),
+                "fed_val_loss": stats["val_loss_sum"] / val_count if val_count else float("nan"),
                 "fed_val_accuracy": (
-                    sum(r.val_correct for r in results) / val_count if val_count else float("nan")
+                    stats["val_correct"] / val_count if val_count else float("nan")
                 ),
                 "bytes_up": int(sum(r.bytes_up for r in results)),
+                "bytes_to_key_holders": int(sum(r.bytes_to_key_holders for r in results)),
                 # Updates sent: one per client, or one per host call with crypto.host_sum.
                 "updates_up": int(sum(1 for r in results if r.bytes_up)),
                 "bytes_down": int(self.weights.nbytes * len(cohort)),
@@ -445,53 +426,103 @@ class Server:
             raise rejected_type(f"weight {res.weight} outside (0, 1]")
         acc.add(delta, res.weight)
 
-    def _decrypt(self, acc) -> tuple[np.ndarray, str]:
-        """The decoded sum, and who decrypted it: the key holder, or the client hosts."""
+    def _fetch(self, ref) -> Any:
+        """Everything the server receives from hosts and key holders comes through here
+        (tests record it to check what the server learns)."""
         import ray
 
-        payload = acc.payload()
-        if self.key_holder is not None and all(acc.update_ids):
+        return ray.get(ref)
+
+    def _decrypt(self, acc) -> tuple[list[int], str]:
+        """The summed plaintexts, and how they were opened.
+
+        Threshold custody: ``share_sums`` (the fast path: t holders' sums of exponent
+        shares) or else ``partial_decryption`` (t holders' ``c^(s_j)``). Shared custody:
+        ``private_key`` (holders decrypt ranges of the sum).
+        """
+        if self._unmasker is not None and all(acc.update_ids):
             try:
-                plaintexts = ray.get(
-                    self.key_holder.decrypt_sum.remote(self.round, acc.update_ids, payload)
-                )
-            except Exception as exc:  # key holder gone or refusing: the hosts decide
+                return self._open_with_share_sums(acc), "share_sums"
+            except (ClusterError, ValueError) as exc:
                 log.warning(
-                    "round %d: key holder did not decrypt (%s); asking the client hosts",
+                    "round %d: share sums did not open the sum (%s); asking for partial "
+                    "decryptions",
                     self.round,
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+                    exc,
                 )
-                plaintexts = None
-            if plaintexts is not None:
-                return self.codec.decode_sum(plaintexts, acc.count), "key_holder"
-        return self._decrypt_on_hosts(payload, acc.count), "hosts"
+        if self.key.threshold >= 2:
+            return self._combine_partials(acc), "partial_decryption"
+        return self._decrypt_with_private_key(acc), "private_key"
 
-    def _decrypt_on_hosts(self, payload: bytes, count: int) -> np.ndarray:
-        """Key holders decrypt the summed ciphertexts with the private key, split across hosts."""
+    def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
+        """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
         import ray
 
-        num = self.codec.num_ciphertexts
-        parts = min(len(self.hosts), num)
-        bounds = np.linspace(0, num, parts + 1).astype(int)
-        refs = [
-            self.hosts[i].decrypt_sum.remote(payload, count, int(bounds[i]), int(bounds[i + 1]))
-            for i in range(parts)
-        ]
-        plaintexts: list[int] = []
-        for i, ref in enumerate(refs):
+        pending = {
+            getattr(h, method).remote(self.round, *args): j
+            for j, h in enumerate(self.key_holders, start=1)
+        }
+        answers: dict[int, Any] = {}
+        refusals = []
+        while pending and len(answers) < need:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            j = pending.pop(done[0])
             try:
-                plaintexts.extend(ray.get(ref))
-            except Exception:
-                # That host died: any other key holder can decrypt the range.
-                backup = self.hosts[(i + 1) % len(self.hosts)]
-                plaintexts.extend(
-                    ray.get(
-                        backup.decrypt_sum.remote(
-                            payload, count, int(bounds[i]), int(bounds[i + 1])
+                answers[j] = self._fetch(done[0])
+            except Exception as exc:  # a dead holder, or one that refuses: ask the others
+                refusals.append(f"holder {j}: {_first_line(exc)}")
+        for ref in pending:  # answers past the t-th are not needed
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        if len(answers) < need:
+            raise ClusterError(
+                f"round {self.round}: only {len(answers)} of {len(self.key_holders)} key "
+                f"holders answered, {need} needed ({'; '.join(refusals)})"
+            )
+        return answers
+
+    def _open_with_share_sums(self, acc) -> list[int]:
+        sums = self._ask_holders("share_sum", acc.update_ids, need=self.key.threshold)
+        exponents = self._unmasker.exponents(sums, len(acc.update_ids))
+        plaintexts = self._unmasker.unmask(acc.ciphertexts(), exponents)
+        if plaintexts is None:
+            raise ValueError("the summed exponents do not open the summed ciphertexts")
+        return plaintexts
+
+    def _combine_partials(self, acc) -> list[int]:
+        from fedray.crypto.threshold import combine_partial_decryptions
+
+        partials = self._ask_holders(
+            "partial_decrypt", acc.update_ids, acc.payloads, need=self.key.threshold
+        )
+        return combine_partial_decryptions(self.key, partials)
+
+    def _decrypt_with_private_key(self, acc) -> list[int]:
+        """Shared custody: each live holder decrypts a range of the sum (in parallel)."""
+
+        num = self.layout.num_ciphertexts
+        holders = list(self.key_holders)
+        parts = min(len(holders), num)
+        bounds = np.linspace(0, num, parts + 1).astype(int)
+        plaintexts: list[int] = []
+        for i in range(parts):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            for k in range(len(holders)):  # that holder died: any other can decrypt it
+                holder = holders[(i + k) % len(holders)]
+                try:
+                    plaintexts.extend(
+                        self._fetch(
+                            holder.partial_decrypt.remote(
+                                self.round, acc.update_ids, acc.payloads, lo, hi
+                            )
                         )
                     )
-                )
-        return self.codec.decode_sum(plaintexts, count)
+                    break
+                except Exception as exc:
+                    last = exc
+            else:
+                raise ClusterError(f"round {self.round}: no key holder decrypted: {last}")
+        return plaintexts
 
     def evaluate(self) -> dict[str, float]:
         """Central test-set loss and accuracy of the current global model."""
@@ -508,8 +539,8 @@ class Server:
         return {"test_loss": loss, "test_accuracy": acc}
 
 
-def server_actor_class():
+def server_actor_class(server_class: type | None = None):
     """Ray actor form of :class:`Server`. It uses a fraction of a CPU: it mostly waits."""
     import ray
 
-    return ray.remote(num_cpus=0)(Server)
+    return ray.remote(num_cpus=0)(server_class or Server)

@@ -1,0 +1,340 @@
+"""Threshold Paillier: t of h key holders decrypt; encryption needs the public key only.
+
+Who holds what (threshold custody, the default):
+
+* A dealer makes ``n = p q`` (phe's generator, OS randomness), shares the decryption
+  exponent among ``h`` key holders and hands each its share, then drops ``p``, ``q`` and
+  exits (its process ends, so nothing of the factors outlives the set-up).
+* Each key holder keeps one :class:`DecryptionShare`. Any ``t`` of them decrypt; ``t - 1``
+  of them learn nothing about a plaintext (statistically, see below).
+* Everyone else (server, driver, client hosts) holds only :class:`ThresholdPublicKey`.
+
+Decryption exponent (Damgård–Jurik / Shoup, over the integers). ``d`` satisfies
+``d = 0 mod lambda(n)`` and ``d = 1 mod n``, so ``c^d = (1 + n)^m`` for any ciphertext of
+``m``. It is shared with Shamir's scheme *over the integers* (no safe primes needed):
+``f(0) = Delta d`` with ``Delta = h!`` and ``t - 1`` random coefficients drawn
+``STATISTICAL_BITS`` bits wider than any integer polynomial that could shift ``t - 1``
+shares from one secret to another, so ``t - 1`` shares are within statistical distance
+``(t - 1) 2^-STATISTICAL_BITS`` of independent of ``d`` (Rabin 1998; the integer variant
+used by TNO's distributed_keygen). Holder ``j`` returns ``c^(s_j)``; the combiner raises
+each to ``Delta lambda_j`` (an integer) and gets ``c^(Delta^2 d) = 1 + Delta^2 m n``.
+
+Fast path: obfuscator exponents shared with the key holders. One partial decryption is
+a 4096-bit exponentiation per ciphertext per holder (tens of ms at 2048 bits); a
+million-parameter update would take minutes. Instead a client encrypts with a DJN
+obfuscator ``hs^x`` (below), keeps ``x`` secret and gives each key holder one Shamir
+share of ``x`` (same integer scheme). The obfuscator of a *sum* of updates is ``hs^X``
+with ``X`` the sum of their exponents; ``t`` holders each add their shares over the
+updates of the sum, the server combines ``t`` such sums into ``X`` (integer Lagrange
+interpolation, exact) and strips ``hs^X`` from the summed ciphertext with one fixed-base
+exponentiation (~0.2 ms per ciphertext). Releasing ``X`` for a sum reveals nothing beyond
+that sum's plaintext; each key holder adds each contribution into at most one released
+sum (see :mod:`fedray.runtime.keys`), so the server cannot difference two sums.
+
+Assumptions (named, as they are not textbook Paillier):
+
+* **DJN obfuscators** (Damgård, Jurik, Nielsen, "A generalization of Paillier's
+  public-key system with applications to electronic voting", IJIS 2010, section 4):
+  ``h = -y^2 mod n`` for a random unit ``y``, ``hs = h^n mod n^2``, and ciphertexts
+  ``(1 + n)^m hs^x``. Semantically secure under Decisional Composite Residuosity.
+* **Short exponents**: ``x`` is drawn below ``2^EXPONENT_BITS`` (448 bits), not from the
+  full order of ``hs``. That ``hs^x`` with a 448-bit ``x`` is indistinguishable from one
+  with a full-length exponent is the short-exponent assumption used with DJN in practice;
+  the best known attack is generic (Pollard lambda), about ``2^224`` work, beyond the
+  ~112-bit strength of a 2048-bit modulus.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import gmpy2
+
+from fedray.crypto.paillier import PrivateKey, PublicKey, _FixedBaseTable, generate_keypair
+
+EXPONENT_BITS = 448  # DJN short exponent (see the module docstring)
+STATISTICAL_BITS = 64  # integer Shamir: statistical distance 2^-64 per shared secret
+
+
+@dataclass(frozen=True)
+class ThresholdPublicKey:
+    """What everyone may hold: ``n``, the DJN base ``hs``, and the (t, h) of the sharing."""
+
+    public: PublicKey
+    hs: int
+    holders: int
+    threshold: int
+
+    @property
+    def n(self) -> int:
+        return self.public.n
+
+    @property
+    def delta(self) -> int:
+        return math.factorial(self.holders)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    def exponent_share_bound(self, summands: int = 1) -> int:
+        """Largest share of a sum of ``summands`` exponents (sets the wire width)."""
+        coeff = _coefficient_bits(EXPONENT_BITS, self.holders, self.threshold)
+        one = self.delta * (1 << EXPONENT_BITS) + ((1 << coeff) - 1) * sum(
+            self.holders**i for i in range(1, self.threshold)
+        )
+        return one * summands
+
+    def share_width(self, summands: int = 1) -> int:
+        return (self.exponent_share_bound(summands).bit_length() + 7) // 8
+
+
+@dataclass(frozen=True)
+class DecryptionShare:
+    """Key holder ``index``'s share ``s_j`` of the decryption exponent. Never printed."""
+
+    key: ThresholdPublicKey
+    index: int  # 1..holders
+    value: int
+
+    def __repr__(self) -> str:
+        return f"DecryptionShare(index={self.index}, key={self.key.fingerprint})"
+
+
+def _coefficient_bits(secret_bits: int, holders: int, threshold: int) -> int:
+    """Width of the random coefficients that hide a ``secret_bits``-bit secret times h!.
+
+    Any two secrets are linked by a shift polynomial vanishing on ``t - 1`` holders'
+    points whose coefficients are below ``h! 2^secret_bits (h+1)^(t-1)``; coefficients
+    ``STATISTICAL_BITS`` wider make the shift invisible up to ``2^-STATISTICAL_BITS``.
+    """
+    delta_bits = math.factorial(holders).bit_length()
+    return (
+        secret_bits + delta_bits + (threshold - 1) * (holders + 1).bit_length() + (STATISTICAL_BITS)
+    )
+
+
+def _check_sharing(holders: int, threshold: int) -> None:
+    if holders < 2 or not 2 <= threshold <= holders:
+        raise ValueError(
+            f"threshold={threshold} of holders={holders}: need 2 <= threshold <= holders"
+        )
+
+
+def shamir_share(secret: int, holders: int, threshold: int, coefficient_bits: int) -> list[int]:
+    """Integer Shamir shares f(1..h) of ``f(0) = h! * secret`` (see the module docstring)."""
+    delta = math.factorial(holders)
+    coeffs = [delta * secret] + [secrets.randbits(coefficient_bits) for _ in range(threshold - 1)]
+    shares = []
+    for j in range(1, holders + 1):
+        acc = 0
+        for c in reversed(coeffs):
+            acc = acc * j + c
+        shares.append(acc)
+    return shares
+
+
+def lagrange_at_zero(indices: list[int], holders: int) -> list[int]:
+    """Integers ``h! * lambda_j(0)`` for the holders ``indices`` (1-based, distinct)."""
+    if len(set(indices)) != len(indices) or not all(1 <= j <= holders for j in indices):
+        raise ValueError(f"holder indices {indices} must be distinct, in 1..{holders}")
+    delta = math.factorial(holders)
+    out = []
+    for j in indices:
+        num, den = delta, 1
+        for m in indices:
+            if m != j:
+                num *= m
+                den *= m - j
+        if num % den:
+            raise ArithmeticError("h! lambda_j(0) is not an integer")  # never for 1..h
+        out.append(num // den)
+    return out
+
+
+def deal_threshold_key(
+    key_bits: int, holders: int, threshold: int
+) -> tuple[ThresholdPublicKey, list[DecryptionShare]]:
+    """A fresh key, its DJN base and ``holders`` decryption shares (the dealer's job).
+
+    The factors live only inside this call; the caller keeps the shares for the holders.
+    """
+    _check_sharing(holders, threshold)
+    shared, private = shared_public_key(key_bits, holders)
+    n = gmpy2.mpz(shared.n)
+    p, q = gmpy2.mpz(private.p), gmpy2.mpz(private.q)
+    lam = gmpy2.lcm(p - 1, q - 1)
+    d = lam * gmpy2.invert(lam, n)  # 0 mod lambda, 1 mod n
+    coeff_bits = _coefficient_bits(int(d).bit_length(), holders, threshold)
+    values = shamir_share(int(d), holders, threshold, coeff_bits)
+    key = ThresholdPublicKey(shared.public, shared.hs, holders, threshold)
+    del p, q, lam, d, private
+    return key, [DecryptionShare(key, j, v) for j, v in enumerate(values, start=1)]
+
+
+class PublicEncryptor:
+    """Encrypts with the public key only: ``(1 + m n) hs^x mod n^2`` with a secret ``x``.
+
+    ``hs^x`` comes from a fixed-base table (one multiplication per byte of ``x``); pairs
+    ``(x, hs^x)`` can be precomputed while the host is idle. Each pair is used once.
+    """
+
+    def __init__(self, key: ThresholdPublicKey):
+        self.key = key
+        self._n = gmpy2.mpz(key.n)
+        self._n2 = self._n * self._n
+        self._table = _FixedBaseTable(key.hs, int(self._n2), EXPONENT_BITS)
+        self._pool: list[tuple[int, gmpy2.mpz]] = []
+
+    def fresh(self) -> tuple[int, gmpy2.mpz]:
+        x = secrets.randbits(EXPONENT_BITS)
+        return x, self._table.pow(x)
+
+    def precompute(self, count: int, should_stop=None) -> int:
+        added = 0
+        while added < count and not (should_stop and should_stop()):
+            self._pool.append(self.fresh())
+            added += 1
+        return added
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
+
+    def _next(self) -> tuple[int, gmpy2.mpz]:
+        try:
+            return self._pool.pop()  # each precomputed obfuscator is used exactly once
+        except IndexError:
+            return self.fresh()
+
+    def encrypt_many(self, plaintexts: list[int]) -> tuple[list[gmpy2.mpz], list[int]]:
+        """Ciphertexts of ``plaintexts`` (each < n) and their secret exponents."""
+        n, n2 = self._n, self._n2
+        cts, xs = [], []
+        for m in plaintexts:
+            x, r = self._next()
+            cts.append((1 + gmpy2.mpz(m) * n) * r % n2)
+            xs.append(x)
+        return cts, xs
+
+
+def share_exponents(key: ThresholdPublicKey, exponents: list[int]) -> list[bytes]:
+    """One blob per key holder: its Shamir share of each exponent, fixed-width bytes."""
+    coeff_bits = _coefficient_bits(EXPONENT_BITS, key.holders, key.threshold)
+    width = key.share_width()
+    columns: list[list[bytes]] = [[] for _ in range(key.holders)]
+    for x in exponents:
+        for j, s in enumerate(shamir_share(x, key.holders, key.threshold, coeff_bits)):
+            columns[j].append(s.to_bytes(width, "little"))
+    return [b"".join(col) for col in columns]
+
+
+def ints_from_bytes(data: bytes, width: int) -> list[int]:
+    if len(data) % width:
+        raise ValueError(f"payload of {len(data)} bytes is not a multiple of {width}")
+    mv = memoryview(data)
+    return [int.from_bytes(mv[i : i + width], "little") for i in range(0, len(data), width)]
+
+
+def ints_to_bytes(values: list[int], width: int) -> bytes:
+    return b"".join(int(v).to_bytes(width, "little") for v in values)
+
+
+def add_share_blobs(key: ThresholdPublicKey, blobs: list[bytes]) -> bytes:
+    """A key holder's share of the summed exponents, from its shares of each update."""
+    width = key.share_width()
+    columns = [ints_from_bytes(b, width) for b in blobs]
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError("share blobs of different lengths cannot be added")
+    out_width = key.share_width(len(blobs))
+    return ints_to_bytes([sum(col) for col in zip(*columns, strict=True)], out_width)
+
+
+class Unmasker:
+    """Server side of the fast path: ``t`` holders' share sums -> the summed plaintexts."""
+
+    def __init__(self, key: ThresholdPublicKey, max_summands: int):
+        self.key = key
+        self._n = gmpy2.mpz(key.n)
+        self._n2 = self._n * self._n
+        hs_inv = gmpy2.invert(gmpy2.mpz(key.hs), self._n2)
+        bits = EXPONENT_BITS + max(1, max_summands).bit_length()
+        self._table = _FixedBaseTable(int(hs_inv), int(self._n2), bits)
+        self._max_exponent = max(1, max_summands) << EXPONENT_BITS
+
+    def exponents(self, share_sums: dict[int, bytes], summands: int) -> list[int]:
+        """The summed exponents X, interpolated exactly from ``t`` holders' sums."""
+        key = self.key
+        if len(share_sums) < key.threshold:
+            raise ValueError(f"{len(share_sums)} share sums; {key.threshold} are needed")
+        indices = sorted(share_sums)[: key.threshold]
+        coeffs = lagrange_at_zero(indices, key.holders)
+        width = key.share_width(summands)
+        columns = [ints_from_bytes(share_sums[j], width) for j in indices]
+        delta2 = key.delta * key.delta
+        out = []
+        for values in zip(*columns, strict=True):
+            total = sum(c * v for c, v in zip(coeffs, values, strict=True))
+            x, rem = divmod(total, delta2)
+            if rem or not 0 <= x < self._max_exponent:
+                raise ValueError("key holders' share sums do not interpolate to an exponent")
+            out.append(x)
+        return out
+
+    def unmask(self, ciphertexts: list, exponents: list[int]) -> list[int] | None:
+        """Plaintexts of ``ciphertexts`` given their summed exponents; None if one is not
+        of the form ``(1 + M n) hs^X`` (a wrong sum or wrong shares)."""
+        n, n2 = self._n, self._n2
+        out = []
+        for c, x in zip(ciphertexts, exponents, strict=True):
+            u = gmpy2.mpz(c) * self._table.pow(x) % n2
+            m, rem = divmod(u - 1, n)
+            if rem or not 0 <= m < n:
+                return None
+            out.append(int(m))
+        return out
+
+
+def partial_decrypt(share: DecryptionShare, ciphertexts: list) -> list[int]:
+    """Key holder side: ``c^(s_j) mod n^2`` for each ciphertext (slow: full exponent)."""
+    n2 = gmpy2.mpz(share.key.n) ** 2
+    s = gmpy2.mpz(share.value)
+    return [int(gmpy2.powmod(gmpy2.mpz(c), s, n2)) for c in ciphertexts]
+
+
+def combine_partial_decryptions(
+    key: ThresholdPublicKey, partials: dict[int, list[int]]
+) -> list[int]:
+    """Plaintexts from ``t`` holders' partial decryptions (``{index: [c^s_j, ...]}``)."""
+    if len(partials) < key.threshold:
+        raise ValueError(f"{len(partials)} partial decryptions; {key.threshold} are needed")
+    indices = sorted(partials)[: key.threshold]
+    coeffs = lagrange_at_zero(indices, key.holders)
+    n = gmpy2.mpz(key.n)
+    n2 = n * n
+    scale = gmpy2.invert(gmpy2.mpz(key.delta) ** 2, n)
+    out = []
+    for values in zip(*(partials[j] for j in indices), strict=True):
+        acc = gmpy2.mpz(1)
+        for c, v in zip(coeffs, values, strict=True):
+            acc = acc * gmpy2.powmod(gmpy2.mpz(v), c, n2) % n2
+        m, rem = divmod(acc - 1, n)
+        if rem:
+            raise ValueError("partial decryptions do not combine to a plaintext")
+        out.append(int(m * scale % n))
+    return out
+
+
+def shared_public_key(key_bits: int, holders: int) -> tuple[ThresholdPublicKey, PrivateKey]:
+    """Shared custody (BatchCrypt): one key pair every key holder and host is given."""
+    public, private = generate_keypair(key_bits)
+    n = gmpy2.mpz(public.n)
+    rng = secrets.SystemRandom()
+    while True:
+        y = gmpy2.mpz(rng.randrange(2, public.n - 1))
+        if gmpy2.gcd(y, n) == 1:
+            break
+    hs = gmpy2.powmod((-y * y) % n, n, n * n)
+    return ThresholdPublicKey(public, int(hs), holders, 1), private

@@ -1,0 +1,143 @@
+"""Key set-up for a run: key holders at the sites, a one-shot dealer, signed host config.
+
+The driver is the trusted set-up party. It makes a set-up signing key (it never leaves
+the driver), starts one :class:`~fedray.runtime.keys.KeyHolder` on each client host's
+node, lets a :class:`~fedray.runtime.keys.KeyDealer` give each holder its share and then
+kills the dealer, and tells each host (signed) which key and holders to use. Between
+rounds it registers hosts that Ray restarted (they have a new signing identity).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedray.config import FedrayConfig, min_clients
+from fedray.errors import ClusterError, ConfigError
+
+log = logging.getLogger("fedray.custody")
+
+
+def threshold_for(cfg: FedrayConfig, holders: int) -> int:
+    """t: ``crypto.threshold``, or a majority of the key holders; 1 in shared custody."""
+    if cfg.crypto.custody == "shared":
+        return 1
+    if holders < 2:
+        raise ConfigError(
+            f"crypto.custody=threshold needs at least 2 key holders (one per client actor); "
+            f"this job has {holders} client actor: raise cluster.num_actors or num_clients, "
+            "or use crypto.custody=shared"
+        )
+    t = cfg.crypto.threshold if cfg.crypto.threshold is not None else holders // 2 + 1
+    if not 2 <= t <= holders:
+        raise ConfigError(
+            f"crypto.threshold={t} must be between 2 and the number of key holders "
+            f"({holders}, one per client actor)"
+        )
+    return t
+
+
+@dataclass
+class KeyCustody:
+    """The run's public key, its key holders, and what the driver needs to re-register."""
+
+    key: Any  # ThresholdPublicKey
+    holders: list[Any]
+    hosts: list[Any]
+    authority: Any  # HostIdentity: the driver's set-up key
+    dealer_node: str | None
+    identities: list[bytes]
+    holder_nodes: list[str] = field(default_factory=list)
+    epochs: dict[int, int] = field(default_factory=dict)
+
+    def configure_host(self, index: int) -> Any:
+        from fedray.runtime.keys import configure_message
+
+        holder_ids = [h._actor_id.hex() for h in self.holders]
+        signature = self.authority.sign_bytes(
+            configure_message(self.key.fingerprint, index, holder_ids)
+        )
+        return self.hosts[index].configure_crypto.remote(self.key, self.holders, index, signature)
+
+    def refresh_restarted_hosts(self) -> list[int]:
+        """Register hosts that Ray restarted since the last call; returns their indices."""
+        import ray
+
+        from fedray.runtime.keys import registration_message
+
+        answers = []
+        for ref in [h.identity.remote() for h in self.hosts]:
+            try:
+                answers.append(ray.get(ref, timeout=120))
+            except Exception:  # still dead: its clients keep failing until it is back
+                answers.append(None)
+        restarted = []
+        for i, answer in enumerate(answers):
+            if answer is None or answer[1]:
+                continue
+            public, _ = answer
+            epoch = self.epochs.get(i, 0) + 1
+            signature = self.authority.sign_bytes(
+                registration_message(self.key.fingerprint, i, public, epoch)
+            )
+            for ref in [h.register.remote(i, public, epoch, signature) for h in self.holders]:
+                try:
+                    ray.get(ref, timeout=60)
+                except Exception as exc:  # a dead holder: the others suffice
+                    log.debug("holder did not register host %d: %s", i, exc)
+            ray.get(self.configure_host(i))
+            self.epochs[i] = epoch
+            self.identities[i] = public
+            restarted.append(i)
+        if restarted:
+            log.warning("registered restarted client hosts %s with the key holders", restarted)
+        return restarted
+
+
+def set_up_keys(cfg: FedrayConfig, hosts: list[Any], assignment: dict[int, int], authority):
+    """Key holders on the hosts' nodes, the dealer's shares, signed host configuration."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from fedray.runtime.cluster import dealer_options
+    from fedray.runtime.keys import key_dealer_class, key_holder_class
+
+    t = threshold_for(cfg, len(hosts))
+    identities = [public for public, _ in ray.get([h.identity.remote() for h in hosts])]
+    nodes = ray.get([h.node_id.remote() for h in hosts])
+    peers = dict(enumerate(identities))
+    holder_cls = key_holder_class()
+    holders = [
+        holder_cls.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(
+            j + 1,
+            peers,
+            assignment,
+            min_clients(cfg),
+            authority.public_bytes(),
+            cfg.crypto.custody,
+        )
+        for j, node in enumerate(nodes)
+    ]
+    dealer = key_dealer_class().options(**dealer_options(cfg, ray.nodes())).remote()
+    try:
+        dealer_node = ray.get(dealer.node_id.remote())
+        key = ray.get(
+            dealer.deal.remote(
+                cfg.crypto.key_bits,
+                holders,
+                t,
+                cfg.crypto.custody,
+                hosts if cfg.crypto.custody == "shared" else None,
+            )
+        )
+    except ray.exceptions.RayTaskError as exc:
+        raise ClusterError(f"key set-up failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        ray.kill(dealer)  # the dealer's process, and whatever it held of p and q, ends here
+    custody = KeyCustody(key, holders, hosts, authority, dealer_node, identities)
+    custody.holder_nodes = ray.get([h.node_id.remote() for h in holders])
+    ray.get([custody.configure_host(i) for i in range(len(hosts))])
+    return custody

@@ -1,0 +1,338 @@
+"""Threshold key custody: a curious server, with only what it holds, learns no update.
+
+The key holder's rules are tested on the plain class first, then every attack is played
+from *inside* a real server actor of a real federation (real Ray, real keys, the driver's
+own set-up code), so each has exactly the server's reach.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+
+import tests.curious_server as curious
+from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout
+from fedray.crypto.threshold import DecryptionShare
+from fedray.data.datasets import dataset_info
+from fedray.runtime.client import client_actor_class
+from fedray.runtime.cluster import plan_placement
+from fedray.runtime.custody import set_up_keys
+from fedray.runtime.keys import (
+    Contribution,
+    HostIdentity,
+    KeyHolder,
+    digest,
+    find_key_material,
+    registration_message,
+)
+from fedray.runtime.server import server_actor_class
+from tests.conftest import compose
+
+ray.cloudpickle.register_pickle_by_value(curious)
+
+SMALL_KEY = ["crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
+
+
+# -- the key holder's rules, on the plain class -------------------------------------------
+class _Site:
+    """A host's side of a deposit: its identity, and an encryptor for the test key."""
+
+    def __init__(self, key, index):
+        self.key, self.index = key, index
+        self.identity = HostIdentity()
+        codec = PackedPaillierCodec.for_key(key.public, num_values=8, max_summands=6)
+        self.layout = UpdateLayout.for_key(key.public, codec)
+        self.enc = ClientEncryptor(key, self.layout)
+
+    def contribute(self, round_num, client_ids, update_id):
+        update, shares = self.enc.encrypt_sum(
+            [(np.full(8, 0.1), 1.0, None, {}) for _ in client_ids]
+        )
+        c = Contribution(
+            self.key.fingerprint,
+            round_num,
+            update_id,
+            self.index,
+            tuple(client_ids),
+            digest(update.ciphertexts),
+            tuple(digest(b) for b in shares),
+        )
+        return self.identity.sign(c), shares, update
+
+
+@pytest.fixture
+def ledger(threshold_key):
+    """Holder 1 of 3 (any 2 decrypt), min 3 clients; sites 0 (clients 0-2) and 1 (3-5)."""
+    key, shares = threshold_key
+    sites = [_Site(key, 0), _Site(key, 1)]
+    authority = HostIdentity()
+    holder = KeyHolder(
+        1,
+        {s.index: s.identity.public_bytes() for s in sites},
+        {c: c // 3 for c in range(6)},
+        min_clients=3,
+        authority=authority.public_bytes(),
+    )
+    assert holder.install(key, shares[0])
+    return holder, sites, authority, key, shares
+
+
+def _deposit(holder, site, round_num, clients, uid):
+    signed, shares, update = site.contribute(round_num, clients, uid)
+    assert holder.deposit(signed, shares[holder.index - 1])
+    return update
+
+
+def test_holder_refuses_forged_contributions(ledger):
+    holder, sites, _, key, _ = ledger
+    signed, shares, _ = sites[0].contribute(1, [0, 1], "a")
+    mine = shares[0]
+    server = HostIdentity()  # the server signs with the only key it has: its own
+    c = signed.contribution
+    with pytest.raises(PermissionError, match="not signed by host 0"):
+        holder.deposit(server.sign(c), mine)
+    bigger = Contribution(c.key_id, 1, "a", 0, (0, 1, 2, 3, 4), c.ciphertext_sha256, c.share_sha256)
+    with pytest.raises(PermissionError, match="not signed"):  # a real signature, edited
+        holder.deposit(type(signed)(bigger, signed.signature), mine)
+    other = sites[1].identity.sign(Contribution(c.key_id, 1, "b", 1, (0,), "", c.share_sha256))
+    with pytest.raises(PermissionError, match="does not host"):  # host 1 vouching for 0
+        holder.deposit(other, mine)
+    with pytest.raises(PermissionError, match="digest"):
+        holder.deposit(signed, mine[:-1] + b"\0")
+    assert holder.deposit(signed, mine)
+    with pytest.raises(PermissionError, match="already deposited"):
+        holder.deposit(signed, mine)
+
+
+def test_holder_counts_clients_itself_and_releases_one_sum_per_round(ledger):
+    holder, sites, _, _, _ = ledger
+    _deposit(holder, sites[0], 1, [0, 1], "a")
+    _deposit(holder, sites[1], 1, [3], "b")
+    _deposit(holder, sites[1], 1, [3, 4], "b2")  # client 3 a second time
+    with pytest.raises(PermissionError, match="sum of 2 clients"):
+        holder.share_sum(1, ["a"])  # one host's update of 2 clients: below min 3
+    with pytest.raises(PermissionError, match="client twice"):
+        holder.share_sum(1, ["a", "b", "b2"])
+    with pytest.raises(PermissionError, match="distinct updates"):
+        holder.share_sum(1, ["a", "a", "b"])
+    with pytest.raises(PermissionError, match="not deposited for round 2"):
+        holder.share_sum(2, ["a", "b"])
+    first = holder.share_sum(1, ["a", "b"])
+    assert holder.share_sum(1, ["a", "b"]) == first  # the same sum again: same answer
+    with pytest.raises(PermissionError, match="different sum"):
+        holder.share_sum(1, ["a", "b2"])
+    _deposit(holder, sites[0], 2, [0, 1, 2], "c")
+    holder.share_sum(2, ["c"])
+    with pytest.raises(PermissionError, match="older than round 2"):  # a replay
+        holder.share_sum(1, ["a", "b"])
+
+
+def test_install_is_once_and_registration_needs_the_drivers_signature(ledger):
+    holder, sites, authority, key, shares = ledger
+    with pytest.raises(PermissionError, match="already holds"):
+        holder.install(key, shares[0])
+    new = HostIdentity().public_bytes()
+    server = HostIdentity()
+    forged = server.sign_bytes(registration_message(key.fingerprint, 0, new, 1))
+    with pytest.raises(PermissionError, match="set-up key"):
+        holder.register(0, new, 1, forged)
+    good = authority.sign_bytes(registration_message(key.fingerprint, 0, new, 1))
+    assert holder.register(0, new, 1, good)
+    with pytest.raises(PermissionError, match="not new"):  # replaying an old registration
+        holder.register(0, new, 1, good)
+    fresh = KeyHolder(2, {0: new}, {0: 0, 1: 0}, 2, authority.public_bytes())
+    with pytest.raises(ValueError, match="another key, holder"):
+        fresh.install(key, shares[0])  # holder 1's share offered to holder 2
+
+
+def test_find_key_material_sees_keys_shares_and_factors(small_keypair, threshold_key):
+    public, private = small_keypair
+    key, shares = threshold_key
+    assert find_key_material({"a": [1, 2.0, "x", public]}, public.n) == []
+    assert find_key_material({"deep": [(private,)]}, public.n)
+    assert find_key_material([shares[0]], key.n)
+    assert find_key_material({"p": private.p}, public.n)
+    assert find_key_material([private.q.to_bytes(32, "big")], public.n)
+
+
+# -- a real federation ---------------------------------------------------------------------
+def _federation(overrides, host_class=None):
+    """Hosts, key custody and server exactly as the driver sets them up."""
+    cfg = compose([*SMALL_KEY, *overrides])
+    placement = plan_placement(cfg, ray.cluster_resources())
+    info = dataset_info(cfg.dataset)
+    authority = HostIdentity()
+    hosts = [
+        client_actor_class(host_class)
+        .options(**opts)
+        .remote(cfg, cids, info, 1.0, authority.public_bytes())
+        for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
+    ]
+    assert ray.get([h.ready.remote() for h in hosts]) == [True] * len(hosts)
+    custody = set_up_keys(cfg, hosts, placement.assignment, authority)
+    server = server_actor_class().remote(
+        cfg, info, hosts, placement.assignment, custody.key, None, key_holders=custody.holders
+    )
+    return cfg, hosts, custody, server
+
+
+@pytest.fixture(scope="module")
+def federation(ray_2cpus):
+    """6 clients on 3 hosts, each host's site runs a key holder; any 2 of 3 decrypt;
+    one update per client, min 3 clients per sum."""
+    cfg, hosts, custody, server = _federation(
+        [
+            "num_clients=6",
+            "clients_per_round=6",
+            "min_clients_per_round=3",
+            "cluster.num_actors=3",
+            "client.num_cpus=0.5",
+            "crypto.host_sum=false",
+        ]
+    )
+    outcome = ray.get(server.run_round.remote())
+    assert outcome.metrics["clients_ok"] == 6
+    assert outcome.metrics["decrypted_by"] == "share_sums"
+    yield cfg, hosts, custody, server
+    for actor in [*hosts, *custody.holders, server]:
+        ray.kill(actor)
+
+
+def test_no_process_but_the_holders_holds_key_material(federation):
+    """After set-up: the dealer is dead; the server, the hosts and the driver's custody
+    record hold no share; each holder holds exactly its own."""
+    _, hosts, custody, server = federation
+    from ray._private.state import actors
+
+    dealers = [a for a in actors().values() if a["ActorClassName"] == "KeyDealer"]
+    assert dealers and all(a["State"] == "DEAD" for a in dealers)
+    n = custody.key.n
+    assert ray.get(server.__ray_call__.remote(curious.custody_findings)) == []
+    for h in hosts:
+        assert ray.get(h.__ray_call__.remote(lambda self, n: find_key_material(self, n), n)) == [
+            "root._identity: HostIdentity"  # its own signing key, nothing that decrypts
+        ]
+    # The driver keeps the public key, the handles and its own set-up signing key only.
+    assert find_key_material(custody, n) == ["root.authority: HostIdentity"]
+    held = ray.get([h.__ray_call__.remote(lambda self: self._secret) for h in custody.holders])
+    assert [s.index for s in held] == [1, 2, 3]
+
+
+def test_every_method_the_server_can_call_returns_no_key_material(federation):
+    """Curious-server test 1 (and 2: the old forged-deposit factoring oracle): call every
+    public method of every handle the server holds or can list, with forged arguments."""
+    _, _, custody, server = federation
+    report = ray.get(server.__ray_call__.remote(curious.probe_every_method))
+    assert report["findings"] == []
+    called = {(cls, m) for cls, m, _ in report["calls"]}
+    for method in ("deposit", "share_sum", "partial_decrypt", "install", "register"):
+        assert ("KeyHolder", method) in called
+    for method in ("train", "configure_crypto", "install_private_key", "identity"):
+        assert ("ClientHost", method) in called
+    refused = {(c, m): outcome for c, m, outcome in report["calls"] if outcome != "ok"}
+    assert "not signed" in refused[("KeyHolder", "deposit")]
+    assert "already holds" in refused[("KeyHolder", "install")]
+    assert "set-up key" in refused[("KeyHolder", "register")]
+    assert "not signed" in refused[("ClientHost", "configure_crypto")]
+    assert "shared" in refused[("ClientHost", "install_private_key")]
+    assert ("KeyHolder", "partial_decrypt") in refused  # the oracle payload: refused
+
+
+def test_holders_refuse_single_updates_small_sums_replays_and_double_counts(federation):
+    """Curious-server test 3, with real deposits: the server makes the hosts train a new
+    round, then asks the holders to open what it should not."""
+    _, _, _, server = federation
+    fresh = ray.get(server.__ray_call__.remote(curious.deposits_of_a_fresh_round))
+    r, updates = fresh["round"], fresh["updates"]
+    ids = [u.update_id for u in updates]
+    assert len(ids) == 6 and all(u.count == 1 for u in updates)
+
+    def ask(round_num, chosen):
+        return ray.get(server.__ray_call__.remote(curious.ask_share_sum, round_num, chosen))
+
+    assert all("sum of 1 clients" in a for a in ask(r, ids[:1]))  # one client's update
+    assert all("sum of 2 clients" in a for a in ask(r, ids[:2]))  # below min 3
+    assert all("distinct" in a for a in ask(r, [ids[0], ids[0], ids[1]]))  # counted twice
+    assert ask(r, ids[:3]) == ["released"] * 3
+    assert all("different sum" in a for a in ask(r, ids[1:4]))  # a second, overlapping sum
+    assert all("different sum" in a for a in ask(r, ids[3:]))  # even a disjoint one
+    assert all("older than" in a for a in ask(r - 1, ids))  # a replay of an earlier round
+
+
+def test_t_minus_1_colluding_holders_and_the_server_cannot_open_one_update(federation):
+    """Curious-server test 4: holder 1 colludes (t - 1 = 1): its exponent shares of one
+    client's update plus everything the server has do not open that update."""
+    _, hosts, custody, server = federation
+    fresh = ray.get(server.__ray_call__.remote(curious.deposits_of_a_fresh_round))
+    update = fresh["updates"][0]
+    share_1 = ray.get(
+        custody.holders[0].__ray_call__.remote(
+            lambda self, uid: self._deposits[uid].shares, update.update_id
+        )
+    )
+    opened = ray.get(server.__ray_call__.remote(curious.open_with_colluders, update, {1: share_1}))
+    assert opened is None
+    # With the shares of t = 2 holders the same attempt does open it: the attack is real.
+    share_2 = ray.get(
+        custody.holders[1].__ray_call__.remote(
+            lambda self, uid: self._deposits[uid].shares, update.update_id
+        )
+    )
+    opened = ray.get(
+        server.__ray_call__.remote(curious.open_with_colluders, update, {1: share_1, 2: share_2})
+    )
+    assert opened is not None and np.all(np.isfinite(opened))
+    # Holder 1's decryption share alone does not decrypt either (partial decryption path).
+    from fedray.crypto.paillier import from_bytes
+    from fedray.crypto.threshold import combine_partial_decryptions, partial_decrypt
+
+    share = ray.get(custody.holders[0].__ray_call__.remote(lambda self: self._secret))
+    cts = from_bytes(custody.key.public, update.ciphertexts)
+    lone = type(custody.key)(custody.key.public, custody.key.hs, custody.key.holders, 1)
+    with pytest.raises(ValueError, match="do not combine"):
+        combine_partial_decryptions(lone, {1: partial_decrypt(share, cts)})
+    other = ray.get(custody.holders[1].__ray_call__.remote(lambda self: self._secret))
+    truth = combine_partial_decryptions(
+        custody.key, {1: partial_decrypt(share, cts), 2: partial_decrypt(other, cts)}
+    )
+    assert len(truth) == len(cts)  # two holders' shares do decrypt it
+
+
+@pytest.mark.parametrize("loot", ["t_shares", "one_share"])
+def test_custody_check_goes_red_when_the_server_is_given_key_material(federation, loot):
+    """Curious-server test 5, the mutation: hand the server what a broken custody would,
+    and the same check that passes above must fail."""
+    _, _, custody, server = federation
+    assert ray.get(server.__ray_call__.remote(curious.custody_findings)) == []
+    shares = ray.get([h.__ray_call__.remote(lambda self: self._secret) for h in custody.holders])
+    stolen = shares[:2] if loot == "t_shares" else [shares[0]]
+    ray.get(server.__ray_call__.remote(curious.steal, stolen))
+    try:
+        findings = ray.get(server.__ray_call__.remote(curious.custody_findings))
+        assert findings and all("DecryptionShare" in f for f in findings)
+    finally:
+        ray.get(server.__ray_call__.remote(curious.steal, None))
+    assert isinstance(shares[0], DecryptionShare)
+
+
+def test_custody_check_sees_a_shared_private_key_or_its_factor(ray_2cpus):
+    """The same check catches the whole key, or one prime of it, on a shared-custody server
+    (where hosts hold the private key, so the test has one to hand over)."""
+    cfg, hosts, custody, server = _federation(
+        ["num_clients=4", "clients_per_round=4", "crypto.custody=shared", "client.num_cpus=0.2"]
+        + ["cluster.mode=simulation", "cluster.num_actors=2"]
+    )
+    try:
+        assert ray.get(server.__ray_call__.remote(curious.custody_findings)) == []
+        private = ray.get(hosts[0].__ray_call__.remote(lambda self: self._private))
+        for loot in (private, {"nested": [private.p]}):
+            ray.get(server.__ray_call__.remote(curious.steal, loot))
+            assert ray.get(server.__ray_call__.remote(curious.custody_findings))
+        outcome = ray.get(server.__ray_call__.remote(lambda self: self.run_round()))
+        assert outcome.metrics["decrypted_by"] == "private_key"
+    finally:
+        for actor in [*hosts, *custody.holders, server]:
+            ray.kill(actor)
