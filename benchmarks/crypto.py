@@ -1,10 +1,15 @@
-"""Paillier throughput on one 2048-bit key: phe per value versus fedray's packed codec.
+"""Paillier throughput on one 2048-bit key: phe per value versus fedray's packed codec,
+in threshold custody (the default: public-key encryption, t of h key holders open a sum)
+and shared custody (every host holds the key).
 
     .venv/bin/python benchmarks/crypto.py                 # the README table
-    .venv/bin/python benchmarks/crypto.py --params 1000000 --clients 10
+    .venv/bin/python benchmarks/crypto.py --params 1000000 --clients 10 --holders 10
 
-Single-process rows are per core. The last block encrypts, sums over ``--clients`` and
-decrypts one ``--params``-value update with a process pool over all cores.
+Single-process rows are per core. The last block encrypts ``--params`` values per client
+for ``--clients`` clients over a process pool, sums them, and opens the sum the default
+way: each of t key holders adds its exponent shares, the server interpolates and strips
+the obfuscators. Key holders run in parallel at their sites; the figure adds the slowest
+holder's time to the server's.
 """
 
 from __future__ import annotations
@@ -18,17 +23,18 @@ import numpy as np
 from phe import paillier
 
 from fedray.crypto.codec import PackedPaillierCodec
-from fedray.crypto.paillier import (
-    Decryptor,
-    KeyHolderEncryptor,
-    KnownObfuscatorDecryptor,
-    PrivateKey,
-    PublicKey,
-    from_bytes,
-    obfuscators_from_bytes,
-    to_bytes,
-)
+from fedray.crypto.paillier import Decryptor, KeyHolderEncryptor, PrivateKey, PublicKey, from_bytes
 from fedray.crypto.parallel import ParallelCrypto
+from fedray.crypto.threshold import (
+    PublicEncryptor,
+    ThresholdPublicKey,
+    Unmasker,
+    add_share_blobs,
+    combine_partial_decryptions,
+    deal_threshold_key,
+    partial_decrypt,
+    share_exponents,
+)
 
 
 def timed(fn):
@@ -37,124 +43,173 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--key-bits", type=int, default=2048)
-    ap.add_argument("--clients", type=int, default=10, help="summands per ciphertext slot")
-    ap.add_argument("--values", type=int, default=20_000, help="values for per-core rows")
-    ap.add_argument("--phe-values", type=int, default=200)
-    ap.add_argument("--params", type=int, default=1_000_000, help="size of the big update")
-    ap.add_argument("--processes", type=int, default=os.cpu_count())
-    args = ap.parse_args()
-
+def _shared_rows(args, rng, rows):
     pub_phe, priv_phe = paillier.generate_paillier_keypair(n_length=args.key_bits)
     public = PublicKey(int(pub_phe.n))
     private = PrivateKey(public, int(priv_phe.p), int(priv_phe.q))
-    rng = np.random.default_rng(0)
-    rows: list[tuple[str, str, str]] = []
-
-    # phe: one EncryptedNumber per float.
     floats = rng.uniform(-1, 1, args.phe_values).tolist()
     enc_phe, t = timed(lambda: [pub_phe.encrypt(x) for x in floats])
     rows.append(("phe encrypt (one value per ciphertext)", f"{len(floats) / t:,.0f}", "512"))
     _, t = timed(lambda: [priv_phe.decrypt(c) for c in enc_phe])
     rows.append(("phe decrypt", f"{len(floats) / t:,.0f}", ""))
-
     codec = PackedPaillierCodec.for_key(public, num_values=args.values, max_summands=args.clients)
     values = rng.uniform(-1, 1, args.values)
     bpv = public.ciphertext_bytes / codec.slots_per_ciphertext
     plaintexts, t_encode = timed(lambda: codec.encode(values))
-    for obfuscator in ("standard", "fixed_base"):
-        enc = KeyHolderEncryptor(private, obfuscator)
-        n = len(plaintexts) if obfuscator == "fixed_base" else max(1, len(plaintexts) // 10)
-        cts, t = timed(lambda enc=enc, n=n: enc.encrypt_many(plaintexts[:n]))
-        rate = n * codec.slots_per_ciphertext / (t + t_encode * n / len(plaintexts))
-        rows.append((f"fedray packed encrypt, {obfuscator} (CRT)", f"{rate:,.0f}", f"{bpv:.2f}"))
     enc = KeyHolderEncryptor(private, "fixed_base")
-    _, t_pre = timed(lambda: enc.precompute(len(plaintexts)))
     cts, t = timed(lambda: enc.encrypt_many(plaintexts))
+    rate = args.values / (t + t_encode)
+    rows.append(
+        ("shared custody: encrypt with the private key (CRT)", f"{rate:,.0f}", f"{bpv:.2f}")
+    )
+    n2 = gmpy2.mpz(public.n) ** 2
+    sums = [a * b % n2 for a, b in zip(cts, enc.encrypt_many(plaintexts), strict=True)]
+    out, t = timed(lambda: codec.decode_sum(Decryptor(private).decrypt_many(sums), 2))
+    rows.append(
+        ("shared custody: decrypt + decode (private key, CRT)", f"{args.values / t:,.0f}", "")
+    )
+    assert np.max(np.abs(out / 2 - values)) <= codec.error_bound(2, 2.0) + 1e-12
+
+
+def _threshold_rows(args, rng, rows, key: ThresholdPublicKey, shares):
+    public = key.public
+    codec = PackedPaillierCodec.for_key(public, num_values=args.values, max_summands=args.clients)
+    values = rng.uniform(-1, 1, args.values)
+    bpv = public.ciphertext_bytes / codec.slots_per_ciphertext
+    plaintexts, t_encode = timed(lambda: codec.encode(values))
+    enc = PublicEncryptor(key)
+    (cts, xs), t = timed(lambda: enc.encrypt_many(plaintexts))
+    rate = args.values / (t + t_encode)
+    rows.append(
+        ("threshold: encrypt with the public key (DJN fixed base)", f"{rate:,.0f}", f"{bpv:.2f}")
+    )
+    enc.precompute(len(plaintexts))
+    (cts2, xs2), t = timed(lambda: enc.encrypt_many(plaintexts))
     rows.append(
         (
-            "fedray packed encrypt, precomputed obfuscators (online part)",
+            "threshold: encrypt, obfuscators precomputed (online part)",
             f"{args.values / (t + t_encode):,.0f}",
             f"{bpv:.2f}",
         )
     )
-    n2 = gmpy2.mpz(public.n) ** 2
-    other = KeyHolderEncryptor(private).encrypt_many(plaintexts)
-    _, t = timed(lambda: [a * b % n2 for a, b in zip(cts, other, strict=True)])
-    rows.append(("fedray homomorphic sum (per added update)", f"{args.values / t:,.0f}", ""))
-    dec = Decryptor(private)
-    sums = [a * b % n2 for a, b in zip(cts, other, strict=True)]
-    out, t = timed(lambda: codec.decode_sum(dec.decrypt_many(sums), 2))
-    rows.append(("fedray decrypt + decode (private key, CRT)", f"{args.values / t:,.0f}", ""))
-    assert np.max(np.abs(out / 2 - values)) <= codec.error_bound(2, 2.0) + 1e-12
-    # The key holder's fast path: the sum of k updates whose obfuscators it was given.
-    fast = KnownObfuscatorDecryptor(private)
-    enc = KeyHolderEncryptor(private, "fixed_base")
-    sealed = [enc.encrypt_keeping_obfuscators(plaintexts) for _ in range(args.clients)]
-    for k in sorted({2, args.clients}):
-        partial = [gmpy2.mpz(1)] * len(plaintexts)
-        for c, _ in sealed[:k]:
-            partial = [a * b % n2 for a, b in zip(partial, c, strict=True)]
-        out, t = timed(
-            lambda k=k, partial=partial: codec.decode_sum(
-                fast.decrypt_sum(partial, [o for _, o in sealed[:k]]), k
-            )
+    blobs, t = timed(lambda: share_exponents(key, xs))
+    others = (key.holders - 1) * key.share_width() / codec.slots_per_ciphertext
+    rows.append(
+        (
+            f"threshold: exponent shares for {key.holders} holders (+B/value to the others)",
+            f"{args.values / t:,.0f}",
+            f"+{others:.2f}",
         )
-        assert np.max(np.abs(out / k - values)) <= codec.error_bound(k, k) + 1e-12
-        rows.append(
-            (
-                f"fedray decrypt + decode, key holder (obfuscators of {k} updates)",
-                f"{args.values / t:,.0f}",
-                "",
-            )
-        )
-
-    print(
-        f"key {public.key_bits} bits, {codec.slots_per_ciphertext} values per ciphertext "
-        f"(quant_bits={codec.quant_bits}, up to {args.clients} summands), "
-        f"{public.ciphertext_bytes} bytes per ciphertext, 1 process\n"
     )
-    print(f"| {'operation':<64} | {'values/s per core':>17} | {'bytes/value':>11} |")
-    print(f"|{'-' * 66}|{'-' * 19}:|{'-' * 12}:|")
-    for name, rate, b in rows:
-        print(f"| {name:<64} | {rate:>17} | {b:>11} |")
+    blobs2 = share_exponents(key, xs2)
+    n2 = gmpy2.mpz(public.n) ** 2
+    summed = [a * b % n2 for a, b in zip(cts, cts2, strict=True)]
+    holders = list(range(1, key.threshold + 1))
+    share_sums, t_holder = timed(
+        lambda: {j: add_share_blobs(key, [blobs[j - 1], blobs2[j - 1]]) for j in holders}
+    )
+    unmasker = Unmasker(key, args.clients)
 
-    # One big update over all cores.
+    def open_sum():
+        return unmasker.unmask(summed, unmasker.exponents(share_sums, 2))
+
+    plain, t_server = timed(open_sum)
+    out = codec.decode_sum(plain, 2)
+    assert np.max(np.abs(out / 2 - values)) <= codec.error_bound(2, 2.0) + 1e-12
+    t_open = t_holder / len(holders) + t_server
+    rows.append(
+        (
+            "threshold: open a sum of 2 (t holders' share sums + server)",
+            f"{args.values / t_open:,.0f}",
+            "",
+        )
+    )
+    few = summed[: max(1, len(summed) // 20)]
+    parts, t = timed(lambda: {j: partial_decrypt(shares[j - 1], few) for j in holders})
+    combined, t_comb = timed(lambda: combine_partial_decryptions(key, parts))
+    assert combined == plain[: len(few)]
+    rate = len(few) * codec.slots_per_ciphertext / (t / len(holders) + t_comb)
+    rows.append(("threshold: decrypt by partial decryptions (the fallback)", f"{rate:,.0f}", ""))
+
+
+def _big_update(args, rng, key: ThresholdPublicKey) -> str:
+    public = key.public
     big = PackedPaillierCodec.for_key(public, num_values=args.params, max_summands=args.clients)
     updates = [rng.uniform(-0.5, 0.5, args.params) for _ in range(args.clients)]
-    obfuscator_sets = []
-    with ParallelCrypto(private, args.processes) as par:
-        t_enc = 0.0
-        acc = None
-        t_sum = 0.0
+    n2 = gmpy2.mpz(public.n) ** 2
+    blob_sets = []
+    acc = None
+    t_enc = t_share = t_sum = 0.0
+    with ParallelCrypto(key, args.processes) as par:
         for u in updates:
-            (payload, obfs), t = timed(lambda u=u: par.encrypt_keeping_obfuscators(big.encode(u)))
+            (payload, xs), t = timed(lambda u=u: par.encrypt(big.encode(u)))
             t_enc += t
-            obfuscator_sets.append(obfuscators_from_bytes(public, obfs))
+            blobs, t = timed(lambda xs=xs: share_exponents(key, xs))
+            t_share += t
+            blob_sets.append(blobs)
             cts = from_bytes(public, payload)
             t0 = time.perf_counter()
             acc = cts if acc is None else [a * c % n2 for a, c in zip(acc, cts, strict=True)]
             t_sum += time.perf_counter() - t0
-        total, t_dec = timed(
-            lambda: big.decode_sum(par.decrypt(to_bytes(public, acc)), args.clients)
+    holder_times = []
+    share_sums = {}
+    for j in range(1, key.threshold + 1):
+        share_sums[j], t = timed(lambda j=j: add_share_blobs(key, [b[j - 1] for b in blob_sets]))
+        holder_times.append(t)
+    unmasker = Unmasker(key, args.clients)
+    total, t_server = timed(
+        lambda: big.decode_sum(
+            unmasker.unmask(acc, unmasker.exponents(share_sums, args.clients)), args.clients
         )
-    fast_total, t_fast = timed(
-        lambda: big.decode_sum(fast.decrypt_sum(acc, obfuscator_sets), args.clients)
     )
-    assert np.array_equal(fast_total, total)
     err = np.max(np.abs(total / args.clients - np.mean(updates, axis=0)))
-    print(
-        f"\n{args.params:,}-parameter update, {args.clients} clients, {args.processes} processes: "
-        f"encrypt {t_enc / args.clients:.2f}s per client, homomorphic sum of "
-        f"{args.clients} {t_sum:.2f}s, decrypt+decode {t_dec:.2f}s with the private key "
-        f"({args.processes} processes) or {t_fast:.2f}s by the key holder with the deposited "
-        f"obfuscators (1 process); "
-        f"{big.num_ciphertexts:,} ciphertexts, {big.num_ciphertexts * public.ciphertext_bytes / 2**20:.1f} MiB "
-        f"per client on the wire (and as much again of obfuscators to the key holder); "
-        f"max error {err:.2e} (bound {big.error_bound(args.clients, args.clients):.2e})"
+    ct_bytes = big.num_ciphertexts * public.ciphertext_bytes
+    share_bytes = (key.holders - 1) * big.num_ciphertexts * key.share_width()
+    return (
+        f"{args.params:,}-parameter update, {args.clients} clients, {key.holders} key holders "
+        f"(any {key.threshold} decrypt), {args.processes} processes per client: encrypt "
+        f"{t_enc / args.clients:.2f}s and share exponents {t_share / args.clients:.2f}s per "
+        f"client; homomorphic sum of {args.clients} {t_sum:.2f}s; open the sum "
+        f"{max(holder_times) + t_server:.2f}s (slowest holder {max(holder_times):.2f}s + server "
+        f"{t_server:.2f}s); per client {ct_bytes / args.params:.2f} B/value of ciphertexts to "
+        f"the server + {share_bytes / args.params:.2f} B/value of shares to the other holders "
+        f"= {(ct_bytes + share_bytes) / args.params:.2f} B/value; max error {err:.2e} "
+        f"(bound {big.error_bound(args.clients, args.clients):.2e})"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--key-bits", type=int, default=2048)
+    ap.add_argument("--clients", type=int, default=10, help="summands per ciphertext slot")
+    ap.add_argument("--holders", type=int, default=10, help="key holders (sites)")
+    ap.add_argument("--threshold", type=int, default=None, help="t; default a majority")
+    ap.add_argument("--values", type=int, default=20_000, help="values for per-core rows")
+    ap.add_argument("--phe-values", type=int, default=200)
+    ap.add_argument("--params", type=int, default=1_000_000, help="size of the big update")
+    ap.add_argument("--processes", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-table", action="store_true", help="only the big-update line")
+    args = ap.parse_args()
+    t = args.threshold or args.holders // 2 + 1
+    rng = np.random.default_rng(0)
+    key, shares = deal_threshold_key(args.key_bits, args.holders, t)
+    if not args.skip_table:
+        rows: list[tuple[str, str, str]] = []
+        _shared_rows(args, rng, rows)
+        _threshold_rows(args, rng, rows, key, shares)
+        codec = PackedPaillierCodec.for_key(key.public, num_values=10, max_summands=args.clients)
+        print(
+            f"key {key.public.key_bits} bits, {codec.slots_per_ciphertext} values per "
+            f"ciphertext (quant_bits={codec.quant_bits}, up to {args.clients} summands), "
+            f"{key.public.ciphertext_bytes} bytes per ciphertext, threshold {t} of "
+            f"{args.holders} holders, {key.share_width()}-byte exponent shares, 1 process\n"
+        )
+        print(f"| {'operation':<72} | {'values/s per core':>17} | {'bytes/value':>11} |")
+        print(f"|{'-' * 74}|{'-' * 19}:|{'-' * 12}:|")
+        for name, rate, b in rows:
+            print(f"| {name:<72} | {rate:>17} | {b:>11} |")
+        print()
+    print(_big_update(args, rng, key))
 
 
 if __name__ == "__main__":

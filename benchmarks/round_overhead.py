@@ -7,16 +7,16 @@ same seed, and reports the median over runs of the mean round time (round 1, the
 warm-up where actors import torch and build tables, is excluded). Variants:
 
 - plaintext: ``crypto=none``;
-- encrypted, the default: each host seals the sum of its clients once
-  (``crypto.host_sum``) and the key holder decrypts with the deposited obfuscators
+- encrypted, the default (threshold custody): each host seals the sum of its clients once
+  (``crypto.host_sum``) with the public key, and the key holders' share sums open the sum
   (``crypto.fast_decrypt``);
-- encrypted, one update per client (``crypto.host_sum=false``): the work a deployment's
-  sites do between them, here on 2 cores;
-- encrypted, one update per client, private-key decryption (both off): fedray before
-  those two options.
+- encrypted, one update per client (``crypto.host_sum=false``): what each site does in a
+  deployment, here all on 2 cores;
+- encrypted, per client, partial decryptions (``crypto.fast_decrypt=false`` too);
+- encrypted, shared custody (``crypto.custody=shared``): every host holds the key.
 
-The acceptance target is the default's ratio: an encrypted round costs <= 5x a plaintext
-round. Also prints where an encrypted round goes.
+The acceptance targets: the default <= 5x a plaintext round, one update per client <= 8x.
+Also prints where an encrypted round goes.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ import statistics
 
 from _jobs import embedded_ray, run_job
 
-TARGET = 5.0
+TARGETS = {"encrypted (default)": 5.0, "encrypted, per-client updates": 8.0}
 VARIANTS = {
     "plaintext": ["crypto=none"],
     "encrypted (default)": ["crypto=paillier"],
     "encrypted, per-client updates": ["crypto=paillier", "crypto.host_sum=false"],
-    "encrypted, per-client, private-key decrypt": [
+    "encrypted, per-client, partial decryptions": [
         "crypto=paillier",
         "crypto.host_sum=false",
         "crypto.fast_decrypt=false",
     ],
+    "encrypted, shared custody": ["crypto=paillier", "crypto.custody=shared"],
 }
 PHASES = ("train_seconds", "encrypt_seconds", "aggregate_seconds", "decrypt_seconds")
 
@@ -75,9 +76,11 @@ def main() -> None:
         )
         updates = statistics.mean(float(r["updates_up"]) for r in rows)
         print(f"{name:<44} {cells}  {updates:7.0f}")
-    ratio = statistics.median(means["encrypted (default)"]) / plain
-    verdict = "met" if ratio <= TARGET else "NOT met"
-    print(f"\ntarget: encrypted round <= {TARGET:.0f}x plaintext: {ratio:.1f}x, {verdict}")
+    print()
+    for name, target in TARGETS.items():
+        ratio = statistics.median(means[name]) / plain
+        verdict = "met" if ratio <= target else "NOT met"
+        print(f"target: {name} <= {target:.0f}x plaintext: {ratio:.1f}x, {verdict}")
 
 
 if __name__ == "__main__":
