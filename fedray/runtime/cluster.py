@@ -170,3 +170,20 @@ def dealer_options(cfg: FedrayConfig, nodes: list[dict[str, Any]]) -> dict[str, 
             f"with --resources='{{\"{site}\": 1}}'"
         )
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(offering[0], soft=False)}
+
+
+def call_when_available(method: Any, *args: Any, timeout: float = 120.0) -> Any:
+    """``ray.get(method.remote(*args))``, waiting while Ray restarts the actor (a call to a
+    restarting actor fails at once). Raises the call's error, or TimeoutError."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(method.remote(*args), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the actor did not come back in time") from None
+            time.sleep(0.5)

@@ -64,13 +64,14 @@ class KeyCustody:
         """Register hosts that Ray restarted since the last call; returns their indices."""
         import ray
 
+        from fedray.runtime.cluster import call_when_available
         from fedray.runtime.keys import registration_message
 
         answers = []
-        for ref in [h.identity.remote() for h in self.hosts]:
-            try:
-                answers.append(ray.get(ref, timeout=120))
-            except Exception:  # still dead: its clients keep failing until it is back
+        for host in self.hosts:
+            try:  # waits while Ray restarts the host
+                answers.append(call_when_available(host.identity, timeout=120))
+            except Exception:  # dead for good: its clients keep failing
                 answers.append(None)
         restarted = []
         for i, answer in enumerate(answers):

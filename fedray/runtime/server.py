@@ -25,6 +25,8 @@ from fedray.runtime.client import ClientResult, RoundTask
 
 log = logging.getLogger("fedray.server")
 
+RESTART_WAIT_S = 120.0  # how long a retry waits for client hosts Ray is restarting
+
 
 def sample_cohort(rng: np.random.Generator, num_clients: int, size: int) -> list[int]:
     """``size`` distinct client ids, uniformly without replacement, sorted."""
@@ -220,11 +222,22 @@ class Server:
                 outcome.metrics["clients_ok"],
                 min_clients(self.cfg),
             )
+            self._wait_for_restarting_hosts()
         m = outcome.metrics
         m["clients_failed"] = failed_total
         m["retries"] = retries
         m["seconds"] = time.perf_counter() - start
         return outcome
+
+    def _wait_for_restarting_hosts(self, timeout: float = RESTART_WAIT_S) -> None:
+        """Before a retry, wait for hosts Ray is restarting: a call to a restarting actor
+        fails at once, so an immediate retry would only fail their clients again."""
+        from fedray.runtime.cluster import call_when_available
+
+        deadline = time.monotonic() + timeout
+        for host in self.hosts:
+            with contextlib.suppress(Exception):  # dead for good, or too slow: go on
+                call_when_available(host.ready, timeout=max(0.1, deadline - time.monotonic()))
 
     def _attempt(self, ray) -> RoundOutcome:
         cfg = self.cfg
