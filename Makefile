@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	  echo "== no GPU: installing torch==$(TORCH), CPU build, from $(TORCH_CPU_INDEX)"; \
 	  $(PY) -m pip install --progress-bar on --timeout 10 --retries 0 \
 	    --index-url $(TORCH_CPU_INDEX) torch==$(TORCH) || { \
-	    echo "== $(TORCH_CPU_INDEX) unreachable: torch==$(TORCH) from the default index"; \
+	    echo "== $(TORCH_CPU_INDEX) failed or unreachable: torch==$(TORCH) from the default index"; \
 	    $(PY) -m pip install --progress-bar on torch==$(TORCH); }; \
 	fi
 	@echo "== installing fedray and its dependencies (pip install -e '.[dev]')"
