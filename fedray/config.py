@@ -389,7 +389,7 @@ def check_override_key(key: str) -> str | None:
             prefix = ".".join(done) + "." if done else ""
             near = difflib.get_close_matches(part, list(types), n=1, cutoff=0.6)
             hint = f"; did you mean {prefix}{near[0]}?" if near else ""
-            return f"unknown key {prefix}{part!r}{hint}"
+            return f"unknown key {prefix + part!r}{hint}"
         done.append(part)
         if _is_open(types[part]):
             return None

@@ -65,7 +65,7 @@ def test_clients_per_round_follows_num_clients_by_default():
     [
         (["+round=5"], "override '+round=5': unknown key 'round'; did you mean rounds?"),
         (["rouns=5"], "override 'rouns=5': unknown key 'rouns'; did you mean rounds?"),
-        (["+crypto.keybits=512"], "unknown key crypto.'keybits'; did you mean crypto.key_bits?"),
+        (["+crypto.keybits=512"], "unknown key 'crypto.keybits'; did you mean crypto.key_bits?"),
         (["model.kwargs={a:"], "cannot parse the override 'model.kwargs={a:'"),
         (["dataset=nope"], "Could not find 'dataset/nope'"),  # Hydra's error, one line
         (["rounds=abc"], "rounds"),
