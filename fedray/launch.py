@@ -67,7 +67,7 @@ def prepare_overrides(args: list[str]) -> list[str]:
     out: list[str] = []
     keys: dict[str, object] = {}
     for arg in args:
-        if arg.startswith("-") or "=" not in arg:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
             out.append(arg)  # Hydra's own flags (-m, --cfg job, ...)
             continue
         try:
@@ -90,7 +90,7 @@ def prepare_overrides(args: list[str]) -> list[str]:
                 ) from None
             arg = fixed
         key = parsed.key_or_group
-        if not key.startswith("hydra.") and key != "hydra":
+        if key.split(".")[0].split("/")[0] != "hydra" and "/" not in key:  # Hydra checks those
             problem = check_override_key(key)
             if problem:
                 raise ConfigError(f"override {arg!r}: {problem}")

@@ -98,3 +98,23 @@ def test_unquoted_csv_path_pastes_from_bash_and_missing_sites_fail_before_ray(tm
     assert len(lines) == 1, lines
     assert f"no file for 1 of num_clients=3 clients ({tmp_path}/site_2.csv)" in lines[0]
     assert "Started a local Ray instance" not in res.stdout + res.stderr
+
+
+def test_overrides_are_checked_and_fixed_before_hydra_sees_them():
+    from fedray.launch import prepare_overrides
+
+    # Bash ate the quotes: the {client_id} pattern is quoted again for Hydra's grammar.
+    assert prepare_overrides(["dataset.path=d/site_{client_id}.csv"]) == [
+        "dataset.path='d/site_{client_id}.csv'"
+    ]
+    assert prepare_overrides(["dataset.path='d/site_{client_id}.csv'"]) == [
+        "dataset.path='d/site_{client_id}.csv'"
+    ]
+    # Open mappings, Hydra's own keys and flags pass; so does a sweep.
+    ok = ["+model.kwargs.width=3", "+cluster.sites.0.site_a=1", "hydra/job_logging=disabled"]
+    assert prepare_overrides([*ok, "-m", "num_clients=10,100"]) == [*ok, "-m", "num_clients=10,100"]
+    with pytest.raises(ConfigError, match="unknown key 'rounds2'; did you mean rounds"):
+        prepare_overrides(["~rounds2"])
+    # Resuming in place: Hydra must not rewrite the old run's .hydra/ record.
+    assert prepare_overrides(["hydra.run.dir=old", "resume=true"])[-1] == "hydra.output_subdir=null"
+    assert "hydra.output_subdir=null" not in prepare_overrides(["hydra.run.dir=new"])
