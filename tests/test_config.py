@@ -96,7 +96,8 @@ def test_unquoted_csv_path_pastes_from_bash_and_missing_sites_fail_before_ray(tm
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(lines) == 1, lines
-    assert f"no file for 1 of num_clients=3 clients ({tmp_path}/site_2.csv)" in lines[0]
+    assert f"data file not found: {tmp_path}/site_2.csv" in lines[0]
+    assert "1 of num_clients=3 missing" in lines[0]
     assert "Started a local Ray instance" not in res.stdout + res.stderr
 
 

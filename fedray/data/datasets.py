@@ -201,9 +201,9 @@ def check_site_files(path_template: str, num_clients: int) -> None:
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise DataError(
-            f"dataset.path={path_template!r}: no file for {len(missing)} of num_clients="
-            f"{num_clients} clients ({shown}); one file per client id 0..{num_clients - 1} "
-            "is needed, or set num_clients to the number of files"
+            f"data file not found: {shown} (dataset.path={path_template!r} needs one file per "
+            f"client id 0..{num_clients - 1}: {len(missing)} of num_clients={num_clients} "
+            "missing; or set num_clients to the number of files)"
         )
 
 
