@@ -1,20 +1,35 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    runs the default federated job (embedded local Ray)
 #   make test   runs lint and the test suite
-# Both create .venv on first use. torch 2.13.0 (CPU build) is installed first so
-# the range in pyproject.toml never pulls a multi-GB CUDA build.
+# Both create .venv on first use. torch 2.13.0 is installed first, so the range in
+# pyproject.toml never pulls another build: without a GPU (no working `nvidia-smi`) the
+# CPU build from PyTorch's CPU-only index, not PyPI's multi-GB CUDA build; if that index
+# is unreachable (10 s, no retries), plain torch==2.13.0 from the configured index.
+# Pass job overrides in quotes: make run ARGS="crypto=none rounds=5"
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH  := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "== GPU found: installing torch==$(TORCH) (default CUDA build, large)"; \
+	  $(PY) -m pip install --progress-bar on torch==$(TORCH); \
+	else \
+	  echo "== no GPU: installing torch==$(TORCH), CPU build, from $(TORCH_CPU_INDEX)"; \
+	  $(PY) -m pip install --progress-bar on --timeout 10 --retries 0 \
+	    --index-url $(TORCH_CPU_INDEX) torch==$(TORCH) || { \
+	    echo "== $(TORCH_CPU_INDEX) failed or unreachable: torch==$(TORCH) from the default index"; \
+	    $(PY) -m pip install --progress-bar on torch==$(TORCH); }; \
+	fi
+	@echo "== installing fedray and its dependencies (pip install -e '.[dev]')"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,9 +1,10 @@
 """Every strategy on digits, Dirichlet(alpha=0.5) label skew over 20 clients.
 
-    .venv/bin/python benchmarks/strategies.py [extra overrides]
+    .venv/bin/python benchmarks/strategies.py [--update-results] [extra overrides]
 
 Plaintext updates (the robust aggregators need them), one embedded Ray for all runs.
-Prints a markdown table and writes benchmarks/results/strategies.csv.
+Prints a markdown table and writes strategies.csv into results_tmp/ (untracked); with
+--update-results, into benchmarks/results/ (the tracked figures the README cites).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ BASE = [
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    update = "--update-results" in args
+    overrides = [a for a in args if a != "--update-results"]
     rows = []
     with embedded_ray():
         for name in STRATEGIES:
             t = time.perf_counter()
-            summary, _ = run_job([*BASE, f"strategy={name}", *sys.argv[1:]])
+            summary, _ = run_job([*BASE, f"strategy={name}", *overrides])
             rows.append(
                 {
                     "strategy": name,
@@ -48,12 +52,13 @@ def main() -> None:
                     "seconds": round(time.perf_counter() - t, 1),
                 }
             )
-    out = ROOT / "benchmarks" / "results" / "strategies.csv"
+    out = (ROOT / "benchmarks" / "results" if update else ROOT / "results_tmp") / "strategies.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    print(f"wrote {out.relative_to(ROOT)}")
     print(" ".join(BASE[:-2]))
     print("| strategy | test accuracy | clients' held-out accuracy | seconds |")
     print("|---|---:|---:|---:|")

@@ -8,8 +8,10 @@ the key and the allowed values, so the launcher can print it as one line.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -97,7 +99,7 @@ class DatasetConfig:
             if not self.path or "{client_id}" not in self.path:
                 raise ConfigError(
                     "dataset.path must be set for dataset=csv and contain '{client_id}', "
-                    "e.g. dataset.path='data/site_{client_id}.csv'"
+                    "e.g. dataset.path=data/site_{client_id}.csv"
                 )
             if not self.label:
                 raise ConfigError("dataset.label must name the label column for dataset=csv")
@@ -300,7 +302,7 @@ class FedrayConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     num_clients: int = 10
-    clients_per_round: int = 10
+    clients_per_round: int | None = None  # null: every client, each round (num_clients)
     min_clients_per_round: int | None = None
     rounds: int = 20
     local_epochs: int = 1
@@ -316,6 +318,8 @@ class FedrayConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.clients_per_round is None:
+            self.clients_per_round = self.num_clients
         for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -328,6 +332,69 @@ class FedrayConfig:
         if self.round_timeout_s is not None:
             _positive("round_timeout_s", self.round_timeout_s)
         _positive("max_round_retries", self.max_round_retries, allow_zero=True)
+
+
+# Overrides that may differ from a run's saved config when it is resumed: they change how
+# long it runs, where and how it reports, not what its checkpoint means.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "rounds",
+        "progress",
+        "target_accuracy",
+        "round_timeout_s",
+        "max_round_retries",
+        "checkpoint.every",
+        "privacy.target_epsilon",
+        "ray",  # and every ray.* key (shown as ray.*)
+    }
+)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _is_open(tp: Any) -> bool:
+    """A dict or Any field: any key below it is the user's (model.kwargs.*, cluster.sites.*)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        return True
+    return any(_is_open(a) for a in typing.get_args(tp) if a is not type(None))
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if is_dataclass(arg):
+            return arg
+    return None
+
+
+def check_override_key(key: str) -> str | None:
+    """Why a command-line key is not in the schema (with the nearest key), or None if it is.
+
+    Catches typos that Hydra would let through with ``+`` (``+round=5``).
+    """
+    cls: type | None = FedrayConfig
+    done: list[str] = []
+    for part in key.split("."):
+        if cls is None:
+            return f"{'.'.join(done)} has no sub-key {part!r}"
+        types = _field_types(cls)
+        if part not in types:
+            prefix = ".".join(done) + "." if done else ""
+            near = difflib.get_close_matches(part, list(types), n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+            return f"unknown key {prefix + part!r}{hint}"
+        done.append(part)
+        if _is_open(types[part]):
+            return None
+        cls = _dataclass_of(types[part])
+    return None
 
 
 def register_configs() -> None:

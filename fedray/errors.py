@@ -15,3 +15,12 @@ class DataError(FedrayError, ValueError):
 
 class ClusterError(FedrayError, RuntimeError):
     """The Ray cluster is unreachable or lacks the resources asked for."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the rounds cleanly after ``round``, checkpointed in ``checkpoint_dir``."""
+
+    def __init__(self, round_num: int, checkpoint_dir) -> None:
+        super().__init__(f"interrupted after round {round_num}")
+        self.round = round_num
+        self.checkpoint_dir = checkpoint_dir

@@ -1,46 +1,246 @@
 """``python -m fedray.launch [hydra overrides]``: compose the config, check it, run the job.
 
-Errors a user can fix (bad config, bad data, unreachable cluster) print one line and exit
-with status 2; set HYDRA_FULL_ERROR=1 to see the traceback instead.
+Errors a user can fix (bad config, bad override syntax, bad data, unreachable cluster)
+print one ``fedray: error:`` line and exit with status 2, whichever layer (Hydra or
+fedray) found them; set HYDRA_FULL_ERROR=1 to see the traceback instead.
+
+``hydra.run.dir=OLD resume=true`` continues the run in OLD with the config saved in
+``OLD/.hydra/config.yaml``. Overrides that would change what its checkpoint means are
+refused; Hydra is told not to rewrite OLD's ``.hydra/`` record. Ctrl-C finishes the round
+in flight, writes a checkpoint, and prints one line with the command that resumes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fedray.config import register_configs, to_config
-from fedray.errors import FedrayError
+from fedray.config import RESUME_SAFE_KEYS, check_override_key, register_configs, to_config
+from fedray.errors import ConfigError, FedrayError
 
 register_configs()
 
+# What the user asked for; cli() sets HYDRA_FULL_ERROR=1 itself to catch Hydra's errors.
+_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+EXIT_USAGE = 2  # every error a user can fix
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+# Values that are file paths: a bash-pasted `dataset.path=data/site_{client_id}.csv`
+# lost its quotes to the shell, so it is quoted for Hydra's grammar here.
+_PATH_KEYS = ("dataset.path", "dataset.test_path", "checkpoint.path")
+_TRUE = ("true", "yes", "on", "1")
+
 
 def _fail(exc: BaseException) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if _FULL_ERROR:
         raise exc
-    print(f"fedray: error: {exc}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"fedray: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _parse(override: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override)
+
+
+def _hydra_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def prepare_overrides(args: list[str]) -> list[str]:
+    """Check command-line overrides before Hydra sees them; return the ones to pass on.
+
+    - a value with ``{client_id}`` (or any path key's value) that Hydra's grammar rejects
+      because the shell ate its quotes is quoted again;
+    - a grammar error names the override;
+    - a key that is not in the schema is refused, also with ``+``, suggesting the nearest;
+    - ``resume=true`` with ``hydra.run.dir`` tells Hydra not to rewrite that run's record.
+    """
+    out: list[str] = []
+    keys: dict[str, object] = {}
+    for arg in args:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            out.append(arg)  # Hydra's own flags (-m, --cfg job, ...)
+            continue
+        try:
+            parsed = _parse(arg)
+        except Exception as exc:
+            raw_key, _, value = arg.partition("=")
+            key = raw_key.lstrip("+~")
+            fixed = None
+            if (key in _PATH_KEYS or "{client_id}" in value) and not value.startswith(("'", '"')):
+                fixed = f"{raw_key}={_hydra_quote(value)}"
+                try:
+                    parsed = _parse(fixed)
+                except Exception:
+                    fixed = None
+            if fixed is None:
+                reason = " ".join(str(exc).split())
+                raise ConfigError(
+                    f"cannot parse the override {arg!r}: {reason} (quote a value with "
+                    "special characters for Hydra, e.g. 'key=\"a{b}\"')"
+                ) from None
+            arg = fixed
+        key = parsed.key_or_group
+        if key.split(".")[0].split("/")[0] != "hydra" and "/" not in key:  # Hydra checks those
+            problem = check_override_key(key)
+            if problem:
+                raise ConfigError(f"override {arg!r}: {problem}")
+        keys[key] = parsed.value() if not parsed.is_delete() else None
+        out.append(arg)
+    resume = str(keys.get("resume", "")).lower() in _TRUE
+    if resume and "hydra.run.dir" in keys and "hydra.output_subdir" not in keys:
+        out.append("hydra.output_subdir=null")  # keep the old run's .hydra/ as it was
+    return out
+
+
+def _same(a, b) -> bool:
+    def plain(x):
+        return OmegaConf.to_container(x, resolve=False) if OmegaConf.is_config(x) else x
+
+    return plain(a) == plain(b)
+
+
+def _shown(value) -> str:
+    if OmegaConf.is_dict(value) and "name" in value:
+        return str(value.name)  # a config group: its option
+    if OmegaConf.is_config(value):
+        return str(OmegaConf.to_container(value, resolve=False))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _resume_config(raw: DictConfig, run_dir: Path, task_overrides: list[str]) -> DictConfig:
+    """The saved config of the run being resumed, with only harmless overrides applied."""
+    source = Path(str(raw.checkpoint.path)).parent if raw.checkpoint.path is not None else run_dir
+    record = source / ".hydra" / "config.yaml"
+    if not record.exists():
+        return raw  # no record (e.g. run_experiment from Python): use the command line
+    saved = OmegaConf.load(record)
+    changed, safe = [], []
+    for override in task_overrides:
+        key = _parse(override).key_or_group
+        if key == "resume":
+            continue
+        if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
+            safe.append(key)
+            continue
+        old = OmegaConf.select(saved, key, default=None)
+        if not _same(OmegaConf.select(raw, key, default=None), old):
+            changed.append(f"{key} (saved: {_shown(old)})")
+    if changed:
+        raise ConfigError(
+            f"resume=true continues the run in {source} with its saved config; these overrides "
+            f"would change what its checkpoint means: {', '.join(changed)}. Allowed on resume: "
+            f"{', '.join(k + '.*' if k == 'ray' else k for k in sorted(RESUME_SAFE_KEYS))}; start a new run (another hydra.run.dir) "
+            "to change the others"
+        )
+    for key in safe:
+        OmegaConf.update(saved, key, OmegaConf.select(raw, key), force_add=True)
+    saved.resume = True
+    return saved
+
+
+def _shell_path(path: str | Path) -> str:
+    rel = os.path.relpath(path)
+    return shlex.quote(rel if not rel.startswith("..") else str(path))
+
+
+def _interrupted(run_dir: Path, checkpoint_path: str | None) -> None:
+    """One line: the last checkpoint on disk and the command that resumes from it."""
+    from fedray.runtime.outputs import latest_checkpoint_round
+
+    directory = Path(checkpoint_path) if checkpoint_path else run_dir / "checkpoints"
+    last = latest_checkpoint_round(directory)
+    if last is None:
+        print(
+            f"fedray: interrupted before the first checkpoint; nothing to resume in {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        command = (
+            f"{_shell_path(sys.executable)} -m fedray.launch "
+            f"hydra.run.dir={_shell_path(run_dir)} resume=true"
+        )
+        print(
+            f"fedray: interrupted; last checkpoint: round {last} in {_shell_path(directory)}; "
+            f"resume with: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float | None:
     """Hydra entry point; returns the final accuracy (for sweepers)."""
     logging.getLogger("fedray").setLevel(logging.INFO)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    checkpoint_path = raw.checkpoint.path
     try:
+        if raw.resume:
+            raw = _resume_config(raw, run_dir, list(hc.overrides.task))
+            checkpoint_path = raw.checkpoint.path
         cfg = to_config(raw)  # checked before Ray starts
         from fedray.runtime.driver import run_experiment
 
-        summary = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
+        summary = run_experiment(cfg, run_dir)
     except FedrayError as exc:
         _fail(exc)
+        return None
+    except KeyboardInterrupt:
+        if _FULL_ERROR:
+            raise
+        _interrupted(run_dir, checkpoint_path)
         return None
     return summary["final_accuracy"]
 
 
+def _is_config_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, HydraException | OmegaConfBaseException)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Check the overrides, then run Hydra; Hydra's config errors become one line, exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        sys.argv = [sys.argv[0], *prepare_overrides(args)]
+    except ConfigError as exc:
+        _fail(exc)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we report
+    try:
+        main()
+    except KeyboardInterrupt:  # before the job started (imports, Hydra set-up)
+        if _FULL_ERROR:
+            raise
+        print("fedray: interrupted before the job started", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if _FULL_ERROR or not _is_config_error(exc):
+            raise
+        _fail(ConfigError(_hydra_message(exc)))
+
+
+def _hydra_message(exc: BaseException) -> str:
+    """Hydra's or OmegaConf's error as one line (with its cause, without search paths)."""
+    text = str(exc).split("Config search path:")[0]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip():
+        text += ": " + str(cause).strip().splitlines()[0]
+    return " ".join(text.split())
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -7,44 +7,92 @@
 #   SITES=1 bash jobs/local_cluster.sh         # 2 sites, client i pinned to site_i's node
 #   bash jobs/local_cluster.sh rounds=5        # extra Hydra overrides go to the job
 #
-# Everything listens on 127.0.0.1. Ray 2.60 turns on token authentication for
-# `ray start --head`: every node, driver and `ray job submit` below runs with
-# RAY_AUTH_MODE=token and finds the cluster's token in ~/.ray/auth_token.
+# Everything listens on 127.0.0.1 (free ports unless PORT / DASH are set). Ray 2.60 turns
+# on token authentication for `ray start --head`: every node, driver and `ray job submit`
+# below runs with RAY_AUTH_MODE=token and reads ~/.ray/auth_token, created here if missing.
+# The nodes run as `ray start --block` in their own sessions with their own temp dir and
+# ports (a busy default port, e.g. the dashboard agent's 52365, would leave the job server
+# without an agent), and only those process groups are stopped on exit: other Ray
+# instances on this machine are left alone (no `ray stop`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 [ -x .venv/bin/python ] || make .venv/.installed
 export PATH="$ROOT/.venv/bin:$PATH"   # the job's `python` is this venv's
 export RAY_AUTH_MODE=token
-PORT=${PORT:-6390}
-DASH=${DASH:-8265}
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=${PORT:-$(free_port)}
+DASH=${DASH:-$(free_port)}
 RUN_DIR=${RUN_DIR:-$ROOT/outputs/cluster-job-$(date +%Y%m%d-%H%M%S)}
+WORK=$(mktemp -d /tmp/fedray-cluster-XXXXXX)  # short: Ray's socket paths live under it
+PIDS=()
 
-stop() { ray stop --force >/dev/null 2>&1 || true; }
+stop() {  # only the process groups started below (workers first), then our temp dir
+  local i pid
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${PIDS[i]}
+    kill -TERM -- "-$pid" 2>/dev/null || continue  # the node's GCS, raylet, workers
+    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || true  # what TERM left (`ray start` itself)
+  done
+  rm -rf "$WORK"
+}
 trap stop EXIT
-stop
+
+fail() {  # the node's own last words, not just "did not come up"
+  echo "error: $1; the last lines of $2:" >&2
+  tail -n 30 "$2" >&2
+  exit 1
+}
+
+if [ ! -s "$HOME/.ray/auth_token" ]; then
+  echo "== no Ray token in ~/.ray/auth_token: generating one"
+  ray get-auth-token --generate >/dev/null
+fi
 
 echo "== starting the head node (site_a) on 127.0.0.1:$PORT"
-ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=1 \
+setsid ray start --block --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=1 \
+  --temp-dir="$WORK/ray" --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
   --resources='{"site_a": 1}' --include-dashboard=true \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" >/dev/null
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" >"$WORK/head.log" 2>&1 &
+PIDS+=($!)
+disown  # no "Killed" notice from bash when it is stopped
+for i in $(seq 180); do  # the job server answers once the head is up
+  python -c "import socket; socket.create_connection(('127.0.0.1', $DASH), 1)" 2>/dev/null && break
+  kill -0 "${PIDS[0]}" 2>/dev/null || fail "the Ray head exited" "$WORK/head.log"
+  [ "$i" = 180 ] && fail "the Ray head did not come up within 90 s" "$WORK/head.log"
+  sleep 0.5
+done
+
 echo "== starting a worker node (site_b)"
-ray start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus=1 \
-  --resources='{"site_b": 1}' >/dev/null
-for _ in $(seq 30); do  # wait until both nodes have registered
-  [ "$(ray status --address="127.0.0.1:$PORT" 2>/dev/null | grep -c '^ 1 node_')" -ge 2 ] && break
+setsid ray start --block --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+  --num-cpus=1 --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
+  --resources='{"site_b": 1}' >"$WORK/worker.log" 2>&1 &
+PIDS+=($!)
+disown
+for i in $(seq 90); do  # wait until the worker has registered
+  ray status --address="127.0.0.1:$PORT" 2>/dev/null | grep -q site_b && break
+  kill -0 "${PIDS[1]}" 2>/dev/null || fail "the Ray worker exited" "$WORK/worker.log"
+  [ "$i" = 90 ] && fail "the worker did not join within 90 s" "$WORK/worker.log"
   sleep 1
 done
 ray status --address="127.0.0.1:$PORT" | sed -n '/Resources/,/Demands/p' | grep -E "CPU|site_"
 
 ARGS=(cluster=remote "hydra.run.dir=$RUN_DIR")
 if [ "${SITES:-0}" = 1 ]; then
-  ARGS+=(num_clients=2 clients_per_round=2 client.num_cpus=0.5
-         +cluster.sites.0.site_a=1 +cluster.sites.1.site_b=1)
+  ARGS+=(num_clients=2 client.num_cpus=0.5 +cluster.sites.0.site_a=1 +cluster.sites.1.site_b=1)
 fi
 echo "== ray job submit: python -m fedray.launch ${ARGS[*]} $*"
-ray job submit --address "http://127.0.0.1:$DASH" --working-dir . -- \
-  python -m fedray.launch "${ARGS[@]}" "$@"
+for i in $(seq 45); do
+  # The head's job agent registers a little after its job server answers; until then a
+  # submission is refused before anything starts, so it is safe to submit again.
+  rc=0
+  ray job submit --address "http://127.0.0.1:$DASH" --working-dir . -- \
+    python -m fedray.launch "${ARGS[@]}" "$@" 2>&1 | tee "$WORK/submit.log" || rc=$?
+  grep -q "No available agent" "$WORK/submit.log" && [ "$i" != 45 ] || break
+  sleep 2
+done
+[ "$rc" = 0 ] || exit "$rc"
 
 echo "== where each client ran ($RUN_DIR/summary.json)"
 python - "$RUN_DIR/summary.json" <<'PY'

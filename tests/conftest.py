@@ -104,26 +104,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray_node(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def isolated_home(directory: Path) -> dict[str, str]:
+    """An environment whose HOME is ``directory``, with a fresh Ray token generated there.
+
+    Ray 2.60's `ray start --head` turns on token authentication and reads the token from
+    ~/.ray/auth_token; a test must not depend on (or write to) the user's own HOME.
+    """
+    env = {**os.environ, "HOME": str(directory), "RAY_AUTH_MODE": "token"}
+    subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (directory / ".ray" / "auth_token").exists()
+    return env
+
+
+def start_ray_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """`ray start --block ARGS` on loopback, in its own session (for fixtures only).
 
-    Its GCS, raylet and workers share the session's process group, so
-    :func:`stop_ray_nodes` stops exactly them; `ray stop` would stop every Ray here.
+    Its output goes to ``log`` (see :func:`node_failed`). Its GCS, raylet and workers
+    share the session's process group, so :func:`stop_ray_nodes` stops exactly them;
+    `ray stop` would stop every Ray here.
     """
-    return subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("ray")),
-            "start",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats",
-            *args,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                *args,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def node_failed(what: str, node: subprocess.Popen, log: Path) -> None:
+    """Fail the test with the node's own last words, not just 'did not come up'."""
+    state = f"exited with {node.returncode}" if node.poll() is not None else "still running"
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    pytest.fail(f"{what} ({state}); the last lines of {log}:\n{tail}", pytrace=False)
 
 
 def stop_ray_nodes(nodes: list[subprocess.Popen], port: int) -> None:

@@ -53,3 +53,69 @@ def test_cli_bad_config_prints_one_line_and_exits_nonzero():
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert lines == ["fedray: error: clients_per_round=50 must be between 1 and num_clients=10"]
     assert "Traceback" not in res.stderr
+
+
+def test_clients_per_round_follows_num_clients_by_default():
+    assert compose(["num_clients=3"]).clients_per_round == 3
+    assert compose(["num_clients=30", "clients_per_round=5"]).clients_per_round == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+round=5"], "override '+round=5': unknown key 'round'; did you mean rounds?"),
+        (["rouns=5"], "override 'rouns=5': unknown key 'rouns'; did you mean rounds?"),
+        (["+crypto.keybits=512"], "unknown key 'crypto.keybits'; did you mean crypto.key_bits?"),
+        (["model.kwargs={a:"], "cannot parse the override 'model.kwargs={a:'"),
+        (["dataset=nope"], "Could not find 'dataset/nope'"),  # Hydra's error, one line
+        (["rounds=abc"], "rounds"),
+    ],
+)
+def test_cli_config_errors_from_hydra_or_fedray_share_one_line_and_exit_2(args, message):
+    res = run_cli(args, timeout=120)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("fedray: error: "), lines
+    assert message in lines[0]
+
+
+def test_unquoted_csv_path_pastes_from_bash_and_missing_sites_fail_before_ray(tmp_path):
+    for cid in range(2):
+        (tmp_path / f"site_{cid}.csv").write_text("f1,label\n1.0,0\n2.0,1\n")
+    # As bash passes `dataset.path=DIR/site_{client_id}.csv` (unquoted): braces intact.
+    res = run_cli(
+        [
+            "dataset=csv",
+            f"dataset.path={tmp_path}/site_{{client_id}}.csv",
+            "dataset.label=label",
+            "num_clients=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        timeout=120,
+    )
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1, lines
+    assert f"data file not found: {tmp_path}/site_2.csv" in lines[0]
+    assert "1 of num_clients=3 missing" in lines[0]
+    assert "Started a local Ray instance" not in res.stdout + res.stderr
+
+
+def test_overrides_are_checked_and_fixed_before_hydra_sees_them():
+    from fedray.launch import prepare_overrides
+
+    # Bash ate the quotes: the {client_id} pattern is quoted again for Hydra's grammar.
+    assert prepare_overrides(["dataset.path=d/site_{client_id}.csv"]) == [
+        "dataset.path='d/site_{client_id}.csv'"
+    ]
+    assert prepare_overrides(["dataset.path='d/site_{client_id}.csv'"]) == [
+        "dataset.path='d/site_{client_id}.csv'"
+    ]
+    # Open mappings, Hydra's own keys and flags pass; so does a sweep.
+    ok = ["+model.kwargs.width=3", "+cluster.sites.0.site_a=1", "hydra/job_logging=disabled"]
+    assert prepare_overrides([*ok, "-m", "num_clients=10,100"]) == [*ok, "-m", "num_clients=10,100"]
+    with pytest.raises(ConfigError, match="unknown key 'rounds2'; did you mean rounds"):
+        prepare_overrides(["~rounds2"])
+    # Resuming in place: Hydra must not rewrite the old run's .hydra/ record.
+    assert prepare_overrides(["hydra.run.dir=old", "resume=true"])[-1] == "hydra.output_subdir=null"
+    assert "hydra.output_subdir=null" not in prepare_overrides(["hydra.run.dir=new"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedray.data.datasets import dataset_info, load_client_data
+from fedray.data.datasets import dataset_info, load_client_data, read_csv
 from fedray.data.partition import partition_indices
-from fedray.errors import ConfigError
+from fedray.errors import ConfigError, DataError
 from fedray.models import ParamView, build_model
 from fedray.runtime.client import ClientHost, RoundTask
 from fedray.runtime.driver import run_experiment
@@ -148,3 +148,16 @@ def test_fedprox_term_pulls_the_local_model_toward_the_global_one():
     prox = host.train(RoundTask(1, [0], {"proximal_mu": 10.0}), w)[0].delta
     assert np.linalg.norm(prox) < 0.8 * np.linalg.norm(free)
     assert torch.get_num_threads() >= 1
+
+
+def test_text_class_labels_get_a_hint_that_labels_are_integer_ids(tmp_path):
+    path = tmp_path / "site_0.csv"
+    path.write_text("f1,diagnosis\n1.0,0\n2.0,malignant\n")
+    with pytest.raises(DataError) as err:
+        read_csv(str(path), "diagnosis")
+    assert "row 3, column 'diagnosis': 'malignant' is not a number" in str(err.value)
+    assert "labels must be integer class ids" in str(err.value)
+    path.write_text("f1,diagnosis\nabc,0\n")  # a feature cell: no label hint
+    with pytest.raises(DataError) as err:
+        read_csv(str(path), "diagnosis")
+    assert "class ids" not in str(err.value)

@@ -12,24 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, start_ray_node, stop_ray_nodes
+from tests.conftest import free_port, isolated_home, node_failed, start_ray_node, stop_ray_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
-def fresh_cluster():
+def fresh_cluster(tmp_path_factory):
     """A head (site_a, with the job server) and a worker (site_b), 1 CPU each, on loopback.
 
-    Each node runs as `ray start --block` in its own session (conftest.start_ray_node).
+    Each node runs as `ray start --block` in its own session (conftest.start_ray_node),
+    in a HOME of its own with a fresh token (Ray 2.60's `ray start --head` turns on
+    token auth).
     """
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",  # Ray 2.60: `ray start --head` turns tokens on
-        # A job's entrypoint runs with the head node's environment: its `python` is ours.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    directory = tmp_path_factory.mktemp("job_submit")
+    env = isolated_home(directory)
+    # A job's entrypoint runs with the head node's environment: its `python` is ours.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    head_log, worker_log = directory / "head.log", directory / "worker.log"
     port, dash = free_port(), free_port()
     head = start_ray_node(
         [
@@ -40,8 +41,12 @@ def fresh_cluster():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Not the default 52365: another Ray here may hold it, and the head's job
+            # server then has no agent ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={free_port()}",
         ],
         env,
+        head_log,
     )
     nodes = [head]
     try:
@@ -52,13 +57,19 @@ def fresh_cluster():
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the Ray head did not come up within 90 s")
+                    node_failed("the Ray head did not come up within 90 s", head, head_log)
                 time.sleep(0.5)
-        nodes.append(
-            start_ray_node(
-                [f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"site_b": 1}'], env
-            )
+        worker = start_ray_node(
+            [
+                f"--address=127.0.0.1:{port}",
+                "--num-cpus=1",
+                '--resources={"site_b": 1}',
+                f"--dashboard-agent-listen-port={free_port()}",
+            ],
+            env,
+            worker_log,
         )
+        nodes.append(worker)
         while (
             "site_b"
             not in subprocess.run(
@@ -69,7 +80,7 @@ def fresh_cluster():
             ).stdout
         ):
             if time.monotonic() > deadline:
-                pytest.fail("the worker node did not join within 90 s")
+                node_failed("the worker node did not join within 90 s", worker, worker_log)
             time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
@@ -82,31 +93,34 @@ def test_first_job_submitted_to_a_fresh_cluster_runs_on_both_nodes(fresh_cluster
     driver to oneMKL ('Cannot load libtorch_cpu.so') when torch was imported late."""
     address, env = fresh_cluster
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "-m",
-            "fedray.launch",
-            "cluster=remote",
-            "rounds=2",
-            "crypto.key_bits=512",
-            "crypto.allow_insecure_keys=true",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "-m",
+        "fedray.launch",
+        "cluster=remote",
+        "rounds=2",
+        "crypto.key_bits=512",
+        "crypto.allow_insecure_keys=true",
+        f"hydra.run.dir={run_dir}",
+    ]
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run(
+            submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        # The head's job agent registers a little after its job server answers; until
+        # then a submission is refused (and nothing started), so it is safe to retry.
+        if "No available agent" not in proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2

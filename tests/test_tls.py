@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import socket
 import ssl
 import time
@@ -13,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli, start_ray_node, stop_ray_nodes
+from tests.conftest import (
+    free_port,
+    isolated_home,
+    node_failed,
+    run_cli,
+    start_ray_node,
+    stop_ray_nodes,
+)
 
 SMALL_KEY = ["crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
 
@@ -73,16 +79,24 @@ def tls_head(tmp_path_factory):
     # Ray also dials the machine's own address, so the certificate names it too.
     cert, key = _self_signed(directory, ["127.0.0.1", ray.util.get_node_ip_address()])
     env = {
-        **os.environ,
+        **isolated_home(directory),  # its own HOME and token
         "RAY_USE_TLS": "1",
         "RAY_TLS_SERVER_CERT": str(cert),
         "RAY_TLS_SERVER_KEY": str(key),
         "RAY_TLS_CA_CERT": str(cert),
-        "RAY_AUTH_MODE": "token",
     }
+    head_log = directory / "head.log"
     port = free_port()
     head = start_ray_node(
-        ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"], env
+        [
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ],
+        env,
+        head_log,
     )
     try:
         deadline = time.monotonic() + 90
@@ -92,7 +106,7 @@ def tls_head(tmp_path_factory):
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the TLS Ray head did not come up within 90 s")
+                    node_failed("the TLS Ray head did not come up within 90 s", head, head_log)
                 time.sleep(0.5)
         yield port, env, cert
     finally:

@@ -189,6 +189,24 @@ def dataset_info(cfg: DatasetConfig, observed_classes: int = 0, num_features: in
     return DatasetInfo(num_features, max(2, observed_classes))
 
 
+def check_site_files(path_template: str, num_clients: int) -> None:
+    """All sites' files are on this machine (embedded Ray): one per client id, or one line."""
+    missing = [
+        path_template.format(client_id=cid)
+        for cid in range(num_clients)
+        if not os.path.isfile(path_template.format(client_id=cid))
+    ]
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise DataError(
+            f"data file not found: {shown} (dataset.path={path_template!r} needs one file per "
+            f"client id 0..{num_clients - 1}: {len(missing)} of num_clients={num_clients} "
+            "missing; or set num_clients to the number of files)"
+        )
+
+
 def csv_metadata(path_template: str, label: str, client_ids: list[int]) -> tuple[int, int]:
     """(feature count, largest label) of these sites' files: metadata only, run at the site."""
     features, max_label = None, 0
@@ -231,8 +249,13 @@ def read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
                 try:
                     values.append(float(cell))
                 except ValueError:
+                    hint = (
+                        "; labels must be integer class ids 0..K-1 (map text labels to ids first)"
+                        if col == label
+                        else ""
+                    )
                     raise DataError(
-                        f"{path}: row {lineno}, column {col!r}: {cell!r} is not a number"
+                        f"{path}: row {lineno}, column {col!r}: {cell!r} is not a number{hint}"
                     ) from None
             y = values.pop(li)
             if y != int(y) or y < 0:

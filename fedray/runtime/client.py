@@ -489,10 +489,11 @@ class ClientHost:
             generator=torch.Generator().manual_seed(seed),
         )
         optimizer = torch.optim.SGD(view.params, lr=self.cfg.lr, momentum=self.cfg.momentum)
-        engine = PrivacyEngine(accountant="rdp")
         with warnings.catch_warnings():
             # fedray documents the RNG choice (privacy.secure_rng); no per-round warning.
+            # PrivacyEngine() itself warns, so it is built inside this block.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
             private_model, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,

@@ -15,6 +15,10 @@ from fedray.errors import ClusterError
 log = logging.getLogger("fedray.cluster")
 
 
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
 def connect(cfg: FedrayConfig) -> bool:
     """Start an embedded Ray (address null) or join one. Returns True if we started it."""
     import ray
@@ -31,6 +35,12 @@ def connect(cfg: FedrayConfig) -> bool:
             object_store_memory=cfg.ray.object_store_memory,
             # An embedded Ray serves only this machine: keep its traffic on loopback.
             _node_ip_address="127.0.0.1",
+        )
+        # Ray 2.60 turns token auth on for a new local cluster (creating ~/.ray/auth_token
+        # if missing) and says so on every run; the embedded instance is fedray's own, so
+        # that notice is dropped (RAY_AUTH_MODE=disabled in the environment still opts out).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _drop_token_notice
         )
         # address="local": always a new instance. Without it, ray.init() joins the cluster
         # named in /tmp/ray/ray_current_cluster, which a killed `ray start` leaves behind.

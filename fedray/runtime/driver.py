@@ -6,19 +6,23 @@ with a config from Hydra's ``compose``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from fedray.config import FedrayConfig, min_clients
-from fedray.errors import ClusterError, DataError, FedrayError
+from fedray.errors import ClusterError, DataError, FedrayError, Interrupted
 from fedray.runtime.outputs import (
     MetricsWriter,
     TensorBoardWriter,
     load_checkpoint,
+    read_metrics,
     save_checkpoint,
     write_json,
 )
@@ -164,6 +168,78 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
     return load_checkpoint(path)
 
 
+class _StopOnSigint:
+    """Ctrl-C during the rounds: finish the round in flight, checkpoint it, then stop.
+
+    The first SIGINT only sets ``requested`` (the round's work is not thrown away); a
+    second one stops at once with KeyboardInterrupt (the last checkpoint on disk stands).
+    Only the main thread can own signal handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+_CARRIED = (
+    "round_seconds",
+    "bytes_up",
+    "updates_up",
+    "bytes_down",
+    "client_failures",
+    "clients_rejected",
+    "final_accuracy",
+    "final_test_loss",
+    "final_fed_val_accuracy",
+    "epsilon",
+)
+
+
+def _carry_over(summary: dict[str, Any], output_dir: Path, resume_round: int) -> None:
+    """On resume, start the summary's totals from the rounds already done (not from 0)."""
+    old_path = output_dir / "summary.json"
+    old = json.loads(old_path.read_text()) if old_path.exists() else {}
+    if old.get("rounds_completed") == resume_round:
+        summary.update({k: old[k] for k in _CARRIED if k in old})
+        return
+    rows = [r for r in read_metrics(output_dir / "metrics.csv") if int(r["round"]) <= resume_round]
+    if not rows:
+        return
+
+    def num(value: str) -> float | None:
+        return float(value) if value not in ("", None) else None
+
+    summary["round_seconds"] = [num(r["seconds"]) for r in rows]
+    for key, column in (
+        ("bytes_up", "bytes_up"),
+        ("updates_up", "updates_up"),
+        ("bytes_down", "bytes_down"),
+        ("client_failures", "clients_failed"),
+        ("clients_rejected", "clients_rejected"),
+    ):
+        summary[key] = sum(int(num(r[column]) or 0) for r in rows)
+    last = rows[-1]
+    summary["final_accuracy"] = num(last["test_accuracy"])
+    summary["final_test_loss"] = num(last["test_loss"])
+    summary["final_fed_val_accuracy"] = num(last["fed_val_accuracy"])
+    summary["epsilon"] = num(last["epsilon"])
+
+
 def run_experiment(
     cfg: FedrayConfig,
     output_dir: str | Path,
@@ -196,9 +272,15 @@ def run_experiment(
     # reported after getcwd() fails). Importing first is cheap: the hosts need it anyway.
     import torch  # noqa: F401
 
+    if cfg.dataset.name == "csv" and cfg.ray.address is None:
+        # Embedded Ray: every site's file is on this machine; check them all before Ray.
+        from fedray.data.datasets import check_site_files
+
+        check_site_files(cfg.dataset.path, cfg.num_clients)
     started = connect(cfg)
     metrics_writer = None
     reservation = None
+    sigint_scope: list[_StopOnSigint] = []
     try:
         placement = plan_placement(cfg, ray.cluster_resources())
         info = _dataset_info(cfg, placement)
@@ -316,11 +398,26 @@ def run_experiment(
         }
         if resume_state is not None:
             summary["resumed_from_round"] = first_round - 1
+            _carry_over(summary, output_dir, first_round - 1)
+            print(
+                f"[fedray] resuming from round {first_round - 1}"
+                + (
+                    f": nothing to run (rounds={cfg.rounds}); pass rounds=N to run more"
+                    if first_round > cfg.rounds
+                    else f" to round {cfg.rounds}"
+                ),
+                flush=True,
+            )
         checkpoint_dir = (
             Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
         )
         last_round = first_round - 1
+        saved_round = last_round
+        stop = _StopOnSigint().__enter__()
+        sigint_scope.append(stop)
         for _ in range(first_round, cfg.rounds + 1):
+            if stop.requested:
+                break
             outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
             if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
                 summary["stopped_early"] = True
@@ -358,8 +455,9 @@ def run_experiment(
                 and not math.isnan(m["test_accuracy"])
                 and m["test_accuracy"] >= cfg.target_accuracy
             )
-            if cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0:
+            if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
                 save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
+                saved_round = last_round
             write_json(output_dir / "summary.json", summary)
             if custody is not None and m["clients_failed"]:
                 custody.refresh_restarted_hosts()  # a dead host's successor signs anew
@@ -372,10 +470,12 @@ def run_experiment(
                     flush=True,
                 )
                 break
-        if last_round >= first_round and (
-            not cfg.checkpoint.every or last_round % cfg.checkpoint.every
-        ):
+        if last_round > saved_round:
             save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
+        if stop.requested:  # Ctrl-C: the launcher prints the command that resumes
+            summary["interrupted"] = True
+            write_json(output_dir / "summary.json", summary)
+            raise Interrupted(last_round, checkpoint_dir)
         summary["nodes_used"] = sorted(set(summary["client_nodes"].values()))
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(output_dir / "summary.json", summary)
@@ -390,6 +490,8 @@ def run_experiment(
             )
         return summary
     finally:
+        for scope in sigint_scope:
+            scope.__exit__()
         if metrics_writer is not None:
             metrics_writer.close()
             tensorboard.close()

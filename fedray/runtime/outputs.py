@@ -53,20 +53,32 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows (strings), or [] if there is none."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 class MetricsWriter:
-    """Appends one row per round to metrics.csv, flushed at once (safe to tail)."""
+    """Appends one row per round to metrics.csv, flushed at once (safe to tail).
+
+    On resume from round k it appends after the old rows; only rows past k (rounds run
+    after the last checkpoint, which will run again) are dropped, by rewriting the file.
+    """
 
     def __init__(self, path: Path, resume_round: int = 0):
         self.path = path
-        rows: list[dict[str, str]] = []
-        if resume_round and path.exists():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["round"]) <= resume_round]
-        self._fh = path.open("w", newline="")
+        rows = read_metrics(path) if resume_round else []
+        kept = [r for r in rows if int(r["round"]) <= resume_round]
+        append = bool(rows) and len(kept) == len(rows) and list(rows[0]) == METRIC_COLUMNS
+        self._fh = path.open("a" if append else "w", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        self._writer.writeheader()
-        for row in rows:
-            self._writer.writerow(row)
+        if not append:
+            self._writer.writeheader()
+            for row in kept:
+                self._writer.writerow(row)
         self._fh.flush()
 
     def write(self, metrics: dict[str, Any]) -> None:
@@ -106,6 +118,15 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     latest_tmp.write_text(name)
     os.replace(latest_tmp, directory / "latest")
     return final
+
+
+def latest_checkpoint_round(directory: Path) -> int | None:
+    """The round of the checkpoint ``directory/latest`` names, or None if there is none."""
+    latest = directory / "latest"
+    if not latest.exists():
+        return None
+    state = directory / latest.read_text().strip() / "state.json"
+    return int(json.loads(state.read_text())["round"]) if state.exists() else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
