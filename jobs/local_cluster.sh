@@ -4,7 +4,10 @@
 # followed to the end, a check that both nodes ran clients, and the cluster stopped.
 #
 #   bash jobs/local_cluster.sh                 # the default job (10 hospitals, Paillier)
-#   SITES=1 bash jobs/local_cluster.sh         # 2 sites, client i pinned to site_i's node
+#   SITES=1 bash jobs/local_cluster.sh         # 2 sites, client i pinned to site_i's node,
+#                                              # each site's key holder beside it (threshold
+#                                              # custody: both shares needed, no single
+#                                              # process ever holds the private key)
 #   bash jobs/local_cluster.sh rounds=5        # extra Hydra overrides go to the job
 #
 # Everything listens on 127.0.0.1 (free ports unless PORT / DASH are set). Ray 2.60 turns
@@ -101,5 +104,14 @@ s = json.load(open(sys.argv[1]))
 for cid, node in sorted(s["client_nodes"].items(), key=lambda kv: int(kv[0])):
     print(f"client {cid:>2} -> node {node[:12]}")
 print(f"{len(s['nodes_used'])} node(s) used; final accuracy {s['final_accuracy']:.4f}")
-sys.exit(0 if len(s["nodes_used"]) == 2 else 1)
+ok = len(s["nodes_used"]) == 2
+if s.get("custody"):
+    holders = s["key_holder_nodes"]
+    print(f"{s['custody']} custody: any {s['threshold']} of {s['key_holders']} key holders "
+          f"decrypt; the key dealer ran on node {s['key_dealer_node'][:12]} and is gone")
+    for i, node in enumerate(holders):
+        print(f"key holder {i + 1} -> node {node[:12]}")
+    if len(s["client_nodes"]) == len(holders):  # silo mode: holder i beside client i
+        ok = ok and all(s["client_nodes"][str(i)] == n for i, n in enumerate(holders))
+sys.exit(0 if ok else 1)
 PY
