@@ -117,3 +117,40 @@ def test_read_jsonl_bad_input_is_one_clear_line(tmp_path, line, message):
 def test_read_jsonl_missing_file(tmp_path):
     with pytest.raises(DataError, match="data file not found: .*site_3.jsonl"):
         read_jsonl(str(tmp_path / "site_3.jsonl"))
+
+
+def test_model_hf_defaults_to_synthetic_text_and_its_own_lr():
+    from tests.conftest import compose
+
+    cfg = compose(["model=hf", "model.path=/nowhere"])
+    assert cfg.dataset.name == "text_synthetic" and cfg.dataset.num_classes == 4
+    assert cfg.lr == 0.003 and cfg.model.lora.r == 8
+    cfg = compose(
+        [
+            "model=hf",
+            "model.path=/x",
+            "dataset=text",
+            "dataset.path='d/s_{client_id}.jsonl'",
+            "lr=0.01",
+        ]
+    )
+    assert cfg.dataset.name == "text" and cfg.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=hf"], "model=hf needs model.path=DIR"),
+        (["dataset=text_synthetic"], "dataset=text_synthetic needs model=hf"),
+        (["model=hf", "model.path=x", "dataset=digits"], "model=hf classifies text"),
+        (["model=hf", "model.path=x", "dataset=text"], "dataset.path must be set for dataset=text"),
+        (["model=hf", "model.path=x", "model.precision=fp8"], "model.precision='fp8'"),
+        (["model=hf", "model.path=x", "model.lora.r=-1"], "model.lora.r=-1"),
+    ],
+)
+def test_text_config_errors_name_the_key(overrides, message):
+    from fedray.errors import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        compose(overrides)
