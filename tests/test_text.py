@@ -124,7 +124,7 @@ def test_model_hf_defaults_to_synthetic_text_and_its_own_lr():
 
     cfg = compose(["model=hf", "model.path=/nowhere"])
     assert cfg.dataset.name == "text_synthetic" and cfg.dataset.num_classes == 4
-    assert cfg.lr == 0.003 and cfg.model.lora.r == 8
+    assert cfg.lr == 0.01 and cfg.batch_size == 8 and cfg.model.lora.r == 8
     cfg = compose(
         [
             "model=hf",

@@ -23,8 +23,8 @@ import numpy as np
 
 from fedray.errors import DataError
 
-TOPIC_WORDS = 40  # per topic
-FILLER_WORDS = 400
+TOPIC_WORDS = 16  # per topic
+FILLER_WORDS = 200
 _VOCAB_SEED = 20240521  # fixed: the vocabulary is part of the task, not of a run
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")

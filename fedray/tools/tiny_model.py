@@ -55,6 +55,7 @@ def write_tiny_model(
     intermediate: int = 256,
     vocab_size: int = 1000,
     max_length: int = 64,
+    initializer_range: float = 0.02,
     seed: int = 0,
 ) -> Path:
     """Write the model and tokenizer into ``directory``; return it."""
@@ -75,6 +76,7 @@ def write_tiny_model(
         max_position_embeddings=max_length,
         num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--vocab-size", type=int, default=600)
+    parser.add_argument("--init-std", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.hidden % args.heads:
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         intermediate=4 * args.hidden,
         vocab_size=args.vocab_size,
+        initializer_range=args.init_std,
         seed=args.seed,
     )
     print(f"wrote a tiny classifier and its tokenizer to {path}", file=sys.stdout)
