@@ -145,3 +145,50 @@ def test_training_runs_on_the_actors_gpu_in_bf16(tiny_dir):
     assert all(r.error is None for r in results), [r.error for r in results]
     assert all(np.isfinite(r.delta).all() and np.abs(r.delta).max() > 0 for r in results)
     assert host.describe()[0]["device"].startswith("cuda")
+
+
+@pytest.mark.slow
+def test_smaller_acceptance_job_on_synthetic_text_encrypted(ray_2cpus, tiny_dir, tmp_path):
+    """The acceptance command, smaller: text_synthetic, LoRA r=8, Paillier (512-bit)."""
+    from fedray.runtime.driver import run_experiment
+
+    cfg = compose(
+        [
+            "dataset=text_synthetic",
+            "model=hf",
+            f"model.path={tiny_dir}",
+            "model.lora.r=8",
+            "num_clients=4",
+            "clients_per_round=4",
+            "rounds=6",
+            "dataset.topic_strength=0.7",
+            "dataset.dirichlet_alpha=2.0",
+            "crypto=paillier",
+            "crypto.key_bits=512",
+            "crypto.allow_insecure_keys=true",
+            "progress=false",
+            "checkpoint.every=0",
+        ]
+    )
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["rounds_completed"] == 6 and summary["client_failures"] == 0
+    assert summary["final_accuracy"] > 0.6  # chance: 0.25
+    assert summary["num_parameters"] <= 0.05 * summary["num_model_parameters"]
+
+
+def test_bf16_autocast_trains_on_the_cpu_too(tiny_dir):
+    cfg = compose(
+        [
+            "model=hf",
+            f"model.path={tiny_dir}",
+            "crypto=none",
+            "model.precision=bf16",
+            "num_clients=2",
+            "clients_per_round=2",
+        ]
+    )
+    host = ClientHost(cfg, [0], None, 150.0)
+    assert host.ready() is True
+    result = host.train(RoundTask(1, [0], {}), host.view.get())[0]
+    assert result.error is None and np.isfinite(result.delta).all()
+    assert np.abs(result.delta).max() > 0
