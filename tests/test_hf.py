@@ -192,3 +192,14 @@ def test_bf16_autocast_trains_on_the_cpu_too(tiny_dir):
     result = host.train(RoundTask(1, [0], {}), host.view.get())[0]
     assert result.error is None and np.isfinite(result.delta).all()
     assert np.abs(result.delta).max() > 0
+
+
+def test_long_local_training_reports_progress(tiny_dir, monkeypatch, capsys):
+    import fedray.tasks.text as text_task
+
+    monkeypatch.setattr(text_task, "PROGRESS_EVERY_S", 0.0)
+    cfg = compose(["model=hf", f"model.path={tiny_dir}", "crypto=none"])
+    host = ClientHost(cfg, [3], None, 150.0)
+    host.train(RoundTask(1, [3], {}), host.view.get())
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "client 3: local step" in ln]
+    assert lines and lines[-1].startswith("[fedray] client 3: local step 40/40, loss ")

@@ -21,6 +21,7 @@ from fedray.errors import ConfigError, DataError
 from fedray.tasks.base import Task
 
 EVAL_BATCH = 256
+PROGRESS_EVERY_S = 15.0  # local training that runs longer reports progress this often
 
 
 @dataclass
@@ -204,8 +205,11 @@ class TextClassificationTask(Task):
         epochs: int,
         lr: float,
         seed: int,
+        client_id: int = 0,
         proximal_mu: float = 0.0,
     ) -> dict:
+        import time
+
         import torch
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -215,6 +219,8 @@ class TextClassificationTask(Task):
         torch.manual_seed(seed)  # dropout
         n, bs = len(data), self.cfg.batch_size
         total, batches = 0.0, 0
+        steps = epochs * -(-n // bs)
+        started = last_report = time.monotonic()
         model.train()
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen).to(self.device)
@@ -231,6 +237,13 @@ class TextClassificationTask(Task):
                 opt.step()
                 total += float(loss.detach())
                 batches += 1
+                if self.cfg.progress and time.monotonic() - last_report > PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    print(
+                        f"[fedray] client {client_id}: local step {batches}/{steps}, "
+                        f"loss {total / batches:.4f}, {last_report - started:.0f}s",
+                        flush=True,
+                    )
         model.eval()
         return {"loss": total / max(1, batches)}
 
