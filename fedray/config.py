@@ -41,6 +41,7 @@ PRIVACY = ("none", "dp")
 NOISE_PLACEMENTS = ("auto", "distributed", "central")
 PRIVACY_MODES = ("client", "sample")
 CLUSTERS = ("local", "remote")
+COMPRESSIONS = ("none", "int8", "topk")
 CLUSTER_MODES = ("auto", "silo", "simulation")
 
 # Paillier moduli below this are factorable with public effort; NIST SP 800-57 puts
@@ -284,6 +285,19 @@ class PrivacyConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Compression of plaintext updates (:mod:`fedray.compression`)."""
+
+    name: str = "none"
+    topk_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.name, COMPRESSIONS)
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ConfigError(f"compression.topk_fraction={self.topk_fraction!r} must be in (0, 1]")
+
+
+@dataclass
 class ClusterConfig:
     """How clients map onto Ray actors and nodes."""
 
@@ -348,6 +362,7 @@ class FedrayConfig:
     crypto: CryptoConfig = MISSING
     privacy: PrivacyConfig = MISSING
     cluster: ClusterConfig = MISSING
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     client: ClientResources = field(default_factory=ClientResources)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -498,6 +513,16 @@ def validate(cfg: FedrayConfig) -> None:
                 "is not supported with it"
             )
     _validate_task(cfg)
+    if cfg.compression.name != "none" and cfg.crypto.name != "none":
+        raise ConfigError(
+            f"compression={cfg.compression.name} applies to plaintext updates; use crypto=none "
+            "(encrypted updates are packed quantized values already: crypto.quant_bits)"
+        )
+    if cfg.compression.name != "none" and cfg.privacy.name == "dp":
+        raise ConfigError(
+            f"compression={cfg.compression.name} cannot be used with privacy=dp (it would "
+            "change the clipped update the accountant relies on); use compression=none"
+        )
     if cfg.model.name == "cnn" and cfg.dataset.name != "digits":
         raise ConfigError("model=cnn is the 8x8 image CNN and needs dataset=digits")
     if cfg.ray.address not in (None, "auto", "local") and ":" not in str(cfg.ray.address):

@@ -43,6 +43,7 @@ class ClientResult:
     weight: float
     delta: np.ndarray | None = None
     encrypted: Any = None
+    compressed: Any = None  # a fedray.compression.CompressedUpdate instead of ``delta``
     train_loss: float = float("nan")
     val_loss: float = float("nan")
     val_correct: int = 0
@@ -356,6 +357,13 @@ class ClientHost:
                 "val_count": result.val_count,
             }
             self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
+        elif self.cfg.compression.name != "none":
+            from fedray.compression import compress
+
+            result.compressed = compress(
+                delta, self.cfg.compression.name, self.cfg.compression.topk_fraction
+            )
+            result.bytes_up = result.compressed.nbytes
         else:
             result.delta = delta
             result.bytes_up = delta.nbytes

@@ -298,6 +298,7 @@ class Server:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                 )
                 continue
+            self._decompress(batch)
             covered: dict[int, bool] = {}  # client -> was the update carrying it accepted
             # Updates first: a host's summed update precedes the clients it covers.
             for res in sorted(batch, key=lambda r: r.encrypted is None):
@@ -385,6 +386,21 @@ class Server:
         return RoundOutcome(
             metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
         )
+
+    def _decompress(self, batch: list[ClientResult]) -> None:
+        """Dense deltas from compressed plaintext updates (``compression=int8|topk``)."""
+        if self.codec is not None or self.cfg.compression.name == "none":
+            return
+        from fedray.compression import decompress
+
+        for res in batch:
+            if res.compressed is None or res.error:
+                continue
+            try:
+                res.delta = decompress(res.compressed, self.weights.size)
+            except ValueError as exc:
+                res.error = f"rejected compressed update: {exc}"
+            res.compressed = None
 
     def _fold(
         self, acc, res: ClientResult, rejected_type, covered: dict[int, bool], chunk: list[int]
