@@ -451,7 +451,6 @@ class ClientHost:
         return accepted
 
 
-
 def client_actor_class(host_class: type | None = None):
     """The Ray actor form of :class:`ClientHost` (restarted by Ray if its process dies).
 
