@@ -18,8 +18,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fedray.errors import ConfigError
 
-DATASETS = ("breast_cancer", "digits", "wine", "synthetic", "csv")
-MODELS = ("mlp", "logreg", "cnn", "custom")
+DATASETS = ("breast_cancer", "digits", "wine", "synthetic", "csv", "text", "text_synthetic")
+TEXT_DATASETS = ("text", "text_synthetic")
+MODELS = ("mlp", "logreg", "cnn", "custom", "hf")
+PRECISIONS = ("fp32", "bf16")
 STRATEGIES = (
     "fedavg",
     "fedprox",
@@ -41,6 +43,7 @@ PRIVACY = ("none", "dp")
 NOISE_PLACEMENTS = ("auto", "distributed", "central")
 PRIVACY_MODES = ("client", "sample")
 CLUSTERS = ("local", "remote")
+COMPRESSIONS = ("none", "int8", "topk")
 CLUSTER_MODES = ("auto", "silo", "simulation")
 
 # Paillier moduli below this are factorable with public effort; NIST SP 800-57 puts
@@ -82,6 +85,10 @@ class DatasetConfig:
     path: str | None = None
     label: str | None = None
     test_path: str | None = None
+    # text, text_synthetic: tokens per document (longer ones are cut); synthetic topics
+    max_length: int = 32
+    topic_strength: float = 0.3
+    test_samples: int = 1000
 
     def __post_init__(self) -> None:
         _choice("dataset", self.name, DATASETS)
@@ -103,6 +110,32 @@ class DatasetConfig:
                 )
             if not self.label:
                 raise ConfigError("dataset.label must name the label column for dataset=csv")
+        if self.name == "text" and (not self.path or "{client_id}" not in self.path):
+            raise ConfigError(
+                "dataset.path must be set for dataset=text and contain '{client_id}', "
+                "e.g. dataset.path='data/site_{client_id}.jsonl'"
+            )
+        _positive("dataset.max_length", self.max_length)
+        _positive("dataset.test_samples", self.test_samples)
+        if not 0.0 < self.topic_strength <= 1.0:
+            raise ConfigError(f"dataset.topic_strength={self.topic_strength!r} must be in (0, 1]")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft (Hu et al., ICLR 2022); ``r: 0`` = full fine-tuning."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # null: peft's default for the architecture (query and value for BERT)
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _positive("model.lora.r", self.r, allow_zero=True)
+        _positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
 
 
 @dataclass
@@ -113,14 +146,35 @@ class ModelConfig:
     hidden: int = 128
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # Names (or prefixes) of the parameters that are trained and exchanged; null = all.
+    # Names (or prefixes) of the parameters that are trained and exchanged; null = those
+    # with requires_grad (all, or adapters and head under LoRA).
     trainable: list[str] | None = None
+    # model=hf: a local AutoModelForSequenceClassification directory (config, weights,
+    # tokenizer); nothing is downloaded.
+    path: str | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _choice("model", self.name, MODELS)
+        _choice("model.precision", self.precision, PRECISIONS)
         _positive("model.hidden", self.hidden)
         if self.name == "custom" and not self._target_:
             raise ConfigError("model=custom needs model._target_=package.module.Class")
+        if self.name == "hf" and not self.path:
+            raise ConfigError(
+                "model=hf needs model.path=DIR, a local Hugging Face checkpoint "
+                "(make one with: python -m fedray.tools.tiny_model DIR)"
+            )
+
+
+@dataclass
+class TaskConfig:
+    """``_target_``: a :class:`fedray.tasks.Task` subclass (null: the built-in task for
+    ``model``); ``kwargs`` go to its constructor."""
+
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +287,19 @@ class PrivacyConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Compression of plaintext updates (:mod:`fedray.compression`)."""
+
+    name: str = "none"
+    topk_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.name, COMPRESSIONS)
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ConfigError(f"compression.topk_fraction={self.topk_fraction!r} must be in (0, 1]")
+
+
+@dataclass
 class ClusterConfig:
     """How clients map onto Ray actors and nodes."""
 
@@ -297,9 +364,11 @@ class FedrayConfig:
     crypto: CryptoConfig = MISSING
     privacy: PrivacyConfig = MISSING
     cluster: ClusterConfig = MISSING
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     client: ClientResources = field(default_factory=ClientResources)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     num_clients: int = 10
     clients_per_round: int | None = None  # null: every client, each round (num_clients)
@@ -437,6 +506,28 @@ def min_clients(cfg: FedrayConfig) -> int:
     return max(floor, math.ceil(cfg.clients_per_round / 2))
 
 
+def _validate_task(cfg: FedrayConfig) -> None:
+    """Which data the built-in tasks can read (a custom task reads what it likes)."""
+    if cfg.task._target_:
+        return
+    text = cfg.dataset.name in TEXT_DATASETS
+    if cfg.model.name == "hf" and not text:
+        raise ConfigError(
+            f"model=hf classifies text; dataset={cfg.dataset.name} is not text: use "
+            "dataset=text or text_synthetic (or a task._target_ of your own)"
+        )
+    if text and cfg.model.name != "hf":
+        raise ConfigError(
+            f"dataset={cfg.dataset.name} needs model=hf model.path=DIR (or a task._target_ "
+            "of your own)"
+        )
+    if cfg.model.name == "hf" and cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+        raise ConfigError(
+            "privacy.mode=sample (Opacus DP-SGD) is not supported with model=hf; use "
+            "privacy.mode=client"
+        )
+
+
 def validate(cfg: FedrayConfig) -> None:
     """Cross-field rules. Raises ConfigError naming the keys and the allowed values."""
     if cfg.clients_per_round > cfg.num_clients:
@@ -488,6 +579,17 @@ def validate(cfg: FedrayConfig) -> None:
                 f"privacy=dp is accounted for mean aggregation; strategy={cfg.strategy.name} "
                 "is not supported with it"
             )
+    _validate_task(cfg)
+    if cfg.compression.name != "none" and cfg.crypto.name != "none":
+        raise ConfigError(
+            f"compression={cfg.compression.name} applies to plaintext updates; use crypto=none "
+            "(encrypted updates are packed quantized values already: crypto.quant_bits)"
+        )
+    if cfg.compression.name != "none" and cfg.privacy.name == "dp":
+        raise ConfigError(
+            f"compression={cfg.compression.name} cannot be used with privacy=dp (it would "
+            "change the clipped update the accountant relies on); use compression=none"
+        )
     if cfg.model.name == "cnn" and cfg.dataset.name != "digits":
         raise ConfigError("model=cnn is the 8x8 image CNN and needs dataset=digits")
     if cfg.ray.address not in (None, "auto", "local") and ":" not in str(cfg.ray.address):

@@ -84,8 +84,17 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
     return model
 
 
+def count_model_parameters(model: nn.Module) -> int:
+    """All parameters of a model, counting peft's frozen copy of a trained head once."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".original_module." not in name)
+
+
 class ParamView:
-    """The exchanged parameters of a model as one flat float32 numpy vector."""
+    """The exchanged parameters of a model as one flat float32 numpy vector.
+
+    ``trainable`` names them by prefix (and freezes the rest); without it, they are the
+    parameters that require gradients.
+    """
 
     def __init__(self, model: nn.Module, trainable: list[str] | None = None):
         named = list(model.named_parameters())
@@ -99,8 +108,8 @@ class ParamView:
             chosen_ids = {id(p) for _, p in chosen}
             for _, p in named:
                 p.requires_grad_(id(p) in chosen_ids)
-        else:
-            chosen = named
+        else:  # what the model trains: all, or e.g. LoRA adapters and a head under peft
+            chosen = [(n, p) for n, p in named if p.requires_grad]
         self.names = [n for n, _ in chosen]
         self.params = [p for _, p in chosen]
         self.size = sum(p.numel() for p in self.params)

@@ -13,15 +13,14 @@ import math
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedray.config import FedrayConfig
-from fedray.data.datasets import DatasetInfo, load_client_data
-from fedray.data.partition import label_histogram
+from fedray.data.datasets import DatasetInfo
+from fedray.tasks.base import client_seed
 
 DEPOSIT_TIMEOUT_S = 30.0
 
@@ -44,6 +43,7 @@ class ClientResult:
     weight: float
     delta: np.ndarray | None = None
     encrypted: Any = None
+    compressed: Any = None  # a fedray.compression.CompressedUpdate instead of ``delta``
     train_loss: float = float("nan")
     val_loss: float = float("nan")
     val_correct: int = 0
@@ -72,13 +72,11 @@ def crypto_processes(cfg: FedrayConfig, num_ciphertexts: int) -> int:
     return max(1, int(cfg.client.num_cpus or 1))
 
 
-def client_seed(seed: int, round_num: int, client_id: int) -> int:
-    """One RNG stream per (run, round, client): replayable whichever actor hosts the client."""
-    return int(np.random.SeedSequence([seed, round_num, client_id]).generate_state(1)[0])
-
-
 class ClientHost:
-    """Hosts clients: their data, a model replica, training, encryption, key-holder decrypt."""
+    """Hosts clients: their data, a model replica, encryption, key-holder decrypt.
+
+    Training and evaluation are the task's (:mod:`fedray.tasks`); the host runs them.
+    """
 
     def __init__(
         self,
@@ -99,7 +97,8 @@ class ClientHost:
     def _setup(self, cfg, client_ids, info, weight_ref, authority) -> None:
         import torch
 
-        from fedray.models import ParamView, build_model
+        from fedray.models import ParamView
+        from fedray.tasks.base import build_task, build_task_model, train_keywords
 
         self.cfg = cfg
         self.client_ids = list(client_ids)
@@ -109,24 +108,21 @@ class ClientHost:
         self.device = torch.device(
             "cuda" if cfg.client.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         )
-        self.data = load_client_data(cfg.dataset, self.client_ids, cfg.num_clients, cfg.seed)
-        self.tensors = {
-            cid: (
-                torch.as_tensor(d.x_train, device=self.device),
-                torch.as_tensor(d.y_train, device=self.device),
-                torch.as_tensor(d.x_val, device=self.device),
-                torch.as_tensor(d.y_val, device=self.device),
-            )
-            for cid, d in self.data.items()
-        }
-        self.model = build_model(cfg.model, info, cfg.seed).to(self.device)
-        self.view = ParamView(self.model, cfg.model.trainable)
-        self.loss_fn = torch.nn.CrossEntropyLoss()
-        # One optimizer per host, reset per client: building one per client costs more
-        # than a small client's whole local step.
-        self._optimizer = torch.optim.SGD(
-            self.view.params, lr=cfg.lr, momentum=cfg.momentum, foreach=True
+        # The task (fedray/tasks/) owns data, model and the training step; this host owns
+        # the sites' state, the exchanged-parameter view and the crypto.
+        self.task = build_task(cfg, info)
+        self.task.device = self.device
+        # Refuse now, not every round, a job option the task's train() cannot honour.
+        train_keywords(
+            self.task,
+            {
+                "proximal_mu": cfg.strategy.proximal_mu,
+                "privacy": cfg.privacy.name == "dp" and cfg.privacy.mode == "sample",
+            },
         )
+        self.data = {cid: self.task.load_data(cid, cfg.num_clients) for cid in self.client_ids}
+        self.model = build_task_model(self.task, cfg.seed)
+        self.view = ParamView(self.model, cfg.model.trainable)
         self._encryptor = None
         self._private = None
         self._key = None
@@ -255,13 +251,11 @@ class ClientHost:
 
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         out = {}
-        for cid, d in self.data.items():
-            classes = int(max(d.y_train.max(initial=0), d.y_val.max(initial=0))) + 1
+        for cid, (train, val) in self.data.items():
             out[cid] = {
-                "num_examples": d.num_examples,
-                "num_val": len(d.y_val),
-                "num_features": int(d.x_train.shape[1]),
-                "labels": label_histogram(d.y_train, classes),
+                "num_examples": len(train),
+                "num_val": 0 if val is None else len(val),
+                **self.task.describe(train, val),
                 "node_id": node,
                 "device": str(self.device),
                 "gpu_ids": gpu_ids,
@@ -307,57 +301,39 @@ class ClientHost:
         return results
 
     def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
-        import torch
+        """One client's local round through the task: evaluate, train, take the delta."""
+        from fedray.tasks.base import train_keywords
 
         opts = task.options
-        x, y, xv, yv = self.tensors[cid]
-        n = len(y)
+        train, val = self.data[cid]
+        n = len(train)
         t0 = time.perf_counter()
         self.view.set(global_weights)
         result = ClientResult(cid, n, 1.0)
-        if self.cfg.federated_eval and len(yv):
-            with torch.no_grad():
-                logits = self.model(xv)
-                result.val_loss = float(self.loss_fn(logits, yv))
-                result.val_correct = int((logits.argmax(1) == yv).sum())
-                result.val_count = len(yv)
+        if self.cfg.federated_eval and val is not None and len(val):
+            m = self.task.evaluate(self.model, val)
+            result.val_loss = float(m["loss"])
+            result.val_correct = int(round(float(m["accuracy"]) * len(val)))
+            result.val_count = len(val)
 
         privacy = opts.get("privacy")
-        if getattr(privacy, "mode", None) == "sample":
-            delta, result.train_loss = self._train_dp_sgd(cid, task, global_weights, privacy)
-            result.weight = min(1.0, n / self.weight_ref)
-            result.train_seconds = time.perf_counter() - t0
-            return self._finish(result, delta, None)
-
-        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, task.round, cid))
-        params = self.view.params
-        opt = self._optimizer
-        opt.state.clear()  # momentum buffers belong to one client's local run
-        mu = float(opts.get("proximal_mu", 0.0))
-        anchor = [p.detach().clone() for p in params] if mu > 0 else None
-        bs = self.cfg.batch_size
-        total, batches = 0.0, 0
-        self.model.train()
-        for _ in range(self.cfg.local_epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(x[idx]), y[idx])
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * mu * prox
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                batches += 1
-        self.model.eval()
+        sample_dp = getattr(privacy, "mode", None) == "sample"
+        offered = {
+            "epochs": self.cfg.local_epochs,
+            "lr": self.cfg.lr,
+            "seed": client_seed(self.cfg.seed, task.round, cid),
+            "round_num": task.round,
+            "client_id": cid,
+            "proximal_mu": float(opts.get("proximal_mu", 0.0)),
+            "privacy": privacy if sample_dp else None,
+        }
+        metrics = self.task.train(self.model, train, **train_keywords(self.task, offered))
         delta = (self.view.get() - global_weights).astype(np.float32)
-        result.train_loss = total / max(1, batches)
+        result.train_loss = float(metrics.get("loss", float("nan")))
         result.train_seconds = time.perf_counter() - t0
 
         noise = None
-        if privacy is not None:
+        if privacy is not None and not sample_dp:
             from fedray.privacy.dp import privatize_update
 
             seed = client_seed(self.cfg.seed + 7919, task.round, cid)
@@ -381,6 +357,13 @@ class ClientHost:
                 "val_count": result.val_count,
             }
             self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
+        elif self.cfg.compression.name != "none":
+            from fedray.compression import compress
+
+            result.compressed = compress(
+                delta, self.cfg.compression.name, self.cfg.compression.topk_fraction
+            )
+            result.bytes_up = result.compressed.nbytes
         else:
             result.delta = delta
             result.bytes_up = delta.nbytes
@@ -466,58 +449,6 @@ class ClientHost:
             except Exception:
                 continue
         return accepted
-
-    def _train_dp_sgd(self, cid: int, task: RoundTask, global_weights: np.ndarray, plan):
-        """Sample-level DP-SGD with Opacus on a fresh copy of the model (no hooks left)."""
-        import copy
-
-        import torch
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
-
-        from fedray.models import ParamView
-
-        x, y, _, _ = self.tensors[cid]
-        model = copy.deepcopy(self.model)
-        view = ParamView(model, self.cfg.model.trainable)
-        view.set(global_weights)
-        seed = client_seed(self.cfg.seed + 104729, task.round, cid)
-        torch.manual_seed(seed)  # Opacus's Poisson sampler and noise use torch's RNG
-        loader = DataLoader(
-            TensorDataset(x.cpu(), y.cpu()),
-            batch_size=min(self.cfg.batch_size, len(y)),
-            generator=torch.Generator().manual_seed(seed),
-        )
-        optimizer = torch.optim.SGD(view.params, lr=self.cfg.lr, momentum=self.cfg.momentum)
-        with warnings.catch_warnings():
-            # fedray documents the RNG choice (privacy.secure_rng); no per-round warning.
-            # PrivacyEngine() itself warns, so it is built inside this block.
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp")
-            private_model, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.clip_norm,
-                poisson_sampling=True,
-            )
-        total, batches = 0.0, 0
-        private_model.train()
-        for _ in range(self.cfg.local_epochs):
-            for xb, yb in loader:
-                if len(yb) == 0:  # Poisson sampling can draw an empty batch
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(private_model(xb.to(self.device)), yb.to(self.device))
-                with warnings.catch_warnings():  # inputs need no grad: the hook still fires
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
-        delta = (view.get() - global_weights).astype(np.float32)
-        return delta, total / max(1, batches)
 
 
 def client_actor_class(host_class: type | None = None):

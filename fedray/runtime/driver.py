@@ -87,6 +87,8 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
 
     from fedray.data.datasets import csv_metadata, dataset_info, read_csv
 
+    if cfg.task._target_ or cfg.model.name == "hf":
+        return None  # the task knows its own data and model
     if cfg.dataset.name != "csv":
         return dataset_info(cfg.dataset)
     task = ray.remote(csv_metadata)
@@ -325,14 +327,16 @@ def run_experiment(
             )
             for cid in sorted(described)[: min(len(described), 20)]:
                 d = described[cid]
-                log.info("client %d: %d examples, labels %s", cid, d["num_examples"], d["labels"])
+                log.info(
+                    "client %d: %d examples, labels %s", cid, d["num_examples"], d.get("labels")
+                )
             if len(described) > 20:
                 log.info("... %d more clients: see clients.json", len(described) - 20)
         write_json(
             output_dir / "clients.json",
             {
                 str(cid): {
-                    k: d[k]
+                    k: d.get(k)
                     for k in ("num_examples", "num_val", "labels", "node_id", "device", "gpu_ids")
                 }
                 for cid, d in sorted(described.items())
@@ -356,8 +360,12 @@ def run_experiment(
         if resume_state is not None:
             ray.get(server.load_state_dict.remote(resume_state))
         first_round = int(resume_state["round"]) + 1 if resume_state else 1
-        num_params, values_per_ct = ray.get(
-            [server.num_parameters.remote(), server.values_per_ciphertext.remote()]
+        num_params, num_model_params, values_per_ct = ray.get(
+            [
+                server.num_parameters.remote(),
+                server.num_model_parameters.remote(),
+                server.values_per_ciphertext.remote(),
+            ]
         )
         setup_seconds = time.perf_counter() - t_start
 
@@ -389,7 +397,8 @@ def run_experiment(
             "strategy": cfg.strategy.name,
             "dataset": cfg.dataset.name,
             "model": cfg.model.name,
-            "num_parameters": num_params,
+            "num_parameters": num_params,  # exchanged (trainable) values per update
+            "num_model_parameters": num_model_params,
             "mode": placement.mode,
             "num_actors": len(hosts),
             "setup_seconds": setup_seconds,

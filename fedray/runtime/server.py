@@ -19,7 +19,7 @@ import numpy as np
 
 from fedray.config import FedrayConfig, min_clients
 from fedray.crypto.secure_aggregation import codec_for
-from fedray.data.datasets import DatasetInfo, load_test_set
+from fedray.data.datasets import DatasetInfo
 from fedray.errors import ClusterError
 from fedray.runtime.client import ClientResult, RoundTask
 
@@ -122,8 +122,9 @@ class Server:
         ``key_holders``: the holders' handles, holder ``j`` at index ``j - 1``."""
         import torch
 
-        from fedray.models import ParamView, build_model
+        from fedray.models import ParamView
         from fedray.strategies import build_strategy
+        from fedray.tasks.base import build_task, build_task_model
 
         torch.set_num_threads(1)
         self.cfg = cfg
@@ -138,15 +139,15 @@ class Server:
         self.key = key
         self.privacy = privacy
         self.key_holders = list(key_holders or [])
-        self.model = build_model(cfg.model, info, cfg.seed)
+        self.task = build_task(cfg, info)  # on the CPU: the server only evaluates
+        self.model = build_task_model(self.task, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
         self.weights = self.view.get()
         self.strategy = build_strategy(cfg.strategy)
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.noise_rng = np.random.default_rng([cfg.seed, 2])
         self.round = 0
-        xt, yt = load_test_set(cfg.dataset, cfg.num_clients, cfg.seed)
-        self.test = None if xt is None else (torch.as_tensor(xt), torch.as_tensor(yt))
+        self.test = self.task.load_test_data()
         self.codec = self.layout = self._unmasker = None
         if key is not None:
             from fedray.crypto.secure_aggregation import UpdateLayout
@@ -162,7 +163,14 @@ class Server:
 
     # -- info ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
+        """Values exchanged per update (the trainable parameters)."""
         return self.view.size
+
+    def num_model_parameters(self) -> int:
+        """All parameters of the model, exchanged or not."""
+        from fedray.models import count_model_parameters
+
+        return count_model_parameters(self.model)
 
     def values_per_ciphertext(self) -> int:
         return self.codec.slots_per_ciphertext if self.codec else 0
@@ -303,6 +311,7 @@ class Server:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                 )
                 continue
+            self._decompress(batch)
             covered: dict[int, bool] = {}  # client -> was the update carrying it accepted
             # Updates first: a host's summed update precedes the clients it covers.
             for res in sorted(batch, key=lambda r: r.encrypted is None):
@@ -390,6 +399,21 @@ class Server:
         return RoundOutcome(
             metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
         )
+
+    def _decompress(self, batch: list[ClientResult]) -> None:
+        """Dense deltas from compressed plaintext updates (``compression=int8|topk``)."""
+        if self.codec is not None or self.cfg.compression.name == "none":
+            return
+        from fedray.compression import decompress
+
+        for res in batch:
+            if res.compressed is None or res.error:
+                continue
+            try:
+                res.delta = decompress(res.compressed, self.weights.size)
+            except ValueError as exc:
+                res.error = f"rejected compressed update: {exc}"
+            res.compressed = None
 
     def _fold(
         self, acc, res: ClientResult, rejected_type, covered: dict[int, bool], chunk: list[int]
@@ -538,18 +562,12 @@ class Server:
         return plaintexts
 
     def evaluate(self) -> dict[str, float]:
-        """Central test-set loss and accuracy of the current global model."""
-        import torch
-
+        """Central test-set loss and accuracy of the current global model (the task's)."""
         if self.test is None:
             return {"test_loss": float("nan"), "test_accuracy": float("nan")}
         self.view.set(self.weights)
-        x, y = self.test
-        with torch.no_grad():
-            logits = self.model(x)
-            loss = float(torch.nn.functional.cross_entropy(logits, y))
-            acc = float((logits.argmax(1) == y).float().mean())
-        return {"test_loss": loss, "test_accuracy": acc}
+        m = self.task.evaluate(self.model, self.test)
+        return {"test_loss": float(m["loss"]), "test_accuracy": float(m["accuracy"])}
 
 
 def server_actor_class(server_class: type | None = None):

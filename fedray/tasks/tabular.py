@@ -1,0 +1,189 @@
+"""The built-in task: cross-entropy classification of numeric feature vectors.
+
+Data: the bundled scikit-learn sets, FedProx Synthetic(alpha, beta), or one CSV per site
+(``dataset=...``); models: ``model=mlp|logreg|cnn|custom``. Local training is minibatch
+SGD, with FedProx's proximal term (Li et al., MLSys 2020) when the strategy asks for it,
+or sample-level DP-SGD through Opacus (Abadi et al., CCS 2016) with ``privacy.mode=sample``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from fedray.tasks.base import Task, client_seed
+
+
+@dataclass
+class Examples:
+    """Features and labels of one split, as tensors on the training device."""
+
+    x: Any
+    y: Any
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class TabularClassificationTask(Task):
+    """Classify feature vectors; the task every ``dataset``/``model`` pair without a
+    ``task._target_`` runs."""
+
+    def __init__(self, cfg: Any, info: Any):
+        super().__init__(cfg)
+        self.info = info
+        # One optimizer per process, reset per client: building one per client costs
+        # more than a small client's whole local step.
+        self._optimizer = None
+        self._optimizer_model = None
+
+    def load_data(self, client_id: int, num_clients: int) -> tuple[Examples, Examples]:
+        import torch
+
+        from fedray.data.datasets import load_client_data
+
+        cfg = self.cfg
+        d = load_client_data(cfg.dataset, [client_id], num_clients, cfg.seed)[client_id]
+
+        def put(a):
+            return torch.as_tensor(a, device=self.device)
+
+        return Examples(put(d.x_train), put(d.y_train)), Examples(put(d.x_val), put(d.y_val))
+
+    def load_test_data(self) -> Examples | None:
+        import torch
+
+        from fedray.data.datasets import load_test_set
+
+        xt, yt = load_test_set(self.cfg.dataset, self.cfg.num_clients, self.cfg.seed)
+        return None if xt is None else Examples(torch.as_tensor(xt), torch.as_tensor(yt))
+
+    def build_model(self):
+        from fedray.models import build_model
+
+        return build_model(self.cfg.model, self.info, self.cfg.seed)
+
+    def describe(self, train: Examples, validation: Examples) -> dict:
+        from fedray.data.partition import label_histogram
+
+        y, yv = train.y.cpu().numpy(), validation.y.cpu().numpy()
+        classes = int(max(y.max(initial=0), yv.max(initial=0))) + 1
+        return {"num_features": int(train.x.shape[1]), "labels": label_histogram(y, classes)}
+
+    def evaluate(self, model, data: Examples) -> dict:
+        import torch
+
+        model.eval()
+        with torch.no_grad():
+            logits = model(data.x)
+            loss = float(torch.nn.functional.cross_entropy(logits, data.y))
+            accuracy = float((logits.argmax(1) == data.y).float().mean())
+        return {"loss": loss, "accuracy": accuracy}
+
+    def train(
+        self,
+        model,
+        data: Examples,
+        *,
+        epochs: int,
+        lr: float,
+        seed: int,
+        round_num: int = 0,
+        client_id: int = 0,
+        proximal_mu: float = 0.0,
+        privacy: Any = None,
+    ) -> dict:
+        import torch
+
+        if privacy is not None:
+            dp_seed = client_seed(self.cfg.seed + 104729, round_num, client_id)
+            return self._train_dp_sgd(model, data, epochs=epochs, lr=lr, seed=dp_seed, plan=privacy)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = self._optimizer_for(model, params, lr)
+        opt.state.clear()  # momentum buffers belong to one client's local run
+        gen = torch.Generator().manual_seed(seed)
+        anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        loss_fn = torch.nn.CrossEntropyLoss()
+        n, bs = len(data), self.cfg.batch_size
+        total, batches = 0.0, 0
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(data.x[idx]), data.y[idx])
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * proximal_mu * prox
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                batches += 1
+        model.eval()
+        return {"loss": total / max(1, batches)}
+
+    def _optimizer_for(self, model, params, lr: float):
+        import torch
+
+        if self._optimizer is None or self._optimizer_model is not model:
+            self._optimizer = torch.optim.SGD(
+                params, lr=lr, momentum=self.cfg.momentum, foreach=True
+            )
+            self._optimizer_model = model
+        return self._optimizer
+
+    def _train_dp_sgd(self, model, data: Examples, *, epochs: int, lr: float, seed: int, plan):
+        """Sample-level DP-SGD with Opacus on a copy of the model (no hooks left on it);
+        the trained weights are copied back."""
+        import copy
+
+        import torch
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        private = copy.deepcopy(model)
+        private.train()  # Opacus accepts only a module in training mode
+        params = [p for p in private.parameters() if p.requires_grad]
+        torch.manual_seed(seed)  # Opacus's Poisson sampler and noise use torch's RNG
+        loader = DataLoader(
+            TensorDataset(data.x.cpu(), data.y.cpu()),
+            batch_size=min(self.cfg.batch_size, len(data)),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum)
+        with warnings.catch_warnings():
+            # fedray documents the RNG choice (privacy.secure_rng); no per-round warning.
+            # PrivacyEngine() itself warns, so it is built inside this block.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+            private_model, optimizer, loader = engine.make_private(
+                module=private,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.clip_norm,
+                poisson_sampling=True,
+            )
+        loss_fn = torch.nn.CrossEntropyLoss()
+        total, batches = 0.0, 0
+        private_model.train()
+        for _ in range(epochs):
+            for xb, yb in loader:
+                if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(private_model(xb.to(self.device)), yb.to(self.device))
+                with warnings.catch_warnings():  # inputs need no grad: the hook still fires
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+        with torch.no_grad():
+            for dst, src in zip(model.parameters(), private.parameters(), strict=True):
+                if dst.requires_grad:
+                    dst.copy_(src)
+        model.eval()
+        return {"loss": total / max(1, batches)}
