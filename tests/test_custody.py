@@ -7,6 +7,8 @@ own set-up code), so each has exactly the server's reach.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import ray
@@ -47,7 +49,7 @@ class _Site:
         self.layout = UpdateLayout.for_key(key.public, codec)
         self.enc = ClientEncryptor(key, self.layout)
 
-    def contribute(self, round_num, client_ids, update_id):
+    def contribute(self, round_num, client_ids, update_id, model="w0"):
         update, shares = self.enc.encrypt_sum(
             [(np.full(8, 0.1), 1.0, None, {}) for _ in client_ids]
         )
@@ -59,6 +61,7 @@ class _Site:
             tuple(client_ids),
             digest(update.ciphertexts),
             tuple(digest(b) for b in shares),
+            model_sha256=model,
         )
         return self.identity.sign(c), shares, update
 
@@ -80,8 +83,8 @@ def ledger(threshold_key):
     return holder, sites, authority, key, shares
 
 
-def _deposit(holder, site, round_num, clients, uid):
-    signed, shares, update = site.contribute(round_num, clients, uid)
+def _deposit(holder, site, round_num, clients, uid, model="w0"):
+    signed, shares, update = site.contribute(round_num, clients, uid, model)
     assert holder.deposit(signed, shares[holder.index - 1])
     return update
 
@@ -130,6 +133,30 @@ def test_holder_counts_clients_itself_and_releases_one_sum_per_round(ledger):
         holder.share_sum(1, ["a", "b"])
 
 
+def test_holder_sums_only_updates_of_one_global_model(ledger):
+    """Model inconsistency: the server sends one site crafted weights whose update is
+    zero; a sum of that update and the victim's would be the victim's alone."""
+    holder, sites, _, _, _ = ledger
+    _deposit(holder, sites[0], 1, [0, 1], "victim", model="honest")
+    _deposit(holder, sites[1], 1, [3, 4], "padding", model="crafted")
+    with pytest.raises(PermissionError, match="different global models"):
+        holder.share_sum(1, ["victim", "padding"])
+
+
+def test_threshold_must_be_a_majority():
+    """With t <= h/2, two disjoint groups of t holders could each release a different sum
+    of one round, and their difference is one client's update."""
+    from fedray.errors import ConfigError
+    from fedray.runtime.custody import threshold_for
+
+    assert threshold_for(compose(["crypto.threshold=3"]), 4) == 3
+    assert threshold_for(compose([]), 4) == 3
+    with pytest.raises(ConfigError, match=r"crypto.threshold=2 must be more than half"):
+        threshold_for(compose(["crypto.threshold=2"]), 4)
+    with pytest.raises(ConfigError, match="at least 2 key holders"):
+        threshold_for(compose([]), 1)
+
+
 def test_install_is_once_and_registration_needs_the_drivers_signature(ledger):
     holder, sites, authority, key, shares = ledger
     with pytest.raises(PermissionError, match="already holds"):
@@ -156,6 +183,17 @@ def test_find_key_material_sees_keys_shares_and_factors(small_keypair, threshold
     assert find_key_material([shares[0]], key.n)
     assert find_key_material({"p": private.p}, public.n)
     assert find_key_material([private.q.to_bytes(32, "big")], public.n)
+    p, q = private.p, private.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    assert "group order" in find_key_material([lam], public.n)[0]
+    assert "group order" in find_key_material({"phi": (p - 1) * (q - 1)}, public.n)[0]
+    assert "p + q" in find_key_material(p + q, public.n)[0]
+    assert find_key_material({"hex": hex(p)[2:], "dec": str(q)}, public.n)
+    assert find_key_material(np.array([1, p], dtype=object), public.n)
+    assert (
+        "secret share"
+        in find_key_material([shares[0].value], key.n, known_secrets={shares[0].value})[0]
+    )
 
 
 # -- a real federation ---------------------------------------------------------------------
@@ -301,21 +339,27 @@ def test_t_minus_1_colluding_holders_and_the_server_cannot_open_one_update(feder
     assert len(truth) == len(cts)  # two holders' shares do decrypt it
 
 
-@pytest.mark.parametrize("loot", ["t_shares", "one_share"])
+@pytest.mark.parametrize("loot", ["t_shares", "one_share", "raw_share_values"])
 def test_custody_check_goes_red_when_the_server_is_given_key_material(federation, loot):
     """Curious-server test 5, the mutation: hand the server what a broken custody would,
     and the same check that passes above must fail."""
     _, _, custody, server = federation
-    assert ray.get(server.__ray_call__.remote(curious.custody_findings)) == []
     shares = ray.get([h.__ray_call__.remote(lambda self: self._secret) for h in custody.holders])
-    stolen = shares[:2] if loot == "t_shares" else [shares[0]]
+    assert all(isinstance(s, DecryptionShare) for s in shares)
+    known = frozenset(s.value for s in shares)
+    assert ray.get(server.__ray_call__.remote(curious.custody_findings, known)) == []
+    stolen = {
+        "t_shares": shares[:2],
+        "one_share": [shares[0]],
+        "raw_share_values": {"cache": [shares[0].value, shares[1].value]},
+    }[loot]
     ray.get(server.__ray_call__.remote(curious.steal, stolen))
     try:
-        findings = ray.get(server.__ray_call__.remote(curious.custody_findings))
-        assert findings and all("DecryptionShare" in f for f in findings)
+        findings = ray.get(server.__ray_call__.remote(curious.custody_findings, known))
+        assert findings
+        assert all(("DecryptionShare" in f) or ("secret share" in f) for f in findings)
     finally:
         ray.get(server.__ray_call__.remote(curious.steal, None))
-    assert isinstance(shares[0], DecryptionShare)
 
 
 def test_custody_check_sees_a_shared_private_key_or_its_factor(ray_2cpus):

@@ -134,6 +134,7 @@ class ClientHost:
         self._precompute_thread: threading.Thread | None = None
         self._authority = authority
         self._identity = None
+        self._model_sha256 = ""
         if cfg.crypto.name == "paillier":
             from fedray.runtime.keys import HostIdentity
 
@@ -276,6 +277,12 @@ class ClientHost:
 
     def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         """Train each listed client from the global weights; return their updates."""
+        import hashlib
+
+        # Signed with each update: key holders sum only updates of the same model.
+        self._model_sha256 = hashlib.sha256(
+            np.ascontiguousarray(global_weights, dtype=np.float32).tobytes()
+        ).hexdigest()
         with self._on_the_clock():
             return self._train_many(task, global_weights)
 
@@ -430,6 +437,7 @@ class ClientHost:
             client_ids=tuple(int(c) for c in update.client_ids),
             ciphertext_sha256=digest(update.ciphertexts),
             share_sha256=tuple(digest(b) for b in shares) if shares else (),
+            model_sha256=self._model_sha256,
         )
         signed = self._identity.sign(contribution)
         return [

@@ -30,10 +30,12 @@ def threshold_for(cfg: FedrayConfig, holders: int) -> int:
             "or use crypto.custody=shared"
         )
     t = cfg.crypto.threshold if cfg.crypto.threshold is not None else holders // 2 + 1
-    if not 2 <= t <= holders:
+    # More than half: any two groups of t holders share one, and each holder releases one
+    # sum per round, so two different sums of one round can never both be opened.
+    if not (2 <= t <= holders and 2 * t > holders):
         raise ConfigError(
-            f"crypto.threshold={t} must be between 2 and the number of key holders "
-            f"({holders}, one per client actor)"
+            f"crypto.threshold={t} must be more than half the key holders and at most all "
+            f"of them ({holders // 2 + 1}..{holders}; one key holder per client actor)"
         )
     return t
 

@@ -65,6 +65,10 @@ class Contribution:
     client_ids: tuple[int, ...]
     ciphertext_sha256: str
     share_sha256: tuple[str, ...] = ()  # one per key holder; () when no shares travel
+    # Digest of the global weights the update was trained from: a sum mixes only updates
+    # of the same model, so the server cannot send one site crafted weights that zero its
+    # update and leave another site's update alone in a "sum" (model inconsistency).
+    model_sha256: str = ""
 
     def message(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -133,6 +137,7 @@ class _Deposit:
     client_ids: tuple[int, ...]
     ciphertext_sha256: str
     shares: bytes | None
+    model_sha256: str = ""
 
 
 class KeyHolder:
@@ -234,7 +239,7 @@ class KeyHolder:
         ):
             raise PermissionError("exponent shares do not match the signed digest")
         self._deposits[c.update_id] = _Deposit(
-            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares
+            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares, c.model_sha256
         )
         return True
 
@@ -256,6 +261,8 @@ class KeyHolder:
             if d is None or d.round != round_num:
                 raise PermissionError(f"update {u!r} was not deposited for round {round_num}")
             deposits.append(d)
+        if len({d.model_sha256 for d in deposits}) != 1:
+            raise PermissionError("the sum mixes updates trained from different global models")
         clients = [c for d in deposits for c in d.client_ids]
         if len(set(clients)) != len(clients):
             raise PermissionError("the sum counts a client twice")
@@ -375,24 +382,46 @@ def key_dealer_class():
     return ray.remote(num_cpus=0, max_restarts=0)(KeyDealer)
 
 
-def find_key_material(root: Any, n: int, max_depth: int = 8) -> list[str]:
+def find_key_material(
+    root: Any, n: int, max_depth: int = 16, known_secrets: set[int] | frozenset = frozenset()
+) -> list[str]:
     """Where, inside ``root``'s object graph, something could decrypt or factor ``n``.
 
-    Flags private keys (fedray's or phe's), decryption shares, signing identities, and any
-    integer (or bytes read as one) sharing a non-trivial factor with ``n``. Used by the
-    curious-server tests on everything the server holds and everything it is answered.
+    Flags private keys (fedray's or phe's), decryption shares, signing identities; any
+    integer (also written as a string, or as bytes) that shares a factor with ``n``, is a
+    multiple of the group order (lambda, phi, d: ``r^x = 1 mod n`` for a random ``r``),
+    or is ``p + q`` (``x^2 - 4n`` a square); and any of ``known_secrets`` (tests pass the
+    key holders' share values). Used by the curious-server tests on everything the server
+    holds and everything it is answered.
     """
+    import secrets as _secrets
+
     import gmpy2
+    import numpy as np
 
     from fedray.crypto.threshold import DecryptionShare
 
     found: list[str] = []
     seen: set[int] = set()
     n_mpz = gmpy2.mpz(n)
+    probe = gmpy2.mpz(_secrets.randbelow(n - 3) + 2)
+    known = {int(k) for k in known_secrets}
 
-    def factor_of_n(x: int) -> bool:
+    def reveals(x: int) -> str | None:
+        if x in known:
+            return "a key holder's secret share"
+        x = abs(x)
+        if x < 2:
+            return None
         g = gmpy2.gcd(gmpy2.mpz(x), n_mpz)
-        return 1 < g < n_mpz
+        if 1 < g < n_mpz:
+            return "an integer sharing a factor with n"
+        if x.bit_length() <= 4 * n.bit_length() and gmpy2.powmod(probe, x, n_mpz) == 1:
+            return "a multiple of the group order (lambda, phi or d)"
+        disc = gmpy2.mpz(x) * x - 4 * n_mpz
+        if disc > 0 and gmpy2.is_square(disc):
+            return "p + q"
+        return None
 
     def walk(obj: Any, path: str, depth: int) -> None:
         if depth > max_depth or id(obj) in seen:
@@ -408,19 +437,41 @@ def find_key_material(root: Any, n: int, max_depth: int = 8) -> list[str]:
         if isinstance(obj, bool):
             return
         if isinstance(obj, int) or name == "mpz":
-            if obj and factor_of_n(int(obj)):
-                found.append(f"{path}: an integer sharing a factor with n")
+            why = reveals(int(obj))
+            if why:
+                found.append(f"{path}: {why}")
+            return
+        if isinstance(obj, str):
+            text = obj.strip()
+            for base in (10, 16):
+                try:
+                    value = int(text, base)
+                except ValueError:
+                    continue
+                why = reveals(value)
+                if why:
+                    found.append(f"{path}: a string encoding {why}")
+                    return
             return
         if isinstance(obj, bytes | bytearray | memoryview):
             data = bytes(obj)
-            if 0 < len(data) <= 4 * ((n.bit_length() + 7) // 8):
+            width = (n.bit_length() + 7) // 8
+            chunks = [data] if len(data) <= 4 * width else []
+            chunks += [data[i : i + width] for i in range(0, min(len(data), 1 << 20), width)]
+            for chunk in chunks:
                 for order in ("little", "big"):
-                    if factor_of_n(int.from_bytes(data, order)):
+                    x = int.from_bytes(chunk, order)
+                    if x > 1 and 1 < gmpy2.gcd(gmpy2.mpz(x), n_mpz) < n_mpz:
                         found.append(f"{path}: bytes encoding a factor of n")
                         return
             return
+        if isinstance(obj, np.ndarray):
+            if obj.dtype == object:
+                for i, v in enumerate(obj.ravel().tolist()):
+                    walk(v, f"{path}[{i}]", depth + 1)
+            return
         if (
-            isinstance(obj, str | float | complex | type)
+            isinstance(obj, float | complex | type)
             or callable(obj)
             and not hasattr(obj, "__dict__")
         ):
@@ -434,7 +485,7 @@ def find_key_material(root: Any, n: int, max_depth: int = 8) -> list[str]:
             for i, v in enumerate(list(obj)):
                 walk(v, f"{path}[{i}]", depth + 1)
             return
-        if type(obj).__module__.startswith(("ray", "torch", "numpy", "logging", "_")):
+        if type(obj).__module__.startswith(("ray.", "torch", "numpy", "logging")):
             return
         attrs = getattr(obj, "__dict__", None)
         if attrs is not None:
