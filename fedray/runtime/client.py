@@ -20,6 +20,7 @@ import numpy as np
 
 from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo
+from fedray.privacy.mechanisms import count_clipped
 from fedray.tasks.base import client_seed
 
 DEPOSIT_TIMEOUT_S = 30.0
@@ -233,9 +234,18 @@ class ClientHost:
             return msg
         return True
 
-    def set_weight_ref(self, weight_ref: float) -> None:
-        """Example count that maps to weight 1.0 (the largest client's), known to all."""
+    def set_weight_ref(self, weight_ref: float) -> bool | str:
+        """Example count that maps to weight 1.0, known to all. True, or why it is refused
+        (a public ``dataset.weight_ref`` below a hosted client's count would cap its
+        FedAvg weight at 1 and weigh the federation wrongly)."""
+        largest = self.running_max_examples()
+        if largest > weight_ref:
+            return (
+                f"dataset.weight_ref={weight_ref:g} is below the example count of a client "
+                "of this site; set it to at least the largest site's count, or null"
+            )
         self.weight_ref = float(weight_ref)
+        return True
 
     def node_id(self) -> str:
         import ray
@@ -245,7 +255,8 @@ class ClientHost:
         return ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict[int, dict[str, Any]]:
-        """Each hosted client's size and label histogram (metadata, no data)."""
+        """Each hosted client's placement; sizes and label histograms only if the user
+        opted in with ``dataset.share_label_counts=true`` (else they stay on the site)."""
         node = self.node_id()
         import ray
 
@@ -253,15 +264,27 @@ class ClientHost:
         out = {}
         for cid, (train, val) in self.data.items():
             out[cid] = {
-                "num_examples": len(train),
-                "num_val": 0 if val is None else len(val),
-                **self.task.describe(train, val),
                 "node_id": node,
                 "device": str(self.device),
                 "gpu_ids": gpu_ids,
                 "pid": os.getpid(),
             }
+            if self.cfg.dataset.share_label_counts:  # the task's metadata (label counts)
+                out[cid].update(
+                    num_examples=len(train),
+                    num_val=0 if val is None else len(val),
+                    **self.task.describe(train, val),
+                )
         return out
+
+    def running_max_examples(self, so_far: float = 0.0) -> float:
+        """max(``so_far``, this host's largest client's example count): one link of the
+        chain along which hosts find weight_ref (see the driver)."""
+        return max(float(so_far), *(float(len(train)) for train, _ in self.data.values()))
+
+    def dp_client_sizes(self) -> dict[int, int]:
+        """Each hosted client's example count: only for sample-level DP's accountant."""
+        return {cid: len(train) for cid, (train, _) in self.data.items()}
 
     # -- one round ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -355,6 +378,9 @@ class ClientHost:
                 "val_loss_sum": result.val_loss * result.val_count if result.val_count else 0.0,
                 "val_correct": result.val_correct,
                 "val_count": result.val_count,
+                # Values the codec will clip to +-crypto.clip: counted here, summed inside
+                # the encrypted aggregate like the other statistics.
+                "values_clipped": count_clipped(delta * result.weight, self.codec.clip),
             }
             self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
         elif self.cfg.compression.name != "none":
