@@ -376,4 +376,5 @@ def test_values_outside_the_codec_clip_are_counted():
     from fedray.privacy.mechanisms import count_clipped
 
     assert count_clipped(np.array([3.0, -0.5, 1e9]), 1.0) == 2
-    assert count_clipped(np.array([1.0, -1.0, 0.0]), 1.0) == 0
+    assert count_clipped(np.array([1.0, -1.0, 0.0]), 1.0) == 0  # the edge is kept
+    assert count_clipped(np.array([1.5, -1.0001, 0.9]), 1.0) == 2

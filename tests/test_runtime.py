@@ -27,6 +27,9 @@ SUMMARY_KEYS = {
     "key_bits",
     "values_per_ciphertext",
     "client_failures",
+    "epsilon_vs_server",
+    "reproducible_noise",
+    "values_clipped",
 }
 METRIC_KEYS = {
     "round",
@@ -38,6 +41,8 @@ METRIC_KEYS = {
     "clients_ok",
     "clients_failed",
     "bytes_up",
+    "epsilon_vs_server",
+    "values_clipped",
 }
 
 

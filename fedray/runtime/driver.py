@@ -315,10 +315,11 @@ def run_experiment(
         # must lie in (0, 1], and should be near 1 for the largest site so its update
         # keeps the codec's precision). A public dataset.weight_ref reveals nothing.
         # Otherwise the hosts pass a running maximum along a chain of object refs: each
-        # host sees only the maximum of those before it, and the driver and the server
-        # only the final maximum (the largest site's count, not which site), never one
-        # site's count. FedAvg stays exactly example-weighted: the server divides by the
-        # sum of the weights.
+        # host sees only the maximum of those before it; the driver fetches only the
+        # final maximum (the largest site's count, not which site) and the server gets
+        # nothing. The intermediate values are in the object store, owned by the driver,
+        # which never reads them. FedAvg stays exactly example-weighted: the server
+        # divides by the sum of the weights.
         if cfg.dataset.weight_ref is not None:
             weight_ref = float(cfg.dataset.weight_ref)
         else:
