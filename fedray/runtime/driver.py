@@ -38,6 +38,8 @@ def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
     if not cfg.progress:
         return
     eps = f" | eps {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
+    if m.get("epsilon_vs_server") is not None:
+        eps += f" (vs server {m['epsilon_vs_server']:.3g})"
     crypto = (
         f" | enc {m['encrypt_seconds']:.2f}s dec {m['decrypt_seconds']:.2f}s"
         if cfg.crypto.name != "none"
