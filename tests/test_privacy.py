@@ -378,3 +378,25 @@ def test_values_outside_the_codec_clip_are_counted():
     assert count_clipped(np.array([3.0, -0.5, 1e9]), 1.0) == 2
     assert count_clipped(np.array([1.0, -1.0, 0.0]), 1.0) == 0  # the edge is kept
     assert count_clipped(np.array([1.5, -1.0001, 0.9]), 1.0) == 2
+
+
+def test_set_up_calls_that_reveal_site_sizes_close_before_the_server_exists():
+    """The server holds every host's handle: the calls that answer with a site's example
+    count (the weight_ref chain, sample-DP sizes) refuse once set-up is over."""
+    from fedray.data.datasets import dataset_info
+    from fedray.runtime.client import ClientHost
+    from tests.conftest import compose
+
+    cfg = compose(
+        ["crypto=none", "num_clients=4", "clients_per_round=4", "privacy=dp", "privacy.mode=sample"]
+    )
+    host = ClientHost(cfg, [0, 1], dataset_info(cfg.dataset))
+    assert host.ready() is True
+    largest = host.running_max_examples(0.0)
+    assert largest == max(host.dp_client_sizes().values())
+    assert host.set_weight_ref(largest - 1) != True  # noqa: E712 - an error line
+    assert host.set_weight_ref(largest) is True
+    for call in (lambda: host.running_max_examples(0.0), host.dp_client_sizes):
+        with pytest.raises(PermissionError, match="set-up"):
+            call()
+    assert "labels" not in host.describe()[0] and "num_examples" not in host.describe()[0]

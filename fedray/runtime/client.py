@@ -132,6 +132,7 @@ class ClientHost:
         self._parallel = None
         self._to_seal: dict[int, tuple[np.ndarray, float, Any, dict]] = {}
         self._busy = False
+        self._set_up_closed = False  # see _check_set_up_open
         self._precompute_thread: threading.Thread | None = None
         self._authority = authority
         self._identity = None
@@ -238,14 +239,23 @@ class ClientHost:
         """Example count that maps to weight 1.0, known to all. True, or why it is refused
         (a public ``dataset.weight_ref`` below a hosted client's count would cap its
         FedAvg weight at 1 and weigh the federation wrongly)."""
-        largest = self.running_max_examples()
+        self._check_set_up_open("set_weight_ref")
+        largest = max(float(len(train)) for train, _ in self.data.values())
         if largest > weight_ref:
             return (
                 f"dataset.weight_ref={weight_ref:g} is below the example count of a client "
                 "of this site; set it to at least the largest site's count, or null"
             )
         self.weight_ref = float(weight_ref)
+        self._set_up_closed = True  # the server exists only after this: it cannot ask
         return True
+
+    def _check_set_up_open(self, method: str) -> None:
+        """Set-up calls answer the driver only, before the server exists (the server
+        holds this host's handle and could otherwise read per-site sizes through them).
+        A host Ray restarts is open again until its first round."""
+        if getattr(self, "_set_up_closed", False):
+            raise PermissionError(f"{method} is a set-up call; set-up is over")
 
     def node_id(self) -> str:
         import ray
@@ -280,10 +290,14 @@ class ClientHost:
     def running_max_examples(self, so_far: float = 0.0) -> float:
         """max(``so_far``, this host's largest client's example count): one link of the
         chain along which hosts find weight_ref (see the driver)."""
+        self._check_set_up_open("running_max_examples")
         return max(float(so_far), *(float(len(train)) for train, _ in self.data.values()))
 
     def dp_client_sizes(self) -> dict[int, int]:
         """Each hosted client's example count: only for sample-level DP's accountant."""
+        self._check_set_up_open("dp_client_sizes")
+        if not (self.cfg.privacy.name == "dp" and self.cfg.privacy.mode == "sample"):
+            raise PermissionError("dp_client_sizes answers only with privacy.mode=sample")
         return {cid: len(train) for cid, (train, _) in self.data.items()}
 
     # -- one round ----------------------------------------------------------------------
@@ -299,6 +313,7 @@ class ClientHost:
 
     def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         """Train each listed client from the global weights; return their updates."""
+        self._set_up_closed = True
         with self._on_the_clock():
             return self._train_many(task, global_weights)
 

@@ -329,6 +329,12 @@ def run_experiment(
             for h in hosts:
                 running = h.running_max_examples.remote(running)
             weight_ref = ray.get(running)
+        sizes: dict[int, int] = {}
+        if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+            # Sample-level DP's accountant needs each site's count (README: what the
+            # server learns in this mode). Asked before set_weight_ref closes set-up.
+            for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
+                sizes.update(answer)
         for answer in ray.get([h.set_weight_ref.remote(weight_ref) for h in hosts]):
             if answer is not True:
                 raise ConfigError(answer)
@@ -368,12 +374,6 @@ def run_experiment(
         if cfg.privacy.name == "dp":
             from fedray.privacy import build_privacy
 
-            sizes: dict[int, int] = {}
-            if cfg.privacy.mode == "sample":
-                # Sample-level DP's accountant needs each site's count (README: what the
-                # server learns in this mode).
-                for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
-                    sizes.update(answer)
             privacy = build_privacy(cfg, sizes)
         server = server_actor_class(server_class).remote(
             cfg,
