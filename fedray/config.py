@@ -89,9 +89,17 @@ class DatasetConfig:
     max_length: int = 32
     topic_strength: float = 0.3
     test_samples: int = 1000
+    # Per-site metadata stays on the site unless the user opts in: with true, each
+    # site's example count and label histogram go to the driver (log, clients.json).
+    share_label_counts: bool = False
+    # Public example count that maps to FedAvg weight 1.0; null: the largest site's
+    # count, computed by the hosts along a chain (the driver learns only that maximum).
+    weight_ref: float | None = None
 
     def __post_init__(self) -> None:
         _choice("dataset", self.name, DATASETS)
+        if self.weight_ref is not None:
+            _positive("dataset.weight_ref", self.weight_ref)
         _choice("dataset.partition", self.partition, PARTITIONS)
         _positive("dataset.dirichlet_alpha", self.dirichlet_alpha)
         _positive("dataset.shards_per_client", self.shards_per_client)
@@ -269,9 +277,20 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise: str = "auto"
     target_epsilon: float | None = None
-    secure_rng: bool = False
+    # Seeded noise (numpy / torch generators from the job seed): runs replay exactly, and
+    # anyone who knows the seed, the server included, can subtract the noise. Research
+    # only; summary.json records it. Default: noise from the OS CSPRNG.
+    reproducible_noise: bool = False
+    # Deprecated alias, kept for old configs: secure_rng=false means
+    # reproducible_noise=true, secure_rng=true the default. null: not given.
+    secure_rng: bool | None = None
     mode: str = "client"
     accountant: str = "rdp"
+
+    @property
+    def seeded_noise(self) -> bool:
+        """True when noise comes from seeded generators (research mode)."""
+        return self.reproducible_noise or self.secure_rng is False
 
     def __post_init__(self) -> None:
         _choice("privacy", self.name, PRIVACY)
@@ -284,6 +303,20 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.delta={self.delta!r} must be in (0, 1)")
         if self.target_epsilon is not None:
             _positive("privacy.target_epsilon", self.target_epsilon)
+        if self.secure_rng is True and self.reproducible_noise:
+            raise ConfigError(
+                "privacy.secure_rng=true contradicts privacy.reproducible_noise=true; "
+                "drop privacy.secure_rng (deprecated: OS noise is the default)"
+            )
+        if self.secure_rng is not None:
+            import warnings
+
+            warnings.warn(
+                "privacy.secure_rng is deprecated: OS CSPRNG noise is the default; use "
+                "privacy.reproducible_noise=true for seeded noise",
+                FutureWarning,  # shown to users by default, unlike DeprecationWarning
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -568,11 +601,6 @@ def validate(cfg: FedrayConfig) -> None:
             raise ConfigError(
                 "privacy.noise=central cannot be used with crypto=paillier (the server only sees "
                 "the decrypted sum); use privacy.noise=distributed or auto"
-            )
-        if cfg.privacy.mode == "sample" and cfg.privacy.secure_rng:
-            raise ConfigError(
-                "privacy.secure_rng=true is not supported with privacy.mode=sample (Opacus's "
-                "secure mode needs torchcsprng); use privacy.mode=client or secure_rng=false"
             )
         if cfg.privacy.mode == "client" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
             raise ConfigError(

@@ -90,7 +90,7 @@ def probe_every_method(server) -> dict[str, Any]:
     oracle_payload = (1 + n).to_bytes(width, "little") * server.layout.num_ciphertexts
     args_for = {
         "train": [(RoundTask(server.round + 50, [0], {}), server.weights)],
-        "set_weight_ref": [(1.0,)],
+        "set_weight_ref": [(1e12,), (1e12, b"\0" * 64)],
         "install_private_key": [(fake_private,)],
         "configure_crypto": [(key, [], 0, b"\0" * 64)],
         "install": [(key, fake_share), (key, fake_private)],
@@ -102,7 +102,7 @@ def probe_every_method(server) -> dict[str, Any]:
             (server.round + 1, ["x"], [oracle_payload], 0, 1),
         ],
     }
-    calls, findings = [], []
+    calls, findings, answers = [], [], []
     handles = reachable_handles(server) + named_handles()
     for handle in handles:
         cls = handle._ray_actor_creation_function_descriptor.class_name
@@ -112,13 +112,15 @@ def probe_every_method(server) -> dict[str, Any]:
                 try:
                     answer = ray.get(getattr(handle, method).remote(*args), timeout=120)
                     calls.append((cls, method, "ok"))
+                    if method != "train":
+                        answers.append(answer)
                     findings += find_key_material(answer, n)
                     if isinstance(answer, int) and 1 < answer < n2:
                         findings += find_key_material([answer], n)
                 except Exception as exc:
                     calls.append((cls, method, str(exc).strip().splitlines()[-1][:200]))
     findings += find_key_material(server, n)
-    return {"calls": calls, "findings": findings}
+    return {"calls": calls, "findings": findings, "answers": answers}
 
 
 def custody_findings(server, known_secrets=frozenset()) -> list[str]:

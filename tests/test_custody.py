@@ -276,6 +276,12 @@ def test_every_method_the_server_can_call_returns_no_key_material(federation):
     assert "set-up key" in refused[("KeyHolder", "register")]
     assert "not signed" in refused[("ClientHost", "configure_crypto")]
     assert "shared" in refused[("ClientHost", "install_private_key")]
+    assert "not signed" in refused[("ClientHost", "set_weight_ref")]  # a victim's 1e12
+    assert "set-up is over" in refused[("ClientHost", "running_max_examples")]
+    # Nothing the server can call tells it a site's size or labels.
+    assert not any(
+        "examples" in str(answer) or "labels" in str(answer) for answer in report["answers"]
+    )
     assert ("KeyHolder", "partial_decrypt") in refused  # the oracle payload: refused
 
 
@@ -380,3 +386,20 @@ def test_custody_check_sees_a_shared_private_key_or_its_factor(ray_2cpus):
     finally:
         for actor in [*hosts, *custody.holders, server]:
             ray.kill(actor)
+
+
+def test_a_site_takes_its_dp_plan_from_its_own_config_not_the_server():
+    """A server that sends a victim a plan with no clipping (or no noise) changes nothing:
+    the site clips to its own privacy.clip_norm (plain class, no Ray)."""
+    from fedray.data.datasets import dataset_info
+    from fedray.privacy.dp import ClientPlan
+    from fedray.runtime.client import ClientHost, RoundTask
+
+    cfg = compose(["crypto=none", "privacy=dp", "privacy.clip_norm=0.01", "lr=0.5"])
+    host = ClientHost(cfg, [0], dataset_info(cfg.dataset))
+    assert host.ready() is True
+    weights = host.view.get()
+    forged = ClientPlan(clip_norm=1e9, noise_std=0.0, quant_step=0.0, reproducible_noise=True)
+    (result,) = host.train(RoundTask(1, [0], {"privacy": forged, "proximal_mu": 0.0}), weights)
+    assert result.error is None
+    assert np.linalg.norm(result.delta) <= 0.01 * (1 + 1e-4)

@@ -76,9 +76,14 @@ def test_central_noise_has_std_sigma_c():
 
 
 def test_secure_rng_is_standard_normal():
-    z = secure_standard_normal(50_001)
-    assert len(z) == 50_001
+    from scipy import stats
+
+    z = secure_standard_normal(200_001)
+    assert len(z) == 200_001
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    # The whole shape, tails included (a bad radius or angle fails this at once).
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert abs((np.abs(z) > 3).mean() / (2 * stats.norm.sf(3)) - 1) < 0.1
 
 
 @pytest.mark.parametrize(
@@ -109,7 +114,9 @@ def test_epsilon_grows_with_rounds_and_falls_with_sigma():
 
 def test_target_epsilon_stops_before_exceeding():
     dp = _plan(distributed=False)
-    dp.target_epsilon = compute_epsilon(rate=0.5, noise_multiplier=1.0, steps=3, delta=1e-5) + 1e-9
+    dp.target_epsilon = (
+        compute_epsilon(rate=dp.accounted_rate, noise_multiplier=1.0, steps=3, delta=1e-5) + 1e-9
+    )
     steps = 0
     while not dp.would_exceed_target():
         dp.step()
@@ -175,3 +182,221 @@ def test_sample_level_dp_job_with_opacus(ray_2cpus, tmp_path):
     assert summary["rounds_completed"] == 3
     assert 0 < summary["epsilon"] < math.inf
     assert summary["final_accuracy"] > 0.6
+
+
+# -- issue 13: noise nobody else can predict ------------------------------------------------
+
+
+def _distributed_plan(codec_step=1e-4, reproducible=False):
+    from fedray.privacy.dp import ClientPlan
+
+    return ClientPlan(
+        clip_norm=1.0, noise_std=0.5, quant_step=codec_step, reproducible_noise=reproducible
+    )
+
+
+def _server_replay(plan, seed, d):
+    """What the server can compute from what it holds: the job seed, round, client, plan."""
+    rng = np.random.default_rng(seed)
+    return np.rint(rng.standard_normal(d) * plan.noise_std / plan.quant_step).astype(np.int64)
+
+
+def test_server_cannot_reproduce_a_noise_share_from_the_seed():
+    d, seed = 1000, 12345
+    plan = _distributed_plan()
+    _, a = privatize_update(np.zeros(d, np.float32), plan, seed)
+    _, b = privatize_update(np.zeros(d, np.float32), plan, seed)
+    assert not np.array_equal(a, b)  # same seed, same round, same client: other noise
+    replay = _server_replay(plan, seed, d)
+    # The server's best guess explains none of the share: residual as large as the share.
+    assert np.std(a - replay) > 1.3 * np.std(a)
+    # Research flag: the share is the seeded one, and the server replays it exactly.
+    seeded = _distributed_plan(reproducible=True)
+    _, c = privatize_update(np.zeros(d, np.float32), seeded, seed)
+    np.testing.assert_array_equal(c, _server_replay(seeded, seed, d))
+
+
+def test_central_noise_comes_from_the_os_unless_reproducible():
+    dp = _plan(distributed=False)
+    a = dp.server_noise(np.zeros(1000), np.random.default_rng(7))
+    b = dp.server_noise(np.zeros(1000), np.random.default_rng(7))
+    assert not np.array_equal(a, b)
+    dp.reproducible_noise = True
+    a = dp.server_noise(np.zeros(1000), np.random.default_rng(7))
+    b = dp.server_noise(np.zeros(1000), np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_secure_rng_alias_still_works():
+    from tests.conftest import compose
+
+    with pytest.warns(FutureWarning, match="secure_rng is deprecated"):
+        old_seeded = compose(["privacy=dp", "privacy.secure_rng=false"])
+    assert old_seeded.privacy.seeded_noise
+    with pytest.warns(FutureWarning):
+        old_secure = compose(["privacy=dp", "privacy.secure_rng=true"])
+    assert not old_secure.privacy.seeded_noise
+    assert not compose(["privacy=dp"]).privacy.seeded_noise  # the default: OS noise
+    assert compose(["privacy=dp", "privacy.reproducible_noise=true"]).privacy.seeded_noise
+
+
+# -- issue 13: two budgets ------------------------------------------------------------------
+
+
+def _unamplified(sigma, rounds, delta=1e-5):
+    """dp-accounting's plain Gaussian composition, computed here independently."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(sigma), rounds)
+    return acc.get_epsilon(delta)
+
+
+def _amplified(rate, sigma, steps, delta=1e-5):
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    ("num_clients", "rate", "sigma", "rounds", "joined", "eps", "eps_server"),
+    [
+        # The issue's table (RDP accountant, delta = 1e-5).
+        (10_000, 0.01, 1.0, 100, 2, 1.21, 7.08),
+        (1_000, 0.5, 1.2, 30, 15, 15.80, 19.56),
+    ],
+)
+def test_epsilon_vs_server_is_unamplified_composition(
+    num_clients, rate, sigma, rounds, joined, eps, eps_server
+):
+    dp = ClientLevelDP(
+        clip_norm=1.0,
+        noise_multiplier=sigma,
+        delta=1e-5,
+        rate=rate,
+        num_clients=num_clients,
+        min_clients=1,
+        distributed=True,
+    )
+    for r in range(rounds):
+        # client 0 is in the first ``joined`` rounds; client 1 in every other round
+        dp.step(([0] if r < joined else []) + ([1] if r % 2 else []))
+    assert dp.participation[0] == joined
+    worst = max(dp.participation.values())
+    assert dp.epsilon_vs_server() == pytest.approx(_unamplified(sigma, worst), rel=1e-9)
+    assert dp.client_epsilon_vs_server(joined) == pytest.approx(
+        _unamplified(sigma, joined), rel=1e-9
+    )
+    assert dp.client_epsilon_vs_server(joined) == pytest.approx(eps_server, abs=0.005)
+    assert dp.epsilon() == pytest.approx(eps, abs=0.005)
+    assert dp.epsilon() == pytest.approx(_amplified(rate, sigma, rounds), rel=1e-6)
+
+
+def test_no_dp_against_a_server_that_sees_updates_or_knows_the_noise():
+    central = _plan(distributed=False)
+    central.step([0, 1])
+    assert central.epsilon_vs_server() == math.inf
+    seeded = _plan(distributed=True)
+    seeded.reproducible_noise = True
+    seeded.step([0])
+    assert seeded.epsilon_vs_server() == math.inf
+    assert math.isfinite(seeded.epsilon())
+
+
+def test_accountants_use_the_zero_out_relation():
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    from fedray.privacy.dp import make_accountant
+
+    for name in ("rdp", "pld"):
+        assert make_accountant(name).neighboring_relation is NeighboringRelation.REPLACE_SPECIAL
+
+
+# -- issue 13: retries, resume, sample mode ------------------------------------------------
+
+
+def test_retried_rounds_are_accounted_at_the_conditioned_inclusion_probability():
+    from fedray.privacy.dp import released_inclusion_probability
+
+    assert released_inclusion_probability(10, 0.5, 3) == pytest.approx(0.5186, abs=5e-5)
+    dp = ClientLevelDP(
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        delta=1e-5,
+        rate=0.5,
+        num_clients=10,
+        min_clients=3,
+        distributed=True,
+    )
+    dp.step([0, 1, 2])
+    expected = compute_epsilon(
+        rate=released_inclusion_probability(10, 0.5, 3), noise_multiplier=1.0, steps=1, delta=1e-5
+    )
+    assert dp.epsilon() == pytest.approx(expected, rel=1e-9)
+    assert dp.epsilon() > compute_epsilon(rate=0.5, noise_multiplier=1.0, steps=1, delta=1e-5)
+    # The sampling done matches: draw cohorts as the server does, retrying short ones.
+    rng = np.random.default_rng(0)
+    hits, released = 0, 0
+    while released < 20_000:
+        cohort = dp.sample_cohort(rng)
+        if len(cohort) < dp.min_clients:
+            continue  # the server retries the round
+        released += 1
+        hits += 0 in cohort
+    assert hits / released == pytest.approx(dp.accounted_rate, abs=0.01)
+
+
+def test_sample_mode_stops_on_the_client_with_the_highest_epsilon():
+    from fedray.privacy.dp import SampleLevelDP
+
+    dp = SampleLevelDP(
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        delta=1e-5,
+        batch_size=32,
+        local_epochs=1,
+        client_sizes={0: 32, 1: 3200},
+        target_epsilon=4.739,
+    )
+    dp.step([0, 1])
+    dp.step([1])
+    # The small site has fewer rounds but the highest epsilon, and its next round
+    # takes it from 4.729 to 7.077, past the target.
+    assert dp.client_epsilon(0, 1) == pytest.approx(4.729, abs=5e-4)
+    assert dp.client_epsilon(0, 2) == pytest.approx(7.077, abs=5e-4)
+    assert dp.client_epsilon(1, 3) < dp.target_epsilon
+    assert dp.would_exceed_target()
+
+
+def test_values_outside_the_codec_clip_are_counted():
+    from fedray.privacy.mechanisms import count_clipped
+
+    assert count_clipped(np.array([3.0, -0.5, 1e9]), 1.0) == 2
+    assert count_clipped(np.array([1.0, -1.0, 0.0]), 1.0) == 0  # the edge is kept
+    assert count_clipped(np.array([1.5, -1.0001, 0.9]), 1.0) == 2
+
+
+def test_set_up_calls_that_reveal_site_sizes_close_before_the_server_exists():
+    """The server holds every host's handle: the calls that answer with a site's example
+    count (the weight_ref chain, sample-DP sizes) refuse once set-up is over."""
+    from fedray.data.datasets import dataset_info
+    from fedray.runtime.client import ClientHost
+    from tests.conftest import compose
+
+    cfg = compose(
+        ["crypto=none", "num_clients=4", "clients_per_round=4", "privacy=dp", "privacy.mode=sample"]
+    )
+    host = ClientHost(cfg, [0, 1], dataset_info(cfg.dataset))
+    assert host.ready() is True
+    largest = host.running_max_examples(0.0)
+    assert largest == max(host.dp_client_sizes().values())
+    assert host.set_weight_ref(largest - 1) != True  # noqa: E712 - an error line
+    assert host.set_weight_ref(largest) is True
+    for call in (lambda: host.running_max_examples(0.0), host.dp_client_sizes):
+        with pytest.raises(PermissionError, match="set-up"):
+            call()
+    assert "labels" not in host.describe()[0] and "num_examples" not in host.describe()[0]

@@ -3,8 +3,15 @@
 McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICLR 2018):
 each round Poisson-samples clients with rate q, clips each update to L2 norm C, sums
 them, adds N(0, sigma^2 C^2) and divides by the *expected* cohort size qN (a fixed
-denominator, so the count of participants reveals nothing). Neighbouring data sets
-differ in one client (add/remove), so the sum's sensitivity is C.
+denominator, so the count of participants reveals nothing).
+
+Neighbouring relation: zero-out (dp-accounting's ``NeighboringRelation.REPLACE_SPECIAL``,
+Kairouz et al. 2021, Definition 1.1). Two federations are neighbours when one client's
+data is replaced by a special "zero" client whose update is 0. Not add/remove: with
+distributed noise a client that leaves takes its noise share with it, so removing a
+client changes the noise as well as the sum. Under zero-out every client, real or
+zero, still adds its share, the sum's sensitivity is C and the noise is the same on
+both sides. Both accountants (:func:`make_accountant`) are built with this relation.
 
 Noise placement:
   * distributed (crypto=paillier): each client adds its share N(0, sigma^2 C^2 / m_min)
@@ -12,6 +19,36 @@ Noise placement:
     least m_min clients, so the decrypted sum always carries at least sigma C of noise,
     however many drop out. The server never sees anything less noisy.
   * central (crypto=none): the server adds N(0, sigma^2 C^2) to the plaintext sum.
+
+Noise source: the OS CSPRNG by default (:func:`~fedray.privacy.mechanisms.gaussian`), so
+nobody, the server included, can recompute a client's share from the seed and config
+and subtract it. ``privacy.reproducible_noise=true`` draws it from numpy's PCG64 seeded
+from (seed, round, client): replayable, for research only; then no DP holds against the
+server (``epsilon_vs_server`` is reported as null).
+
+Two budgets, both from dp-accounting:
+  * ``epsilon``: against anyone who sees only the released models. Poisson sampling
+    amplifies: one PoissonSampledDpEvent per released round.
+  * ``epsilon_vs_server``: against the party that picks the cohorts. It knows who was in
+    each round, so sampling does not amplify: per client, one plain GaussianDpEvent per
+    round that client's update was in a released aggregate; the largest over clients.
+    With central noise (crypto=none) the server sees every update in the clear, so no
+    DP holds against it (null).
+
+Sampling you account for = sampling you do: a round is retried while fewer than m_min
+clients answer, so a released round's cohort is a Poisson cohort *conditioned* on having
+at least m_min members. A client's inclusion probability in a released round is then
+q' = q P(Bin(N-1, q) >= m_min - 1) / P(Bin(N, q) >= m_min) > q (N=10, q=0.5, m_min=3:
+0.5186), and ``epsilon`` is accounted at q' (:func:`released_inclusion_probability`).
+This models retries caused by a short draw; retries after dropouts (crashes, timeouts)
+are assumed independent of the clients' data and are not modelled further. An attempt that fails
+releases nothing: with encryption the key holders refuse to decrypt fewer than m_min
+updates, and without it the round's updates are dropped unaggregated.
+
+Releases are counted when they happen and survive a resume: the driver persists the
+accountant after every round (``privacy_ledger.json`` next to the checkpoints), so the
+rounds after the last checkpoint, released once before a crash and again with fresh
+noise after the resume, are counted twice.
 
 Why quantization keeps the bound (distributed): a client clips, then *quantizes its
 clipped update* to the codec's grid (step s), then adds integer noise (a rounded Gaussian
@@ -24,8 +61,7 @@ the continuous Gaussian (Kairouz et al., "The Distributed Discrete Gaussian Mech
 ICML 2021, bound the gap; it is negligible at this scale).
 
 Weights are uniform (every update counts 1), since example weights would break the C
-bound. Accounting: Google's dp-accounting (RDP by default, or PLD), composing one
-Poisson-sampled Gaussian event per completed round.
+bound.
 """
 
 from __future__ import annotations
@@ -49,25 +85,68 @@ def poisson_cohort_cap(num_clients: int, rate: float) -> int:
     return min(num_clients, max(1, math.ceil(mean + 6 * math.sqrt(mean * (1 - rate)) + 1)))
 
 
+def make_accountant(accountant: str = "rdp"):
+    """A dp-accounting accountant (``rdp`` or ``pld``) under the zero-out relation."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    relation = NeighboringRelation.REPLACE_SPECIAL
+    if accountant == "pld":
+        return pld_privacy_accountant.PLDAccountant(neighboring_relation=relation)
+    return rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+
+
 def compute_epsilon(
     *, rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "rdp"
 ) -> float:
     """epsilon at delta after ``steps`` Poisson-sampled Gaussian rounds (dp-accounting)."""
     from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
 
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    acc = make_accountant(accountant)
     event = dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(noise_multiplier))
-    if accountant == "pld":
-        acc = pld_privacy_accountant.PLDAccountant()
-    else:
-        acc = rdp_privacy_accountant.RdpAccountant()
     acc.compose(event, steps)
     return float(acc.get_epsilon(delta))
+
+
+def compute_epsilon_unamplified(
+    *, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """epsilon at delta of ``rounds`` plain Gaussian releases: no sampling amplification.
+
+    What one client has against the party that chose the cohorts and so knows the
+    ``rounds`` in which that client's update was in the released aggregate.
+    """
+    from dp_accounting import dp_event
+
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = make_accountant(accountant)
+    acc.compose(dp_event.GaussianDpEvent(noise_multiplier), rounds)
+    return float(acc.get_epsilon(delta))
+
+
+def released_inclusion_probability(num_clients: int, rate: float, min_clients: int) -> float:
+    """P(a client is in a released round's cohort) when rounds with fewer than
+    ``min_clients`` sampled clients are retried: Poisson(rate) conditioned on the cohort
+    size being at least ``min_clients``, i.e. q P(Bin(N-1, q) >= m-1) / P(Bin(N, q) >= m).
+    """
+    from scipy.stats import binom
+
+    if rate >= 1.0:
+        return 1.0
+    need = max(1, min_clients)  # an empty draw is retried too, even with m_min <= 1
+    released = float(binom.sf(need - 1, num_clients, rate))  # P(Bin(N, q) >= m)
+    if released <= 0.0:
+        return 1.0
+    with_client = float(binom.sf(need - 2, num_clients - 1, rate))  # P(Bin(N-1, q) >= m-1)
+    return min(1.0, rate * with_client / released)
 
 
 @dataclass
@@ -77,7 +156,7 @@ class ClientPlan:
     clip_norm: float
     noise_std: float  # per-client share, in model units; 0 with central noise
     quant_step: float  # codec grid step (distributed), 0 for plaintext
-    secure_rng: bool
+    reproducible_noise: bool = False  # True: seeded noise the server can predict
 
 
 class ClientLevelDP:
@@ -94,7 +173,7 @@ class ClientLevelDP:
         min_clients: int,
         distributed: bool,
         num_parameters: int | None = None,
-        secure_rng: bool = False,
+        reproducible_noise: bool = False,
         target_epsilon: float | None = None,
         accountant: str = "rdp",
     ):
@@ -109,12 +188,16 @@ class ClientLevelDP:
         self.num_clients = num_clients
         self.min_clients = min_clients
         self.distributed = distributed
-        self.secure_rng = secure_rng
+        self.reproducible_noise = reproducible_noise
         self.target_epsilon = target_epsilon
         self.accountant = accountant
         self.num_parameters = num_parameters
-        self.steps = 0
+        # The rate accounted for: Poisson sampling conditioned on a releasable cohort.
+        self.accounted_rate = released_inclusion_probability(num_clients, rate, min_clients)
+        self.steps = 0  # released rounds
+        self.participation: dict[int, int] = {}  # client -> released rounds it was in
         self._eps_cache: dict[int, float] = {}
+        self._eps_server_cache: dict[int, float] = {}
         self.quant_step = 0.0
 
     @classmethod
@@ -129,7 +212,7 @@ class ClientLevelDP:
             num_clients=cfg.num_clients,
             min_clients=min_clients(cfg),
             distributed=distributed,
-            secure_rng=p.secure_rng,
+            reproducible_noise=p.seeded_noise,
             target_epsilon=p.target_epsilon,
             accountant=p.accountant,
         )
@@ -180,7 +263,7 @@ class ClientLevelDP:
             clip_norm=self.clip_norm,
             noise_std=self.share_std if self.distributed else 0.0,
             quant_step=codec.step if codec is not None else 0.0,
-            secure_rng=self.secure_rng,
+            reproducible_noise=self.reproducible_noise,
         )
 
     def server_noise(self, total: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -188,7 +271,7 @@ class ClientLevelDP:
         if self.distributed:
             return total
         std = self.noise_multiplier * self.clip_norm
-        return total + gaussian(total.shape, std, rng, secure=self.secure_rng)
+        return total + gaussian(total.shape, std, rng, secure=not self.reproducible_noise)
 
     def check_clipped(self, delta: np.ndarray, rejected_type: type[Exception]) -> None:
         norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -199,16 +282,37 @@ class ClientLevelDP:
 
     # -- accounting -----------------------------------------------------------------------
     def epsilon(self, steps: int | None = None) -> float:
+        """Against observers of the released models: amplified by the sampling."""
         steps = self.steps if steps is None else steps
         if steps not in self._eps_cache:
             self._eps_cache[steps] = compute_epsilon(
-                rate=self.rate,
+                rate=self.accounted_rate,
                 noise_multiplier=self.accounting_noise_multiplier,
                 steps=steps,
                 delta=self.delta,
                 accountant=self.accountant,
             )
         return self._eps_cache[steps]
+
+    def client_epsilon_vs_server(self, rounds: int) -> float:
+        """One client's epsilon against the server after ``rounds`` released rounds."""
+        if not self.distributed or self.reproducible_noise:
+            # The server sees each update in the clear (central noise), or can recompute
+            # and subtract every noise share (seeded noise): no DP holds against it.
+            return math.inf if rounds else 0.0
+        if rounds not in self._eps_server_cache:
+            self._eps_server_cache[rounds] = compute_epsilon_unamplified(
+                noise_multiplier=self.accounting_noise_multiplier,
+                rounds=rounds,
+                delta=self.delta,
+                accountant=self.accountant,
+            )
+        return self._eps_server_cache[rounds]
+
+    def epsilon_vs_server(self) -> float:
+        """The largest epsilon against the server over clients (no amplification)."""
+        most = max(self.participation.values(), default=0)
+        return self.client_epsilon_vs_server(most)  # grows with the count: max is the max
 
     def would_exceed_target(self) -> bool:
         """True if one more round would push epsilon past privacy.target_epsilon."""
@@ -217,14 +321,20 @@ class ClientLevelDP:
         )
 
     def step(self, participants: list[int] | None = None) -> None:
-        del participants  # every round counts for every client (Poisson sampling)
+        """Count one released round and the clients whose updates were in it."""
         self.steps += 1
+        for cid in participants or []:
+            self.participation[int(cid)] = self.participation.get(int(cid), 0) + 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        return {
+            "steps": self.steps,
+            "participation": {str(k): v for k, v in sorted(self.participation.items())},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        self.participation = {int(k): int(v) for k, v in state.get("participation", {}).items()}
 
 
 def privatize_update(delta: np.ndarray, plan: ClientPlan, seed: int):
@@ -232,12 +342,15 @@ def privatize_update(delta: np.ndarray, plan: ClientPlan, seed: int):
 
     With distributed noise the share is returned in codec grid units for the encoder to
     add after quantizing; without it (central placement) the clipped delta goes as is.
+    The share comes from the OS CSPRNG; ``seed`` is used only with
+    ``plan.reproducible_noise`` (then anyone who knows it can recompute the share).
     """
     clipped = l2_clip(delta, plan.clip_norm)
     if plan.noise_std <= 0 or plan.quant_step <= 0:
         return clipped, None
-    rng = np.random.default_rng(seed)
-    noise = gaussian(clipped.shape, plan.noise_std / plan.quant_step, rng, secure=plan.secure_rng)
+    seeded = plan.reproducible_noise
+    rng = np.random.default_rng(seed) if seeded else None
+    noise = gaussian(clipped.shape, plan.noise_std / plan.quant_step, rng, secure=not seeded)
     return clipped, np.rint(noise).astype(np.int64)
 
 
@@ -248,6 +361,7 @@ class SamplePlan:
     noise_multiplier: float
     clip_norm: float
     mode: str = "sample"
+    reproducible_noise: bool = False  # True: torch's generator seeded from the job seed
 
 
 class SampleLevelDP:
@@ -258,6 +372,15 @@ class SampleLevelDP:
     gradients to ``privacy.clip_norm`` and adds N(0, sigma^2 C^2). A site's epsilon
     composes local_epochs * n_k / batch_size such steps for each round it took part in;
     the reported epsilon is the largest over sites. Updates stay example-weighted.
+
+    What the server learns: the accountant needs each site's example count n_k, so in
+    this mode the sites' counts go to the server (the driver asks the hosts for them
+    only when ``privacy.mode=sample``). Against the server the budget is the same
+    ``epsilon``: the examples are sampled and noised on the site, from torch's generator
+    seeded from ``os.urandom`` per round (Mersenne Twister: unpredictable to the server,
+    not a CSPRNG: its state could be recovered from 624 consecutive raw outputs, which
+    never leave the site). With ``privacy.reproducible_noise=true`` the server could
+    replay the noise, and ``epsilon_vs_server`` is null.
     """
 
     denominator = None  # example-weighted mean, as FedAvg
@@ -273,7 +396,9 @@ class SampleLevelDP:
         client_sizes,
         target_epsilon=None,
         accountant="rdp",
+        reproducible_noise=False,
     ):
+        self.reproducible_noise = reproducible_noise
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
         self.delta = delta
@@ -283,6 +408,7 @@ class SampleLevelDP:
         self.target_epsilon = target_epsilon
         self.accountant = accountant
         self.participation: dict[int, int] = {}
+        self._eps_cache: dict[tuple[int, int], float] = {}
 
     @classmethod
     def from_config(cls, cfg: FedrayConfig, client_sizes: dict[int, int]) -> SampleLevelDP:
@@ -296,13 +422,16 @@ class SampleLevelDP:
             client_sizes=client_sizes,
             target_epsilon=p.target_epsilon,
             accountant=p.accountant,
+            reproducible_noise=p.seeded_noise,
         )
 
     def sample_cohort(self, rng):
         return None  # the usual fixed-size cohort
 
     def client_plan(self, codec) -> SamplePlan:
-        return SamplePlan(self.noise_multiplier, self.clip_norm)
+        return SamplePlan(
+            self.noise_multiplier, self.clip_norm, reproducible_noise=self.reproducible_noise
+        )
 
     def server_noise(self, total, rng):
         return total
@@ -317,23 +446,35 @@ class SampleLevelDP:
         if rounds == 0:
             return 0.0
         n = max(1, self.client_sizes.get(cid, 1))
-        rate = min(1.0, self.batch_size / n)
-        steps_per_round = self.local_epochs * max(1, math.ceil(n / self.batch_size))
-        acc = create_accountant(mechanism=self.accountant if self.accountant == "rdp" else "prv")
-        acc.history = [(self.noise_multiplier, rate, steps_per_round * rounds)]
-        return float(acc.get_epsilon(delta=self.delta))
+        if (n, rounds) not in self._eps_cache:  # sites of one size share their epsilon
+            rate = min(1.0, self.batch_size / n)
+            steps_per_round = self.local_epochs * max(1, math.ceil(n / self.batch_size))
+            mechanism = self.accountant if self.accountant == "rdp" else "prv"
+            acc = create_accountant(mechanism=mechanism)
+            acc.history = [(self.noise_multiplier, rate, steps_per_round * rounds)]
+            self._eps_cache[(n, rounds)] = float(acc.get_epsilon(delta=self.delta))
+        return self._eps_cache[(n, rounds)]
 
     def epsilon(self) -> float:
         return max((self.client_epsilon(c, r) for c, r in self.participation.items()), default=0.0)
 
+    def epsilon_vs_server(self) -> float:
+        """Examples are sampled on the site: the server's cohort choice does not matter."""
+        if self.reproducible_noise:
+            return math.inf if self.participation else 0.0
+        return self.epsilon()
+
     def would_exceed_target(self) -> bool:
+        """True if any site's epsilon would pass the target after one more round.
+
+        Checks every site that could be sampled next, not the one with the most rounds:
+        a small site (high sampling rate) can have the highest epsilon with fewer rounds.
+        """
         if self.target_epsilon is None:
             return False
-        worst = max(self.client_sizes, key=lambda c: self.participation.get(c, 0), default=None)
-        if worst is None:
-            return False
-        return (
-            self.client_epsilon(worst, self.participation.get(worst, 0) + 1) > self.target_epsilon
+        return any(
+            self.client_epsilon(c, self.participation.get(c, 0) + 1) > self.target_epsilon
+            for c in self.client_sizes
         )
 
     def step(self, participants: list[int] | None = None) -> None:

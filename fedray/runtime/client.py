@@ -20,6 +20,7 @@ import numpy as np
 
 from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo
+from fedray.privacy.mechanisms import count_clipped
 from fedray.tasks.base import client_seed
 
 DEPOSIT_TIMEOUT_S = 30.0
@@ -131,14 +132,23 @@ class ClientHost:
         self._parallel = None
         self._to_seal: dict[int, tuple[np.ndarray, float, Any, dict]] = {}
         self._busy = False
+        self._set_up_closed = False  # see _check_set_up_open
         self._precompute_thread: threading.Thread | None = None
         self._authority = authority
         self._identity = None
         self._model_sha256 = ""
         if cfg.crypto.name == "paillier":
+            import ray
+
             from fedray.runtime.keys import HostIdentity
 
             self._identity = HostIdentity()  # made here; only its public half ever leaves
+            try:
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            except Exception:  # plain use, outside an actor
+                restarted = False
+            if restarted:  # by Ray, while the server runs: no unsigned set-up call answers
+                self._set_up_closed = True
 
     # -- set-up -------------------------------------------------------------------------
     def identity(self) -> tuple[bytes, bool]:
@@ -182,6 +192,7 @@ class ClientHost:
         if private is not None and private.public != key.public:
             raise PermissionError("the installed private key is not this job's key")
         self._key, self._holders, self._host_index = key, list(holders), int(host_index)
+        self._set_up_closed = True  # the server may exist from here on
         self.codec = codec_for(self.cfg, key.public, self.view.size)
         self.layout = UpdateLayout.for_key(key.public, self.codec)
         processes = crypto_processes(self.cfg, self.layout.num_ciphertexts)
@@ -234,9 +245,38 @@ class ClientHost:
             return msg
         return True
 
-    def set_weight_ref(self, weight_ref: float) -> None:
-        """Example count that maps to weight 1.0 (the largest client's), known to all."""
+    def set_weight_ref(self, weight_ref: float, signature: bytes | None = None) -> bool | str:
+        """Example count that maps to weight 1.0, known to all. True, or why it is refused
+        (a public ``dataset.weight_ref`` below a hosted client's count would cap its
+        FedAvg weight at 1 and weigh the federation wrongly).
+
+        With crypto on it must be signed by the driver's set-up key: a server that could
+        set another site's weight_ref to 1e12 would zero that site's weighted update and
+        read a victim's update alone out of a two-site "sum".
+        """
+        if self._authority is not None:
+            from fedray.runtime.keys import verify, weight_ref_message
+
+            if not verify(self._authority, signature or b"", weight_ref_message(weight_ref)):
+                raise PermissionError("weight_ref not signed by the job's set-up key")
+        else:
+            self._check_set_up_open("set_weight_ref")
+        largest = max(float(len(train)) for train, _ in self.data.values())
+        if largest > weight_ref:
+            return (
+                f"dataset.weight_ref={weight_ref:g} is below the example count of a client "
+                "of this site; set it to at least the largest site's count, or null"
+            )
         self.weight_ref = float(weight_ref)
+        self._set_up_closed = True  # the server exists only after this: it cannot ask
+        return True
+
+    def _check_set_up_open(self, method: str) -> None:
+        """Set-up calls answer the driver only, before the server exists (the server
+        holds this host's handle and could otherwise read per-site sizes through them).
+        A host Ray restarts is open again until its first round."""
+        if getattr(self, "_set_up_closed", False):
+            raise PermissionError(f"{method} is a set-up call; set-up is over")
 
     def node_id(self) -> str:
         import ray
@@ -246,7 +286,8 @@ class ClientHost:
         return ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict[int, dict[str, Any]]:
-        """Each hosted client's size and label histogram (metadata, no data)."""
+        """Each hosted client's placement; sizes and label histograms only if the user
+        opted in with ``dataset.share_label_counts=true`` (else they stay on the site)."""
         node = self.node_id()
         import ray
 
@@ -254,15 +295,31 @@ class ClientHost:
         out = {}
         for cid, (train, val) in self.data.items():
             out[cid] = {
-                "num_examples": len(train),
-                "num_val": 0 if val is None else len(val),
-                **self.task.describe(train, val),
                 "node_id": node,
                 "device": str(self.device),
                 "gpu_ids": gpu_ids,
                 "pid": os.getpid(),
             }
+            if self.cfg.dataset.share_label_counts:  # the task's metadata (label counts)
+                out[cid].update(
+                    num_examples=len(train),
+                    num_val=0 if val is None else len(val),
+                    **self.task.describe(train, val),
+                )
         return out
+
+    def running_max_examples(self, so_far: float = 0.0) -> float:
+        """max(``so_far``, this host's largest client's example count): one link of the
+        chain along which hosts find weight_ref (see the driver)."""
+        self._check_set_up_open("running_max_examples")
+        return max(float(so_far), *(float(len(train)) for train, _ in self.data.values()))
+
+    def dp_client_sizes(self) -> dict[int, int]:
+        """Each hosted client's example count: only for sample-level DP's accountant."""
+        self._check_set_up_open("dp_client_sizes")
+        if not (self.cfg.privacy.name == "dp" and self.cfg.privacy.mode == "sample"):
+            raise PermissionError("dp_client_sizes answers only with privacy.mode=sample")
+        return {cid: len(train) for cid, (train, _) in self.data.items()}
 
     # -- one round ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -283,6 +340,7 @@ class ClientHost:
         self._model_sha256 = hashlib.sha256(
             np.ascontiguousarray(global_weights, dtype=np.float32).tobytes()
         ).hexdigest()
+        self._set_up_closed = True
         with self._on_the_clock():
             return self._train_many(task, global_weights)
 
@@ -323,7 +381,8 @@ class ClientHost:
             result.val_correct = int(round(float(m["accuracy"]) * len(val)))
             result.val_count = len(val)
 
-        privacy = opts.get("privacy")
+        del opts  # the server's options are not trusted for anything that protects a site
+        privacy = self._privacy_plan()
         sample_dp = getattr(privacy, "mode", None) == "sample"
         offered = {
             "epochs": self.cfg.local_epochs,
@@ -331,7 +390,7 @@ class ClientHost:
             "seed": client_seed(self.cfg.seed, task.round, cid),
             "round_num": task.round,
             "client_id": cid,
-            "proximal_mu": float(opts.get("proximal_mu", 0.0)),
+            "proximal_mu": float(self._strategy_options().get("proximal_mu", 0.0)),
             "privacy": privacy if sample_dp else None,
         }
         metrics = self.task.train(self.model, train, **train_keywords(self.task, offered))
@@ -350,6 +409,26 @@ class ClientHost:
             result.weight = min(1.0, n / self.weight_ref)
         return self._finish(result, delta, noise)
 
+    def _strategy_options(self) -> dict[str, Any]:
+        """What the strategy asks of clients (FedProx's mu), from this site's config."""
+        if getattr(self, "_options", None) is None:
+            from fedray.strategies import build_strategy
+
+            self._options = dict(build_strategy(self.cfg.strategy).client_options())
+        return self._options
+
+    def _privacy_plan(self):
+        """This site's DP plan (clip norm, noise share), from its own config: a plan the
+        server sent could switch a victim's noise off or its clipping away."""
+        if self.cfg.privacy.name != "dp":
+            return None
+        if getattr(self, "_plan", None) is None:
+            from fedray.privacy import build_privacy
+
+            codec = self.codec if self._encryptor is not None else None
+            self._plan = build_privacy(self.cfg).client_plan(codec)
+        return self._plan
+
     def _finish(self, result: ClientResult, delta: np.ndarray, noise) -> ClientResult:
         """Check the update, then attach it (plaintext) or keep it for ``_seal`` (crypto)."""
         if not np.all(np.isfinite(delta)):
@@ -362,6 +441,9 @@ class ClientHost:
                 "val_loss_sum": result.val_loss * result.val_count if result.val_count else 0.0,
                 "val_correct": result.val_correct,
                 "val_count": result.val_count,
+                # Values the codec will clip to +-crypto.clip: counted here, summed inside
+                # the encrypted aggregate like the other statistics.
+                "values_clipped": count_clipped(delta * result.weight, self.codec.clip),
             }
             self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
         elif self.cfg.compression.name != "none":

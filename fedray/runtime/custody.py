@@ -51,6 +51,15 @@ class KeyCustody:
     dealer_node: str | None
     identities: list[bytes]
     holder_nodes: list[str] = field(default_factory=list)
+    weight_ref: tuple[float, bytes] | None = None  # re-sent to restarted hosts
+
+    def sign_weight_ref(self, weight_ref: float) -> bytes:
+        from fedray.runtime.keys import weight_ref_message
+
+        signature = self.authority.sign_bytes(weight_ref_message(weight_ref))
+        self.weight_ref = (float(weight_ref), signature)
+        return signature
+
     epochs: dict[int, int] = field(default_factory=dict)
 
     def configure_host(self, index: int) -> Any:
@@ -90,6 +99,8 @@ class KeyCustody:
                 except Exception as exc:  # a dead holder: the others suffice
                     log.debug("holder did not register host %d: %s", i, exc)
             ray.get(self.configure_host(i))
+            if self.weight_ref is not None:  # a restarted host starts from 1.0 again
+                ray.get(self.hosts[i].set_weight_ref.remote(*self.weight_ref))
             self.epochs[i] = epoch
             self.identities[i] = public
             restarted.append(i)

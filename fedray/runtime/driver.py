@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedray.config import FedrayConfig, min_clients
-from fedray.errors import ClusterError, DataError, FedrayError, Interrupted
+from fedray.errors import ClusterError, ConfigError, DataError, FedrayError, Interrupted
 from fedray.runtime.outputs import (
     MetricsWriter,
     TensorBoardWriter,
@@ -30,12 +30,16 @@ from fedray.runtime.outputs import (
 log = logging.getLogger("fedray")
 
 READY_TIMEOUT_S = 180.0
+# The DP accountant after every released round, next to the checkpoints (see resume).
+PRIVACY_LEDGER = "privacy_ledger.json"
 
 
 def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
     if not cfg.progress:
         return
     eps = f" | eps {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
+    if m.get("epsilon_vs_server") is not None:
+        eps += f" (vs server {m['epsilon_vs_server']:.3g})"
     crypto = (
         f" | enc {m['encrypt_seconds']:.2f}s dec {m['decrypt_seconds']:.2f}s"
         if cfg.crypto.name != "none"
@@ -300,17 +304,44 @@ def run_experiment(
             for cids, opts in zip(placement.host_clients, host_options, strict=True)
         ]
         _wait_ready(hosts, READY_TIMEOUT_S)
-        custody = None
+        described: dict[int, dict[str, Any]] = {}
+        for answer in ray.get([h.describe.remote() for h in hosts]):
+            described.update(answer)
+        # weight_ref: the example count that maps to FedAvg weight 1.0 (weights n_k / ref
+        # must lie in (0, 1], and should be near 1 for the largest site so its update
+        # keeps the codec's precision). A public dataset.weight_ref reveals nothing.
+        # Otherwise the hosts pass a running maximum along a chain of object refs: each
+        # host sees only the maximum of those before it; the driver fetches only the
+        # final maximum (the largest site's count, not which site) and the server gets
+        # nothing. The intermediate values are in the object store, owned by the driver,
+        # which never reads them. FedAvg stays exactly example-weighted: the server
+        # divides by the sum of the weights.
+        if cfg.dataset.weight_ref is not None:
+            weight_ref = float(cfg.dataset.weight_ref)
+        else:
+            running: Any = 0.0
+            for h in hosts:
+                running = h.running_max_examples.remote(running)
+            weight_ref = ray.get(running)
+        sizes: dict[int, int] = {}
+        if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+            # Sample-level DP's accountant needs each site's count (README: what the
+            # server learns in this mode). Asked before set_weight_ref closes set-up.
+            for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
+                sizes.update(answer)
+        # Keys last: configuring a host's crypto closes its set-up calls.
+        custody = weight_ref_signature = None
         if authority is not None:
             from fedray.runtime.custody import set_up_keys
 
             custody = set_up_keys(cfg, hosts, placement.assignment, authority)
+            weight_ref_signature = custody.sign_weight_ref(weight_ref)
         public_key = custody.key if custody else None
-        described: dict[int, dict[str, Any]] = {}
-        for answer in ray.get([h.describe.remote() for h in hosts]):
-            described.update(answer)
-        weight_ref = max(d["num_examples"] for d in described.values())
-        ray.get([h.set_weight_ref.remote(weight_ref) for h in hosts])
+        for answer in ray.get(
+            [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
+        ):
+            if answer is not True:
+                raise ConfigError(answer)
         if cfg.progress:
             print(
                 f"[fedray] {cfg.num_clients} clients on {len(hosts)} actors ({placement.mode} "
@@ -325,20 +356,20 @@ def run_experiment(
                 + f", privacy={cfg.privacy.name}, strategy={cfg.strategy.name}",
                 flush=True,
             )
-            for cid in sorted(described)[: min(len(described), 20)]:
-                d = described[cid]
-                log.info(
-                    "client %d: %d examples, labels %s", cid, d["num_examples"], d.get("labels")
-                )
-            if len(described) > 20:
-                log.info("... %d more clients: see clients.json", len(described) - 20)
+            if cfg.dataset.share_label_counts:  # the user opted in to share them
+                for cid in sorted(described)[: min(len(described), 20)]:
+                    d = described[cid]
+                    log.info(
+                        "client %d: %d examples, labels %s", cid, d["num_examples"], d.get("labels")
+                    )
+                if len(described) > 20:
+                    log.info("... %d more clients: see clients.json", len(described) - 20)
+        # Placement only, unless dataset.share_label_counts=true.
+        shared = ("num_examples", "num_val", "labels") if cfg.dataset.share_label_counts else ()
         write_json(
             output_dir / "clients.json",
             {
-                str(cid): {
-                    k: d.get(k)
-                    for k in ("num_examples", "num_val", "labels", "node_id", "device", "gpu_ids")
-                }
+                str(cid): {k: d.get(k) for k in ("node_id", "device", "gpu_ids", *shared)}
                 for cid, d in sorted(described.items())
             },
         )
@@ -347,7 +378,7 @@ def run_experiment(
         if cfg.privacy.name == "dp":
             from fedray.privacy import build_privacy
 
-            privacy = build_privacy(cfg, {cid: d["num_examples"] for cid, d in described.items()})
+            privacy = build_privacy(cfg, sizes)
         server = server_actor_class(server_class).remote(
             cfg,
             info,
@@ -357,8 +388,17 @@ def run_experiment(
             privacy,
             key_holders=custody.holders if custody else None,
         )
+        checkpoint_dir = (
+            Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
+        )
+        ledger_path = checkpoint_dir / PRIVACY_LEDGER
         if resume_state is not None:
             ray.get(server.load_state_dict.remote(resume_state))
+            if privacy is not None and ledger_path.exists():
+                # Rounds released after the checkpoint were released: they stay counted,
+                # and their replay (with fresh noise) is counted again.
+                ledger = json.loads(ledger_path.read_text())
+                ray.get(server.load_privacy_state.remote(ledger["privacy"]))
         first_round = int(resume_state["round"]) + 1 if resume_state else 1
         num_params, num_model_params, values_per_ct = ray.get(
             [
@@ -379,7 +419,12 @@ def run_experiment(
             "updates_up": 0,
             "bytes_down": 0,
             "epsilon": None,
+            # Against the party that picks cohorts (no amplification); null: none holds
+            # (central noise or seeded noise) or no DP.
+            "epsilon_vs_server": None,
             "delta": cfg.privacy.delta if privacy is not None else None,
+            "reproducible_noise": cfg.privacy.seeded_noise if privacy is not None else None,
+            "values_clipped": 0,
             "num_clients": cfg.num_clients,
             "clients_per_round": cfg.clients_per_round,
             "min_clients_per_round": min_clients(cfg),
@@ -417,11 +462,9 @@ def run_experiment(
                 ),
                 flush=True,
             )
-        checkpoint_dir = (
-            Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
-        )
         last_round = first_round - 1
         saved_round = last_round
+        warned_clipping = False
         stop = _StopOnSigint().__enter__()
         sigint_scope.append(stop)
         for _ in range(first_round, cfg.rounds + 1):
@@ -438,6 +481,9 @@ def run_experiment(
                 )
                 break
             m = outcome.metrics
+            if outcome.privacy_state is not None:  # first: this round is released
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                write_json(ledger_path, {"round": m["round"], "privacy": outcome.privacy_state})
             last_round = m["round"]
             metrics_writer.write(m)
             tensorboard.write(m)
@@ -456,6 +502,18 @@ def run_experiment(
             summary["final_test_loss"] = m["test_loss"]
             summary["final_fed_val_accuracy"] = m["fed_val_accuracy"]
             summary["epsilon"] = m.get("epsilon")
+            summary["epsilon_vs_server"] = m.get("epsilon_vs_server")
+            summary["values_clipped"] += m.get("values_clipped", 0)
+            if m.get("values_clipped") and not warned_clipping:
+                warned_clipping = True
+                log.warning(
+                    "round %d: %d update values were outside +-crypto.clip=%g and were clipped "
+                    "(the aggregate differs from the plaintext mean); raise crypto.clip or "
+                    "lower lr. Counted per round in metrics.csv (values_clipped)",
+                    m["round"],
+                    m["values_clipped"],
+                    cfg.crypto.clip,
+                )
             for cid, node in outcome.client_nodes.items():
                 summary["client_nodes"][str(cid)] = node
             reached = (

@@ -123,6 +123,11 @@ def configure_message(key_id: str, host: int, holder_ids: list[str]) -> bytes:
     ).encode()
 
 
+def weight_ref_message(weight_ref: float) -> bytes:
+    """What the driver signs so a host accepts the federation's weight reference."""
+    return json.dumps({"weight_ref": float(weight_ref)}, sort_keys=True).encode()
+
+
 def registration_message(key_id: str, host: int, public_key: bytes, epoch: int) -> bytes:
     return json.dumps(
         {"key": key_id, "host": host, "identity": public_key.hex(), "epoch": epoch},

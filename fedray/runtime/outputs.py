@@ -42,6 +42,8 @@ METRIC_COLUMNS = [
     "decrypted_by",
     "updates_up",
     "bytes_to_key_holders",
+    "epsilon_vs_server",
+    "values_clipped",
 ]
 
 

@@ -64,6 +64,9 @@ class RoundOutcome:
     client_nodes: dict[int, str] = field(default_factory=dict)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     stop: bool = False
+    # The accountant after this round's release (DP): the driver persists it at once,
+    # so a resume from an older checkpoint still counts the rounds released since.
+    privacy_state: dict[str, Any] | None = None
 
 
 class _PlainSum:
@@ -196,6 +199,12 @@ class Server:
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])
 
+    def load_privacy_state(self, state: dict[str, Any]) -> None:
+        """Replace the accountant's state (from the privacy ledger, newer than the
+        checkpoint): rounds released after the checkpoint stay counted on resume."""
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state)
+
     # -- one round ------------------------------------------------------------------------
     def run_round(self) -> RoundOutcome:
         """Run the next round, retrying it if too few clients answer."""
@@ -235,6 +244,8 @@ class Server:
         m["clients_failed"] = failed_total
         m["retries"] = retries
         m["seconds"] = time.perf_counter() - start
+        if self.privacy is not None:
+            outcome.privacy_state = self.privacy.state_dict()
         return outcome
 
     def _wait_for_restarting_hosts(self, timeout: float = RESTART_WAIT_S) -> None:
@@ -391,6 +402,12 @@ class Server:
                 "decrypt_seconds": decrypt_s,
                 "decrypted_by": decrypted_by,
                 "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
+                "epsilon_vs_server": (
+                    self.privacy.epsilon_vs_server() if self.privacy is not None else None
+                ),
+                # Values the codec clipped to +-crypto.clip, summed over the clients inside
+                # the encrypted aggregate (0 without encryption: nothing is clipped then).
+                "values_clipped": int(round(stats.get("values_clipped", 0.0))),
             }
         )
         t0 = time.perf_counter()

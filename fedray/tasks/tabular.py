@@ -8,6 +8,7 @@ or sample-level DP-SGD through Opacus (Abadi et al., CCS 2016) with ``privacy.mo
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,13 @@ class TabularClassificationTask(Task):
         import torch
 
         if privacy is not None:
-            dp_seed = client_seed(self.cfg.seed + 104729, round_num, client_id)
+            if getattr(privacy, "reproducible_noise", False):
+                dp_seed = client_seed(self.cfg.seed + 104729, round_num, client_id)
+            else:
+                # Unpredictable to the server: torch's generator (Mersenne Twister, not a
+                # CSPRNG) seeded per round from the OS. Opacus's secure mode would need
+                # torchcsprng, which fedray does not use (README, sample-level DP).
+                dp_seed = int.from_bytes(os.urandom(8), "little") >> 1
             return self._train_dp_sgd(model, data, epochs=epochs, lr=lr, seed=dp_seed, plan=privacy)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = self._optimizer_for(model, params, lr)
@@ -154,7 +161,7 @@ class TabularClassificationTask(Task):
         )
         optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum)
         with warnings.catch_warnings():
-            # fedray documents the RNG choice (privacy.secure_rng); no per-round warning.
+            # fedray documents the RNG choice (README, sample-level DP); no per-round warning.
             # PrivacyEngine() itself warns, so it is built inside this block.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant="rdp")
