@@ -142,6 +142,7 @@ class Server:
         self.key = key
         self.privacy = privacy
         self.key_holders = list(key_holders or [])
+        self._hosts_failed = False
         self.task = build_task(cfg, info)  # on the CPU: the server only evaluates
         self.model = build_task_model(self.task, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
@@ -216,6 +217,9 @@ class Server:
                 self.privacy.target_epsilon,
             )
             return RoundOutcome({"round": self.round}, stop=True)
+        if self._hosts_failed:  # hosts Ray is restarting serve this round, not fail it
+            self._wait_for_restarting_hosts()
+            self._hosts_failed = False
         self.round += 1
         start = time.perf_counter()
         retries = 0
@@ -315,6 +319,7 @@ class Server:
                 batch = self._fetch(ref)
             except Exception as exc:  # actor died or the call failed: those clients failed
                 failed += len(chunk)
+                self._hosts_failed = True
                 log.warning(
                     "round %d: clients %s failed: %s",
                     self.round,
