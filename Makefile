@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
 	$(PY) -m ruff format --check fedray tests benchmarks
 
+# Mutation testing, not part of `make test` (long: see docs/testing.md). (a) mutmut on
+# the pure modules ([tool.mutmut] in pyproject.toml), (b) one-line runtime mutants
+# applied, tested with real Ray jobs and reverted by tests/mutants/run_hand_mutants.py.
+# It edits the working tree while it runs: commit first, and run nothing else meanwhile.
+mutants: $(STAMP)
+	$(VENV)/bin/mutmut run; $(VENV)/bin/mutmut results; $(PY) tests/mutants/run_hand_mutants.py
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun mutants

@@ -1,0 +1,207 @@
+"""Hand-written mutants of the runtime paths: apply one, run the tests that guard it, revert.
+
+Each mutant is a one-line change to a real code path (string replace on the file). The
+named test files are run with pytest; a mutant is *killed* when they fail, *survived* when
+they pass. The file is restored in a ``finally`` block, whatever happens. Not part of
+``make test``: run it with ``make mutants`` (or ``python tests/mutants/run_hand_mutants.py
+[NAME ...]`` for some of them). It takes long (each mutant runs real Ray jobs).
+
+The exit status is 1 if any mutant survived (or could not be applied), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    what: str
+    select: str = ""  # pytest -k expression: the tests of those files that guard it
+
+
+MUTANTS = [
+    Mutant(
+        "client-noise-off",
+        "fedray/privacy/dp.py",
+        "    return clipped, np.rint(noise).astype(np.int64)",
+        "    return clipped, None",
+        ("tests/test_privacy.py",),
+        "privatize_update returns no noise share (distributed client-level DP off)",
+        "noise",
+    ),
+    Mutant(
+        "opacus-no-noise",
+        "fedray/runtime/client.py",
+        "noise_multiplier=plan.noise_multiplier,",
+        "noise_multiplier=0.0,",
+        ("tests/test_privacy.py",),
+        "Opacus DP-SGD given noise_multiplier=0 inside the client",
+        "sample_level",
+    ),
+    Mutant(
+        "plaintext-beside-ciphertext",
+        "fedray/runtime/client.py",
+        "            carrier.encrypted = update\n",
+        "            carrier.encrypted = update\n"
+        "            carrier.delta = self._to_seal[carrier.client_id][0]\n",
+        ("tests/test_server_view.py",),
+        "ClientHost._seal sends the plaintext delta beside the ciphertext",
+        "threshold-host-sums or shared",
+    ),
+    Mutant(
+        "server-steals-a-share",
+        "fedray/runtime/server.py",
+        "        self.key_holders = list(key_holders or [])\n",
+        "        self.key_holders = list(key_holders or [])\n"
+        "        self._loot = [__import__('ray').get(h.__ray_call__.remote(lambda s: s._secret)) "
+        "for h in self.key_holders]\n",
+        ("tests/test_custody.py",),
+        "Server.__init__ fetches the holders' DecryptionShares through their handles",
+        "no_process_but_the_holders",
+    ),
+    Mutant(
+        "holders-min-clients-2",
+        "fedray/runtime/custody.py",
+        "            min_clients(cfg),\n",
+        "            2,\n",
+        ("tests/test_custody.py",),
+        "set_up_keys wires the key holders with min_clients=2, not the job's minimum",
+        "holders_refuse",
+    ),
+    Mutant(
+        "resume-skips-optimizer",
+        "fedray/runtime/server.py",
+        '        self.strategy.load_state_dict(state["strategy"])',
+        "        pass",
+        ("tests/test_faults.py",),
+        "Server.load_state_dict drops the server optimizer's state",
+        "resume",
+    ),
+    Mutant(
+        "resume-skips-accountant",
+        "fedray/runtime/server.py",
+        '            self.privacy.load_state_dict(state["privacy"])',
+        "            pass",
+        ("tests/test_faults.py", "tests/test_privacy.py"),
+        "Server.load_state_dict drops the privacy accountant's state",
+        "resume",
+    ),
+    Mutant(
+        "deposit-unsigned",
+        "fedray/runtime/keys.py",
+        "        if host is None or not verify(host, signed.signature, c.message()):",
+        "        if host is None:",
+        ("tests/test_custody.py",),
+        "KeyHolder.deposit accepts a contribution without checking its signature",
+        "forged or every_method",
+    ),
+    Mutant(
+        "second-sum-released",
+        "fedray/runtime/keys.py",
+        "        if round_num in self._released and self._released[round_num] != ids:",
+        "        if False:",
+        ("tests/test_custody.py",),
+        "KeyHolder opens a second, different sum in a round it already released one",
+        "one_sum_per_round or holders_refuse",
+    ),
+    Mutant(
+        "too-few-clients-still-applied",
+        "fedray/runtime/server.py",
+        "        if len(results) < min_clients(cfg):\n            return RoundOutcome(",
+        "        if False:\n            return RoundOutcome(",
+        ("tests/test_aggregation_e2e.py",),
+        "a round with too few clients still updates the model (then is retried)",
+        "too_few",
+    ),
+    Mutant(
+        "fedavg-unweighted",
+        "fedray/runtime/client.py",
+        "        else:\n            result.weight = min(1.0, n / self.weight_ref)",
+        "        else:\n            result.weight = 1.0",
+        ("tests/test_aggregation_e2e.py",),
+        "clients send weight 1 instead of their example count over the largest client's",
+        "fedavg and plain",
+    ),
+    Mutant(
+        "mean-over-count",
+        "fedray/runtime/server.py",
+        '                delta = total / stats["weight"]',
+        "                delta = total / acc.count",
+        ("tests/test_runtime.py", "tests/test_aggregation_e2e.py"),
+        "the server divides the weighted sum by the number of updates, not the total weight",
+        "fedavg_matches or fedavg_releases",
+    ),
+]
+
+
+def run_one(m: Mutant, python: str, extra: list[str]) -> tuple[str, float, str]:
+    path = ROOT / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        return "not applied", 0.0, f"{m.old!r} occurs {original.count(m.old)} times"
+    select = ["-k", m.select] if m.select else []
+    t0 = time.monotonic()
+    try:
+        path.write_text(original.replace(m.old, m.new))
+        proc = subprocess.run(
+            [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *select, *extra]
+            + list(m.tests),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        path.write_text(original)
+    seconds = time.monotonic() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    detail = lines[0] if lines else (proc.stdout.strip().splitlines() or [""])[-1]
+    return ("killed" if proc.returncode != 0 else "survived"), seconds, detail
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments")
+    args = parser.parse_args()
+    known = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        print(f"unknown mutant(s) {unknown}; choose from: {', '.join(known)}", file=sys.stderr)
+        return 2
+    chosen = [known[n] for n in args.names] or MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32} {m.file:28} {m.what}")
+        return 0
+    rows = []
+    for m in chosen:
+        status, seconds, detail = run_one(m, sys.executable, args.pytest_args.split())
+        rows.append((m, status, seconds, detail))
+        print(f"{m.name:32} {status:12} {seconds:7.0f} s  {detail[:110]}", flush=True)
+    print()
+    print("| mutant | change | tests run | result |")
+    print("|---|---|---|---|")
+    for m, status, _, _ in rows:
+        tests = ", ".join(m.tests) + (f" -k '{m.select}'" if m.select else "")
+        print(f"| {m.name} | {m.what} | {tests} | {status} |")
+    killed = sum(status == "killed" for _, status, _, _ in rows)
+    print(f"\n{killed}/{len(rows)} killed")
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
