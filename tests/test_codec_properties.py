@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedray.crypto.codec import PackedPaillierCodec, StatsCodec
+from fedray.privacy.mechanisms import count_clipped
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -120,11 +121,20 @@ def test_values_outside_the_clip_come_back_clipped(data):
     assert np.all(np.abs(decoded) <= c * (1 + 1e-12))
 
 
-def test_clipped_values_are_counted():
-    pytest.skip(
-        "no code counts clipped values yet: STATS_FIELDS names 'values_clipped' but nothing "
-        "fills it (issue 13 adds the count; this property should then check it)"
-    )
+@SETTINGS
+@given(data=st.data())
+def test_clipped_values_are_counted(data):
+    """What a client counts as clipped (``values_clipped``, summed in the encrypted
+    statistics) is exactly the values the codec sends as +-clip instead of themselves;
+    every other value comes back within half a grid step."""
+    codec = data.draw(codecs())
+    c = codec.clip
+    values = _edge_values(data.draw, codec, codec.num_values)
+    decoded = codec.decode_sum(codec.encode(values), 1)
+    outside = np.abs(values) > c
+    assert count_clipped(values, c) == int(outside.sum())
+    np.testing.assert_allclose(decoded[outside], np.sign(values[outside]) * c, atol=1e-12 * c)
+    assert np.all(np.abs(decoded[~outside] - values[~outside]) <= codec.step / 2 + 1e-12 * c)
 
 
 @SETTINGS
