@@ -172,6 +172,10 @@ def test_wrong_shares_or_a_wrong_sum_do_not_open(threshold_key):
     bad[2] = bytes([good[2][0] ^ 1]) + good[2][1:]
     with pytest.raises(ValueError, match="interpolate"):
         unmasker.exponents(bad, 3)
+    # An opening outside what packing can produce is refused (the server then falls back).
+    plain = unmasker.unmask(acc.ciphertexts(), unmasker.exponents(good, 3))
+    assert layout.fits(plain)
+    assert not layout.fits([1 << (key.public.key_bits - 1)] + plain[1:])
 
 
 def test_public_key_ciphertexts_are_textbook_paillier_ciphertexts():

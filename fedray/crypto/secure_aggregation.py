@@ -80,6 +80,18 @@ class UpdateLayout:
         stats = self.stats.encode_sum([{**s, "weight": w} for _, w, _, s in entries])
         return delta + stats
 
+    def fits(self, plaintexts: list[int]) -> bool:
+        """Whether decrypted plaintexts are within what packing can produce (a wrong
+        opening almost surely is not): delta slots, then statistics slots."""
+        k = self.codec.num_ciphertexts
+        if len(plaintexts) != self.num_ciphertexts:
+            return False
+        delta_bits = self.codec.slots_per_ciphertext * self.codec.slot_bits
+        stats_bits = self.stats.slots_per_ciphertext * self.stats.slot_bits
+        return all(0 <= m < 1 << delta_bits for m in plaintexts[:k]) and all(
+            0 <= m < 1 << stats_bits for m in plaintexts[k:]
+        )
+
     def decode_sum(self, plaintexts: list[int], count: int) -> tuple[np.ndarray, dict]:
         """The summed float delta (weighted) and the summed statistics."""
         k = self.codec.num_ciphertexts

@@ -510,8 +510,15 @@ class Server:
                     exc,
                 )
         if self.key.threshold >= 2:
-            return self._combine_partials(acc), "partial_decryption"
-        return self._decrypt_with_private_key(acc), "private_key"
+            plaintexts, how = self._combine_partials(acc), "partial_decryption"
+        else:
+            plaintexts, how = self._decrypt_with_private_key(acc), "private_key"
+        if not self.layout.fits(plaintexts):
+            raise ClusterError(
+                f"round {self.round}: the decrypted sum does not fit the packing (an update "
+                "was not encoded by this job's codec); completed rounds are in metrics.csv"
+            )
+        return plaintexts, how
 
     def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
         """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
@@ -544,7 +551,7 @@ class Server:
         sums = self._ask_holders("share_sum", acc.update_ids, need=self.key.threshold)
         exponents = self._unmasker.exponents(sums, len(acc.update_ids))
         plaintexts = self._unmasker.unmask(acc.ciphertexts(), exponents)
-        if plaintexts is None:
+        if plaintexts is None or not self.layout.fits(plaintexts):
             raise ValueError("the summed exponents do not open the summed ciphertexts")
         return plaintexts
 
