@@ -26,6 +26,9 @@ ARGS = [
     "strategy=fedadam",
     "privacy=dp",
     "privacy.noise_multiplier=2.0",
+    # Bit-identical needs replayable noise: by default DP noise comes from the OS CSPRNG,
+    # so a resumed run's rounds (and its accountant's count) differ by design.
+    "privacy.reproducible_noise=true",
     "checkpoint.every=2",
     "ray.num_cpus=2",
 ]
