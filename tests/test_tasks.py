@@ -42,6 +42,7 @@ def test_readme_task_runs_as_written(tmp_path):
             "crypto.key_bits=512",
             "crypto.allow_insecure_keys=true",
             "ray.num_cpus=2",
+            "dataset.share_label_counts=true",  # sizes stay on the sites unless opted in
             f"hydra.run.dir={run_dir}",
         ],
         env=env,
