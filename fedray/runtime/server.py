@@ -78,7 +78,6 @@ class _PlainSum:
         self.deltas: list[np.ndarray] = []
         self.weights: list[float] = []
         self.count = 0
-        self.total_weight = 0.0
 
     def add(self, delta: np.ndarray, weight: float) -> None:
         if self.keep_all:
@@ -88,7 +87,6 @@ class _PlainSum:
             self.total = scaled if self.total is None else self.total + scaled
         self.weights.append(weight)
         self.count += 1
-        self.total_weight += weight
 
 
 def _first_line(exc: BaseException) -> str:
@@ -271,9 +269,8 @@ class Server:
         elif cohort is None:
             cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
         weights_ref = ray.put(self.weights)  # one broadcast per round
+        # Sites take their DP plan and FedProx mu from their own config, not from here.
         options: dict[str, Any] = dict(self.strategy.client_options())
-        if self.privacy is not None:
-            options["privacy"] = self.privacy.client_plan(self.codec)
         by_host: dict[int, list[int]] = {}
         for cid in cohort:
             by_host.setdefault(self.assignment[cid], []).append(cid)
