@@ -72,9 +72,7 @@ def test_rdp_epsilon_is_the_hand_rdp_conversion(sigma, rounds, delta):
 
 def test_sampling_amplifies_and_pld_is_tighter_than_rdp():
     rdp = compute_epsilon(rate=0.05, noise_multiplier=1.0, steps=200, delta=1e-5)
-    pld = compute_epsilon(
-        rate=0.05, noise_multiplier=1.0, steps=200, delta=1e-5, accountant="pld"
-    )
+    pld = compute_epsilon(rate=0.05, noise_multiplier=1.0, steps=200, delta=1e-5, accountant="pld")
     assert pld < rdp < rdp_gaussian_epsilon(1.0, 200, 1e-5)
 
 
