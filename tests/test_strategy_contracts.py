@@ -1,0 +1,119 @@
+"""The strategies' contracts that the step tests leave open: documented defaults, refusals
+(one clear message naming the key), the mean's arithmetic, and a server optimizer's state
+surviving a save and load (what resume relies on). Pure numpy, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedray.strategies.base import Strategy, weighted_mean
+from fedray.strategies.fedavg import FedAvg, FedProx
+from fedray.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+
+
+def test_weighted_mean_arithmetic_and_refusals():
+    d = [np.array([1.0, -2.0], np.float32), np.array([3.0, 4.0], np.float32)]
+    out = weighted_mean(d, [1.0, 3.0])
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, [(1 + 9) / 4, (-2 + 12) / 4], rtol=1e-12)
+    np.testing.assert_allclose(weighted_mean(d[:1], [0.5]), d[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="no updates to aggregate"):
+        weighted_mean([], [])
+    for bad in ([1.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="weights must be > 0"):
+            weighted_mean(d, bad)
+
+
+def test_base_strategy_defaults_step_and_refusals():
+    s = Strategy()
+    assert s.server_lr == 1.0 and s.client_options() == {"proximal_mu": 0.0}
+    assert s.state_dict() == {}
+    w = np.array([1.0, 2.0], np.float32)
+    out = Strategy(server_lr=0.5).apply(w, np.array([2.0, -2.0]))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [2.0, 1.0])
+    np.testing.assert_allclose(s.aggregate([np.ones(2), 3 * np.ones(2)], [1, 1]), [2.0, 2.0])
+    for lr in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"server_lr={lr} must be > 0"):
+            Strategy(server_lr=lr)
+    with pytest.raises(ValueError, match="proximal_mu=-0.1 must be >= 0"):
+        Strategy(proximal_mu=-0.1)
+    Strategy(proximal_mu=0.0)  # zero is allowed (plain FedAvg)
+
+
+def test_fedavg_and_fedprox_defaults():
+    assert FedAvg().server_lr == 1.0 and FedAvg().client_options() == {"proximal_mu": 0.0}
+    p = FedProx()
+    assert p.server_lr == 1.0 and p.client_options() == {"proximal_mu": 0.01}
+    with pytest.raises(ValueError, match="proximal_mu=0 must be > 0 for FedProx"):
+        FedProx(proximal_mu=0)
+
+
+def test_fedavgm_defaults_refusals_and_first_step():
+    s = FedAvgM()
+    assert (s.server_lr, s.momentum) == (1.0, 0.9) and s.state_dict() == {}
+    w = np.zeros(2, np.float32)
+    np.testing.assert_allclose(s.apply(w, np.array([1.0, 2.0])), [1.0, 2.0])  # m = delta
+    np.testing.assert_allclose(s.apply(w, np.array([1.0, 0.0])), [1.9, 1.8], rtol=1e-6)
+    FedAvgM(server_momentum=0.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=f"server_momentum={bad} must be in \\[0, 1\\)"):
+            FedAvgM(server_momentum=bad)
+
+
+def test_fedopt_defaults_and_refusals():
+    s = FedAdam()
+    assert (s.server_lr, s.beta1, s.beta2, s.tau) == (0.01, 0.9, 0.99, 1e-3)
+    assert s.state_dict() == {}
+    # First step by hand from the defaults: m = 0.1 d, v = 0.99 tau^2 + 0.01 d^2.
+    d = np.array([0.5, -2.0])
+    m, v = 0.1 * d, 0.99 * 1e-6 + 0.01 * d * d
+    out = s.apply(np.zeros(2, np.float32), d)
+    np.testing.assert_allclose(out, 0.01 * m / (np.sqrt(v) + 1e-3), rtol=1e-6)
+    for cls in (FedAdagrad, FedAdam, FedYogi):
+        for key in ("beta1", "beta2"):
+            for bad in (-0.1, 1.0):
+                with pytest.raises(ValueError, match=f"{key}={bad} must be in \\[0, 1\\)"):
+                    cls(**{key: bad})
+            cls(**{key: 0.0})
+        for bad in (0.0, -1.0):
+            with pytest.raises(ValueError, match=f"tau={bad} must be > 0"):
+                cls(tau=bad)
+        with pytest.raises(ValueError, match="server_lr"):
+            cls(server_lr=0.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedAvgM(server_lr=0.7, server_momentum=0.5),
+        lambda: FedAdagrad(server_lr=0.1),
+        lambda: FedAdam(server_lr=0.1),
+        lambda: FedYogi(server_lr=0.1),
+    ],
+    ids=["fedavgm", "fedadagrad", "fedadam", "fedyogi"],
+)
+def test_server_optimizer_state_survives_save_and_load(make):
+    """Two steps, save, load into a fresh strategy: its next steps equal the original's."""
+    rng = np.random.default_rng(0)
+    deltas = [rng.standard_normal(5) for _ in range(4)]
+    a, w = make(), np.zeros(5, np.float32)
+    for d in deltas[:2]:
+        w = a.apply(w, d)
+    state = {k: np.array(v) for k, v in a.state_dict().items()}
+    assert state  # a server optimizer has state after a step
+    b = make()
+    b.load_state_dict(state)
+    wa = wb = w
+    for d in deltas[2:]:
+        wa, wb = a.apply(wa, d), b.apply(wb, d)
+        np.testing.assert_array_equal(wa, wb)
+    # Without the state the step differs: the state is what carries the optimizer.
+    assert not np.array_equal(make().apply(w, deltas[2]), _loaded(make, state).apply(w, deltas[2]))
+
+
+def _loaded(make, state):
+    s = make()
+    s.load_state_dict({k: np.array(v) for k, v in state.items()})
+    return s
