@@ -117,3 +117,23 @@ def _loaded(make, state):
     s = make()
     s.load_state_dict({k: np.array(v) for k, v in state.items()})
     return s
+
+
+@pytest.mark.parametrize("cls", [FedAvgM, FedAdagrad, FedAdam, FedYogi])
+def test_server_steps_return_float32_and_keep_float64_state(cls):
+    s = cls()
+    out = s.apply(np.zeros(3, np.float32), np.array([0.1, -0.2, 0.3], np.float32))
+    assert out.dtype == np.float32  # the global model stays float32
+    if cls is not FedAvgM:  # the adaptive moments accumulate in float64
+        assert s.m.dtype == np.float64 and s.v.dtype == np.float64
+
+
+def test_yogi_leaves_v_unchanged_where_it_equals_delta_squared():
+    """sign(v - delta^2) = 0 there: v stays, and the step is finite."""
+    d = np.array([0.5, -1.0])
+    s = FedYogi(server_lr=0.1)
+    s.load_state_dict({"m": np.zeros(2), "v": d * d})
+    out = s.apply(np.zeros(2, np.float32), d)
+    np.testing.assert_array_equal(s.v, d * d)
+    expected = 0.1 * (0.1 * d) / (np.abs(d) + 1e-3)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)

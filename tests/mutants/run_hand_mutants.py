@@ -150,8 +150,29 @@ MUTANTS = [
         '            self.privacy.load_state_dict(state["privacy"])',
         "            pass",
         ("tests/test_resume.py",),
-        "Server.load_state_dict drops the privacy accountant's state",
+        "Server.load_state_dict drops the privacy accountant's state (equivalent on the resume "
+        "path: the driver then loads the newer privacy ledger; see docs/testing.md)",
         "bit_identical",
+    ),
+    Mutant(
+        "accountant-loads-nothing",
+        "fedray/privacy/dp.py",
+        '        self.steps = int(state["steps"])\n'
+        '        self.participation = {int(k): int(v) for k, v in state.get("participation", '
+        "{}).items()}",
+        "        pass",
+        ("tests/test_resume.py",),
+        "the client-level accountant restores nothing on resume (checkpoint or ledger)",
+        "bit_identical",
+    ),
+    Mutant(
+        "resume-ignores-privacy-ledger",
+        "fedray/runtime/driver.py",
+        "            if privacy is not None and ledger_path.exists():",
+        "            if False:",
+        ("tests/test_privacy_runs.py",),
+        "resume counts only the checkpoint's rounds, not those released after it",
+        "resume_counts",
     ),
     Mutant(
         "deposit-unsigned",
