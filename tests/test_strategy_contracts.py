@@ -137,3 +137,35 @@ def test_yogi_leaves_v_unchanged_where_it_equals_delta_squared():
     np.testing.assert_array_equal(s.v, d * d)
     expected = 0.1 * (0.1 * d) / (np.abs(d) + 1e-3)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_build_strategy_passes_every_config_key():
+    from fedray.config import StrategyConfig
+    from fedray.strategies import build_strategy
+
+    def build(name, **kw):
+        return build_strategy(StrategyConfig(name=name, **kw))
+
+    assert build("fedavg", server_lr=0.3).server_lr == 0.3
+    p = build("fedprox", server_lr=0.4, proximal_mu=0.2)
+    assert (p.server_lr, p.proximal_mu) == (0.4, 0.2)
+    assert build("fedprox").proximal_mu == 0.01  # mu = 0 in the config: FedProx's default
+    m = build("fedavgm", server_lr=0.5, server_momentum=0.3)
+    assert (m.server_lr, m.momentum) == (0.5, 0.3)
+    for name in ("fedadam", "fedyogi", "fedadagrad"):
+        s = build(name, server_lr=0.2, beta1=0.5, beta2=0.6, tau=0.01)
+        assert (s.server_lr, s.beta1, s.beta2, s.tau) == (0.2, 0.5, 0.6, 0.01)
+    assert build("median", server_lr=0.7).server_lr == 0.7
+    t = build("trimmed_mean", server_lr=0.8, trim_fraction=0.25)
+    assert (t.server_lr, t.trim_fraction) == (0.8, 0.25)
+    k = build("krum", server_lr=0.9, krum_byzantine=2, krum_select=3)
+    assert (k.server_lr, k.byzantine, k.select) == (0.9, 2, 3)
+
+
+def test_trimmed_mean_trims_per_coordinate():
+    from fedray.strategies.robust import trimmed_mean
+
+    # Each coordinate has its own outliers: coordinate 0's extremes are updates 0 and 1,
+    # coordinate 1's are updates 2 and 3.
+    deltas = [np.array(v, dtype=np.float64) for v in ([9, 1], [-9, 2], [1, 9], [2, -9], [3, 3])]
+    np.testing.assert_allclose(trimmed_mean(deltas, 0.2), [2.0, 2.0])
