@@ -167,5 +167,47 @@ def test_trimmed_mean_trims_per_coordinate():
 
     # Each coordinate has its own outliers: coordinate 0's extremes are updates 0 and 1,
     # coordinate 1's are updates 2 and 3.
-    deltas = [np.array(v, dtype=np.float64) for v in ([9, 1], [-9, 2], [1, 9], [2, -9], [3, 3])]
-    np.testing.assert_allclose(trimmed_mean(deltas, 0.2), [2.0, 2.0])
+    deltas = [np.array(v, dtype=np.float64) for v in ([9, 1], [-9, 2], [1, 9], [2, -9], [3, 4])]
+    np.testing.assert_allclose(trimmed_mean(deltas, 0.2), [2.0, 7 / 3])
+    # k = floor(0.4 * 5) = 2 of each side: the median is left (2k < K).
+    np.testing.assert_allclose(trimmed_mean(deltas, 0.4), [2.0, 2.0])
+    with pytest.raises(ValueError, match="trim_fraction=0.5 trims all 2 updates"):
+        trimmed_mean(deltas[:2], 0.5)
+
+
+def test_robust_strategy_defaults_and_refusals():
+    from fedray.strategies.robust import Krum, TrimmedMean
+
+    t = TrimmedMean()
+    assert (t.trim_fraction, t.server_lr) == (0.1, 1.0)
+    TrimmedMean(trim_fraction=0.0)  # no trimming: the plain mean
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ValueError, match=f"trim_fraction={bad} must be in \\[0, 0.5\\)"):
+            TrimmedMean(trim_fraction=bad)
+    k = Krum()
+    assert (k.byzantine, k.select, k.server_lr) == (1, 1, 1.0)
+    Krum(byzantine=0)
+    for kw in ({"byzantine": -1}, {"select": 0}):
+        with pytest.raises(ValueError, match="krum needs byzantine >= 0 and select >= 1"):
+            Krum(**kw)
+
+
+def test_krum_scores_by_hand_and_multi_krum_mean():
+    from fedray.strategies.robust import Krum, krum_select
+
+    # K = 4, f = 1: one neighbour each (K - f - 2 = 1), the nearest other update.
+    deltas = [np.array(v, dtype=np.float64) for v in ([0, 0], [1, 0], [0, 3], [10, 10])]
+    # Squared distance to the nearest other: 1, 1, 9, 113 -> order 0, 1, 2, 3 (stable).
+    assert krum_select(deltas, 1, 4) == [0, 1, 2, 3]
+    assert krum_select(deltas, 1) == [0]  # select defaults to 1 (Krum)
+    far = [np.array(v, dtype=np.float64) for v in ([2, 2], [3, 3], [-1, 0], [-1, 1], [9, 9])]
+    # K = 5, f = 1: two neighbours each; hand scores below.
+    x = np.stack(far)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    hand = np.sort(d, axis=1)[:, :2].sum(1)
+    assert krum_select(far, 1, 5) == np.argsort(hand, kind="stable").tolist()
+    with pytest.raises(ValueError, match="Krum needs more than f \\+ 2 = 3 updates, got 3"):
+        krum_select(deltas[:3], 1)
+    out = Krum(byzantine=1, select=2).aggregate(deltas, [1.0] * 4)
+    np.testing.assert_allclose(out, [0.5, 0.0])  # the mean of the two best, per coordinate
