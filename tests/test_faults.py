@@ -87,9 +87,8 @@ def test_killed_driver_resumes_to_the_same_final_weights(ray_2cpus, tmp_path):
     """Acceptance: interrupted at round k and resumed == uninterrupted, same seed."""
     args = [
         "dataset=synthetic",
-        "num_clients=200",
-        "clients_per_round=100",
-        "local_epochs=3",
+        "num_clients=20",
+        "clients_per_round=10",
         "rounds=8",
         "crypto=none",
         "checkpoint.every=1",

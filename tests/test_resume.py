@@ -15,14 +15,17 @@ import pytest
 from fedray.runtime.outputs import load_checkpoint
 from tests.conftest import ROOT, run_cli
 
-# Server optimizer state (fedadam), accountant and central noise (dp), sampled cohorts
+# Server optimizer state (fedadam), accountant and client-level noise shares under
+# threshold Paillier (dp + crypto: a new key is dealt on resume), sampled cohorts
 # (clients_per_round < num_clients): everything a resume must restore.
 ARGS = [
     "dataset=synthetic",
     "num_clients=60",
     "clients_per_round=20",
     "rounds=8",
-    "crypto=none",
+    "crypto=paillier",
+    "crypto.key_bits=512",
+    "crypto.allow_insecure_keys=true",
     "strategy=fedadam",
     "privacy=dp",
     "privacy.noise_multiplier=2.0",
