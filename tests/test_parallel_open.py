@@ -1,0 +1,86 @@
+"""Opening a sum over a process pool, with wide fixed-base windows, gives exactly the
+plaintexts that one process with 8-bit windows gives (issue 14: big updates)."""
+
+from __future__ import annotations
+
+import secrets
+
+import gmpy2
+import numpy as np
+import pytest
+
+from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.paillier import ObfuscatorPool, _FixedBaseTable, from_bytes
+from fedray.crypto.parallel import ParallelCrypto
+from fedray.crypto.threshold import (
+    EXPONENT_BITS,
+    PublicEncryptor,
+    Unmasker,
+    add_share_blobs,
+    deal_threshold_key,
+    share_exponents,
+)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return deal_threshold_key(512, 3, 2)[0]  # tests only: small keys
+
+
+@pytest.mark.parametrize("window", [5, 8, 12])
+def test_fixed_base_table_is_a_power(key, window):
+    n2 = gmpy2.mpz(key.n) ** 2
+    table = _FixedBaseTable(key.hs, int(n2), EXPONENT_BITS, window)
+    for x in [0, 1, (1 << EXPONENT_BITS) - 1, *(secrets.randbits(EXPONENT_BITS) for _ in range(5))]:
+        assert table.pow(x) == gmpy2.powmod(key.hs, x, n2)
+        assert table.pow(x, gmpy2.mpz(7)) == 7 * gmpy2.powmod(key.hs, x, n2) % n2
+    with pytest.raises(OverflowError):
+        table.pow(1 << (window * table.num_digits))
+
+
+def test_pooled_open_is_bit_identical(key):
+    values = 3000
+    codec = PackedPaillierCodec.for_key(key.public, num_values=values, max_summands=3)
+    rng = np.random.default_rng(0)
+    updates = [rng.uniform(-0.5, 0.5, values) for _ in range(3)]
+    enc = PublicEncryptor(key, window=12)
+    n2 = gmpy2.mpz(key.n) ** 2
+    acc, blob_sets = None, []
+    for u in updates:
+        cts, xs = enc.encrypt_many(codec.encode(u))
+        blob_sets.append(share_exponents(key, xs))
+        acc = cts if acc is None else [a * c % n2 for a, c in zip(acc, cts, strict=True)]
+    sums = {j: add_share_blobs(key, [b[j - 1] for b in blob_sets]) for j in (1, 3)}
+    alone = Unmasker(key, 3)  # one process, 8-bit windows
+    exponents = alone.exponents(sums, 3)
+    expected = alone.unmask(acc, exponents)
+    assert expected is not None
+    total = codec.decode_sum(expected, 3)
+    assert np.max(np.abs(total - sum(updates))) <= codec.error_bound(3, 1.0) * 3 + 1e-12
+    with ParallelCrypto(key, 2, unmask_summands=3, window=12) as pool:
+        pooled = Unmasker(key, 3, window=12, pool=pool)
+        assert pooled.unmask(acc, exponents) == expected  # same order, same integers
+        wrong = list(exponents)
+        wrong[-1] += 1  # the last chunk does not open: the whole sum does not
+        assert pooled.unmask(acc, wrong) is None
+        assert alone.unmask(acc, wrong) is None
+    # The encryption workers (12-bit windows) agree with the opener.
+    with ParallelCrypto(key, 2, window=12) as pool:
+        payload, xs = pool.encrypt(codec.encode(updates[0]))
+    blobs = share_exponents(key, xs)
+    one = Unmasker(key, 3)
+    plain = one.unmask(
+        from_bytes(key.public, payload), one.exponents({1: blobs[0], 2: blobs[1]}, 1)
+    )
+    assert plain == codec.encode(updates[0])
+
+
+def test_obfuscator_pool_uses_each_precomputed_one_once():
+    made = iter(range(1000))
+    pool = ObfuscatorPool(lambda: next(made))
+    assert pool.precompute(5) == 5
+    assert pool.precompute(5, should_stop=lambda: True) == 0
+    assert len(pool) == 5
+    taken = [pool.next() for _ in range(7)]
+    assert sorted(taken[:5]) == [0, 1, 2, 3, 4] and taken[5:] == [5, 6]  # then fresh ones
+    assert len(pool) == 0
