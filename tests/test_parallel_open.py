@@ -84,3 +84,20 @@ def test_obfuscator_pool_uses_each_precomputed_one_once():
     taken = [pool.next() for _ in range(7)]
     assert sorted(taken[:5]) == [0, 1, 2, 3, 4] and taken[5:] == [5, 6]  # then fresh ones
     assert len(pool) == 0
+
+
+def test_packing_in_chunks_is_identical(monkeypatch):
+    import fedray.crypto.codec as codec_module
+
+    codec = PackedPaillierCodec(512, num_values=1000, max_summands=3)
+    values = np.random.default_rng(1).uniform(-1.2, 1.2, 1000)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 10**9)  # one chunk
+    whole = codec.encode(values)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 7)  # chunk edges everywhere
+    assert codec.num_ciphertexts > 7
+    assert codec.encode(values) == whole
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 10**9)
+    slots = codec.unpack(whole)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 7)
+    assert np.array_equal(codec.unpack(whole), slots)
+    assert np.allclose(codec.decode_sum(whole, 1), np.clip(values, -1, 1), atol=codec.step)
