@@ -101,3 +101,18 @@ def test_packing_in_chunks_is_identical(monkeypatch):
     monkeypatch.setattr(codec_module, "PACK_CHUNK", 7)
     assert np.array_equal(codec.unpack(whole), slots)
     assert np.allclose(codec.decode_sum(whole, 1), np.clip(values, -1, 1), atol=codec.step)
+
+
+def test_server_opens_big_sums_over_its_cpus():
+    import os
+
+    from fedray.crypto.paillier import BIG_WINDOW, window_for
+    from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS
+    from fedray.runtime.server import opening_processes
+    from tests.conftest import compose
+
+    big = PARALLEL_MIN_CIPHERTEXTS
+    assert opening_processes(compose([]), big - 1) == 1  # small sum: in-process
+    assert opening_processes(compose([]), big) == len(os.sched_getaffinity(0))
+    assert opening_processes(compose(["crypto.processes=3"]), 10) == 3  # asked for
+    assert window_for(9_999) == 8 and window_for(10_000) == BIG_WINDOW
