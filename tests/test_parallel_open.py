@@ -64,15 +64,20 @@ def test_pooled_open_is_bit_identical(key):
         wrong[-1] += 1  # the last chunk does not open: the whole sum does not
         assert pooled.unmask(acc, wrong) is None
         assert alone.unmask(acc, wrong) is None
-    # The encryption workers (12-bit windows) agree with the opener.
+    # The encryption workers (12-bit windows) agree with the opener, whether they return
+    # the exponents or share them themselves (chunk by chunk; any t holders open).
     with ParallelCrypto(key, 2, window=12) as pool:
         payload, xs = pool.encrypt(codec.encode(updates[0]))
-    blobs = share_exponents(key, xs)
+        payload2, shared = pool.encrypt_and_share(codec.encode(updates[1]))
     one = Unmasker(key, 3)
-    plain = one.unmask(
-        from_bytes(key.public, payload), one.exponents({1: blobs[0], 2: blobs[1]}, 1)
-    )
-    assert plain == codec.encode(updates[0])
+    for data, blobs, u, holders in [
+        (payload, share_exponents(key, xs), updates[0], (1, 2)),
+        (payload2, shared, updates[1], (2, 3)),
+    ]:
+        assert len(blobs) == key.holders
+        sums = {j: blobs[j - 1] for j in holders}
+        plain = one.unmask(from_bytes(key.public, data), one.exponents(sums, 1))
+        assert plain == codec.encode(u)
 
 
 def test_obfuscator_pool_uses_each_precomputed_one_once():
@@ -116,3 +121,25 @@ def test_server_opens_big_sums_over_its_cpus():
     assert opening_processes(compose([]), big) == len(os.sched_getaffinity(0))
     assert opening_processes(compose(["crypto.processes=3"]), 10) == 3  # asked for
     assert window_for(9_999) == 8 and window_for(10_000) == BIG_WINDOW
+
+
+def test_client_encryptor_with_a_pool_shares_in_the_workers(key):
+    from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout
+
+    codec = PackedPaillierCodec.for_key(key.public, num_values=500, max_summands=3)
+    layout = UpdateLayout.for_key(key.public, codec)
+    values = np.random.default_rng(2).uniform(-0.5, 0.5, 500)
+    stats = {"num_examples": 7, "train_loss_sum": 1.5, "val_loss_sum": 0.0}
+    stats.update(val_correct=0, val_count=0, values_clipped=0)
+    with ParallelCrypto(key, 2) as pool:
+        encryptor = ClientEncryptor(key, layout, pool=pool)
+        assert encryptor.pool_size == 0  # nothing precomputed: the workers encrypt
+        update, shares = encryptor.encrypt_sum([(values, 0.5, None, stats)])
+    assert shares is not None and len(shares) == key.holders
+    one = Unmasker(key, 3)
+    plain = one.unmask(
+        from_bytes(key.public, update.ciphertexts), one.exponents({1: shares[0], 3: shares[2]}, 1)
+    )
+    total, got = layout.decode_sum(plain, 1)
+    assert np.max(np.abs(total - 0.5 * values)) <= codec.error_bound(1, 1.0) + 1e-12
+    assert got["num_examples"] == 7

@@ -23,7 +23,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from fedray.crypto.paillier import KeyHolderEncryptor, PrivateKey, from_bytes, to_bytes
-from fedray.crypto.threshold import PublicEncryptor, ThresholdPublicKey, Unmasker
+from fedray.crypto.threshold import (
+    PublicEncryptor,
+    ThresholdPublicKey,
+    Unmasker,
+    share_exponents,
+)
 
 _STATE: dict = {}
 
@@ -62,12 +67,13 @@ def _unmasker(max_summands: int, window: int) -> Unmasker:
     return cached
 
 
-def _encrypt(plaintexts: list[int]) -> tuple[bytes, list[int] | None]:
-    enc, public = _encryptor(), _STATE["key"].public
+def _encrypt(plaintexts: list[int], share: bool = False) -> tuple[bytes, list | None]:
+    """Ciphertext bytes and the exponents, or (``share``) the holders' share blobs."""
+    enc, key = _encryptor(), _STATE["key"]
     if isinstance(enc, KeyHolderEncryptor):
-        return to_bytes(public, enc.encrypt_many(plaintexts)), None
+        return to_bytes(key.public, enc.encrypt_many(plaintexts)), None
     cts, exponents = enc.encrypt_many(plaintexts)
-    return to_bytes(public, cts), exponents
+    return to_bytes(key.public, cts), share_exponents(key, exponents) if share else exponents
 
 
 def _unmask(job: tuple[bytes, list[int], int, int]) -> list[int] | None:
@@ -120,6 +126,19 @@ class ParallelCrypto:
         parts = list(self._pool.map(_encrypt, chunks))
         exponents = None if parts[0][1] is None else [x for _, xs in parts for x in xs]
         return b"".join(c for c, _ in parts), exponents
+
+    def encrypt_and_share(self, plaintexts: list[int]) -> tuple[bytes, list[bytes] | None]:
+        """Ciphertexts as bytes and one blob of exponent shares per key holder, both made
+        by the workers chunk by chunk (the exponents never come back; None with a private
+        key). A holder's blob is its chunks' blobs in order: fixed-width shares, one per
+        ciphertext, as :func:`share_exponents` makes them for the whole update."""
+        chunks = [plaintexts[a:b] for a, b in self._bounds(len(plaintexts))]
+        parts = list(self._pool.map(_encrypt, chunks, [True] * len(chunks)))
+        payload = b"".join(c for c, _ in parts)
+        if parts[0][1] is None:
+            return payload, None
+        holders = len(parts[0][1])
+        return payload, [b"".join(blobs[j] for _, blobs in parts) for j in range(holders)]
 
     def unmask(
         self, ciphertexts: list, exponents: list[int], max_summands: int, window: int
