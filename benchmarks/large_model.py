@@ -73,6 +73,8 @@ def run_measuring_hosts(cmd: list[str], interval: float = 1.0) -> tuple[int, str
 
 def job(model_dir: Path, overrides: list[str], label: dict) -> dict:
     """Run one job; its per-round means (rounds after the first) and totals, as a row."""
+    last = {o.split("=", 1)[0]: o for o in overrides}  # rounds=2 on the command line wins
+    overrides = list(last.values())
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fedray.launch", *overrides, f"model.path={model_dir}"]
         started = time.perf_counter()
