@@ -4,6 +4,7 @@ and shared custody (every host holds the key).
 
     .venv/bin/python benchmarks/crypto.py                 # the README table
     .venv/bin/python benchmarks/crypto.py --params 1000000 --clients 10 --holders 10
+    .venv/bin/python benchmarks/crypto.py --params 4194304 --skip-table   # Llama-2-7B LoRA
 
 Single-process rows are per core. The last block encrypts ``--params`` values per client
 for ``--clients`` clients over a process pool, sums them, and opens the sum the default
@@ -15,15 +16,26 @@ holder's time to the server's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import threading
 import time
 
 import gmpy2
 import numpy as np
+import psutil
 from phe import paillier
 
 from fedray.crypto.codec import PackedPaillierCodec
-from fedray.crypto.paillier import Decryptor, KeyHolderEncryptor, PrivateKey, PublicKey, from_bytes
+from fedray.crypto.paillier import (
+    Decryptor,
+    KeyHolderEncryptor,
+    PrivateKey,
+    PublicKey,
+    from_bytes,
+    to_bytes,
+    window_for,
+)
 from fedray.crypto.parallel import ParallelCrypto
 from fedray.crypto.threshold import (
     PublicEncryptor,
@@ -35,6 +47,17 @@ from fedray.crypto.threshold import (
     partial_decrypt,
     share_exponents,
 )
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live children (the pool workers):
+    on a loaded machine, CPU / processes estimates the wall time on idle cores."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            total += sum(child.cpu_times()[:2])
+    return total
 
 
 def timed(fn):
@@ -132,49 +155,130 @@ def _threshold_rows(args, rng, rows, key: ThresholdPublicKey, shares):
     rows.append(("threshold: decrypt by partial decryptions (the fallback)", f"{rate:,.0f}", ""))
 
 
+class PeakRSS:
+    """Samples the RSS of this process plus its children (pool workers) every 0.1 s."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _client_memory(args, key, big, window) -> tuple[float, float]:
+    """A client host's peak RSS above its plaintext state (the float update in memory),
+    encrypting one update and sharing its exponents: (MiB with its pool, MiB of the pool
+    alone at rest: the workers' tables)."""
+    update = np.random.default_rng(1).uniform(-0.5, 0.5, args.params)
+    base = PeakRSS.now()
+    with ParallelCrypto(key, args.processes, window=window) as par:
+        rest = PeakRSS.now() - base
+        with PeakRSS() as peak:
+            payload, blobs = par.encrypt_and_share(big.encode(update))
+            del payload, blobs
+    return (peak.peak - base) / 2**20, rest / 2**20
+
+
+def _online(key, big, values, window) -> tuple[float, float, float, float]:
+    """One client with obfuscators precomputed in idle time (in-process): seconds to
+    precompute, to encode + encrypt online (wall, CPU), and to pack the ciphertexts."""
+    enc = PublicEncryptor(key, window=window)
+    _, t_pre = timed(lambda: enc.precompute(big.num_ciphertexts))
+    t0, c0 = time.perf_counter(), time.process_time()
+    cts, _ = enc.encrypt_many(big.encode(values))
+    t_online, cpu_online = time.perf_counter() - t0, time.process_time() - c0
+    _, t_bytes = timed(lambda: to_bytes(key.public, cts))
+    return t_pre, t_online, cpu_online, t_bytes
+
+
 def _big_update(args, rng, key: ThresholdPublicKey) -> str:
     public = key.public
     big = PackedPaillierCodec.for_key(public, num_values=args.params, max_summands=args.clients)
-    updates = [rng.uniform(-0.5, 0.5, args.params) for _ in range(args.clients)]
+    window = window_for(big.num_ciphertexts)
     n2 = gmpy2.mpz(public.n) ** 2
     blob_sets = []
     acc = None
-    t_enc = t_share = t_sum = 0.0
-    with ParallelCrypto(key, args.processes) as par:
-        for u in updates:
-            (payload, xs), t = timed(lambda u=u: par.encrypt(big.encode(u)))
+    first = None
+    mean = np.zeros(args.params)
+    t_enc = t_sum = cpu_enc = 0.0
+    client_mib, tables_mib = _client_memory(args, key, big, window)
+    with ParallelCrypto(key, args.processes, window=window) as par:
+        for i in range(args.clients):
+            u = rng.uniform(-0.5, 0.5, args.params)  # one update at a time, as a host has
+            first = u if i == 0 else first
+            mean += u / args.clients
+            c0 = cpu_seconds()
+            # As a client host does: the workers encrypt and share the exponents.
+            (payload, blobs), t = timed(lambda u=u: par.encrypt_and_share(big.encode(u)))
             t_enc += t
-            blobs, t = timed(lambda xs=xs: share_exponents(key, xs))
-            t_share += t
+            cpu_enc += cpu_seconds() - c0
             blob_sets.append(blobs)
-            cts = from_bytes(public, payload)
             t0 = time.perf_counter()
+            cts = from_bytes(public, payload)
             acc = cts if acc is None else [a * c % n2 for a, c in zip(acc, cts, strict=True)]
             t_sum += time.perf_counter() - t0
+            del payload, cts, blobs
+    t_pre, t_online, cpu_online, t_bytes = _online(key, big, first, window)
     holder_times = []
     share_sums = {}
     for j in range(1, key.threshold + 1):
         share_sums[j], t = timed(lambda j=j: add_share_blobs(key, [b[j - 1] for b in blob_sets]))
         holder_times.append(t)
-    unmasker = Unmasker(key, args.clients)
-    total, t_server = timed(
-        lambda: big.decode_sum(
-            unmasker.unmask(acc, unmasker.exponents(share_sums, args.clients)), args.clients
+    opener_base = PeakRSS.now()
+    with (
+        PeakRSS() as opener_peak,
+        ParallelCrypto(key, args.processes, unmask_summands=args.clients, window=window) as opener,
+    ):
+        unmasker = Unmasker(key, args.clients, window=window, pool=opener)
+        c0 = cpu_seconds()
+        total, t_server = timed(
+            lambda: big.decode_sum(
+                unmasker.unmask(acc, unmasker.exponents(share_sums, args.clients)), args.clients
+            )
         )
-    )
-    err = np.max(np.abs(total / args.clients - np.mean(updates, axis=0)))
+        cpu_server = cpu_seconds() - c0
+    err = np.max(np.abs(total / args.clients - mean))
     ct_bytes = big.num_ciphertexts * public.ciphertext_bytes
     share_bytes = (key.holders - 1) * big.num_ciphertexts * key.share_width()
+    server_mib = (opener_peak.peak - opener_base) / 2**20
     return (
         f"{args.params:,}-parameter update, {args.clients} clients, {key.holders} key holders "
-        f"(any {key.threshold} decrypt), {args.processes} processes per client: encrypt "
-        f"{t_enc / args.clients:.2f}s and share exponents {t_share / args.clients:.2f}s per "
-        f"client; homomorphic sum of {args.clients} {t_sum:.2f}s; open the sum "
-        f"{max(holder_times) + t_server:.2f}s (slowest holder {max(holder_times):.2f}s + server "
-        f"{t_server:.2f}s); per client {ct_bytes / args.params:.2f} B/value of ciphertexts to "
-        f"the server + {share_bytes / args.params:.2f} B/value of shares to the other holders "
+        f"(any {key.threshold} decrypt), {args.processes} processes per client and server, "
+        f"{window}-bit fixed-base windows: encrypt and share the exponents "
+        f"{t_enc / args.clients:.2f}s (CPU {cpu_enc / args.clients:.2f}s) per client (with obfuscators precomputed in "
+        f"idle time, {t_pre:.1f}s in one process: online encode + encrypt "
+        f"{t_online:.2f}s (CPU {cpu_online:.2f}s) + to bytes {t_bytes:.2f}s); homomorphic sum of "
+        f"{args.clients} {t_sum:.2f}s; open the sum {max(holder_times) + t_server:.2f}s "
+        f"(slowest holder {max(holder_times):.2f}s + server {t_server:.2f}s, CPU {cpu_server:.2f}s); per client "
+        f"{ct_bytes / args.params:.2f} B/value of ciphertexts to the server + "
+        f"{share_bytes / args.params:.2f} B/value of shares to the other holders "
         f"= {(ct_bytes + share_bytes) / args.params:.2f} B/value; max error {err:.2e} "
-        f"(bound {big.error_bound(args.clients, args.clients):.2e})"
+        f"(bound {big.error_bound(args.clients, args.clients):.2e}); peak RSS above the "
+        f"plaintext state (RSS of the process and its pool workers): a client host "
+        f"+{client_mib:.0f} MiB encrypting and sharing one update (of which its pool's tables "
+        f"{tables_mib:.0f} MiB), the server +{server_mib:.0f} MiB opening the sum"
     )
 
 

@@ -24,6 +24,8 @@ import numpy as np
 
 from fedray.crypto.paillier import PublicKey
 
+PACK_CHUNK = 2048  # ciphertexts packed or unpacked per step (bounds temporaries)
+
 
 @dataclass(frozen=True)
 class PackedPaillierCodec:
@@ -120,12 +122,19 @@ class PackedPaillierCodec:
 
     def _pack(self, slots: np.ndarray) -> list[int]:
         s, b = self.slots_per_ciphertext, self.slot_bits
-        padded = np.zeros(self.num_ciphertexts * s, dtype=np.uint64)
-        padded[: len(slots)] = slots
         shifts = np.arange(b, dtype=np.uint64)
-        bits = ((padded.reshape(-1, s, 1) >> shifts) & np.uint64(1)).astype(np.uint8)
-        rows = np.packbits(bits.reshape(self.num_ciphertexts, s * b), axis=1, bitorder="little")
-        return [int.from_bytes(row.tobytes(), "little") for row in rows]
+        out: list[int] = []
+        # Chunk by chunk: the bit-level temporaries are 8 bytes per bit of a slot (160 B
+        # per value), so a 4M-value update in one go would hold ~0.7 GB of them.
+        for start in range(0, self.num_ciphertexts, PACK_CHUNK):
+            count = min(PACK_CHUNK, self.num_ciphertexts - start)
+            padded = np.zeros(count * s, dtype=np.uint64)
+            part = slots[start * s : (start + count) * s]
+            padded[: len(part)] = part
+            bits = ((padded.reshape(-1, s, 1) >> shifts) & np.uint64(1)).astype(np.uint8)
+            rows = np.packbits(bits.reshape(count, s * b), axis=1, bitorder="little")
+            out.extend(int.from_bytes(row.tobytes(), "little") for row in rows)
+        return out
 
     # -- decoding ---------------------------------------------------------------------
     def unpack(self, plaintexts: list[int]) -> np.ndarray:
@@ -134,12 +143,16 @@ class PackedPaillierCodec:
             raise ValueError(f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}")
         s, b = self.slots_per_ciphertext, self.slot_bits
         width = (s * b + 7) // 8
-        raw = np.frombuffer(
-            b"".join(int(m).to_bytes(width, "little") for m in plaintexts), np.uint8
-        )
-        bits = np.unpackbits(raw.reshape(len(plaintexts), width), axis=1, bitorder="little")
-        bits = bits[:, : s * b].reshape(-1, b).astype(np.uint64)
-        slots = (bits << np.arange(b, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+        shifts = np.arange(b, dtype=np.uint64)
+        slots = np.empty(len(plaintexts) * s, dtype=np.uint64)
+        for start in range(0, len(plaintexts), PACK_CHUNK):  # chunked, as in _pack
+            part = plaintexts[start : start + PACK_CHUNK]
+            raw = np.frombuffer(b"".join(int(m).to_bytes(width, "little") for m in part), np.uint8)
+            bits = np.unpackbits(raw.reshape(len(part), width), axis=1, bitorder="little")
+            bits = bits[:, : s * b].reshape(-1, b).astype(np.uint64)
+            slots[start * s : (start + len(part)) * s] = (bits << shifts).sum(
+                axis=1, dtype=np.uint64
+            )
         return slots[: self.num_values]
 
     def decode_sum(self, plaintexts: list[int], count: int) -> np.ndarray:

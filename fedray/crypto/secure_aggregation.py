@@ -147,6 +147,9 @@ class ClientEncryptor:
         """
         plaintexts = self.layout.encode_sum(entries)
         if self._pool is not None and self.pool_size < len(plaintexts):
+            if self.share:  # the workers share the exponents too, in parallel
+                ciphertexts, shares = self._pool.encrypt_and_share(plaintexts)
+                return self._update(ciphertexts, len(entries)), shares
             ciphertexts, exponents = self._pool.encrypt(plaintexts)
         elif self._private_enc is not None:
             cts = self._private_enc.encrypt_many(plaintexts)
@@ -155,13 +158,15 @@ class ClientEncryptor:
             cts, exponents = self._public_enc.encrypt_many(plaintexts)
             ciphertexts = to_bytes(self.public, cts)
         shares = share_exponents(self.key, exponents) if self.share and exponents else None
-        update = EncryptedUpdate(
+        return self._update(ciphertexts, len(entries)), shares
+
+    def _update(self, ciphertexts: bytes, count: int) -> EncryptedUpdate:
+        return EncryptedUpdate(
             key_id=self.public.fingerprint,
             num_values=self.layout.codec.num_values,
             ciphertexts=ciphertexts,
-            count=len(entries),
+            count=count,
         )
-        return update, shares
 
 
 class EncryptedSum:

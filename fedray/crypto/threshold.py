@@ -52,7 +52,13 @@ from dataclasses import dataclass
 
 import gmpy2
 
-from fedray.crypto.paillier import PrivateKey, PublicKey, _FixedBaseTable, generate_keypair
+from fedray.crypto.paillier import (
+    ObfuscatorPool,
+    PrivateKey,
+    PublicKey,
+    _FixedBaseTable,
+    generate_keypair,
+)
 
 EXPONENT_BITS = 448  # DJN short exponent (see the module docstring)
 STATISTICAL_BITS = 64  # integer Shamir: statistical distance 2^-64 per shared secret
@@ -181,40 +187,31 @@ class PublicEncryptor:
     ``(x, hs^x)`` can be precomputed while the host is idle. Each pair is used once.
     """
 
-    def __init__(self, key: ThresholdPublicKey):
+    def __init__(self, key: ThresholdPublicKey, window: int = 8):
         self.key = key
         self._n = gmpy2.mpz(key.n)
         self._n2 = self._n * self._n
-        self._table = _FixedBaseTable(key.hs, int(self._n2), EXPONENT_BITS)
-        self._pool: list[tuple[int, gmpy2.mpz]] = []
+        self._table = _FixedBaseTable(key.hs, int(self._n2), EXPONENT_BITS, window)
+        self._pool = ObfuscatorPool(self.fresh)
 
     def fresh(self) -> tuple[int, gmpy2.mpz]:
         x = secrets.randbits(EXPONENT_BITS)
         return x, self._table.pow(x)
 
     def precompute(self, count: int, should_stop=None) -> int:
-        added = 0
-        while added < count and not (should_stop and should_stop()):
-            self._pool.append(self.fresh())
-            added += 1
-        return added
+        """Add up to ``count`` pairs ``(x, hs^x)`` to the pool (see :class:`ObfuscatorPool`)."""
+        return self._pool.precompute(count, should_stop)
 
     @property
     def pool_size(self) -> int:
         return len(self._pool)
-
-    def _next(self) -> tuple[int, gmpy2.mpz]:
-        try:
-            return self._pool.pop()  # each precomputed obfuscator is used exactly once
-        except IndexError:
-            return self.fresh()
 
     def encrypt_many(self, plaintexts: list[int]) -> tuple[list[gmpy2.mpz], list[int]]:
         """Ciphertexts of ``plaintexts`` (each < n) and their secret exponents."""
         n, n2 = self._n, self._n2
         cts, xs = [], []
         for m in plaintexts:
-            x, r = self._next()
+            x, r = self._pool.next()
             cts.append((1 + gmpy2.mpz(m) * n) * r % n2)
             xs.append(x)
         return cts, xs
@@ -253,16 +250,31 @@ def add_share_blobs(key: ThresholdPublicKey, blobs: list[bytes]) -> bytes:
 
 
 class Unmasker:
-    """Server side of the fast path: ``t`` holders' share sums -> the summed plaintexts."""
+    """Server side of the fast path: ``t`` holders' share sums -> the summed plaintexts.
 
-    def __init__(self, key: ThresholdPublicKey, max_summands: int):
+    Stripping ``hs^X`` is one fixed-base power per ciphertext (the table of ``hs^-1``
+    powers is built once per key, on first use). ``pool``, a
+    :class:`~fedray.crypto.parallel.ParallelCrypto`, spreads big sums over its processes
+    (each builds its own table once); results are identical either way.
+    """
+
+    def __init__(self, key: ThresholdPublicKey, max_summands: int, *, window: int = 8, pool=None):
         self.key = key
+        self.max_summands = max(1, max_summands)
+        self.window = window
+        self.pool = pool
         self._n = gmpy2.mpz(key.n)
         self._n2 = self._n * self._n
-        hs_inv = gmpy2.invert(gmpy2.mpz(key.hs), self._n2)
-        bits = EXPONENT_BITS + max(1, max_summands).bit_length()
-        self._table = _FixedBaseTable(int(hs_inv), int(self._n2), bits)
-        self._max_exponent = max(1, max_summands) << EXPONENT_BITS
+        self._table_cache: _FixedBaseTable | None = None
+        self._max_exponent = self.max_summands << EXPONENT_BITS
+
+    @property
+    def _table(self) -> _FixedBaseTable:
+        if self._table_cache is None:
+            hs_inv = gmpy2.invert(gmpy2.mpz(self.key.hs), self._n2)
+            bits = EXPONENT_BITS + self.max_summands.bit_length()
+            self._table_cache = _FixedBaseTable(int(hs_inv), int(self._n2), bits, self.window)
+        return self._table_cache
 
     def exponents(self, share_sums: dict[int, bytes], summands: int) -> list[int]:
         """The summed exponents X, interpolated exactly from ``t`` holders' sums."""
@@ -286,10 +298,15 @@ class Unmasker:
     def unmask(self, ciphertexts: list, exponents: list[int]) -> list[int] | None:
         """Plaintexts of ``ciphertexts`` given their summed exponents; None if one is not
         of the form ``(1 + M n) hs^X`` (a wrong sum or wrong shares)."""
-        n, n2 = self._n, self._n2
+        if len(ciphertexts) != len(exponents):
+            raise ValueError(f"{len(ciphertexts)} ciphertexts but {len(exponents)} exponents")
+        if self.pool is not None and len(ciphertexts) > 1:
+            return self.pool.unmask(ciphertexts, exponents, self.max_summands, self.window)
+        n = self._n
+        pow_times = self._table.pow
         out = []
         for c, x in zip(ciphertexts, exponents, strict=True):
-            u = gmpy2.mpz(c) * self._table.pow(x) % n2
+            u = pow_times(x, gmpy2.mpz(c))  # c * hs^-X mod n^2
             m, rem = divmod(u - 1, n)
             if rem or not 0 <= m < n:
                 return None

@@ -197,10 +197,15 @@ class ClientHost:
         self.layout = UpdateLayout.for_key(key.public, self.codec)
         processes = crypto_processes(self.cfg, self.layout.num_ciphertexts)
         if processes > 1:
+            from fedray.crypto.paillier import window_for
             from fedray.crypto.parallel import ParallelCrypto
 
             self._parallel = ParallelCrypto(
-                key, processes, private=private, obfuscator=self.cfg.crypto.obfuscator
+                key,
+                processes,
+                private=private,
+                obfuscator=self.cfg.crypto.obfuscator,
+                window=window_for(self.layout.num_ciphertexts),
             )
         self._encryptor = ClientEncryptor(
             key,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from fedray.config import FedrayConfig, min_clients
 from fedray.crypto.secure_aggregation import codec_for
 from fedray.data.datasets import DatasetInfo
 from fedray.errors import ClusterError
-from fedray.runtime.client import ClientResult, RoundTask
+from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS, ClientResult, RoundTask
 
 log = logging.getLogger("fedray.server")
 
@@ -106,6 +107,16 @@ def _plain_stats(results: list[ClientResult]) -> dict[str, float]:
     }
 
 
+def opening_processes(cfg: FedrayConfig, num_ciphertexts: int) -> int:
+    """Processes the server opens a sum over (``crypto.processes``; automatic: the
+    machine's CPUs when a sum has at least PARALLEL_MIN_CIPHERTEXTS ciphertexts)."""
+    if cfg.crypto.processes is not None:
+        return cfg.crypto.processes
+    if num_ciphertexts < PARALLEL_MIN_CIPHERTEXTS:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 class Server:
     """Global model, strategy, cohort sampling and evaluation. Never holds a private key."""
 
@@ -157,11 +168,28 @@ class Server:
             self.codec = codec_for(cfg, key.public, self.view.size)
             self.layout = UpdateLayout.for_key(key.public, self.codec)
             if key.threshold >= 2 and cfg.crypto.fast_decrypt:
-                from fedray.crypto.threshold import Unmasker
-
-                self._unmasker = Unmasker(key, self.codec.max_summands)
+                self._unmasker = self._make_unmasker(key)
         if privacy is not None:
             privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
+
+    def _make_unmasker(self, key):
+        """The fast path's opener; big sums are opened over a pool of processes (the
+        server is idle while it waits for the key holders, and opening is its one big
+        cost: one fixed-base power per ciphertext)."""
+        from fedray.crypto.paillier import window_for
+        from fedray.crypto.threshold import Unmasker
+
+        num = self.layout.num_ciphertexts
+        window = window_for(num)
+        processes = opening_processes(self.cfg, num)
+        pool = None
+        if processes > 1:
+            from fedray.crypto.parallel import ParallelCrypto
+
+            pool = ParallelCrypto(
+                key, processes, unmask_summands=self.codec.max_summands, window=window
+            )
+        return Unmasker(key, self.codec.max_summands, window=window, pool=pool)
 
     # -- info ---------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -1,0 +1,145 @@
+"""Opening a sum over a process pool, with wide fixed-base windows, gives exactly the
+plaintexts that one process with 8-bit windows gives (issue 14: big updates)."""
+
+from __future__ import annotations
+
+import secrets
+
+import gmpy2
+import numpy as np
+import pytest
+
+from fedray.crypto.codec import PackedPaillierCodec
+from fedray.crypto.paillier import ObfuscatorPool, _FixedBaseTable, from_bytes
+from fedray.crypto.parallel import ParallelCrypto
+from fedray.crypto.threshold import (
+    EXPONENT_BITS,
+    PublicEncryptor,
+    Unmasker,
+    add_share_blobs,
+    deal_threshold_key,
+    share_exponents,
+)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return deal_threshold_key(512, 3, 2)[0]  # tests only: small keys
+
+
+@pytest.mark.parametrize("window", [5, 8, 12])
+def test_fixed_base_table_is_a_power(key, window):
+    n2 = gmpy2.mpz(key.n) ** 2
+    table = _FixedBaseTable(key.hs, int(n2), EXPONENT_BITS, window)
+    for x in [0, 1, (1 << EXPONENT_BITS) - 1, *(secrets.randbits(EXPONENT_BITS) for _ in range(5))]:
+        assert table.pow(x) == gmpy2.powmod(key.hs, x, n2)
+        assert table.pow(x, gmpy2.mpz(7)) == 7 * gmpy2.powmod(key.hs, x, n2) % n2
+    with pytest.raises(OverflowError):
+        table.pow(1 << (window * table.num_digits))
+
+
+def test_pooled_open_is_bit_identical(key):
+    values = 3000
+    codec = PackedPaillierCodec.for_key(key.public, num_values=values, max_summands=3)
+    rng = np.random.default_rng(0)
+    updates = [rng.uniform(-0.5, 0.5, values) for _ in range(3)]
+    enc = PublicEncryptor(key, window=12)
+    n2 = gmpy2.mpz(key.n) ** 2
+    acc, blob_sets = None, []
+    for u in updates:
+        cts, xs = enc.encrypt_many(codec.encode(u))
+        blob_sets.append(share_exponents(key, xs))
+        acc = cts if acc is None else [a * c % n2 for a, c in zip(acc, cts, strict=True)]
+    sums = {j: add_share_blobs(key, [b[j - 1] for b in blob_sets]) for j in (1, 3)}
+    alone = Unmasker(key, 3)  # one process, 8-bit windows
+    exponents = alone.exponents(sums, 3)
+    expected = alone.unmask(acc, exponents)
+    assert expected is not None
+    total = codec.decode_sum(expected, 3)
+    assert np.max(np.abs(total - sum(updates))) <= codec.error_bound(3, 1.0) * 3 + 1e-12
+    with ParallelCrypto(key, 2, unmask_summands=3, window=12) as pool:
+        pooled = Unmasker(key, 3, window=12, pool=pool)
+        assert pooled.unmask(acc, exponents) == expected  # same order, same integers
+        wrong = list(exponents)
+        wrong[-1] += 1  # the last chunk does not open: the whole sum does not
+        assert pooled.unmask(acc, wrong) is None
+        assert alone.unmask(acc, wrong) is None
+    # The encryption workers (12-bit windows) agree with the opener, whether they return
+    # the exponents or share them themselves (chunk by chunk; any t holders open).
+    with ParallelCrypto(key, 2, window=12) as pool:
+        payload, xs = pool.encrypt(codec.encode(updates[0]))
+        payload2, shared = pool.encrypt_and_share(codec.encode(updates[1]))
+    one = Unmasker(key, 3)
+    for data, blobs, u, holders in [
+        (payload, share_exponents(key, xs), updates[0], (1, 2)),
+        (payload2, shared, updates[1], (2, 3)),
+    ]:
+        assert len(blobs) == key.holders
+        sums = {j: blobs[j - 1] for j in holders}
+        plain = one.unmask(from_bytes(key.public, data), one.exponents(sums, 1))
+        assert plain == codec.encode(u)
+
+
+def test_obfuscator_pool_uses_each_precomputed_one_once():
+    made = iter(range(1000))
+    pool = ObfuscatorPool(lambda: next(made))
+    assert pool.precompute(5) == 5
+    assert pool.precompute(5, should_stop=lambda: True) == 0
+    assert len(pool) == 5
+    taken = [pool.next() for _ in range(7)]
+    assert sorted(taken[:5]) == [0, 1, 2, 3, 4] and taken[5:] == [5, 6]  # then fresh ones
+    assert len(pool) == 0
+
+
+def test_packing_in_chunks_is_identical(monkeypatch):
+    import fedray.crypto.codec as codec_module
+
+    codec = PackedPaillierCodec(512, num_values=1000, max_summands=3)
+    values = np.random.default_rng(1).uniform(-1.2, 1.2, 1000)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 10**9)  # one chunk
+    whole = codec.encode(values)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 7)  # chunk edges everywhere
+    assert codec.num_ciphertexts > 7
+    assert codec.encode(values) == whole
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 10**9)
+    slots = codec.unpack(whole)
+    monkeypatch.setattr(codec_module, "PACK_CHUNK", 7)
+    assert np.array_equal(codec.unpack(whole), slots)
+    assert np.allclose(codec.decode_sum(whole, 1), np.clip(values, -1, 1), atol=codec.step)
+
+
+def test_server_opens_big_sums_over_its_cpus():
+    import os
+
+    from fedray.crypto.paillier import BIG_WINDOW, window_for
+    from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS
+    from fedray.runtime.server import opening_processes
+    from tests.conftest import compose
+
+    big = PARALLEL_MIN_CIPHERTEXTS
+    assert opening_processes(compose([]), big - 1) == 1  # small sum: in-process
+    assert opening_processes(compose([]), big) == len(os.sched_getaffinity(0))
+    assert opening_processes(compose(["crypto.processes=3"]), 10) == 3  # asked for
+    assert window_for(9_999) == 8 and window_for(10_000) == BIG_WINDOW
+
+
+def test_client_encryptor_with_a_pool_shares_in_the_workers(key):
+    from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout
+
+    codec = PackedPaillierCodec.for_key(key.public, num_values=500, max_summands=3)
+    layout = UpdateLayout.for_key(key.public, codec)
+    values = np.random.default_rng(2).uniform(-0.5, 0.5, 500)
+    stats = {"num_examples": 7, "train_loss_sum": 1.5, "val_loss_sum": 0.0}
+    stats.update(val_correct=0, val_count=0, values_clipped=0)
+    with ParallelCrypto(key, 2) as pool:
+        encryptor = ClientEncryptor(key, layout, pool=pool)
+        assert encryptor.pool_size == 0  # nothing precomputed: the workers encrypt
+        update, shares = encryptor.encrypt_sum([(values, 0.5, None, stats)])
+    assert shares is not None and len(shares) == key.holders
+    one = Unmasker(key, 3)
+    plain = one.unmask(
+        from_bytes(key.public, update.ciphertexts), one.exponents({1: shares[0], 3: shares[2]}, 1)
+    )
+    total, got = layout.decode_sum(plain, 1)
+    assert np.max(np.abs(total - 0.5 * values)) <= codec.error_bound(1, 1.0) + 1e-12
+    assert got["num_examples"] == 7
