@@ -12,6 +12,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# make test runs this many test files at once (pytest-xdist, whole files per worker so a
+# file's module-scoped Ray is started once); TEST_WORKERS=0 runs them one after another.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench mutants clean
 
@@ -37,7 +40,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
