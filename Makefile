@@ -40,7 +40,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks

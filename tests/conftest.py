@@ -168,3 +168,30 @@ def stop_ray_nodes(nodes: list[subprocess.Popen], port: int) -> None:
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if current.exists() and current.read_text().strip().endswith(f":{port}"):
         current.unlink()
+
+
+# The files that start the most Ray jobs, longest first (measured with --durations). Under
+# `make test` (pytest-xdist, whole files per worker) starting them first keeps one long
+# file from running alone at the end; without xdist the order changes nothing else.
+SLOW_FILES_FIRST = (
+    "test_secure_rounds.py",
+    "test_readme.py",
+    "test_runtime.py",
+    "test_resume.py",
+    "test_privacy_runs.py",
+    "test_faults.py",
+    "test_custody.py",
+    "test_hf.py",
+    "test_dp_noise_in_jobs.py",
+    "test_aggregation_e2e.py",
+    "test_server_view.py",
+    "test_data_models.py",
+    "test_multinode.py",
+    "test_job_submit.py",
+    "test_tls.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

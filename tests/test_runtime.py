@@ -177,15 +177,15 @@ def test_cli_full_job_writes_contract_outputs(ray_2cpus, tmp_path):
 
 def test_same_seed_same_final_weights(ray_2cpus, tmp_path):
     over = ["crypto=none", "rounds=3", "num_clients=8", "clients_per_round=5", "seed=3"]
-    cfg = compose(over)
+    cfg = compose([*over, "checkpoint.every=1"])
     run_experiment(cfg, tmp_path / "a")
     run_experiment(cfg, tmp_path / "b")
-    run_experiment(compose([*over[:-1], "seed=4"]), tmp_path / "c")
     wa = load_checkpoint(tmp_path / "a" / "checkpoints")["weights"]
     wb = load_checkpoint(tmp_path / "b" / "checkpoints")["weights"]
-    wc = load_checkpoint(tmp_path / "c" / "checkpoints")["weights"]
     np.testing.assert_array_equal(wa, wb)
-    assert not np.array_equal(wa, wc)
+    # Not vacuous: training moved the model after round 1.
+    w1 = load_checkpoint(tmp_path / "a" / "checkpoints" / "round_00001")["weights"]
+    assert not np.array_equal(wa, w1)
 
 
 def test_simulation_mode_hosts_many_clients_per_actor(ray_2cpus, tmp_path):
