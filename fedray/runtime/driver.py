@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,41 @@ def _carry_over(summary: dict[str, Any], output_dir: Path, resume_round: int) ->
     summary["epsilon"] = num(last["epsilon"])
 
 
+@dataclass
+class _Job:
+    """A running job: what set-up built, what the rounds use, what clean-up releases."""
+
+    cfg: FedrayConfig
+    output_dir: Path
+    t_start: float
+    resumed: bool
+    started: bool  # this call started Ray (embedded), so it shuts it down
+    reservation: Any = None  # silo mode's placement group
+    placement: Any = None
+    info: Any = None
+    authority: Any = None
+    hosts: list[Any] = field(default_factory=list)
+    described: dict[int, dict[str, Any]] = field(default_factory=dict)
+    custody: Any = None
+    public_key: Any = None
+    privacy: Any = None
+    server: Any = None
+    first_round: int = 1
+    metrics_writer: MetricsWriter | None = None
+    tensorboard: TensorBoardWriter | None = None
+    sigint: _StopOnSigint | None = None
+    warned_clipping: bool = False
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        path = self.cfg.checkpoint.path
+        return Path(path) if path else self.output_dir / "checkpoints"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.checkpoint_dir / PRIVACY_LEDGER
+
+
 def run_experiment(
     cfg: FedrayConfig,
     output_dir: str | Path,
@@ -262,7 +298,7 @@ def run_experiment(
     import ray
 
     from fedray.runtime.client import client_actor_class
-    from fedray.runtime.cluster import connect, plan_placement
+    from fedray.runtime.cluster import connect
     from fedray.runtime.server import server_actor_class
 
     output_dir = Path(output_dir)
@@ -283,286 +319,356 @@ def run_experiment(
         from fedray.data.datasets import check_site_files
 
         check_site_files(cfg.dataset.path, cfg.num_clients)
-    started = connect(cfg)
-    metrics_writer = None
-    reservation = None
-    sigint_scope: list[_StopOnSigint] = []
+    job = _Job(cfg, output_dir, t_start, resumed=resume_state is not None, started=connect(cfg))
     try:
-        placement = plan_placement(cfg, ray.cluster_resources())
-        info = _dataset_info(cfg, placement)
-        authority = None
-        if cfg.crypto.name == "paillier":
-            from fedray.runtime.keys import HostIdentity
+        # Set-up: hosts, weights and keys, the server (with the checkpoint on resume).
+        _start_hosts(job, client_actor_class(host_class))
+        sizes = _set_up_hosts(job)
+        _describe_federation(job)
+        counts = _start_server(job, server_actor_class(server_class), sizes, resume_state)
+        summary = _open_outputs(job, counts)
+        # Rounds, then the summary.
+        _run_rounds(job, summary)
+        return _write_summary(job, summary)
+    finally:
+        if job.sigint is not None:
+            job.sigint.__exit__()
+        if job.metrics_writer is not None:
+            job.metrics_writer.close()
+        if job.tensorboard is not None:
+            job.tensorboard.close()
+        if job.reservation is not None:  # placement groups outlive their actors otherwise
+            ray.util.remove_placement_group(job.reservation)
+        if job.started:
+            ray.shutdown()
 
-            authority = HostIdentity()  # the job's set-up key: signs host config, never leaves
-        actor_cls = client_actor_class(host_class)
-        host_options, reservation = _reserve(placement)
-        hosts = [
-            actor_cls.options(**opts).remote(
-                cfg, cids, info, 1.0, authority.public_bytes() if authority else None
+
+def _start_hosts(job: _Job, actor_cls: Any) -> None:
+    """Place the client hosts (silo mode: every site reserved at once), wait until each
+    has loaded its clients' data, and ask each where it runs."""
+    import ray
+
+    from fedray.runtime.cluster import plan_placement
+
+    cfg = job.cfg
+    job.placement = plan_placement(cfg, ray.cluster_resources())
+    job.info = _dataset_info(cfg, job.placement)
+    if cfg.crypto.name == "paillier":
+        from fedray.runtime.keys import HostIdentity
+
+        job.authority = HostIdentity()  # the job's set-up key: signs host config, never leaves
+    authority = job.authority
+    host_options, job.reservation = _reserve(job.placement)
+    job.hosts = [
+        actor_cls.options(**opts).remote(
+            cfg, cids, job.info, 1.0, authority.public_bytes() if authority else None
+        )
+        for cids, opts in zip(job.placement.host_clients, host_options, strict=True)
+    ]
+    _wait_ready(job.hosts, READY_TIMEOUT_S)
+    for answer in ray.get([h.describe.remote() for h in job.hosts]):
+        job.described.update(answer)
+
+
+def _set_up_hosts(job: _Job) -> dict[int, int]:
+    """Close the hosts' set-up: weight_ref, then (with crypto) the keys. Returns the
+    site sizes that sample-level DP's accountant needs ({} otherwise)."""
+    import ray
+
+    cfg, hosts = job.cfg, job.hosts
+    # weight_ref: the example count that maps to FedAvg weight 1.0 (weights n_k / ref
+    # must lie in (0, 1], and should be near 1 for the largest site so its update
+    # keeps the codec's precision). A public dataset.weight_ref reveals nothing.
+    # Otherwise the hosts pass a running maximum along a chain of object refs: each
+    # host sees only the maximum of those before it; the driver fetches only the
+    # final maximum (the largest site's count, not which site) and the server gets
+    # nothing. The intermediate values are in the object store, owned by the driver,
+    # which never reads them. FedAvg stays exactly example-weighted: the server
+    # divides by the sum of the weights.
+    if cfg.dataset.weight_ref is not None:
+        weight_ref = float(cfg.dataset.weight_ref)
+    else:
+        running: Any = 0.0
+        for h in hosts:
+            running = h.running_max_examples.remote(running)
+        weight_ref = ray.get(running)
+    sizes: dict[int, int] = {}
+    if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+        # Sample-level DP's accountant needs each site's count (README: what the
+        # server learns in this mode). Asked before set_weight_ref closes set-up.
+        for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
+            sizes.update(answer)
+    # Keys last: configuring a host's crypto closes its set-up calls.
+    weight_ref_signature = None
+    if job.authority is not None:
+        from fedray.runtime.custody import set_up_keys
+
+        job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority)
+        weight_ref_signature = job.custody.sign_weight_ref(weight_ref)
+    job.public_key = job.custody.key if job.custody else None
+    for answer in ray.get(
+        [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
+    ):
+        if answer is not True:
+            raise ConfigError(answer)
+    return sizes
+
+
+def _describe_federation(job: _Job) -> None:
+    """Say what was set up (with cfg.progress) and write clients.json."""
+    cfg, described, public_key = job.cfg, job.described, job.public_key
+    if cfg.progress:
+        print(
+            f"[fedray] {cfg.num_clients} clients on {len(job.hosts)} actors "
+            f"({job.placement.mode} mode), "
+            f"{len({d['node_id'] for d in described.values()})} node(s); "
+            f"crypto={cfg.crypto.name}"
+            + (
+                f" ({cfg.crypto.key_bits}-bit, {cfg.crypto.custody} custody: "
+                f"{public_key.threshold} of {len(job.custody.holders)} key holders decrypt)"
+                if public_key
+                else ""
             )
-            for cids, opts in zip(placement.host_clients, host_options, strict=True)
-        ]
-        _wait_ready(hosts, READY_TIMEOUT_S)
-        described: dict[int, dict[str, Any]] = {}
-        for answer in ray.get([h.describe.remote() for h in hosts]):
-            described.update(answer)
-        # weight_ref: the example count that maps to FedAvg weight 1.0 (weights n_k / ref
-        # must lie in (0, 1], and should be near 1 for the largest site so its update
-        # keeps the codec's precision). A public dataset.weight_ref reveals nothing.
-        # Otherwise the hosts pass a running maximum along a chain of object refs: each
-        # host sees only the maximum of those before it; the driver fetches only the
-        # final maximum (the largest site's count, not which site) and the server gets
-        # nothing. The intermediate values are in the object store, owned by the driver,
-        # which never reads them. FedAvg stays exactly example-weighted: the server
-        # divides by the sum of the weights.
-        if cfg.dataset.weight_ref is not None:
-            weight_ref = float(cfg.dataset.weight_ref)
-        else:
-            running: Any = 0.0
-            for h in hosts:
-                running = h.running_max_examples.remote(running)
-            weight_ref = ray.get(running)
-        sizes: dict[int, int] = {}
-        if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
-            # Sample-level DP's accountant needs each site's count (README: what the
-            # server learns in this mode). Asked before set_weight_ref closes set-up.
-            for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
-                sizes.update(answer)
-        # Keys last: configuring a host's crypto closes its set-up calls.
-        custody = weight_ref_signature = None
-        if authority is not None:
-            from fedray.runtime.custody import set_up_keys
-
-            custody = set_up_keys(cfg, hosts, placement.assignment, authority)
-            weight_ref_signature = custody.sign_weight_ref(weight_ref)
-        public_key = custody.key if custody else None
-        for answer in ray.get(
-            [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
-        ):
-            if answer is not True:
-                raise ConfigError(answer)
-        if cfg.progress:
-            print(
-                f"[fedray] {cfg.num_clients} clients on {len(hosts)} actors ({placement.mode} "
-                f"mode), {len({d['node_id'] for d in described.values()})} node(s); "
-                f"crypto={cfg.crypto.name}"
-                + (
-                    f" ({cfg.crypto.key_bits}-bit, {cfg.crypto.custody} custody: "
-                    f"{public_key.threshold} of {len(custody.holders)} key holders decrypt)"
-                    if public_key
-                    else ""
+            + f", privacy={cfg.privacy.name}, strategy={cfg.strategy.name}",
+            flush=True,
+        )
+        if cfg.dataset.share_label_counts:  # the user opted in to share them
+            for cid in sorted(described)[: min(len(described), 20)]:
+                d = described[cid]
+                log.info(
+                    "client %d: %d examples, labels %s", cid, d["num_examples"], d.get("labels")
                 )
-                + f", privacy={cfg.privacy.name}, strategy={cfg.strategy.name}",
-                flush=True,
-            )
-            if cfg.dataset.share_label_counts:  # the user opted in to share them
-                for cid in sorted(described)[: min(len(described), 20)]:
-                    d = described[cid]
-                    log.info(
-                        "client %d: %d examples, labels %s", cid, d["num_examples"], d.get("labels")
-                    )
-                if len(described) > 20:
-                    log.info("... %d more clients: see clients.json", len(described) - 20)
-        # Placement only, unless dataset.share_label_counts=true.
-        shared = ("num_examples", "num_val", "labels") if cfg.dataset.share_label_counts else ()
-        write_json(
-            output_dir / "clients.json",
-            {
-                str(cid): {k: d.get(k) for k in ("node_id", "device", "gpu_ids", *shared)}
-                for cid, d in sorted(described.items())
-            },
-        )
+            if len(described) > 20:
+                log.info("... %d more clients: see clients.json", len(described) - 20)
+    # Placement only, unless dataset.share_label_counts=true.
+    shared = ("num_examples", "num_val", "labels") if cfg.dataset.share_label_counts else ()
+    write_json(
+        job.output_dir / "clients.json",
+        {
+            str(cid): {k: d.get(k) for k in ("node_id", "device", "gpu_ids", *shared)}
+            for cid, d in sorted(described.items())
+        },
+    )
 
-        privacy = None
-        if cfg.privacy.name == "dp":
-            from fedray.privacy import build_privacy
 
-            privacy = build_privacy(cfg, sizes)
-        server = server_actor_class(server_class).remote(
-            cfg,
-            info,
-            hosts,
-            placement.assignment,
-            public_key,
-            privacy,
-            key_holders=custody.holders if custody else None,
-        )
-        checkpoint_dir = (
-            Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
-        )
-        ledger_path = checkpoint_dir / PRIVACY_LEDGER
-        if resume_state is not None:
-            ray.get(server.load_state_dict.remote(resume_state))
-            if privacy is not None and ledger_path.exists():
-                # Rounds released after the checkpoint were released: they stay counted,
-                # and their replay (with fresh noise) is counted again.
-                ledger = json.loads(ledger_path.read_text())
-                ray.get(server.load_privacy_state.remote(ledger["privacy"]))
-        first_round = int(resume_state["round"]) + 1 if resume_state else 1
-        num_params, num_model_params, values_per_ct = ray.get(
+def _start_server(
+    job: _Job, server_cls: Any, sizes: dict[int, int], resume_state: dict[str, Any] | None
+) -> tuple[int, int, int]:
+    """Start the server actor (on resume, from the checkpoint and the privacy ledger).
+    Returns its counts: exchanged values, model parameters, values per ciphertext."""
+    import ray
+
+    cfg = job.cfg
+    privacy = None
+    if cfg.privacy.name == "dp":
+        from fedray.privacy import build_privacy
+
+        privacy = build_privacy(cfg, sizes)
+    job.privacy = privacy
+    server = job.server = server_cls.remote(
+        cfg,
+        job.info,
+        job.hosts,
+        job.placement.assignment,
+        job.public_key,
+        privacy,
+        key_holders=job.custody.holders if job.custody else None,
+    )
+    ledger_path = job.ledger_path
+    if resume_state is not None:
+        ray.get(server.load_state_dict.remote(resume_state))
+        if privacy is not None and ledger_path.exists():
+            # Rounds released after the checkpoint were released: they stay counted,
+            # and their replay (with fresh noise) is counted again.
+            ledger = json.loads(ledger_path.read_text())
+            ray.get(server.load_privacy_state.remote(ledger["privacy"]))
+    job.first_round = int(resume_state["round"]) + 1 if resume_state else 1
+    return tuple(
+        ray.get(
             [
                 server.num_parameters.remote(),
                 server.num_model_parameters.remote(),
                 server.values_per_ciphertext.remote(),
             ]
         )
-        setup_seconds = time.perf_counter() - t_start
+    )
 
-        metrics_writer = MetricsWriter(output_dir / "metrics.csv", first_round - 1)
-        tensorboard = TensorBoardWriter(output_dir / "tensorboard")
-        summary: dict[str, Any] = {
-            "final_accuracy": None,
-            "rounds_completed": first_round - 1,
-            "round_seconds": [],
-            "bytes_up": 0,
-            "updates_up": 0,
-            "bytes_down": 0,
-            "epsilon": None,
-            # Against the party that picks cohorts (no amplification); null: none holds
-            # (central noise or seeded noise) or no DP.
-            "epsilon_vs_server": None,
-            "delta": cfg.privacy.delta if privacy is not None else None,
-            "reproducible_noise": cfg.privacy.seeded_noise if privacy is not None else None,
-            "values_clipped": 0,
-            "num_clients": cfg.num_clients,
-            "clients_per_round": cfg.clients_per_round,
-            "min_clients_per_round": min_clients(cfg),
-            "crypto": cfg.crypto.name,
-            "key_bits": cfg.crypto.key_bits if public_key else None,
-            "key_dealer_node": custody.dealer_node if custody else None,
-            "custody": cfg.crypto.custody if custody else None,
-            "threshold": custody.key.threshold if custody else None,
-            "key_holders": len(custody.holders) if custody else None,
-            "key_holder_nodes": custody.holder_nodes if custody else None,
-            "values_per_ciphertext": values_per_ct or None,
-            "client_failures": 0,
-            "clients_rejected": 0,
-            "privacy": cfg.privacy.name,
-            "strategy": cfg.strategy.name,
-            "dataset": cfg.dataset.name,
-            "model": cfg.model.name,
-            "num_parameters": num_params,  # exchanged (trainable) values per update
-            "num_model_parameters": num_model_params,
-            "mode": placement.mode,
-            "num_actors": len(hosts),
-            "setup_seconds": setup_seconds,
-            "client_nodes": {str(c): d["node_id"] for c, d in sorted(described.items())},
-            "stopped_early": False,
-        }
-        if resume_state is not None:
-            summary["resumed_from_round"] = first_round - 1
-            _carry_over(summary, output_dir, first_round - 1)
+
+def _open_outputs(job: _Job, counts: tuple[int, int, int]) -> dict[str, Any]:
+    """Open metrics.csv and the TensorBoard log; start the summary (on resume, from the
+    totals of the rounds already done)."""
+    cfg, first_round = job.cfg, job.first_round
+    setup_seconds = time.perf_counter() - job.t_start
+    job.metrics_writer = MetricsWriter(job.output_dir / "metrics.csv", first_round - 1)
+    job.tensorboard = TensorBoardWriter(job.output_dir / "tensorboard")
+    summary = _new_summary(job, counts, setup_seconds)
+    if job.resumed:
+        summary["resumed_from_round"] = first_round - 1
+        _carry_over(summary, job.output_dir, first_round - 1)
+        print(
+            f"[fedray] resuming from round {first_round - 1}"
+            + (
+                f": nothing to run (rounds={cfg.rounds}); pass rounds=N to run more"
+                if first_round > cfg.rounds
+                else f" to round {cfg.rounds}"
+            ),
+            flush=True,
+        )
+    return summary
+
+
+def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) -> dict[str, Any]:
+    """summary.json before the first round."""
+    cfg, custody, privacy = job.cfg, job.custody, job.privacy
+    num_params, num_model_params, values_per_ct = counts
+    return {
+        "final_accuracy": None,
+        "rounds_completed": job.first_round - 1,
+        "round_seconds": [],
+        "bytes_up": 0,
+        "updates_up": 0,
+        "bytes_down": 0,
+        "epsilon": None,
+        # Against the party that picks cohorts (no amplification); null: none holds
+        # (central noise or seeded noise) or no DP.
+        "epsilon_vs_server": None,
+        "delta": cfg.privacy.delta if privacy is not None else None,
+        "reproducible_noise": cfg.privacy.seeded_noise if privacy is not None else None,
+        "values_clipped": 0,
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "min_clients_per_round": min_clients(cfg),
+        "crypto": cfg.crypto.name,
+        "key_bits": cfg.crypto.key_bits if job.public_key else None,
+        "key_dealer_node": custody.dealer_node if custody else None,
+        "custody": cfg.crypto.custody if custody else None,
+        "threshold": custody.key.threshold if custody else None,
+        "key_holders": len(custody.holders) if custody else None,
+        "key_holder_nodes": custody.holder_nodes if custody else None,
+        "values_per_ciphertext": values_per_ct or None,
+        "client_failures": 0,
+        "clients_rejected": 0,
+        "privacy": cfg.privacy.name,
+        "strategy": cfg.strategy.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "num_parameters": num_params,  # exchanged (trainable) values per update
+        "num_model_parameters": num_model_params,
+        "mode": job.placement.mode,
+        "num_actors": len(job.hosts),
+        "setup_seconds": setup_seconds,
+        "client_nodes": {str(c): d["node_id"] for c, d in sorted(job.described.items())},
+        "stopped_early": False,
+    }
+
+
+def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
+    """Run rounds first_round..cfg.rounds, writing each one's outputs as it ends; stop
+    early at privacy.target_epsilon or target_accuracy. Checkpoint every
+    checkpoint.every rounds and after the last. Ctrl-C: finish the round in flight,
+    checkpoint it, then raise Interrupted (the launcher prints the resume command)."""
+    import ray
+
+    cfg, server = job.cfg, job.server
+    last_round = saved_round = job.first_round - 1
+    stop = job.sigint = _StopOnSigint().__enter__()
+    for _ in range(job.first_round, cfg.rounds + 1):
+        if stop.requested:
+            break
+        outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
+        if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
+            summary["stopped_early"] = True
+            summary["stop_reason"] = "privacy.target_epsilon"
             print(
-                f"[fedray] resuming from round {first_round - 1}"
-                + (
-                    f": nothing to run (rounds={cfg.rounds}); pass rounds=N to run more"
-                    if first_round > cfg.rounds
-                    else f" to round {cfg.rounds}"
-                ),
+                f"[fedray] stopping before round {outcome.metrics['round'] + 1}: it would "
+                f"exceed privacy.target_epsilon={cfg.privacy.target_epsilon}",
                 flush=True,
             )
-        last_round = first_round - 1
-        saved_round = last_round
-        warned_clipping = False
-        stop = _StopOnSigint().__enter__()
-        sigint_scope.append(stop)
-        for _ in range(first_round, cfg.rounds + 1):
-            if stop.requested:
-                break
-            outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
-            if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
-                summary["stopped_early"] = True
-                summary["stop_reason"] = "privacy.target_epsilon"
-                print(
-                    f"[fedray] stopping before round {outcome.metrics['round'] + 1}: it would "
-                    f"exceed privacy.target_epsilon={cfg.privacy.target_epsilon}",
-                    flush=True,
-                )
-                break
-            m = outcome.metrics
-            if outcome.privacy_state is not None:  # first: this round is released
-                checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                write_json(ledger_path, {"round": m["round"], "privacy": outcome.privacy_state})
-            last_round = m["round"]
-            metrics_writer.write(m)
-            tensorboard.write(m)
-            _progress(cfg, m)
-            summary["rounds_completed"] = last_round
-            summary["round_seconds"].append(round(m["seconds"], 4))
-            summary["bytes_up"] += m["bytes_up"]
-            summary["updates_up"] += m["updates_up"]
-            summary["bytes_down"] += m["bytes_down"]
-            summary["bytes_to_key_holders"] = summary.get("bytes_to_key_holders", 0) + m.get(
-                "bytes_to_key_holders", 0
-            )
-            summary["client_failures"] += m["clients_failed"]
-            summary["clients_rejected"] += m["clients_rejected"]
-            summary["final_accuracy"] = m["test_accuracy"]
-            summary["final_test_loss"] = m["test_loss"]
-            summary["final_fed_val_accuracy"] = m["fed_val_accuracy"]
-            summary["epsilon"] = m.get("epsilon")
-            summary["epsilon_vs_server"] = m.get("epsilon_vs_server")
-            summary["values_clipped"] += m.get("values_clipped", 0)
-            if m.get("values_clipped") and not warned_clipping:
-                warned_clipping = True
-                log.warning(
-                    "round %d: %d update values were outside +-crypto.clip=%g and were clipped "
-                    "(the aggregate differs from the plaintext mean); raise crypto.clip or "
-                    "lower lr. Counted per round in metrics.csv (values_clipped)",
-                    m["round"],
-                    m["values_clipped"],
-                    cfg.crypto.clip,
-                )
-            for cid, node in outcome.client_nodes.items():
-                summary["client_nodes"][str(cid)] = node
-            reached = (
-                cfg.target_accuracy is not None
-                and m["test_accuracy"] is not None
-                and not math.isnan(m["test_accuracy"])
-                and m["test_accuracy"] >= cfg.target_accuracy
-            )
-            if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
-                save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
-                saved_round = last_round
-            write_json(output_dir / "summary.json", summary)
-            if custody is not None and m["clients_failed"]:
-                custody.refresh_restarted_hosts()  # a dead host's successor signs anew
-            if reached:
-                summary["stopped_early"] = True
-                summary["stop_reason"] = "target_accuracy"
-                print(
-                    f"[fedray] target_accuracy={cfg.target_accuracy} reached at round "
-                    f"{last_round}; stopping",
-                    flush=True,
-                )
-                break
-        if last_round > saved_round:
-            save_checkpoint(checkpoint_dir, ray.get(server.state_dict.remote()))
-        if stop.requested:  # Ctrl-C: the launcher prints the command that resumes
-            summary["interrupted"] = True
-            write_json(output_dir / "summary.json", summary)
-            raise Interrupted(last_round, checkpoint_dir)
-        summary["nodes_used"] = sorted(set(summary["client_nodes"].values()))
-        summary["total_seconds"] = time.perf_counter() - t_start
-        write_json(output_dir / "summary.json", summary)
-        if cfg.progress:
-            acc = summary["final_accuracy"]
+            break
+        m = outcome.metrics
+        if outcome.privacy_state is not None:  # first: this round is released
+            job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            write_json(job.ledger_path, {"round": m["round"], "privacy": outcome.privacy_state})
+        last_round = m["round"]
+        _record_round(job, summary, outcome)
+        reached = (
+            cfg.target_accuracy is not None
+            and m["test_accuracy"] is not None
+            and not math.isnan(m["test_accuracy"])
+            and m["test_accuracy"] >= cfg.target_accuracy
+        )
+        if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
+            save_checkpoint(job.checkpoint_dir, ray.get(server.state_dict.remote()))
+            saved_round = last_round
+        write_json(job.output_dir / "summary.json", summary)
+        if job.custody is not None and m["clients_failed"]:
+            job.custody.refresh_restarted_hosts()  # a dead host's successor signs anew
+        if reached:
+            summary["stopped_early"] = True
+            summary["stop_reason"] = "target_accuracy"
             print(
-                f"[fedray] done: {summary['rounds_completed']} rounds, final test accuracy "
-                f"{acc if acc is None else round(acc, 4)}, "
-                f"{summary['total_seconds']:.1f}s; outputs in {output_dir}",
-                file=sys.stdout,
+                f"[fedray] target_accuracy={cfg.target_accuracy} reached at round "
+                f"{last_round}; stopping",
                 flush=True,
             )
-        return summary
-    finally:
-        for scope in sigint_scope:
-            scope.__exit__()
-        if metrics_writer is not None:
-            metrics_writer.close()
-            tensorboard.close()
-        if reservation is not None:  # placement groups outlive their actors otherwise
-            ray.util.remove_placement_group(reservation)
-        if started:
-            ray.shutdown()
+            break
+    if last_round > saved_round:
+        save_checkpoint(job.checkpoint_dir, ray.get(server.state_dict.remote()))
+    if stop.requested:  # Ctrl-C: the launcher prints the command that resumes
+        summary["interrupted"] = True
+        write_json(job.output_dir / "summary.json", summary)
+        raise Interrupted(last_round, job.checkpoint_dir)
+
+
+def _record_round(job: _Job, summary: dict[str, Any], outcome: Any) -> None:
+    """Write a finished round to metrics.csv, TensorBoard and the progress line, and add
+    it to the summary's totals (summary.json is written by the caller)."""
+    cfg, m = job.cfg, outcome.metrics
+    job.metrics_writer.write(m)
+    job.tensorboard.write(m)
+    _progress(cfg, m)
+    summary["rounds_completed"] = m["round"]
+    summary["round_seconds"].append(round(m["seconds"], 4))
+    summary["bytes_up"] += m["bytes_up"]
+    summary["updates_up"] += m["updates_up"]
+    summary["bytes_down"] += m["bytes_down"]
+    summary["bytes_to_key_holders"] = summary.get("bytes_to_key_holders", 0) + m.get(
+        "bytes_to_key_holders", 0
+    )
+    summary["client_failures"] += m["clients_failed"]
+    summary["clients_rejected"] += m["clients_rejected"]
+    summary["final_accuracy"] = m["test_accuracy"]
+    summary["final_test_loss"] = m["test_loss"]
+    summary["final_fed_val_accuracy"] = m["fed_val_accuracy"]
+    summary["epsilon"] = m.get("epsilon")
+    summary["epsilon_vs_server"] = m.get("epsilon_vs_server")
+    summary["values_clipped"] += m.get("values_clipped", 0)
+    if m.get("values_clipped") and not job.warned_clipping:
+        job.warned_clipping = True
+        log.warning(
+            "round %d: %d update values were outside +-crypto.clip=%g and were clipped "
+            "(the aggregate differs from the plaintext mean); raise crypto.clip or "
+            "lower lr. Counted per round in metrics.csv (values_clipped)",
+            m["round"],
+            m["values_clipped"],
+            cfg.crypto.clip,
+        )
+    for cid, node in outcome.client_nodes.items():
+        summary["client_nodes"][str(cid)] = node
+
+
+def _write_summary(job: _Job, summary: dict[str, Any]) -> dict[str, Any]:
+    """Finish summary.json (nodes used, total time) and say where the outputs are."""
+    summary["nodes_used"] = sorted(set(summary["client_nodes"].values()))
+    summary["total_seconds"] = time.perf_counter() - job.t_start
+    write_json(job.output_dir / "summary.json", summary)
+    if job.cfg.progress:
+        acc = summary["final_accuracy"]
+        print(
+            f"[fedray] done: {summary['rounds_completed']} rounds, final test accuracy "
+            f"{acc if acc is None else round(acc, 4)}, "
+            f"{summary['total_seconds']:.1f}s; outputs in {job.output_dir}",
+            file=sys.stdout,
+            flush=True,
+        )
+    return summary

@@ -168,8 +168,8 @@ MUTANTS = [
     Mutant(
         "resume-ignores-privacy-ledger",
         "fedray/runtime/driver.py",
-        "            if privacy is not None and ledger_path.exists():",
-        "            if False:",
+        "        if privacy is not None and ledger_path.exists():",
+        "        if False:",
         ("tests/test_privacy_runs.py",),
         "resume counts only the checkpoint's rounds, not those released after it",
         "resume_counts",
