@@ -14,6 +14,15 @@ from fedray.config import register_configs, to_config
 from fedray.runtime.driver import run_experiment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# Digits with a Dirichlet(0.5) label skew over 20 clients, 10 a round: the workload of
+# benchmarks/strategies.py and benchmarks/compression.py.
+DIGITS_SKEW = [
+    "dataset=digits",
+    "dataset.partition=dirichlet",
+    "dataset.dirichlet_alpha=0.5",
+    "num_clients=20",
+    "clients_per_round=10",
+]
 
 
 @contextlib.contextmanager
@@ -42,3 +51,12 @@ def run_job(overrides: list[str]) -> tuple[dict, list[dict]]:
         with (Path(tmp) / "metrics.csv").open() as fh:
             rows = list(csv.DictReader(fh))
     return summary, rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file at ``path``, folders created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -12,21 +12,16 @@ results_tmp/ (untracked), or benchmarks/results/ with --update-results.
 
 from __future__ import annotations
 
-import csv
 import platform
 import sys
 import time
 from pathlib import Path
 
-from _jobs import embedded_ray, run_job
+from _jobs import DIGITS_SKEW, embedded_ray, run_job, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
-    "dataset=digits",
-    "dataset.partition=dirichlet",
-    "dataset.dirichlet_alpha=0.5",
-    "num_clients=20",
-    "clients_per_round=10",
+    *DIGITS_SKEW,
     "rounds=30",
     "lr=0.05",
     "crypto=none",
@@ -62,11 +57,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     out = ROOT / ("benchmarks/results" if update else "results_tmp")
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "compression.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "compression.csv")
     lines = [
         f"<!-- {platform.machine()}, {time.strftime('%Y-%m-%d')}: "
         f"python benchmarks/compression.py {' '.join(extra)} -->",

@@ -9,22 +9,17 @@ Prints a markdown table and writes strategies.csv into results_tmp/ (untracked);
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
 
-from _jobs import embedded_ray, run_job
+from _jobs import DIGITS_SKEW, embedded_ray, run_job, write_csv
 
 from fedray.config import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
-    "dataset=digits",
-    "dataset.partition=dirichlet",
-    "dataset.dirichlet_alpha=0.5",
-    "num_clients=20",
-    "clients_per_round=10",
+    *DIGITS_SKEW,
     "rounds=40",
     "local_epochs=2",
     "lr=0.05",
@@ -53,11 +48,7 @@ def main() -> None:
                 }
             )
     out = (ROOT / "benchmarks" / "results" if update else ROOT / "results_tmp") / "strategies.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out)
     print(f"wrote {out.relative_to(ROOT)}")
     print(" ".join(BASE[:-2]))
     print("| strategy | test accuracy | clients' held-out accuracy | seconds |")
