@@ -192,6 +192,12 @@ SLOW_FILES_FIRST = (
 )
 
 
+RAY_FIXTURES = {"ray_2cpus", "two_node_cluster"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # `-m "not needs_ray"` selects the unit tests (make mutants does)
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_ray)
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
