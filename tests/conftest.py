@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,60 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-@pytest.fixture(scope="module")
-def ray_2cpus():
-    """An embedded 2-CPU Ray shared by a module's tests (on loopback)."""
+# One embedded Ray serves every test file that asks for ``ray_2cpus`` (starting one costs
+# seconds of the 2-core CI machine per file). A fixture that needs another Ray in this
+# process (``two_node_cluster``) shuts it down first; the next file then starts a new one.
+_LOCAL_RAY: dict[str, str] = {}
+
+
+def _release_local_ray() -> None:
     import ray
 
-    ctx = ray.init(
-        address="local",  # a new instance, whatever `ray start` left in /tmp/ray
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+    _LOCAL_RAY.clear()
+
+
+def _local_ray_is_clean() -> bool:
+    """The shared Ray is up and nothing a previous file left behind holds its CPUs."""
+    import ray
+
+    if not (ray.is_initialized() and _LOCAL_RAY):
+        return False
+    if ray.cluster_resources().get("CPU", 0.0) != 2:
+        return False
+    deadline = time.monotonic() + 10  # actors of the last job release their CPUs lazily
+    while ray.available_resources().get("CPU", 0.0) != 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.fixture(scope="module")
+def ray_2cpus():
+    """An embedded 2-CPU Ray on loopback, shared by the test files (see above)."""
+    import ray
+
+    if not _local_ray_is_clean():
+        _release_local_ray()
+        ctx = ray.init(
+            address="local",  # a new instance, whatever `ray start` left in /tmp/ray
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
+        _LOCAL_RAY["address"] = ctx.address_info["gcs_address"]
+    yield _LOCAL_RAY["address"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_shared_ray():
+    yield
+    if "ray" in sys.modules:
+        _release_local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +80,7 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    _release_local_ray()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "num_gpus": 1, "resources": {"site_a": 1}},

@@ -70,8 +70,8 @@ def _walk(obj):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["crypto.host_sum=false"], ["crypto.custody=shared"], ["crypto.fast_decrypt=false"]],
-    ids=["threshold-host-sums", "threshold-per-client", "shared", "partial-decryptions"],
+    [[], ["crypto.custody=shared"], ["crypto.host_sum=false", "crypto.fast_decrypt=false"]],
+    ids=["threshold-host-sums", "shared", "per-client-partial-decryptions"],
 )
 def test_with_crypto_the_server_receives_nothing_per_client_in_the_clear(
     ray_2cpus, tmp_path, extra
