@@ -322,10 +322,10 @@ def run_experiment(
     job = _Job(cfg, output_dir, t_start, resumed=resume_state is not None, started=connect(cfg))
     try:
         # Set-up: hosts, weights and keys, the server (with the checkpoint on resume).
-        _start_hosts(job, client_actor_class(host_class))
+        _start_hosts(job, client_actor_class(host_class), server_actor_class(server_class))
         sizes = _set_up_hosts(job)
         _describe_federation(job)
-        counts = _start_server(job, server_actor_class(server_class), sizes, resume_state)
+        counts = _start_server(job, sizes, resume_state)
         summary = _open_outputs(job, counts)
         # Rounds, then the summary.
         _run_rounds(job, summary)
@@ -343,9 +343,11 @@ def run_experiment(
             ray.shutdown()
 
 
-def _start_hosts(job: _Job, actor_cls: Any) -> None:
-    """Place the client hosts (silo mode: every site reserved at once), wait until each
-    has loaded its clients' data, and ask each where it runs."""
+def _start_hosts(job: _Job, actor_cls: Any, server_cls: Any) -> None:
+    """Place the client hosts (silo mode: every site reserved at once), start the server
+    (model and test set only: it is wired to the federation in :func:`_start_server`)
+    while they load their clients' data, wait until each host is ready, and ask each
+    where it runs."""
     import ray
 
     from fedray.runtime.cluster import plan_placement
@@ -365,6 +367,7 @@ def _start_hosts(job: _Job, actor_cls: Any) -> None:
         )
         for cids, opts in zip(job.placement.host_clients, host_options, strict=True)
     ]
+    job.server = server_cls.remote(cfg, job.info)
     _wait_ready(job.hosts, READY_TIMEOUT_S)
     for answer in ray.get([h.describe.remote() for h in job.hosts]):
         job.described.update(answer)
@@ -452,10 +455,11 @@ def _describe_federation(job: _Job) -> None:
 
 
 def _start_server(
-    job: _Job, server_cls: Any, sizes: dict[int, int], resume_state: dict[str, Any] | None
+    job: _Job, sizes: dict[int, int], resume_state: dict[str, Any] | None
 ) -> tuple[int, int, int]:
-    """Start the server actor (on resume, from the checkpoint and the privacy ledger).
-    Returns its counts: exchanged values, model parameters, values per ciphertext."""
+    """Wire the server to the federation (on resume, from the checkpoint and the privacy
+    ledger). Returns its counts: exchanged values, model parameters, values per
+    ciphertext."""
     import ray
 
     cfg = job.cfg
@@ -465,14 +469,15 @@ def _start_server(
 
         privacy = build_privacy(cfg, sizes)
     job.privacy = privacy
-    server = job.server = server_cls.remote(
-        cfg,
-        job.info,
-        job.hosts,
-        job.placement.assignment,
-        job.public_key,
-        privacy,
-        key_holders=job.custody.holders if job.custody else None,
+    server = job.server
+    _get(
+        server.set_up.remote(
+            job.hosts,
+            job.placement.assignment,
+            job.public_key,
+            privacy,
+            key_holders=job.custody.holders if job.custody else None,
+        )
     )
     ledger_path = job.ledger_path
     if resume_state is not None:

@@ -124,14 +124,16 @@ class Server:
         self,
         cfg: FedrayConfig,
         info: DatasetInfo,
-        hosts: list[Any],
-        assignment: dict[int, int],
+        hosts: list[Any] | None = None,
+        assignment: dict[int, int] | None = None,
         key: Any = None,
         privacy: Any = None,
         key_holders: list[Any] | None = None,
     ):
-        """``key``: the :class:`~fedray.crypto.threshold.ThresholdPublicKey` (public only);
-        ``key_holders``: the holders' handles, holder ``j`` at index ``j - 1``."""
+        """Build the model, strategy and test set: what needs only the config. The driver
+        starts the server this way while the hosts load their data (both import torch;
+        on a few cores that overlaps the key set-up), then wires in the federation with
+        :meth:`set_up`. Given ``hosts``, :meth:`set_up` runs at once."""
         import torch
 
         from fedray.models import ParamView
@@ -140,6 +142,40 @@ class Server:
 
         torch.set_num_threads(1)
         self.cfg = cfg
+        self.task = build_task(cfg, info)  # on the CPU: the server only evaluates
+        self.model = build_task_model(self.task, cfg.seed)
+        self.view = ParamView(self.model, cfg.model.trainable)
+        self.weights = self.view.get()
+        self.strategy = build_strategy(cfg.strategy)
+        self.rng = np.random.default_rng([cfg.seed, 1])
+        self.noise_rng = np.random.default_rng([cfg.seed, 2])
+        self.round = 0
+        self.test = self.task.load_test_data()
+        self.hosts: list[Any] = []
+        self.assignment: dict[int, int] = {}
+        self._groups: list[list[int]] | None = None
+        self.key = self.privacy = None
+        self.key_holders: list[Any] = []
+        self._hosts_failed = False
+        self.codec = self.layout = self._unmasker = None
+        self._is_set_up = False
+        if hosts is not None:
+            self.set_up(hosts, assignment or {}, key, privacy, key_holders)
+
+    def set_up(
+        self,
+        hosts: list[Any],
+        assignment: dict[int, int],
+        key: Any = None,
+        privacy: Any = None,
+        key_holders: list[Any] | None = None,
+    ) -> bool:
+        """Wire in the federation, once: the hosts and which clients each serves, and
+        with crypto the public key (``key``: a
+        :class:`~fedray.crypto.threshold.ThresholdPublicKey`, public only) and the key
+        holders' handles (holder ``j`` at index ``j - 1``)."""
+        if self._is_set_up:
+            raise PermissionError("the server's federation is set up once")
         self.hosts = hosts
         self.assignment = assignment
         groups: dict[int, list[int]] = {}
@@ -151,26 +187,17 @@ class Server:
         self.key = key
         self.privacy = privacy
         self.key_holders = list(key_holders or [])
-        self._hosts_failed = False
-        self.task = build_task(cfg, info)  # on the CPU: the server only evaluates
-        self.model = build_task_model(self.task, cfg.seed)
-        self.view = ParamView(self.model, cfg.model.trainable)
-        self.weights = self.view.get()
-        self.strategy = build_strategy(cfg.strategy)
-        self.rng = np.random.default_rng([cfg.seed, 1])
-        self.noise_rng = np.random.default_rng([cfg.seed, 2])
-        self.round = 0
-        self.test = self.task.load_test_data()
-        self.codec = self.layout = self._unmasker = None
         if key is not None:
             from fedray.crypto.secure_aggregation import UpdateLayout
 
-            self.codec = codec_for(cfg, key.public, self.view.size)
+            self.codec = codec_for(self.cfg, key.public, self.view.size)
             self.layout = UpdateLayout.for_key(key.public, self.codec)
-            if key.threshold >= 2 and cfg.crypto.fast_decrypt:
+            if key.threshold >= 2 and self.cfg.crypto.fast_decrypt:
                 self._unmasker = self._make_unmasker(key)
         if privacy is not None:
             privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
+        self._is_set_up = True
+        return True
 
     def _make_unmasker(self, key):
         """The fast path's opener; big sums are opened over a pool of processes (the
@@ -236,6 +263,9 @@ class Server:
     def run_round(self) -> RoundOutcome:
         """Run the next round, retrying it if too few clients answer."""
         import ray
+
+        if not self._is_set_up:
+            raise ClusterError("the server was not set up (Server.set_up) before a round")
 
         if self.privacy is not None and self.privacy.would_exceed_target():
             log.warning(
