@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -540,6 +541,8 @@ class Server:
         if self._unmasker is not None and all(acc.update_ids):
             try:
                 return self._open_with_share_sums(acc), "share_sums"
+            except BrokenProcessPool as exc:
+                self._drop_opening_pool(exc)
             except (ClusterError, ValueError) as exc:
                 log.warning(
                     "round %d: share sums did not open the sum (%s); asking for partial "
@@ -557,6 +560,21 @@ class Server:
                 "was not encoded by this job's codec); completed rounds are in metrics.csv"
             )
         return plaintexts, how
+
+    def _drop_opening_pool(self, exc: BaseException) -> None:
+        """A process of the opening pool died (the OOM killer, a signal): the pool is
+        broken for good. This round's sum is opened by the next path, later ones
+        in-process (the fast path still, only slower)."""
+        pool, self._unmasker.pool = self._unmasker.pool, None
+        log.warning(
+            "round %d: a process of the server's opening pool died (%s); opening this sum "
+            "by the next path, and later sums in-process",
+            self.round,
+            _first_line(exc),
+        )
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.close()
 
     def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
         """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
