@@ -27,6 +27,27 @@ def key():
     return deal_threshold_key(512, 3, 2)[0]  # tests only: small keys
 
 
+def test_pooled_open_makes_few_jobs_at_a_time(key):
+    """Opening over a pool makes each job's input (a chunk of the sum as bytes) only as
+    a worker is ready for it: a few chunks per process at a time, never the whole sum
+    again (``Executor.map`` would make them all at once)."""
+    from fedray.crypto.parallel import OPEN_CHUNK, _unmask
+
+    with ParallelCrypto(key, 2, unmask_summands=3) as pool:
+        assert all(b - a <= OPEN_CHUNK for a, b in pool._bounds(100 * OPEN_CHUNK, OPEN_CHUNK))
+        made = []
+
+        def jobs():
+            for i in range(40):
+                made.append(i)
+                yield (b"", [], 3, 8)
+
+        taken = 0
+        for taken, part in enumerate(pool._map_few_at_a_time(_unmask, jobs()), 1):
+            assert part == [] and len(made) - taken < 2 * pool.processes
+        assert taken == 40
+
+
 @pytest.mark.parametrize("window", [5, 8, 12])
 def test_fixed_base_table_is_a_power(key, window):
     n2 = gmpy2.mpz(key.n) ** 2
