@@ -110,3 +110,13 @@ class HolderKillingHost(ClientHost):
 
             ray.kill(self._holders[-1])
         return super().train(task, global_weights)
+
+
+class ForgetfulHost(ClientHost):
+    """Has lost its sealed updates when the slow path asks for them in round 2, as a host
+    that Ray restarted after the server folded its update would have."""
+
+    def sealed_payload(self, round_num, update_id):
+        if round_num == 2:
+            self._sealed.clear()
+        return super().sealed_payload(round_num, update_id)

@@ -335,3 +335,74 @@ def test_process_pool_encrypts_what_one_process_would(threshold_key):
     assert len(cts) == layout.num_ciphertexts
     plain = Unmasker(key, 3).unmask(cts, exponents)
     assert plain == layout.encode_sum(entries)
+
+
+def _updates(key, layout, count):
+    enc = ClientEncryptor(key, layout)
+    values = layout.codec.num_values
+    updates = []
+    for i in range(count):
+        update, _ = enc.encrypt_sum([(np.full(values, 0.01 * (i + 1)), 1.0, None, {})])
+        update.update_id = f"u{i}"
+        updates.append(update)
+    return updates
+
+
+def test_sum_is_folded_chunk_by_chunk_and_a_late_bad_chunk_changes_nothing(threshold_key):
+    """A sum folded 16 ciphertexts at a time equals one folded whole; an update whose
+    only bad ciphertext is in its last chunk is rejected with the sum (or, first, the
+    empty sum) exactly as it was: every chunk is checked before any is multiplied in."""
+    key, _ = threshold_key
+    public = key.public
+    layout = _layout(public, num_values=3000, max_summands=4)
+    num, width = layout.num_ciphertexts, public.ciphertext_bytes
+    assert num > 3 * 16  # several chunks, and a last one
+    good = _updates(key, layout, 2)
+    whole, chunked = EncryptedSum(public, layout), EncryptedSum(public, layout, chunk=16)
+    for update in good:
+        whole.add(update)
+        chunked.add(update, source=7)
+    assert chunked.ciphertexts() == whole.ciphertexts()
+    assert (chunked.update_ids, chunked.sources) == (["u0", "u1"], [7, 7])
+
+    before = list(chunked.ciphertexts())
+    for bad_value, why in ((public.n, "unit"), (0, "outside")):
+        bad = type(good[0])(
+            good[0].key_id, 3000, good[0].ciphertexts[:-width] + bad_value.to_bytes(width, "little")
+        )
+        with pytest.raises(RejectedUpdate, match=f"ciphertext {num - 1} .*{why}"):
+            chunked.add(bad, source=1)
+        assert chunked.ciphertexts() == before
+        assert (chunked.count, chunked.update_ids, chunked.sources) == (2, ["u0", "u1"], [7, 7])
+        empty = EncryptedSum(public, layout, chunk=16)
+        with pytest.raises(RejectedUpdate):
+            empty.add(bad)
+        with pytest.raises(ValueError, match="no update"):
+            empty.ciphertexts()
+    with pytest.raises(RejectedUpdate, match="not bytes"):
+        chunked.add(type(good[0])(good[0].key_id, 3000, list(good[0].ciphertexts)))
+
+
+def test_sum_keeps_no_update_bytes(threshold_key):
+    """Folding N updates keeps the sum and each update's id and source, not its bytes:
+    what stays allocated after the first fold does not grow by a payload per update."""
+    import dataclasses
+    import tracemalloc
+
+    key, _ = threshold_key
+    layout = _layout(key.public, num_values=3000, max_summands=8)
+    updates = _updates(key, layout, 5)
+    size = len(updates[0].ciphertexts)
+    acc = EncryptedSum(key.public, layout, chunk=16)
+    tracemalloc.start()
+    try:
+        held = []
+        for update in updates:
+            payload = bytes(bytearray(update.ciphertexts))  # a fresh copy, traced
+            acc.add(dataclasses.replace(update, ciphertexts=payload), source=0)
+            del payload
+            held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert held[-1] - held[0] < size / 2, (size, held)
+    assert acc.count == 5 and acc.update_ids == [u.update_id for u in updates]

@@ -143,6 +143,63 @@ def test_holder_sums_only_updates_of_one_global_model(ledger):
         holder.share_sum(1, ["victim", "padding"])
 
 
+def _two_deposits(ledger):
+    """Round 1: site 0's update of clients 0, 1 ("a") and site 1's of client 3 ("b"), their
+    bytes, and holder 1's partial decryption of their product, computed here."""
+    import gmpy2
+
+    from fedray.crypto.paillier import from_bytes
+    from fedray.crypto.threshold import partial_decrypt
+
+    holder, sites, _, key, shares = ledger
+    a = _deposit(holder, sites[0], 1, [0, 1], "a").ciphertexts
+    b = _deposit(holder, sites[1], 1, [3], "b").ciphertexts
+    n2 = gmpy2.mpz(key.n) ** 2
+    pairs = zip(from_bytes(key.public, a), from_bytes(key.public, b), strict=True)
+    return holder, a, b, partial_decrypt(shares[0], [x * y % n2 for x, y in pairs])
+
+
+def test_holder_multiplies_payloads_chunk_by_chunk_and_refuses_a_wrong_digest(ledger, monkeypatch):
+    """Slow path on the plain class: the holder checks each payload against the signed
+    digest and folds it a chunk at a time (chunks of 1 here) into the product, or the
+    range of it asked for."""
+    holder, a, b, expected = _two_deposits(ledger)
+    assert len(expected) == 2
+    monkeypatch.setattr("fedray.runtime.keys.FOLD_CHUNK", 1)
+    with pytest.raises(PermissionError, match="signed digest"):
+        holder.partial_decrypt(1, ["a", "b"], [a, a])
+    with pytest.raises(PermissionError, match="signed digest"):
+        holder.partial_decrypt(1, ["a", "b"], [a, b[:-1] + b"\0"])
+    with pytest.raises(PermissionError, match="one ciphertext payload per update"):
+        holder.partial_decrypt(1, ["a", "b"], [a])
+    assert holder.partial_decrypt(1, ["a", "b"], [a, b]) == expected
+    assert holder.partial_decrypt(1, ["a", "b"], [a, b], 1, 2) == expected[1:]
+    assert holder.partial_decrypt(1, ["a", "b"], [a, b], 0, 1) == expected[:1]
+
+
+def test_holder_fetches_refs_and_refuses_one_to_the_wrong_bytes(ledger, ray_2cpus):
+    """The server keeps no update's bytes: it passes the holders ObjectRefs to the sealing
+    hosts' copies. The holder fetches each, refuses one whose bytes do not match the
+    signed digest (or are not bytes), and says which round could not be fetched again."""
+    holder, a, b, expected = _two_deposits(ledger)
+
+    @ray.remote
+    def gone():
+        raise LookupError("this host holds no sealed update")
+
+    for wrong, match in [
+        ([ray.put(b), ray.put(a)], "signed digest"),  # refs to the other update's bytes
+        ([ray.put(a), ray.put(b[:-1] + b"\0")], "signed digest"),
+        ([ray.put(a), ray.put(str(b))], "not bytes"),
+    ]:
+        with pytest.raises(PermissionError, match=match):
+            holder.partial_decrypt(1, ["a", "b"], wrong)
+    with pytest.raises(LookupError, match="round 1: .* no longer on its host"):
+        holder.partial_decrypt(1, ["a", "b"], [ray.put(a), gone.remote()])
+    assert holder.partial_decrypt(1, ["a", "b"], [ray.put(a), ray.put(b)]) == expected
+    assert holder.partial_decrypt(1, ["a", "b"], [a, ray.put(b)], 1, 2) == expected[1:]
+
+
 def test_threshold_must_be_a_majority():
     """With t <= h/2, two disjoint groups of t holders could each release a different sum
     of one round, and their difference is one client's update."""

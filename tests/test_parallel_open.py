@@ -27,6 +27,27 @@ def key():
     return deal_threshold_key(512, 3, 2)[0]  # tests only: small keys
 
 
+def test_pooled_open_makes_few_jobs_at_a_time(key):
+    """Opening over a pool makes each job's input (a chunk of the sum as bytes) only as
+    a worker is ready for it: a few chunks per process at a time, never the whole sum
+    again (``Executor.map`` would make them all at once)."""
+    from fedray.crypto.parallel import OPEN_CHUNK, _unmask
+
+    with ParallelCrypto(key, 2, unmask_summands=3) as pool:
+        assert all(b - a <= OPEN_CHUNK for a, b in pool._bounds(100 * OPEN_CHUNK, OPEN_CHUNK))
+        made = []
+
+        def jobs():
+            for i in range(40):
+                made.append(i)
+                yield (b"", [], 3, 8)
+
+        taken = 0
+        for taken, part in enumerate(pool._map_few_at_a_time(_unmask, jobs()), 1):
+            assert part == [] and len(made) - taken < 2 * pool.processes
+        assert taken == 40
+
+
 @pytest.mark.parametrize("window", [5, 8, 12])
 def test_fixed_base_table_is_a_power(key, window):
     n2 = gmpy2.mpz(key.n) ** 2
@@ -143,3 +164,65 @@ def test_client_encryptor_with_a_pool_shares_in_the_workers(key):
     total, got = layout.decode_sum(plain, 1)
     assert np.max(np.abs(total - 0.5 * values)) <= codec.error_bound(1, 1.0) + 1e-12
     assert got["num_examples"] == 7
+
+
+def _offline_server(key, shares, layout, blobs, unmasker):
+    """A :class:`Server` with what ``_decrypt`` needs, its key holders (1 and 2 of the
+    ``threshold_key`` fixture) answering in-process: no Ray, no model."""
+    from fedray.runtime.server import Server
+
+    class OfflineServer(Server):
+        def __init__(self):  # none of the real set-up
+            self.key, self.layout, self.round, self._unmasker = key, layout, 1, unmasker
+
+        def _ask_holders(self, method, update_ids, *args, need):
+            from fedray.crypto.threshold import partial_decrypt
+
+            if method == "share_sum":
+                return {j: add_share_blobs(key, [b[j - 1] for b in blobs]) for j in (1, 2)}
+            assert method == "partial_decrypt"
+            cts = self._acc.ciphertexts()  # the holders' own product of the payloads
+            return {j: partial_decrypt(shares[j - 1], cts) for j in (1, 2)}
+
+        def _payload_refs(self, acc):
+            self._acc = acc
+            return []
+
+    return OfflineServer()
+
+
+def test_a_dead_opening_process_falls_back_and_later_sums_open_in_process(threshold_key):
+    """A worker of the server's opening pool is killed (as the OOM killer would): the
+    round's sum still opens, by partial decryptions, to the very plaintexts; the broken
+    pool is dropped, and the next sum opens by share sums in-process."""
+    import os
+    import signal
+    import time
+
+    from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, UpdateLayout
+
+    key, shares = threshold_key
+    codec = PackedPaillierCodec.for_key(key.public, num_values=600, max_summands=3)
+    layout = UpdateLayout.for_key(key.public, codec)
+    encryptor, acc, blobs = ClientEncryptor(key, layout), EncryptedSum(key.public, layout), []
+    for i in range(3):
+        values = np.random.default_rng(i).uniform(-0.5, 0.5, 600)
+        update, update_shares = encryptor.encrypt_sum([(values, 1.0, None, {})])
+        update.update_id = f"u{i}"
+        acc.add(update, source=i)
+        blobs.append(update_shares)
+    one = Unmasker(key, 3)
+    sums = {j: add_share_blobs(key, [b[j - 1] for b in blobs]) for j in (1, 2)}
+    expected = one.unmask(acc.ciphertexts(), one.exponents(sums, 3))
+    assert expected is not None and layout.fits(expected)
+
+    pool = ParallelCrypto(key, 2, unmask_summands=3)
+    server = _offline_server(key, shares, layout, blobs, Unmasker(key, 3, pool=pool))
+    victim = next(iter(pool._pool._processes))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not pool._pool._broken and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server._decrypt(acc) == (expected, "partial_decryption")
+    assert server._unmasker.pool is None  # dropped: later sums open in-process
+    assert server._decrypt(acc) == (expected, "share_sums")

@@ -67,6 +67,20 @@ def test_every_decryption_path_gives_the_same_model(ray_2cpus, tmp_path):
     assert summary["custody"] == "shared" and summary["threshold"] == 1
 
 
+def test_slow_path_fails_clearly_when_hosts_lost_their_sealed_updates(ray_2cpus, tmp_path):
+    """The server keeps no update's bytes: the slow path fetches them from the hosts. If
+    those are gone (a host restarted after the fold), the run stops with one error naming
+    the round, and the rounds before it stay in metrics.csv."""
+    from fedray.errors import ClusterError
+
+    cfg = compose([*SMALL_KEY, "rounds=3", "checkpoint.every=1", "crypto.fast_decrypt=false"])
+    with pytest.raises(ClusterError, match=r"round 2: .*no sealed update"):
+        run_experiment(cfg, tmp_path / "run", host_class=faulty.ForgetfulHost)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [(r["round"], r["decrypted_by"]) for r in rows] == [("1", "partial_decryption")]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints")["round"] == 1
+
+
 def test_rounds_survive_holders_minus_t_key_holders_dying(ray_2cpus, tmp_path):
     """3 key holders, any 2 decrypt: the last holder is killed as round 2 starts, and the
     run ends with the same weights as without the kill."""

@@ -290,17 +290,40 @@ def from_bytes(public: PublicKey, data: bytes) -> list[gmpy2.mpz]:
     ]
 
 
-def check_ciphertexts(public: PublicKey, ciphertexts: list) -> str | None:
-    """Why these are not valid ciphertexts under ``public`` (outside Z*_{n^2}), or None."""
+def check_ciphertexts(public: PublicKey, ciphertexts: list, offset: int = 0) -> str | None:
+    """Why these are not valid ciphertexts under ``public`` (outside Z*_{n^2}), or None.
+
+    ``offset``: the index of the first one in its payload (checked a chunk at a time), so
+    the message names the ciphertext of the payload, not of the chunk."""
     n = gmpy2.mpz(public.n)
     n2 = n * n
     product = gmpy2.mpz(1)
-    for i, c in enumerate(ciphertexts):
+    for i, c in enumerate(ciphertexts, offset):
         if not 0 < c < n2:
             return f"ciphertext {i} is outside [1, n^2)"
         product = product * c % n
     # c is a unit mod n^2 iff gcd(c, n) = 1; one gcd on the product tests them all.
     if gmpy2.gcd(product, n) != 1:
-        bad = next(i for i, c in enumerate(ciphertexts) if gmpy2.gcd(c, n) != 1)
+        bad = next(i for i, c in enumerate(ciphertexts, offset) if gmpy2.gcd(c, n) != 1)
         return f"ciphertext {bad} is not a unit mod n^2 (not in Z*_(n^2))"
     return None
+
+
+def ciphertext_chunks(public: PublicKey, data: bytes, chunk: int):
+    """``(index of the first, its ciphertexts)`` for each ``chunk`` ciphertexts of ``data``.
+
+    A payload is read a slice at a time, so whoever folds it holds one chunk of big
+    integers beside the bytes, never a second whole copy of the update."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    width = public.ciphertext_bytes
+    step = chunk * width
+    view = memoryview(data)
+    for lo in range(0, len(view), step):
+        yield lo // width, from_bytes(public, view[lo : lo + step])
+
+
+def multiply_into(acc: list, start: int, ciphertexts: list, n2) -> None:
+    """``acc[start + i] *= ciphertexts[i] mod n2``, in place (a homomorphic sum)."""
+    for i, c in enumerate(ciphertexts, start):
+        acc[i] = acc[i] * c % n2

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -31,6 +32,9 @@ from fedray.crypto.threshold import (
 )
 
 _STATE: dict = {}
+# Ciphertexts per opening job: with a few jobs per process in flight, the server holds a
+# few chunks of the sum as bytes at a time, not a second copy of it.
+OPEN_CHUNK = 512
 
 
 def _init(
@@ -116,8 +120,10 @@ class ParallelCrypto:
             warm = (b"", [], max(1, unmask_summands), window)
             list(self._pool.map(_unmask, [warm] * processes))
 
-    def _bounds(self, count: int) -> list[tuple[int, int]]:
-        bounds = np.linspace(0, count, self.processes * 4 + 1).astype(int)
+    def _bounds(self, count: int, most: int | None = None) -> list[tuple[int, int]]:
+        """Chunks of ``count`` items: four per process, or more of at most ``most``."""
+        parts = self.processes * 4 if most is None else max(self.processes * 4, -(-count // most))
+        bounds = np.linspace(0, count, parts + 1).astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
     def encrypt(self, plaintexts: list[int]) -> tuple[bytes, list[int] | None]:
@@ -148,14 +154,26 @@ class ParallelCrypto:
         public = self.key.public
         jobs = (
             (to_bytes(public, ciphertexts[a:b]), exponents[a:b], max_summands, window)
-            for a, b in self._bounds(len(ciphertexts))
+            for a, b in self._bounds(len(ciphertexts), most=OPEN_CHUNK)
         )
         out: list[int] = []
-        for part in self._pool.map(_unmask, jobs):
+        for part in self._map_few_at_a_time(_unmask, jobs):
             if part is None:
                 return None
             out.extend(part)
         return out
+
+    def _map_few_at_a_time(self, fn, jobs):
+        """``fn`` over ``jobs`` in order, as ``Executor.map`` does, but with at most two
+        jobs per process submitted at a time: ``map`` would make every job's input at
+        once (for an opening, a second whole copy of the sum as bytes)."""
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(self._pool.submit(fn, job))
+            if len(pending) >= 2 * self.processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def close(self) -> None:
         self._pool.shutdown()

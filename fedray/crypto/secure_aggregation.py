@@ -13,6 +13,7 @@ key holders for what it needs to open the *sum* only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import gmpy2
 import numpy as np
@@ -23,7 +24,8 @@ from fedray.crypto.paillier import (
     PrivateKey,
     PublicKey,
     check_ciphertexts,
-    from_bytes,
+    ciphertext_chunks,
+    multiply_into,
     to_bytes,
 )
 from fedray.crypto.threshold import PublicEncryptor, ThresholdPublicKey, share_exponents
@@ -169,20 +171,52 @@ class ClientEncryptor:
         )
 
 
-class EncryptedSum:
-    """Server side: the running homomorphic sum of the updates accepted this round."""
+FOLD_CHUNK = 2048  # ciphertexts an EncryptedSum checks and multiplies in at a time
 
-    def __init__(self, public: PublicKey, layout: UpdateLayout):
+
+class EncryptedSum:
+    """Server side: the running homomorphic sum of the updates accepted this round.
+
+    It holds the sum (one update's worth of big integers) and, per update, only its
+    ``update_id`` and ``source`` (where the sealed bytes can be had again for the slow
+    paths): never the updates' bytes, so ten clients' updates do not mean ten copies.
+    ``chunk``: ciphertexts read from a payload at a time (the transient of a fold).
+    """
+
+    def __init__(self, public: PublicKey, layout: UpdateLayout, chunk: int = FOLD_CHUNK):
         self.public = public
         self.layout = layout
+        self.chunk = chunk
         self._n2 = gmpy2.mpz(public.n) ** 2
         self._acc: list | None = None
         self.count = 0
         self.update_ids: list[str] = []
-        self.payloads: list[bytes] = []  # each update's ciphertexts (for the slow path)
+        self.sources: list[Any] = []  # per update, where its ciphertexts can be fetched
 
-    def add(self, update: EncryptedUpdate) -> None:
-        """Fold one update in, or raise RejectedUpdate (the sum is then unchanged)."""
+    def add(self, update: EncryptedUpdate, source: Any = None) -> None:
+        """Fold one update in, or raise RejectedUpdate (the sum is then unchanged).
+
+        Two streaming passes over the bytes: every chunk is checked before any is
+        multiplied in, so a bad ciphertext in the last chunk leaves the sum as it was."""
+        self._check_header(update)
+        for start, cts in ciphertext_chunks(self.public, update.ciphertexts, self.chunk):
+            problem = check_ciphertexts(self.public, cts, offset=start)
+            if problem:
+                raise RejectedUpdate(problem)
+        first = self._acc is None
+        acc: list = [] if first else self._acc
+        for start, cts in ciphertext_chunks(self.public, update.ciphertexts, self.chunk):
+            if first:
+                acc.extend(cts)
+            else:
+                multiply_into(acc, start, cts, self._n2)
+        self._acc = acc
+        self.count += update.count
+        self.update_ids.append(update.update_id)
+        self.sources.append(source)
+
+    def _check_header(self, update: EncryptedUpdate) -> None:
+        """RejectedUpdate unless key, length, count and payload size are this sum's."""
         if update.key_id != self.public.fingerprint:
             raise RejectedUpdate("encrypted under another key")
         if update.num_values != self.layout.codec.num_values:
@@ -197,20 +231,11 @@ class EncryptedSum:
                 f"the maximum {self.layout.codec.max_summands}"
             )
         expected = self.layout.num_ciphertexts * self.public.ciphertext_bytes
-        if len(update.ciphertexts) != expected:
-            raise RejectedUpdate(f"payload of {len(update.ciphertexts)} bytes, expected {expected}")
-        cts = from_bytes(self.public, update.ciphertexts)
-        problem = check_ciphertexts(self.public, cts)
-        if problem:
-            raise RejectedUpdate(problem)
-        if self._acc is None:
-            self._acc = cts
-        else:
-            n2 = self._n2
-            self._acc = [a * c % n2 for a, c in zip(self._acc, cts, strict=True)]
-        self.count += update.count
-        self.update_ids.append(update.update_id)
-        self.payloads.append(update.ciphertexts)
+        data = update.ciphertexts
+        if not isinstance(data, bytes | bytearray):
+            raise RejectedUpdate(f"payload is a {type(data).__name__}, not bytes")
+        if len(data) != expected:
+            raise RejectedUpdate(f"payload of {len(data)} bytes, expected {expected}")
 
     def ciphertexts(self) -> list:
         if self._acc is None:

@@ -131,6 +131,10 @@ class ClientHost:
         self._host_index = -1
         self._parallel = None
         self._to_seal: dict[int, tuple[np.ndarray, float, Any, dict]] = {}
+        # This round's sealed updates (update id -> ciphertext bytes), for the key
+        # holders' slow paths: the server keeps no update's bytes (see sealed_payload).
+        self._sealed: dict[str, bytes] = {}
+        self._sealed_round = -1
         self._busy = False
         self._set_up_closed = False  # see _check_set_up_open
         self._precompute_thread: threading.Thread | None = None
@@ -346,8 +350,24 @@ class ClientHost:
             np.ascontiguousarray(global_weights, dtype=np.float32).tobytes()
         ).hexdigest()
         self._set_up_closed = True
+        if task.round != self._sealed_round:  # last round's updates are opened by now
+            self._sealed.clear()
+            self._sealed_round = task.round
         with self._on_the_clock():
             return self._train_many(task, global_weights)
+
+    def sealed_payload(self, round_num: int, update_id: str) -> bytes:
+        """The ciphertexts of an update this host sealed this round, again.
+
+        The server folds each update into its sum and drops the bytes; when the sum must
+        be opened the slow way, it hands the key holders references to these instead
+        (they check them against the signed digest). Nothing the server has not seen."""
+        if int(round_num) == self._sealed_round and str(update_id) in self._sealed:
+            return self._sealed[str(update_id)]
+        raise LookupError(
+            f"round {round_num}: this host holds no sealed update {update_id!r} (it keeps "
+            f"those of its latest round only, {self._sealed_round}, and not after a restart)"
+        )
 
     def _train_many(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
         node = self.node_id()
@@ -502,6 +522,7 @@ class ClientHost:
                 continue
             carrier = group[0]
             carrier.encrypted = update
+            self._sealed[update.update_id] = update.ciphertexts
             carrier.encrypt_seconds = seconds + time.perf_counter() - t1
             carrier.bytes_up = update.nbytes
             carrier.bytes_to_key_holders = sum(

@@ -36,7 +36,15 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedray.crypto.paillier import PrivateKey, check_ciphertexts, from_bytes
+import gmpy2
+
+from fedray.crypto.paillier import (
+    PrivateKey,
+    check_ciphertexts,
+    ciphertext_chunks,
+    multiply_into,
+)
+from fedray.crypto.secure_aggregation import FOLD_CHUNK
 from fedray.crypto.threshold import (
     DecryptionShare,
     ThresholdPublicKey,
@@ -48,6 +56,9 @@ from fedray.crypto.threshold import (
 log = logging.getLogger("fedray.keys")
 
 KEEP_ROUNDS = 2  # deposits of older rounds (stragglers' leftovers) are dropped
+# How long the slow path waits for a host to hand back an update's ciphertexts (a host
+# still busy with a late call answers after it; a hung one must not hang the round).
+PAYLOAD_FETCH_TIMEOUT_S = 300.0
 
 
 def digest(data: bytes) -> str:
@@ -302,40 +313,81 @@ class KeyHolder:
         self,
         round_num: int,
         update_ids: list[str],
-        payloads: list[bytes],
+        payloads: list[Any],
         start: int = 0,
         stop: int | None = None,
     ) -> list[int]:
         """Slow path: ``c^(s_j)`` of ciphertexts ``start:stop`` of the sum (threshold), or
         their plaintexts (shared custody). The holder checks each update's ciphertexts
-        against the signed digest and multiplies them itself."""
+        against the signed digest and multiplies them itself.
+
+        ``payloads``: per update, its ciphertext bytes, or an ObjectRef to them (the
+        server asks the sealing host for it: it keeps no update's bytes). Refs are
+        fetched one at a time and folded in chunks, so this holder holds one payload
+        beside the running product."""
         if self._secret is None:
             raise PermissionError("this key holder holds no key material")
         deposits = self._authorize(round_num, update_ids)
         if len(payloads) != len(deposits):
             raise PermissionError("one ciphertext payload per update is needed")
-        public = self.key.public
-        n2 = public.n * public.n
-        product = None
-        for d, payload in zip(deposits, payloads, strict=True):
-            if digest(payload) != d.ciphertext_sha256:
-                raise PermissionError("a ciphertext payload does not match its signed digest")
-            cts = from_bytes(public, payload)
-            problem = check_ciphertexts(public, cts)
-            if problem:
-                raise PermissionError(problem)
-            if product is not None and len(cts) != len(product):
-                raise PermissionError("updates of different lengths cannot be summed")
-            product = (
-                cts if product is None else [a * b % n2 for a, b in zip(product, cts, strict=True)]
-            )
+        product = self._product(int(round_num), deposits, payloads, start, stop)
         self._release(round_num, update_ids)
-        part = product[start:stop]
         if isinstance(self._secret, DecryptionShare):
-            return partial_decrypt(self._secret, part)
+            return partial_decrypt(self._secret, product)
         from fedray.crypto.paillier import Decryptor
 
-        return Decryptor(self._secret).decrypt_many(part)
+        return Decryptor(self._secret).decrypt_many(product)
+
+    def _product(self, round_num: int, deposits: list[_Deposit], payloads, start, stop) -> list:
+        """Ciphertexts ``start:stop`` of the product of the payloads, each checked against
+        its signed digest and for validity (all of it, not only the range)."""
+        public = self.key.public
+        n2 = gmpy2.mpz(public.n) ** 2
+        product, size, lo, hi = None, None, 0, 0
+        for d, source in zip(deposits, payloads, strict=True):
+            payload = _fetch_payload(round_num, source)
+            if digest(payload) != d.ciphertext_sha256:
+                raise PermissionError("a ciphertext payload does not match its signed digest")
+            if size is None:
+                size = len(payload)
+                lo, hi, _ = slice(start, stop).indices(size // public.ciphertext_bytes)
+            elif len(payload) != size:
+                raise PermissionError("updates of different lengths cannot be summed")
+            first = product is None
+            if first:
+                product = []
+            for i, cts in ciphertext_chunks(public, payload, FOLD_CHUNK):
+                problem = check_ciphertexts(public, cts, offset=i)
+                if problem:
+                    raise PermissionError(problem)
+                a, b = max(lo, i), min(hi, i + len(cts))
+                if a < b and first:
+                    product.extend(cts[a - i : b - i])
+                elif a < b:
+                    multiply_into(product, a - lo, cts[a - i : b - i], n2)
+            del payload  # before the next one is fetched
+        return product
+
+
+def _fetch_payload(round_num: int, source: Any) -> bytes:
+    """An update's ciphertext bytes: given, or fetched from the host that sealed them."""
+    if isinstance(source, bytes | bytearray):
+        return source
+    import ray
+
+    if not isinstance(source, ray.ObjectRef):
+        raise PermissionError(f"a ciphertext payload is a {type(source).__name__}, not bytes")
+    try:
+        payload = ray.get(source, timeout=PAYLOAD_FETCH_TIMEOUT_S)
+    except Exception as exc:  # the host died or restarted since it sealed the update
+        text = str(exc).strip()
+        why = text.splitlines()[-1] if text else type(exc).__name__
+        raise LookupError(
+            f"round {round_num}: an update's ciphertexts are no longer on its host ({why})"
+        ) from None
+    if not isinstance(payload, bytes | bytearray):
+        raise PermissionError(f"a ciphertext payload is a {type(payload).__name__}, not bytes")
+    return payload
 
 
 class KeyDealer:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,14 @@ class _PlainSum:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _drop_ciphertexts(res: ClientResult) -> None:
+    """Forget a result's ciphertext bytes once folded (or rejected): the sum has them, and
+    the slow paths fetch them again from the host (``bytes_up`` stays for the metrics)."""
+    if res.encrypted is not None:
+        with contextlib.suppress(AttributeError):  # not an EncryptedUpdate: was rejected
+            res.encrypted.ciphertexts = b""
 
 
 def _plain_stats(results: list[ClientResult]) -> dict[str, float]:
@@ -281,7 +290,11 @@ class Server:
         retries = 0
         failed_total = 0
         while True:
-            outcome = self._attempt(ray)
+            try:
+                outcome = self._attempt(ray)
+            except ClusterError:  # the sum did not open: the run stops at the last round
+                self.round -= 1
+                raise
             failed_total += outcome.metrics["clients_failed"]
             if outcome.metrics["clients_ok"] >= min_clients(self.cfg):
                 break
@@ -403,6 +416,7 @@ class Server:
                     continue
                 finally:
                     aggregate_s += time.perf_counter() - t0
+                    _drop_ciphertexts(res)
                 results.append(res)
 
         wait_s = time.perf_counter() - t_attempt - dispatch_s
@@ -519,7 +533,7 @@ class Server:
                     raise rejected_type(
                         f"update of {enc.count} clients names {list(ids)}, not clients of this call"
                     )
-                acc.add(enc)
+                acc.add(enc, source=self.assignment[res.client_id])  # the host, to ask again
             except rejected_type:
                 covered.update({i: False for i in ids if i != res.client_id})
                 raise
@@ -557,6 +571,8 @@ class Server:
         if self._unmasker is not None and all(acc.update_ids):
             try:
                 return self._open_with_share_sums(acc), "share_sums"
+            except BrokenProcessPool as exc:
+                self._drop_opening_pool(exc)
             except (ClusterError, ValueError) as exc:
                 log.warning(
                     "round %d: share sums did not open the sum (%s); asking for partial "
@@ -574,6 +590,21 @@ class Server:
                 "was not encoded by this job's codec); completed rounds are in metrics.csv"
             )
         return plaintexts, how
+
+    def _drop_opening_pool(self, exc: BaseException) -> None:
+        """A process of the opening pool died (the OOM killer, a signal): the pool is
+        broken for good. This round's sum is opened by the next path, later ones
+        in-process (the fast path still, only slower)."""
+        pool, self._unmasker.pool = self._unmasker.pool, None
+        log.warning(
+            "round %d: a process of the server's opening pool died (%s); opening this sum "
+            "by the next path, and later sums in-process",
+            self.round,
+            _first_line(exc),
+        )
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.close()
 
     def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
         """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
@@ -614,15 +645,25 @@ class Server:
         from fedray.crypto.threshold import combine_partial_decryptions
 
         partials = self._ask_holders(
-            "partial_decrypt", acc.update_ids, acc.payloads, need=self.key.threshold
+            "partial_decrypt", acc.update_ids, self._payload_refs(acc), need=self.key.threshold
         )
         return combine_partial_decryptions(self.key, partials)
+
+    def _payload_refs(self, acc) -> list:
+        """A reference per update to its ciphertexts, kept by the host that sealed it (the
+        server keeps none). Passed in a list, so Ray hands the key holders the references,
+        which they fetch one at a time, rather than every payload at once."""
+        return [
+            self.hosts[host].sealed_payload.remote(self.round, update_id)
+            for update_id, host in zip(acc.update_ids, acc.sources, strict=True)
+        ]
 
     def _decrypt_with_private_key(self, acc) -> list[int]:
         """Shared custody: each live holder decrypts a range of the sum (in parallel)."""
 
         num = self.layout.num_ciphertexts
         holders = list(self.key_holders)
+        refs = self._payload_refs(acc)
         parts = min(len(holders), num)
         bounds = np.linspace(0, num, parts + 1).astype(int)
         plaintexts: list[int] = []
@@ -633,9 +674,7 @@ class Server:
                 try:
                     plaintexts.extend(
                         self._fetch(
-                            holder.partial_decrypt.remote(
-                                self.round, acc.update_ids, acc.payloads, lo, hi
-                            )
+                            holder.partial_decrypt.remote(self.round, acc.update_ids, refs, lo, hi)
                         )
                     )
                     break
