@@ -114,7 +114,7 @@ MUTANTS = [
         "        self._loot = [__import__('ray').get(h.__ray_call__.remote(lambda s: s._secret)) "
         "for h in self.key_holders]\n",
         ("tests/test_custody.py",),
-        "Server.__init__ fetches the holders' DecryptionShares through their handles",
+        "Server.set_up fetches the holders' DecryptionShares through their handles",
         "no_process_but_the_holders",
     ),
     Mutant(
