@@ -83,7 +83,9 @@ def test_slow_path_fails_clearly_when_hosts_lost_their_sealed_updates(ray_2cpus,
 
 def test_rounds_survive_holders_minus_t_key_holders_dying(ray_2cpus, tmp_path):
     """3 key holders, any 2 decrypt: the last holder is killed as round 2 starts, and the
-    run ends with the same weights as without the kill."""
+    run ends with the same weights as without the kill. In shared custody (every holder
+    has the key, each decrypts a range of the sum) the dead holder's range goes to the
+    next holder: the same weights again."""
     base = [*SMALL_KEY, "rounds=4", "cluster.num_actors=3", "client.num_cpus=0.5"]
     base += ["checkpoint.every=0"]
     killed = run_experiment(compose(base), tmp_path / "killed", host_class=faulty.HolderKillingHost)
@@ -93,6 +95,23 @@ def test_rounds_survive_holders_minus_t_key_holders_dying(ray_2cpus, tmp_path):
     assert killed["client_failures"] == 0
     np.testing.assert_array_equal(
         load_checkpoint(tmp_path / "killed" / "checkpoints")["weights"],
+        load_checkpoint(tmp_path / "clean" / "checkpoints")["weights"],
+    )
+    shared = run_experiment(
+        compose([*base, "crypto.custody=shared"]),
+        tmp_path / "shared",
+        host_class=faulty.HolderKillingHost,
+    )
+    assert (shared["custody"], shared["key_holders"], shared["rounds_completed"]) == (
+        "shared",
+        3,
+        4,
+    )
+    assert shared["client_failures"] == 0
+    rows = list(csv.DictReader((tmp_path / "shared" / "metrics.csv").open()))
+    assert {r["decrypted_by"] for r in rows} == {"private_key"}
+    np.testing.assert_array_equal(
+        load_checkpoint(tmp_path / "shared" / "checkpoints")["weights"],
         load_checkpoint(tmp_path / "clean" / "checkpoints")["weights"],
     )
 

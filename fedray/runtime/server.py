@@ -659,24 +659,26 @@ class Server:
         ]
 
     def _decrypt_with_private_key(self, acc) -> list[int]:
-        """Shared custody: each live holder decrypts a range of the sum (in parallel)."""
-
+        """Shared custody: each holder decrypts a range of the sum, all ranges asked at
+        once; a range whose holder failed is asked of the next holders in turn."""
         num = self.layout.num_ciphertexts
         holders = list(self.key_holders)
         refs = self._payload_refs(acc)
         parts = min(len(holders), num)
         bounds = np.linspace(0, num, parts + 1).astype(int)
+        ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(parts)]
+
+        def ask(i: int, k: int):
+            lo, hi = ranges[i]
+            holder = holders[(i + k) % len(holders)]
+            return holder.partial_decrypt.remote(self.round, acc.update_ids, refs, lo, hi)
+
+        pending = [ask(i, 0) for i in range(parts)]
         plaintexts: list[int] = []
-        for i in range(parts):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
+        for i, ref in enumerate(pending):
             for k in range(len(holders)):  # that holder died: any other can decrypt it
-                holder = holders[(i + k) % len(holders)]
                 try:
-                    plaintexts.extend(
-                        self._fetch(
-                            holder.partial_decrypt.remote(self.round, acc.update_ids, refs, lo, hi)
-                        )
-                    )
+                    plaintexts.extend(self._fetch(ref if k == 0 else ask(i, k)))
                     break
                 except Exception as exc:
                     last = exc
