@@ -78,6 +78,7 @@ def ledger(threshold_key):
         {c: c // 3 for c in range(6)},
         min_clients=3,
         authority=authority.public_bytes(),
+        max_rounds=5,
     )
     assert holder.install(key, shares[0])
     return holder, sites, authority, key, shares
@@ -131,6 +132,23 @@ def test_holder_counts_clients_itself_and_releases_one_sum_per_round(ledger):
     holder.share_sum(2, ["c"])
     with pytest.raises(PermissionError, match="older than round 2"):  # a replay
         holder.share_sum(1, ["a", "b"])
+
+
+def test_holder_opens_no_sum_beyond_the_jobs_rounds(ledger):
+    """A server that asks for more rounds than the job has (to average fresh DP noise away
+    over many sums of the same model, or to difference more cohorts than the accountant
+    counted) is refused, even with properly signed deposits; so is a round 0."""
+    holder, sites, _, _, _ = ledger  # max_rounds=5
+    _deposit(holder, sites[0], 5, [0, 1, 2], "u5")
+    for r in (6, 10**9, 0):
+        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"u{r}", "w0")
+        with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
+            holder.deposit(signed, shares[0])  # not even kept
+        with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
+            holder.share_sum(r, [f"u{r}"])
+        with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
+            holder.partial_decrypt(r, [f"u{r}"], [b""])
+    holder.share_sum(5, ["u5"])  # the last round of the job opens
 
 
 def test_holder_sums_only_updates_of_one_global_model(ledger):
@@ -227,7 +245,7 @@ def test_install_is_once_and_registration_needs_the_drivers_signature(ledger):
     assert holder.register(0, new, 1, good)
     with pytest.raises(PermissionError, match="not new"):  # replaying an old registration
         holder.register(0, new, 1, good)
-    fresh = KeyHolder(2, {0: new}, {0: 0, 1: 0}, 2, authority.public_bytes())
+    fresh = KeyHolder(2, {0: new}, {0: 0, 1: 0}, 2, authority.public_bytes(), max_rounds=5)
     with pytest.raises(ValueError, match="another key, holder"):
         fresh.install(key, shares[0])  # holder 1's share offered to holder 2
 

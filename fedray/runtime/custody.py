@@ -132,6 +132,7 @@ def set_up_keys(cfg: FedrayConfig, hosts: list[Any], assignment: dict[int, int],
             min_clients(cfg),
             authority.public_bytes(),
             cfg.crypto.custody,
+            max_rounds=cfg.rounds,
         )
         for j, node in enumerate(nodes)
     ]

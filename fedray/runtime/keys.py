@@ -162,6 +162,10 @@ class KeyHolder:
     ``peers`` maps host index -> Ed25519 public key, ``assignment`` client id -> host
     index, ``authority`` is the driver's set-up public key (re-registers restarted hosts).
     With ``custody="shared"`` it is given the whole private key instead of a share.
+    ``max_rounds`` is the job's ``rounds``: the holder helps open sums of rounds
+    1..max_rounds only, one per round, so a server cannot have more sums opened (with
+    fresh DP noise to average away, or cohorts to difference) than the privacy accounting
+    planned for.
     """
 
     def __init__(
@@ -172,9 +176,14 @@ class KeyHolder:
         min_clients: int,
         authority: bytes,
         custody: str = "threshold",
+        *,
+        max_rounds: int,
     ):
         if min_clients < 2:
             raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
+        if int(max_rounds) < 1:
+            raise ValueError(f"max_rounds={max_rounds}: must be at least 1")
+        self._max_rounds = int(max_rounds)
         self.index = int(index)
         self.key: ThresholdPublicKey | None = None
         self.custody = custody
@@ -242,6 +251,10 @@ class KeyHolder:
         host = self._peers.get(c.host)
         if host is None or not verify(host, signed.signature, c.message()):
             raise PermissionError(f"contribution {c.update_id!r} is not signed by host {c.host}")
+        if not 1 <= int(c.round) <= self._max_rounds:  # never opened: not kept either
+            raise PermissionError(
+                f"round {c.round} is outside this job's rounds 1..{self._max_rounds}"
+            )
         ids = tuple(int(i) for i in c.client_ids)
         if not ids or len(set(ids)) != len(ids):
             raise PermissionError("a contribution must name distinct clients")
@@ -263,6 +276,10 @@ class KeyHolder:
         """The deposits of a sum this holder may help decrypt, or PermissionError."""
         round_num = int(round_num)
         ids = tuple(update_ids)
+        if not 1 <= round_num <= self._max_rounds:
+            raise PermissionError(
+                f"round {round_num} is outside this job's rounds 1..{self._max_rounds}"
+            )
         if round_num < self._last_round:
             raise PermissionError(
                 f"round {round_num} is older than round {self._last_round}, already released"
