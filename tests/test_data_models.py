@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -169,3 +173,48 @@ def test_text_class_labels_get_a_hint_that_labels_are_integer_ids(tmp_path):
     with pytest.raises(DataError) as err:
         read_csv(str(path), "diagnosis")
     assert "class ids" not in str(err.value)
+
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import sys
+from fedray.config import DatasetConfig
+from fedray.data.datasets import load_client_data, load_test_set
+import numpy as np
+cfg = DatasetConfig()
+data = load_client_data(cfg, [0, 1], 5, 0)
+xte, yte = load_test_set(cfg, 5, 0)
+np.savez(sys.argv[1], x0=data[0].x_train, y1=data[1].y_val, xte=xte, yte=yte)
+print("sklearn imported:", "sklearn" in sys.modules)
+"""
+
+
+def test_bundled_split_is_cached_so_actors_skip_importing_sklearn(tmp_path):
+    """The second actor to load a bundled set reads the cached split (no scikit-learn
+    import, ~1 s of CPU per actor), and gets the very same arrays; a damaged cache file is
+    computed again."""
+    env = {**os.environ, "FEDRAY_CACHE_DIR": str(tmp_path / "cache")}
+
+    def load(name):
+        out = subprocess.run(
+            [sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(tmp_path / f"{name}.npz")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        with np.load(tmp_path / f"{name}.npz") as z:
+            return out.stdout.strip(), {k: z[k] for k in z.files}
+
+    said, first = load("first")
+    assert said == "sklearn imported: True"
+    [cached] = (tmp_path / "cache" / "bundled").glob("breast_cancer-*.npz")
+    said, second = load("second")
+    assert said == "sklearn imported: False"
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+        assert first[k].dtype == second[k].dtype
+    cached.write_bytes(b"not an npz file")
+    said, third = load("third")
+    assert said == "sklearn imported: True"
+    np.testing.assert_array_equal(first["x0"], third["x0"])

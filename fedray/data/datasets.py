@@ -8,9 +8,11 @@ per site with the site's own statistics (a site cannot see another site's data).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +20,8 @@ from fedray.config import DatasetConfig
 from fedray.data.partition import partition_indices
 from fedray.data.synthetic import synthetic_client
 from fedray.errors import DataError
+
+log = logging.getLogger("fedray")
 
 BUNDLED = {"breast_cancer": 2, "digits": 10, "wine": 3}
 
@@ -61,18 +65,70 @@ def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, bunch.target.astype(np.int64)
 
 
+SPLIT_CACHE_FORMAT = 1  # bump when _bundled or the split changes what it returns
+
+
+def _split_cache_path(name: str, test_fraction: float, seed: int) -> Path | None:
+    """Where a bundled set's split is cached: ``$FEDRAY_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fedray`` or ``~/.cache/fedray``; keyed by scikit-learn's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sklearn_version = version("scikit-learn")
+    except PackageNotFoundError:
+        return None
+    root = os.environ.get("FEDRAY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedray"
+    )
+    key = f"{name}-{test_fraction!r}-{seed}-sklearn{sklearn_version}-v{SPLIT_CACHE_FORMAT}"
+    return Path(root) / "bundled" / f"{key}.npz"
+
+
 @lru_cache(maxsize=4)
 def _bundled_split(name: str, test_fraction: float, seed: int):
-    """(train_x, train_y, test_x, test_y): the central test set is a stratified holdout."""
+    """(train_x, train_y, test_x, test_y): the central test set is a stratified holdout.
+
+    Every actor of a job computes the same split of the same public data, and importing
+    scikit-learn costs about a second of CPU per actor; so the split is cached on disk
+    (public data only) and an actor that finds it there does not import scikit-learn."""
+    path = _split_cache_path(name, test_fraction, seed)
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["xtr"], z["ytr"], z["xte"], z["yte"]
+        except (OSError, KeyError, ValueError) as exc:  # damaged: compute it again
+            log.debug("ignoring the cached split %s: %s", path, exc)
     from sklearn.model_selection import train_test_split
 
     x, y = _bundled(name)
     if test_fraction == 0:
-        return x, y, x[:0], y[:0]
-    xtr, xte, ytr, yte = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return xtr, ytr, xte, yte
+        split = x, y, x[:0], y[:0]
+    else:
+        xtr, xte, ytr, yte = train_test_split(
+            x, y, test_size=test_fraction, random_state=seed, stratify=y
+        )
+        split = xtr, ytr, xte, yte
+    if path is not None:
+        _write_split(path, split)
+    return split
+
+
+def _write_split(path: Path, split) -> None:
+    """Write atomically (other actors may read or write the same file meanwhile); a
+    cache that cannot be written is only slower."""
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **dict(zip(("xtr", "ytr", "xte", "yte"), split, strict=True)))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not cache the split in %s: %s", path, exc)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
