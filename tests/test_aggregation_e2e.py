@@ -64,7 +64,7 @@ class _Recorder:
                 "client": result.client_id,
                 "delta": np.array(delta, dtype=np.float32),
                 "weight": float(result.weight),
-                "num_examples": int(result.num_examples),
+                "num_examples": len(self.data[result.client_id][0]),  # the site's, not sent
             }
         )
         return super()._finish(result, delta, noise)

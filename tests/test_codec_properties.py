@@ -146,13 +146,13 @@ def test_clipped_values_are_counted(data):
 def test_stats_sum_exactly_without_carries(max_summands, counts, fractions):
     k = min(max_summands, len(counts), len(fractions))
     codec = StatsCodec(key_bits=1024, max_summands=max_summands)
-    stats = [{"num_examples": counts[i], "train_loss_sum": fractions[i]} for i in range(k)]
+    stats = [{"values_clipped": counts[i], "weighted_train_loss": fractions[i]} for i in range(k)]
     summed = codec.decode_sum(
         [sum(col) for col in zip(*(codec.encode_sum([s]) for s in stats), strict=True)]
     )
-    assert summed["num_examples"] == sum(counts[:k])
-    assert summed["train_loss_sum"] == pytest.approx(sum(fractions[:k]), abs=k * 2**-24)
-    assert summed["val_count"] == 0 and summed["weight"] == 0
+    assert summed["values_clipped"] == sum(counts[:k])
+    assert summed["weighted_train_loss"] == pytest.approx(sum(fractions[:k]), abs=k * 2**-24)
+    assert summed["val_weight"] == 0 and summed["weight"] == 0
 
 
 def test_stats_saturate_and_count_bad_values_as_zero():
@@ -160,12 +160,13 @@ def test_stats_saturate_and_count_bad_values_as_zero():
     negative values count 0 (they would otherwise borrow from the neighbouring slot)."""
     codec = StatsCodec(key_bits=1024, max_summands=4)
     top = ((1 << codec.value_bits) - 1) / (1 << codec.frac_bits)
-    bad = {"num_examples": 2.0**50, "train_loss_sum": float("nan"), "val_loss_sum": -5.0}
-    bad["val_correct"] = float("inf")
-    summed = codec.decode_sum(codec.encode_sum([bad, {"val_count": 3}]))
-    assert summed["num_examples"] == top
-    assert summed["train_loss_sum"] == summed["val_loss_sum"] == summed["val_correct"] == 0
-    assert summed["val_count"] == 3
+    bad = {"values_clipped": 2.0**50, "weighted_train_loss": float("nan")}
+    bad.update(weighted_val_loss=-5.0, weighted_val_accuracy=float("inf"))
+    summed = codec.decode_sum(codec.encode_sum([bad, {"val_weight": 3}]))
+    assert summed["values_clipped"] == top
+    assert summed["weighted_train_loss"] == summed["weighted_val_loss"] == 0
+    assert summed["weighted_val_accuracy"] == 0
+    assert summed["val_weight"] == 3
 
 
 def test_bad_input_is_one_clear_error_and_the_error_bound_is_the_documented_one():

@@ -100,11 +100,11 @@ def test_decrypted_aggregate_equals_weighted_mean(
     else:
         updates = [rng.uniform(-clip, clip, size=num_values) for _ in range(num_clients)]
         weights = [float(w) for w in rng.uniform(0.05, 1.0, size=num_clients)]
-    examples = [int(e) for e in rng.integers(1, 5000, size=num_clients)]
+    clipped = [int(e) for e in rng.integers(1, 5000, size=num_clients)]
     groups = [
         [
-            (u, w, None, {"num_examples": e})
-            for u, w, e, g in zip(updates, weights, examples, hosts, strict=True)
+            (u, w, None, {"values_clipped": e})
+            for u, w, e, g in zip(updates, weights, clipped, hosts, strict=True)
             if g == h
         ]
         for h in sorted(set(hosts))
@@ -117,7 +117,7 @@ def test_decrypted_aggregate_equals_weighted_mean(
     bound = layout.codec.error_bound(num_clients, sum(weights))
     assert np.max(np.abs(mean - expected)) <= bound + 1e-6
     assert acc.count == num_clients
-    assert stats["num_examples"] == sum(examples)
+    assert stats["values_clipped"] == sum(clipped)
     assert stats["weight"] == pytest.approx(sum(weights), abs=num_clients * 2**-24)
 
 
@@ -238,17 +238,20 @@ def test_stats_codec_sums_exactly_without_carries():
     codec = StatsCodec(key_bits=512, max_summands=16)
     rng = np.random.default_rng(0)
     stats = [
-        {"num_examples": int(rng.integers(0, 10**6)), "train_loss_sum": float(rng.uniform(0, 1e5))}
+        {
+            "values_clipped": int(rng.integers(0, 10**6)),
+            "weighted_train_loss": float(rng.uniform(0, 1e5)),
+        }
         for _ in range(16)
     ]
     summed = codec.decode_sum(
         [sum(col) for col in zip(*(codec.encode_sum([s]) for s in stats), strict=True)]
     )
-    assert summed["num_examples"] == sum(s["num_examples"] for s in stats)
-    assert summed["train_loss_sum"] == pytest.approx(
-        sum(s["train_loss_sum"] for s in stats), abs=16 * 2**-24
+    assert summed["values_clipped"] == sum(s["values_clipped"] for s in stats)
+    assert summed["weighted_train_loss"] == pytest.approx(
+        sum(s["weighted_train_loss"] for s in stats), abs=16 * 2**-24
     )
-    assert summed["val_count"] == 0
+    assert summed["val_weight"] == 0
 
 
 def test_wire_format_is_compact_bytes(threshold_key):

@@ -22,6 +22,7 @@ halved noise (a quarter of the variance), let alone none.
 
 from __future__ import annotations
 
+import csv
 import pickle
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class RecordingHost(ClientHost):
         rec = {
             "delta": np.array(delta, dtype=np.float64),
             "weight": float(result.weight),
-            "num_examples": int(result.num_examples),
+            "num_examples": len(self.data[result.client_id][0]),  # the site's, not sent
             "clean": getattr(self, "_clean", None),
         }
         (Path(self.record_dir) / f"update-{result.client_id}.pkl").write_bytes(pickle.dumps(rec))
@@ -209,3 +210,8 @@ def test_opacus_noise_in_the_released_model_is_lr_sigma_c_over_n(ray_2cpus, tmp_
     residual = released - sent - (w[:, None] * clean).sum(axis=0) / w.sum()
     variance = float(np.sum((w / w.sum() * 1.0 * SIGMA * CLIP / n) ** 2))
     _assert_noise_variance(residual, variance)
+    # Opacus's accountant covers the trained update, not the training loss the clients
+    # measured on the way: at sample level too, no loss is released.
+    with (tmp_path / "sample" / "run" / "metrics.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["train_loss"] == "" and float(row["test_loss"]) > 0

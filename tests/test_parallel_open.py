@@ -150,8 +150,8 @@ def test_client_encryptor_with_a_pool_shares_in_the_workers(key):
     codec = PackedPaillierCodec.for_key(key.public, num_values=500, max_summands=3)
     layout = UpdateLayout.for_key(key.public, codec)
     values = np.random.default_rng(2).uniform(-0.5, 0.5, 500)
-    stats = {"num_examples": 7, "train_loss_sum": 1.5, "val_loss_sum": 0.0}
-    stats.update(val_correct=0, val_count=0, values_clipped=0)
+    stats = {"values_clipped": 7, "weighted_train_loss": 1.5, "weighted_val_loss": 0.0}
+    stats.update(val_weight=0.0, weighted_val_accuracy=0.0)
     with ParallelCrypto(key, 2) as pool:
         encryptor = ClientEncryptor(key, layout, pool=pool)
         assert encryptor.pool_size == 0  # nothing precomputed: the workers encrypt
@@ -163,7 +163,7 @@ def test_client_encryptor_with_a_pool_shares_in_the_workers(key):
     )
     total, got = layout.decode_sum(plain, 1)
     assert np.max(np.abs(total - 0.5 * values)) <= codec.error_bound(1, 1.0) + 1e-12
-    assert got["num_examples"] == 7
+    assert got["values_clipped"] == 7
 
 
 def _offline_server(key, shares, layout, blobs, unmasker):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from fedray.data.datasets import dataset_info, load_client_data
+from fedray.crypto.codec import STATS_FIELDS
 from fedray.models import ParamView, build_model
 from fedray.runtime.client import ClientResult
 from fedray.runtime.driver import run_experiment
 from fedray.runtime.outputs import load_checkpoint
+from fedray.runtime.round_stats import client_statistics
 from fedray.runtime.server import Server
 from fedray.strategies import weighted_mean
 from tests.conftest import compose, run_cli
@@ -91,15 +94,17 @@ class _Transport:
 
 
 class _Host:
-    """One client per host; ``train.remote`` answers with a fixed delta and weight."""
+    """One client per host; ``train.remote`` answers with a fixed delta, weight and
+    statistics."""
 
-    def __init__(self, cid, delta, weight):
-        self.cid, self.delta, self.weight = cid, delta, weight
+    def __init__(self, cid, delta, weight, stats=None):
+        self.cid, self.delta, self.weight, self.stats = cid, delta, weight, stats
         self.train = self
 
     def remote(self, task, weights):
         assert task.client_ids == [self.cid]
-        return _Done([ClientResult(self.cid, 10, self.weight, delta=self.delta)])
+        result = ClientResult(self.cid, weight=self.weight, delta=self.delta, stats=self.stats)
+        return _Done([result])
 
 
 class _InProcessServer(Server):
@@ -135,6 +140,39 @@ def test_fedavg_matches_hand_computed_weighted_mean():
     np.testing.assert_allclose(server.weights, w0 + kept, rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         weighted_mean(deltas, [1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "privacy",
+    [[], ["privacy=dp"], ["privacy=dp", "privacy.mode=sample"]],
+    ids=["no-dp", "client-dp", "sample-dp"],
+)
+def test_round_metrics_are_weight_weighted_means_and_withheld_under_dp(privacy):
+    """train_loss = Σ w_k loss_k / Σ w_k; the validation figures weigh only clients with a
+    validation split (val_weight). Under DP the clients send their weight alone, and the
+    figures are NaN: what the server's own round makes of the clients' statistics."""
+    cfg = compose(["crypto=none", "num_clients=3", "clients_per_round=3", *privacy])
+    info = dataset_info(cfg.dataset)
+    size = ParamView(build_model(cfg.model, info, cfg.seed), cfg.model.trainable).size
+    # (weight, train loss, (val loss, val accuracy) or no validation split)
+    clients = [(0.25, 0.8, (1.0, 0.5)), (0.75, 0.4, (0.6, 0.9)), (1.0, 0.2, None)]
+    hosts = []
+    for cid, (w, loss, val) in enumerate(clients):
+        stats = client_statistics(cfg, w, loss, val)
+        assert set(stats) == set(STATS_FIELDS)  # weights and weighted figures, no count
+        hosts.append(_Host(cid, np.zeros(size, np.float32), w, stats))
+    server = _InProcessServer(cfg, info, hosts, {0: 0, 1: 1, 2: 2})
+    server.round = 1
+    m = server._attempt(_Transport).metrics
+    if privacy:
+        sent = [h.stats for h in hosts]
+        assert all(v == 0 for s in sent for k, v in s.items() if k != "weight")
+        assert [s["weight"] for s in sent] == [0.25, 0.75, 1.0]
+        assert all(math.isnan(m[k]) for k in ("train_loss", "fed_val_loss", "fed_val_accuracy"))
+        return
+    assert m["train_loss"] == pytest.approx((0.25 * 0.8 + 0.75 * 0.4 + 0.2) / 2.0)
+    assert m["fed_val_loss"] == pytest.approx((0.25 * 1.0 + 0.75 * 0.6) / 1.0)
+    assert m["fed_val_accuracy"] == pytest.approx((0.25 * 0.5 + 0.75 * 0.9) / 1.0)
 
 
 def test_cli_full_job_writes_contract_outputs(ray_2cpus, tmp_path):
@@ -221,28 +259,37 @@ def test_target_accuracy_stops_early(ray_2cpus, tmp_path):
 @pytest.mark.parametrize("crypto", [["crypto=none"], SMALL_KEY], ids=["plain", "paillier"])
 def test_federated_eval_reported(ray_2cpus, tmp_path, crypto):
     """Round 3's federated validation figures are the round-2 model's loss and accuracy on
-    every client's held-out split, recomputed here from the checkpoint and the data (with
-    crypto the counts travel inside the encrypted aggregate)."""
-    cfg = compose([*crypto, "rounds=3", "checkpoint.every=1"])
+    every client's held-out split, averaged with the FedAvg weights (w_k = n_k / weight_ref:
+    Σ w_k acc_k / Σ w_k), recomputed here from the checkpoint and the data. No example
+    count travels: the clients send weights and weight-weighted figures only (with crypto,
+    inside the encrypted aggregate)."""
+    cfg = compose([*crypto, "rounds=3", "checkpoint.every=1", "dataset.partition=dirichlet"])
     summary = run_experiment(cfg, tmp_path)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     model_2 = load_checkpoint(tmp_path / "checkpoints" / "round_00002")["weights"]
     model = build_model(cfg.model, dataset_info(cfg.dataset), cfg.seed)
     ParamView(model, cfg.model.trainable).set(model_2)
     data = load_client_data(cfg.dataset, list(range(cfg.num_clients)), cfg.num_clients, cfg.seed)
-    correct = count = 0
-    loss_sum = 0.0
+    ref = max(d.num_examples for d in data.values())
+    weights, losses, accuracies = [], [], []
     with torch.no_grad():
         for d in data.values():
+            if not len(d.y_val):
+                continue  # no validation split: its weight counts for neither figure
             logits = model(torch.as_tensor(d.x_val))
             y = torch.as_tensor(d.y_val)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, y)) * len(y)
-    assert count > 0
-    assert float(rows[2]["fed_val_accuracy"]) == pytest.approx(correct / count, abs=1e-6)
-    assert float(rows[2]["fed_val_loss"]) == pytest.approx(loss_sum / count, rel=1e-4)
-    assert summary["final_fed_val_accuracy"] == pytest.approx(correct / count, abs=1e-6)
+            weights.append(d.num_examples / ref)
+            accuracies.append(float((logits.argmax(1) == y).float().mean()))
+            losses.append(float(torch.nn.functional.cross_entropy(logits, y)))
+    w = np.array(weights)
+    accuracy = float(np.dot(w, accuracies) / w.sum())
+    # The old figure, weighted by validation counts, differs here: the test tells them apart.
+    val_sizes = [len(d.y_val) for d in data.values() if len(d.y_val)]
+    assert abs(accuracy - np.dot(val_sizes, accuracies) / sum(val_sizes)) > 1e-5
+    assert float(rows[2]["fed_val_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    assert float(rows[2]["fed_val_loss"]) == pytest.approx(np.dot(w, losses) / w.sum(), rel=1e-4)
+    assert summary["final_fed_val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert all(0 < float(r["train_loss"]) < 5 for r in rows)  # released without DP
 
 
 def test_hydra_multirun_gives_one_run_dir_per_combination(ray_2cpus, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import ray.cloudpickle
 
 import tests.test_server_view as this
+from fedray.crypto.codec import STATS_FIELDS
 from fedray.crypto.secure_aggregation import EncryptedUpdate
 from fedray.runtime.client import ClientResult
 from fedray.runtime.driver import run_experiment
@@ -89,8 +90,7 @@ def test_with_crypto_the_server_receives_nothing_per_client_in_the_clear(
     assert updates and all(isinstance(u, EncryptedUpdate) for u in updates)
     for r in results:
         assert r.delta is None, "a plaintext update reached the server"
-        assert (r.num_examples, r.weight, r.val_correct, r.val_count) == (0, 0.0, 0, 0)
-        assert np.isnan(r.train_loss) and np.isnan(r.val_loss)
+        assert (r.weight, r.stats) == (0.0, None)  # statistics only inside the ciphertexts
         if r.encrypted is None:
             assert r.train_seconds == 0.0  # timings only per host call, with its update
     for obj in (o for batch in received for o in _walk(batch)):
@@ -99,8 +99,11 @@ def test_with_crypto_the_server_receives_nothing_per_client_in_the_clear(
 
 
 def test_the_recorder_sees_plaintext_updates_when_crypto_is_off(ray_2cpus, tmp_path):
-    """The same recorder in a plaintext run: it does see the deltas (the check can fail)."""
+    """The same recorder in a plaintext run: it does see the deltas (the check can fail),
+    and each client's statistics: its weight and weight-weighted figures, no example count
+    (the same definition as the encrypted statistics)."""
     received, _ = _record(tmp_path, ["crypto=none"])
     results = [r for batch in received for r in batch]
     assert all(isinstance(r.delta, np.ndarray) for r in results)
-    assert all(r.num_examples > 0 for r in results)
+    assert all(set(r.stats) == set(STATS_FIELDS) for r in results)
+    assert all(r.stats["weight"] == r.weight > 0 for r in results)

@@ -9,7 +9,7 @@ the neighbouring slot, whatever the values. As many slots as fit below ``n`` sha
 plaintext; decoding subtracts ``count * Q`` per slot.
 
 Weights: client k encodes ``s_k * x_k`` with ``s_k = w_k / weight_ref`` in (0, 1] (its
-example count over a reference known to all, the largest client's), so the server sums
+example count over a reference the hosts share, the largest client's), so the server sums
 ciphertexts and divides by the plaintext total ``sum s_k``. Quantization error of the
 weighted mean is at most ``count * clip / (2 Q) / sum s_k`` per value (``error_bound``),
 for values inside the clip range.
@@ -163,13 +163,15 @@ class PackedPaillierCodec:
         return q.astype(np.float64) * self.step
 
 
+# What a client's statistics hold (fedray/runtime/round_stats.py fills them in): weights
+# and weight-weighted sums, never an example count (with the summed weight, a summed count
+# would give the server the weight reference, n_k / w_k).
 STATS_FIELDS = (
     "weight",
-    "num_examples",
-    "train_loss_sum",
-    "val_loss_sum",
-    "val_correct",
-    "val_count",
+    "val_weight",
+    "weighted_train_loss",
+    "weighted_val_loss",
+    "weighted_val_accuracy",
     "values_clipped",
 )
 
@@ -178,9 +180,9 @@ STATS_FIELDS = (
 class StatsCodec:
     """Per-client round statistics packed as exact fixed-point integers (extra ciphertexts).
 
-    With encryption on, a client's example count, weight, losses and validation counts
-    travel *inside* the encrypted update: the server learns only their sums over the
-    clients of the aggregate, like the model update itself. Each field is a non-negative
+    With encryption on, a client's weights and weighted losses and accuracies travel
+    *inside* the encrypted update: the server learns only their sums over the clients of
+    the aggregate, like the model update itself. Each field is a non-negative
     number stored as ``round(value * 2^frac_bits)`` in a slot of ``value_bits`` bits plus
     ``ceil(log2(max_summands))`` bits of headroom, so sums never carry.
     """

@@ -1,7 +1,7 @@
 """Secure aggregation on top of the packed codecs: what clients send and what the server sums.
 
-A client turns its weighted update, plus its round statistics (example count, weight,
-losses: :class:`~fedray.crypto.codec.StatsCodec`), into one :class:`EncryptedUpdate`
+A client turns its weighted update, plus its round statistics (weights, weighted losses:
+:class:`~fedray.crypto.codec.StatsCodec`), into one :class:`EncryptedUpdate`
 (compact bytes, never pickled phe objects); a host running several simulated clients may
 seal the sum of their updates into one (``count`` > 1). With threshold custody it
 encrypts with the public key only and returns, beside the update, one blob of exponent
@@ -41,7 +41,7 @@ class EncryptedUpdate:
 
     One client's, or the sum of ``count`` clients' (``client_ids``) sealed by the host
     that trained them. ``update_id`` names the signed contribution deposited with the key
-    holders. Weights and example counts are inside the ciphertexts, not beside them.
+    holders. Weights and the other statistics are inside the ciphertexts, not beside them.
     """
 
     key_id: str

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo
 from fedray.privacy.mechanisms import count_clipped
+from fedray.runtime.round_stats import client_statistics, metrics_released
 from fedray.tasks.base import client_seed
 
 DEPOSIT_TIMEOUT_S = 30.0
@@ -37,18 +38,19 @@ class RoundTask:
 
 @dataclass
 class ClientResult:
-    """One client's answer: a plaintext delta or an encrypted update, plus metrics."""
+    """One client's answer: a plaintext delta or an encrypted update, plus metrics.
+
+    ``stats`` are the client's round statistics (:mod:`fedray.runtime.round_stats`) in a
+    plaintext round; with crypto they travel inside the encrypted update and this is None.
+    No example count travels either way. Fields after ``client_id`` are keyword-only."""
 
     client_id: int
-    num_examples: int
-    weight: float
+    _: KW_ONLY
+    weight: float = 0.0
     delta: np.ndarray | None = None
     encrypted: Any = None
     compressed: Any = None  # a fedray.compression.CompressedUpdate instead of ``delta``
-    train_loss: float = float("nan")
-    val_loss: float = float("nan")
-    val_correct: int = 0
-    val_count: int = 0
+    stats: dict[str, float] | None = None
     train_seconds: float = 0.0
     encrypt_seconds: float = 0.0
     bytes_up: int = 0
@@ -255,8 +257,9 @@ class ClientHost:
         return True
 
     def set_weight_ref(self, weight_ref: float, signature: bytes | None = None) -> bool | str:
-        """Example count that maps to weight 1.0, known to all. True, or why it is refused
-        (a public ``dataset.weight_ref`` below a hosted client's count would cap its
+        """Example count that maps to weight 1.0, known to every host (not told to the
+        server, and no count in the round statistics gives it away). True, or why it is
+        refused (a public ``dataset.weight_ref`` below a hosted client's count would cap its
         FedAvg weight at 1 and weigh the federation wrongly).
 
         With crypto on it must be signed by the driver's set-up key: a server that could
@@ -378,9 +381,7 @@ class ClientHost:
                 result = self._train_one(cid, task, global_weights)
             except Exception as exc:  # one client's failure must not sink its neighbours
                 self._to_seal.pop(cid, None)
-                result = ClientResult(
-                    cid, 0, 0.0, error=f"{type(exc).__name__}: {exc}".splitlines()[0]
-                )
+                result = ClientResult(cid, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
             result.node_id = node
             results.append(result)
         if self._encryptor is not None:
@@ -399,13 +400,8 @@ class ClientHost:
         n = len(train)
         t0 = time.perf_counter()
         self.view.set(global_weights)
-        result = ClientResult(cid, n, 1.0)
-        if self.cfg.federated_eval and val is not None and len(val):
-            m = self.task.evaluate(self.model, val)
-            result.val_loss = float(m["loss"])
-            result.val_correct = int(round(float(m["accuracy"]) * len(val)))
-            result.val_count = len(val)
-
+        result = ClientResult(cid, weight=1.0)
+        evaluated = self._validate(val)
         del opts  # the server's options are not trusted for anything that protects a site
         privacy = self._privacy_plan()
         sample_dp = getattr(privacy, "mode", None) == "sample"
@@ -420,7 +416,7 @@ class ClientHost:
         }
         metrics = self.task.train(self.model, train, **train_keywords(self.task, offered))
         delta = (self.view.get() - global_weights).astype(np.float32)
-        result.train_loss = float(metrics.get("loss", float("nan")))
+        train_loss = float(metrics.get("loss", float("nan")))
         result.train_seconds = time.perf_counter() - t0
 
         noise = None
@@ -432,7 +428,27 @@ class ClientHost:
             result.weight = 1.0  # uniform weights keep the sensitivity bound C
         else:
             result.weight = min(1.0, n / self.weight_ref)
+        result.stats = self._statistics(result.weight, delta, train_loss, evaluated)
         return self._finish(result, delta, noise)
+
+    def _validate(self, val) -> tuple[float, float] | None:
+        """(loss, accuracy) of the global model on a client's validation split; None
+        without one, and not computed where it would not be sent (DP: see round_stats)."""
+        if not (self.cfg.federated_eval and metrics_released(self.cfg)):
+            return None
+        if val is None or not len(val):
+            return None
+        m = self.task.evaluate(self.model, val)
+        return float(m["loss"]), float(m["accuracy"])
+
+    def _statistics(self, weight, delta, train_loss, evaluated) -> dict[str, float]:
+        """What the client reports, by the one definition of both modes (with crypto,
+        ``_finish`` moves it inside the encrypted update). ``values_clipped``: values the
+        codec will clip to +-crypto.clip, counted here (none without crypto)."""
+        clipped = 0
+        if self._encryptor is not None:
+            clipped = count_clipped(delta * weight, self.codec.clip)
+        return client_statistics(self.cfg, weight, train_loss, evaluated, clipped)
 
     def _strategy_options(self) -> dict[str, Any]:
         """What the strategy asks of clients (FedProx's mu), from this site's config."""
@@ -460,16 +476,7 @@ class ClientHost:
             result.error = "update has NaN or infinite values (diverged); lower lr"
             return result
         if self._encryptor is not None:
-            stats = {
-                "num_examples": result.num_examples,
-                "train_loss_sum": result.train_loss * result.num_examples,
-                "val_loss_sum": result.val_loss * result.val_count if result.val_count else 0.0,
-                "val_correct": result.val_correct,
-                "val_count": result.val_count,
-                # Values the codec will clip to +-crypto.clip: counted here, summed inside
-                # the encrypted aggregate like the other statistics.
-                "values_clipped": count_clipped(delta * result.weight, self.codec.clip),
-            }
+            stats, result.stats = result.stats or {}, None  # it travels encrypted only
             self._to_seal[result.client_id] = (delta, result.weight, noise, stats)
         elif self.cfg.compression.name != "none":
             from fedray.compression import compress
@@ -488,17 +495,15 @@ class ClientHost:
         or one update per client. Each is signed and deposited with the key holders (with
         their exponent shares) before it goes to the server.
 
-        Per-client numbers (example counts, weights, losses, timings) travel only inside
-        the ciphertexts: every result sent to the server is scrubbed of them. With a sum,
-        the first client's result carries it; the server accepts those clients with it or
-        rejects them with it.
+        Per-client numbers (weights and the other statistics) travel only inside the
+        ciphertexts, and timings only per host call: every result sent to the server is
+        scrubbed of them. With a sum, the first client's result carries it; the server
+        accepts those clients with it or rejects them with it.
         """
         ok = [r for r in results if r.error is None and r.client_id in self._to_seal]
         call_seconds = sum(r.train_seconds for r in results)
         for r in results:
-            r.num_examples, r.weight, r.train_seconds = 0, 0.0, 0.0
-            r.train_loss = r.val_loss = float("nan")
-            r.val_correct = r.val_count = 0
+            r.weight, r.train_seconds, r.stats = 0.0, 0.0, None
         if not ok:
             return
         ok[0].train_seconds = call_seconds

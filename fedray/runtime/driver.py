@@ -27,6 +27,7 @@ from fedray.runtime.outputs import (
     save_checkpoint,
     write_json,
 )
+from fedray.runtime.round_stats import metrics_released
 
 log = logging.getLogger("fedray")
 
@@ -384,9 +385,10 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
     # keeps the codec's precision). A public dataset.weight_ref reveals nothing.
     # Otherwise the hosts pass a running maximum along a chain of object refs: each
     # host sees only the maximum of those before it; the driver fetches only the
-    # final maximum (the largest site's count, not which site) and the server gets
-    # nothing. The intermediate values are in the object store, owned by the driver,
-    # which never reads them. FedAvg stays exactly example-weighted: the server
+    # final maximum (the largest site's count, not which site) and the server is not
+    # sent it, nor any count it could be worked out from (fedray/runtime/round_stats.py).
+    # The intermediate values are in the object store, owned by the driver, which never
+    # reads them. FedAvg stays exactly example-weighted: the server
     # divides by the sum of the weights.
     if cfg.dataset.weight_ref is not None:
         weight_ref = float(cfg.dataset.weight_ref)
@@ -507,6 +509,14 @@ def _open_outputs(job: _Job, counts: tuple[int, int, int]) -> dict[str, Any]:
     job.metrics_writer = MetricsWriter(job.output_dir / "metrics.csv", first_round - 1)
     job.tensorboard = TensorBoardWriter(job.output_dir / "tensorboard")
     summary = _new_summary(job, counts, setup_seconds)
+    if not metrics_released(cfg):
+        log.warning(
+            "privacy=dp (mode=%s): the clients' per-round training and validation statistics "
+            "are not released, since epsilon would not cover them; train_loss, fed_val_loss "
+            "and fed_val_accuracy stay empty in metrics.csv (test_loss and test_accuracy, "
+            "on the server's own test set, are reported)",
+            cfg.privacy.mode,
+        )
     if job.resumed:
         summary["resumed_from_round"] = first_round - 1
         _carry_over(summary, job.output_dir, first_round - 1)

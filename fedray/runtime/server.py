@@ -24,6 +24,7 @@ from fedray.crypto.secure_aggregation import codec_for
 from fedray.data.datasets import DatasetInfo
 from fedray.errors import ClusterError
 from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS, ClientResult, RoundTask
+from fedray.runtime.round_stats import round_metrics, sum_statistics
 
 log = logging.getLogger("fedray.server")
 
@@ -105,15 +106,11 @@ def _drop_ciphertexts(res: ClientResult) -> None:
 
 
 def _plain_stats(results: list[ClientResult]) -> dict[str, float]:
-    """The round statistics of plaintext results (with crypto they arrive encrypted)."""
-    return {
-        "weight": sum(r.weight for r in results),
-        "num_examples": sum(r.num_examples for r in results),
-        "train_loss_sum": sum(r.train_loss * r.num_examples for r in results),
-        "val_loss_sum": sum(r.val_loss * r.val_count for r in results if r.val_count),
-        "val_correct": sum(r.val_correct for r in results),
-        "val_count": sum(r.val_count for r in results),
-    }
+    """The summed statistics of plaintext results (with crypto they arrive encrypted and
+    summed); the weight is the one the updates were aggregated with."""
+    sums = sum_statistics([r.stats or {} for r in results])
+    sums["weight"] = float(sum(r.weight for r in results))
+    return sums
 
 
 def opening_processes(cfg: FedrayConfig, num_ciphertexts: int) -> int:
@@ -457,14 +454,9 @@ class Server:
         if self.privacy is not None:
             self.privacy.step([r.client_id for r in results])
 
-        n_ex, val_count = stats["num_examples"], stats["val_count"]
+        metrics.update(round_metrics(cfg, stats))  # weight-weighted means; NaN under DP
         metrics.update(
             {
-                "train_loss": stats["train_loss_sum"] / n_ex if n_ex else float("nan"),
-                "fed_val_loss": stats["val_loss_sum"] / val_count if val_count else float("nan"),
-                "fed_val_accuracy": (
-                    stats["val_correct"] / val_count if val_count else float("nan")
-                ),
                 "bytes_up": int(sum(r.bytes_up for r in results)),
                 "bytes_to_key_holders": int(sum(r.bytes_to_key_holders for r in results)),
                 # Updates sent: one per client, or one per host call with crypto.host_sum.
