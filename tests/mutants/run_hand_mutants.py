@@ -211,6 +211,15 @@ MUTANTS = [
         "fedavg and plain",
     ),
     Mutant(
+        "dp-statistics-released",
+        "fedray/runtime/round_stats.py",
+        "    if metrics_released(cfg):\n        return STATS_FIELDS",
+        "    if True:\n        return STATS_FIELDS",
+        ("tests/test_privacy_runs.py",),
+        "under client-level DP the hosts send their losses and validation figures too",
+        "same_seed",
+    ),
+    Mutant(
         "mean-over-count",
         "fedray/runtime/server.py",
         '                delta = total / stats["weight"]',
