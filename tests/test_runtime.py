@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedray.data.datasets import dataset_info, load_client_data
 from fedray.crypto.codec import STATS_FIELDS
+from fedray.data.datasets import dataset_info, load_client_data
 from fedray.models import ParamView, build_model
 from fedray.runtime.client import ClientResult
 from fedray.runtime.driver import run_experiment
