@@ -251,10 +251,7 @@ class KeyHolder:
         host = self._peers.get(c.host)
         if host is None or not verify(host, signed.signature, c.message()):
             raise PermissionError(f"contribution {c.update_id!r} is not signed by host {c.host}")
-        if not 1 <= int(c.round) <= self._max_rounds:  # never opened: not kept either
-            raise PermissionError(
-                f"round {c.round} is outside this job's rounds 1..{self._max_rounds}"
-            )
+        self._check_round(c.round)  # never opened: not kept either
         ids = tuple(int(i) for i in c.client_ids)
         if not ids or len(set(ids)) != len(ids):
             raise PermissionError("a contribution must name distinct clients")
@@ -272,14 +269,18 @@ class KeyHolder:
         )
         return True
 
+    def _check_round(self, round_num: int) -> None:
+        """PermissionError unless ``round_num`` is one of this job's rounds 1..max_rounds."""
+        if not 1 <= int(round_num) <= self._max_rounds:
+            raise PermissionError(
+                f"round {round_num} is outside this job's rounds 1..{self._max_rounds}"
+            )
+
     def _authorize(self, round_num: int, update_ids: list[str]) -> list[_Deposit]:
         """The deposits of a sum this holder may help decrypt, or PermissionError."""
         round_num = int(round_num)
         ids = tuple(update_ids)
-        if not 1 <= round_num <= self._max_rounds:
-            raise PermissionError(
-                f"round {round_num} is outside this job's rounds 1..{self._max_rounds}"
-            )
+        self._check_round(round_num)
         if round_num < self._last_round:
             raise PermissionError(
                 f"round {round_num} is older than round {self._last_round}, already released"
