@@ -22,6 +22,7 @@ CONF = ROOT / "conf"
 # seconds of the 2-core CI machine per file). A fixture that needs another Ray in this
 # process (``two_node_cluster``) shuts it down first; the next file then starts a new one.
 _LOCAL_RAY: dict[str, str] = {}
+LOCAL_RAY_CPUS = 2
 
 
 def _release_local_ray() -> None:
@@ -38,10 +39,10 @@ def _local_ray_is_clean() -> bool:
 
     if not (ray.is_initialized() and _LOCAL_RAY):
         return False
-    if ray.cluster_resources().get("CPU", 0.0) != 2:
+    if ray.cluster_resources().get("CPU", 0.0) != LOCAL_RAY_CPUS:
         return False
     deadline = time.monotonic() + 10  # actors of the last job release their CPUs lazily
-    while ray.available_resources().get("CPU", 0.0) != 2:
+    while ray.available_resources().get("CPU", 0.0) != LOCAL_RAY_CPUS:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -57,7 +58,7 @@ def ray_2cpus():
         _release_local_ray()
         ctx = ray.init(
             address="local",  # a new instance, whatever `ray start` left in /tmp/ray
-            num_cpus=2,
+            num_cpus=LOCAL_RAY_CPUS,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             logging_level="ERROR",
