@@ -175,6 +175,30 @@ def test_round_metrics_are_weight_weighted_means_and_withheld_under_dp(privacy):
     assert m["fed_val_accuracy"] == pytest.approx((0.25 * 0.5 + 0.75 * 0.9) / 1.0)
 
 
+@pytest.mark.parametrize("privacy", [[], ["privacy=dp", "privacy.noise_multiplier=1.0"]])
+def test_progress_line_says_withheld_for_a_train_loss_dp_keeps_back(privacy, capsys):
+    """The round's progress line shows the training loss, or "withheld" where DP keeps it
+    back (NaN in metrics.csv), never "nan"."""
+    from fedray.runtime.driver import _progress
+
+    cfg = compose(["crypto=none", "progress=true", *privacy])
+    loss = float("nan") if privacy else 0.1234
+    m = dict(
+        round=1,
+        train_loss=loss,
+        test_loss=0.5,
+        test_accuracy=0.75,
+        clients_ok=5,
+        clients_failed=0,
+        seconds=0.1,
+        epsilon=None,
+    )
+    _progress(cfg, m)
+    line = capsys.readouterr().out
+    assert "nan" not in line
+    assert ("train_loss withheld |" if privacy else "train_loss 0.1234 |") in line
+
+
 def test_cli_full_job_writes_contract_outputs(ray_2cpus, tmp_path):
     out = tmp_path / "run"
     res = run_cli(

@@ -47,8 +47,10 @@ def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
         if cfg.crypto.name != "none"
         else ""
     )
+    train_loss = m["train_loss"]  # NaN under DP: withheld (the driver said so once)
+    train = "withheld" if math.isnan(train_loss) else f"{train_loss:.4f}"
     print(
-        f"[fedray] round {m['round']:>3}/{cfg.rounds} | train_loss {m['train_loss']:.4f} | "
+        f"[fedray] round {m['round']:>3}/{cfg.rounds} | train_loss {train} | "
         f"test_loss {m['test_loss']:.4f} | test_acc {m['test_accuracy']:.4f} | "
         f"clients {m['clients_ok']}/{cfg.clients_per_round}"
         + (f" ({m['clients_failed']} failed)" if m["clients_failed"] else "")
