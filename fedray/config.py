@@ -277,6 +277,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise: str = "auto"
     target_epsilon: float | None = None
+    # Stop before any client's epsilon against the server (no sampling amplification)
+    # could pass this. Needs DP against the server: refused with central or seeded noise.
+    target_epsilon_vs_server: float | None = None
     # Seeded noise (numpy / torch generators from the job seed): runs replay exactly, and
     # anyone who knows the seed, the server included, can subtract the noise. Research
     # only; summary.json records it. Default: noise from the OS CSPRNG.
@@ -303,6 +306,8 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.delta={self.delta!r} must be in (0, 1)")
         if self.target_epsilon is not None:
             _positive("privacy.target_epsilon", self.target_epsilon)
+        if self.target_epsilon_vs_server is not None:
+            _positive("privacy.target_epsilon_vs_server", self.target_epsilon_vs_server)
         if self.secure_rng is True and self.reproducible_noise:
             raise ConfigError(
                 "privacy.secure_rng=true contradicts privacy.reproducible_noise=true; "
@@ -447,6 +452,7 @@ RESUME_SAFE_KEYS = frozenset(
         "max_round_retries",
         "checkpoint.every",
         "privacy.target_epsilon",
+        "privacy.target_epsilon_vs_server",
         "ray",  # and every ray.* key (shown as ray.*)
     }
 )
@@ -539,6 +545,23 @@ def min_clients(cfg: FedrayConfig) -> int:
     return max(floor, math.ceil(cfg.clients_per_round / 2))
 
 
+def _check_dp_holds_against_the_server(privacy: PrivacyConfig, crypto: str) -> None:
+    """privacy.target_epsilon_vs_server bounds a figure that must exist: no DP holds
+    against a server that sees each update (client level without encryption) or can
+    replay the noise (reproducible noise); epsilon_vs_server is null there."""
+    why = None
+    if privacy.seeded_noise:
+        why = "with privacy.reproducible_noise=true the server can replay the noise"
+    elif privacy.mode == "client" and crypto == "none":
+        why = "with crypto=none the server sees each client's update before adding noise"
+    if why:
+        raise ConfigError(
+            f"privacy.target_epsilon_vs_server={privacy.target_epsilon_vs_server}: no DP holds "
+            f"against the server ({why}); use crypto=paillier and the default OS noise, or "
+            "privacy.target_epsilon"
+        )
+
+
 def _validate_task(cfg: FedrayConfig) -> None:
     """Which data the built-in tasks can read (a custom task reads what it likes)."""
     if cfg.task._target_:
@@ -602,6 +625,8 @@ def validate(cfg: FedrayConfig) -> None:
                 "privacy.noise=central cannot be used with crypto=paillier (the server only sees "
                 "the decrypted sum); use privacy.noise=distributed or auto"
             )
+        if cfg.privacy.target_epsilon_vs_server is not None:
+            _check_dp_holds_against_the_server(cfg.privacy, cfg.crypto.name)
         if cfg.privacy.mode == "client" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
             raise ConfigError(
                 f"privacy=dp is accounted for mean aggregation; strategy={cfg.strategy.name} "

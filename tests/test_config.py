@@ -24,6 +24,28 @@ from tests.conftest import compose, run_cli
         (["privacy=dp", "privacy.delta=2"], "privacy.delta=2"),
         (["dataset=csv"], "dataset.path must be set"),
         (["crypto.quant_bits=40"], "crypto.quant_bits=40"),
+        (
+            ["privacy=dp", "privacy.target_epsilon_vs_server=0"],
+            "privacy.target_epsilon_vs_server=0",
+        ),
+        (
+            ["privacy=dp", "crypto=none", "privacy.target_epsilon_vs_server=8"],
+            "no DP holds against the server (with crypto=none the server sees each",
+        ),
+        (
+            ["privacy=dp", "privacy.reproducible_noise=true", "privacy.target_epsilon_vs_server=8"],
+            "no DP holds against the server (with privacy.reproducible_noise=true",
+        ),
+        (
+            [
+                "privacy=dp",
+                "privacy.mode=sample",
+                "crypto=none",
+                "privacy.secure_rng=false",
+                "privacy.target_epsilon_vs_server=8",
+            ],
+            "the server can replay the noise",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides, message):
@@ -31,6 +53,14 @@ def test_invalid_config_names_the_key(overrides, message):
         compose(overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_target_against_the_server_is_taken_where_dp_holds_against_it():
+    """Encrypted client level (distributed noise) and sample level, even unencrypted (the
+    examples are sampled and noised on the site), have an epsilon against the server."""
+    for overrides in (["privacy=dp"], ["privacy=dp", "privacy.mode=sample", "crypto=none"]):
+        cfg = compose([*overrides, "privacy.target_epsilon_vs_server=8"])
+        assert cfg.privacy.target_epsilon_vs_server == 8
 
 
 def test_insecure_keys_allowed_only_when_asked():

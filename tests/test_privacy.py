@@ -16,7 +16,7 @@ from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, Upda
 from fedray.crypto.threshold import combine_partial_decryptions, partial_decrypt
 from fedray.privacy.dp import ClientLevelDP, compute_epsilon, privatize_update
 from fedray.privacy.mechanisms import l2_clip, secure_standard_normal
-from tests.conftest import run_cli
+from tests.conftest import compose, run_cli
 
 
 @settings(max_examples=200, deadline=None)
@@ -127,12 +127,79 @@ def test_target_epsilon_stops_before_exceeding():
     assert steps == 3 and dp.epsilon() <= dp.target_epsilon
 
 
-def test_cli_dp_reports_finite_epsilon(ray_2cpus, tmp_path):
+def test_target_against_the_server_stops_before_any_client_could_pass_it():
+    """epsilon_vs_server has no sampling amplification and counts a client's own released
+    rounds: the run stops before the client with the most rounds, if sampled, passes it.
+    Each target is named in the stop reason."""
+    from fedray.privacy.dp import compute_epsilon_unamplified
+
+    dp = _plan(distributed=True)
+    after = [
+        compute_epsilon_unamplified(noise_multiplier=1.0, rounds=r, delta=1e-5) for r in (2, 3)
+    ]
+    dp.target_epsilon_vs_server = (after[0] + after[1]) / 2  # 2 rounds pass, 3 do not
+    dp.step([0, 1])
+    assert dp.would_exceed_target() is None
+    dp.step([0])  # client 0: 2 rounds; a third would pass the target
+    assert dp.epsilon_vs_server() == pytest.approx(after[0])
+    assert (
+        dp.would_exceed_target()
+        == f"privacy.target_epsilon_vs_server={dp.target_epsilon_vs_server}"
+    )
+    assert dp.epsilon(dp.steps + 1) < 1e9 and dp.target_epsilon is None  # not the other target
+    dp.target_epsilon = dp.epsilon(dp.steps + 1) / 2  # both pass: the first is named
+    assert dp.would_exceed_target() == f"privacy.target_epsilon={dp.target_epsilon}"
+
+
+def test_sample_level_targets_bound_the_same_site_epsilon():
+    from fedray.privacy.dp import SampleLevelDP
+
+    dp = SampleLevelDP(
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        delta=1e-5,
+        batch_size=32,
+        local_epochs=1,
+        client_sizes={0: 32, 1: 3200},
+        target_epsilon_vs_server=7.0,
+    )
+    dp.step([0])  # site 0: 4.729 after one round, 7.077 after two
+    assert dp.would_exceed_target() == "privacy.target_epsilon_vs_server=7.0"
+    dp.target_epsilon_vs_server = 7.1
+    assert dp.would_exceed_target() is None
+
+
+def test_server_stops_before_a_round_that_would_pass_a_target():
+    """The server's own check, before it samples or contacts anyone: the outcome names
+    the target and the round counter does not move."""
+    from fedray.data.datasets import dataset_info
+    from fedray.privacy import build_privacy
+    from fedray.runtime.server import Server
+
+    cfg = compose(["crypto=none", "privacy=dp", "privacy.target_epsilon=0.01"])
+    server = Server(cfg, dataset_info(cfg.dataset))
+    server.set_up([], {}, privacy=build_privacy(cfg))  # no hosts: nothing to contact
+    outcome = server.run_round()
+    assert outcome.stop and outcome.stop_reason == "privacy.target_epsilon=0.01"
+    assert server.round == 0
+
+
+def test_cli_dp_reports_epsilon_and_stops_before_the_target_against_the_server(ray_2cpus, tmp_path):
+    """Every client is in every round (q = 1): epsilon_vs_server after r rounds is r plain
+    Gaussian releases. A target between 3 and 4 rounds' worth ends the job after round 3,
+    says why, and records it in summary.json."""
+    from fedray.privacy.dp import compute_epsilon_unamplified
+
+    after = [
+        compute_epsilon_unamplified(noise_multiplier=1.0, rounds=r, delta=1e-5) for r in (3, 4)
+    ]
+    target = round((after[0] + after[1]) / 2, 3)
     out = tmp_path / "dp"
     res = run_cli(
         [
             "privacy=dp",
             "privacy.noise_multiplier=1.0",
+            f"privacy.target_epsilon_vs_server={target}",
             "crypto.key_bits=512",
             "crypto.allow_insecure_keys=true",
             "rounds=5",
@@ -144,6 +211,10 @@ def test_cli_dp_reports_finite_epsilon(ray_2cpus, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["delta"] == 1e-5
     assert summary["epsilon"] is not None and 0 < summary["epsilon"] < math.inf
+    assert summary["rounds_completed"] == 3 and summary["stopped_early"]
+    assert summary["stop_reason"] == "privacy.target_epsilon_vs_server"
+    assert after[0] <= summary["epsilon_vs_server"] <= target
+    assert f"it would exceed privacy.target_epsilon_vs_server={target}" in res.stdout
 
 
 def test_sample_level_epsilon_matches_opacus_stepwise():

@@ -175,6 +175,7 @@ class ClientLevelDP:
         num_parameters: int | None = None,
         reproducible_noise: bool = False,
         target_epsilon: float | None = None,
+        target_epsilon_vs_server: float | None = None,
         accountant: str = "rdp",
     ):
         if clip_norm <= 0:
@@ -190,6 +191,7 @@ class ClientLevelDP:
         self.distributed = distributed
         self.reproducible_noise = reproducible_noise
         self.target_epsilon = target_epsilon
+        self.target_epsilon_vs_server = target_epsilon_vs_server
         self.accountant = accountant
         self.num_parameters = num_parameters
         # The rate accounted for: Poisson sampling conditioned on a releasable cohort.
@@ -214,6 +216,7 @@ class ClientLevelDP:
             distributed=distributed,
             reproducible_noise=p.seeded_noise,
             target_epsilon=p.target_epsilon,
+            target_epsilon_vs_server=p.target_epsilon_vs_server,
             accountant=p.accountant,
         )
 
@@ -314,10 +317,20 @@ class ClientLevelDP:
         most = max(self.participation.values(), default=0)
         return self.client_epsilon_vs_server(most)  # grows with the count: max is the max
 
-    def would_exceed_target(self) -> bool:
-        """True if one more round would push epsilon past privacy.target_epsilon."""
-        return (
-            self.target_epsilon is not None and self.epsilon(self.steps + 1) > self.target_epsilon
+    def would_exceed_target(self) -> str | None:
+        """The target one more round could push past (``"privacy.target_epsilon=E"``), or None.
+
+        Against the server, the client with the most released rounds is assumed to be in
+        the next cohort (the sampling is not known in advance): the run stops before any
+        client's ``epsilon_vs_server`` could pass the target."""
+        most = max(self.participation.values(), default=0)
+        return _first_exceeded(
+            ("privacy.target_epsilon", self.target_epsilon, lambda: self.epsilon(self.steps + 1)),
+            (
+                "privacy.target_epsilon_vs_server",
+                self.target_epsilon_vs_server,
+                lambda: self.client_epsilon_vs_server(most + 1),
+            ),
         )
 
     def step(self, participants: list[int] | None = None) -> None:
@@ -335,6 +348,16 @@ class ClientLevelDP:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.participation = {int(k): int(v) for k, v in state.get("participation", {}).items()}
+
+
+def _first_exceeded(*targets) -> str | None:
+    """``"NAME=TARGET"`` of the first ``(NAME, TARGET or None, next_epsilon)`` whose
+    ``next_epsilon()`` (the epsilon after one more round) passes TARGET, else None. An
+    unset target is skipped without accounting."""
+    for name, target, next_epsilon in targets:
+        if target is not None and next_epsilon() > target:
+            return f"{name}={target}"
+    return None
 
 
 def privatize_update(delta: np.ndarray, plan: ClientPlan, seed: int):
@@ -395,6 +418,7 @@ class SampleLevelDP:
         local_epochs,
         client_sizes,
         target_epsilon=None,
+        target_epsilon_vs_server=None,
         accountant="rdp",
         reproducible_noise=False,
     ):
@@ -406,6 +430,7 @@ class SampleLevelDP:
         self.local_epochs = local_epochs
         self.client_sizes = {int(k): int(v) for k, v in client_sizes.items()}
         self.target_epsilon = target_epsilon
+        self.target_epsilon_vs_server = target_epsilon_vs_server
         self.accountant = accountant
         self.participation: dict[int, int] = {}
         self._eps_cache: dict[tuple[int, int], float] = {}
@@ -421,6 +446,7 @@ class SampleLevelDP:
             local_epochs=cfg.local_epochs,
             client_sizes=client_sizes,
             target_epsilon=p.target_epsilon,
+            target_epsilon_vs_server=p.target_epsilon_vs_server,
             accountant=p.accountant,
             reproducible_noise=p.seeded_noise,
         )
@@ -464,17 +490,27 @@ class SampleLevelDP:
             return math.inf if self.participation else 0.0
         return self.epsilon()
 
-    def would_exceed_target(self) -> bool:
-        """True if any site's epsilon would pass the target after one more round.
+    def would_exceed_target(self) -> str | None:
+        """The target one more round could push a site past, or None (see ClientLevelDP).
 
         Checks every site that could be sampled next, not the one with the most rounds:
         a small site (high sampling rate) can have the highest epsilon with fewer rounds.
+        Against the server a site's epsilon is the same (its examples are sampled on the
+        site), so both targets bound the same figure.
         """
-        if self.target_epsilon is None:
-            return False
-        return any(
-            self.client_epsilon(c, self.participation.get(c, 0) + 1) > self.target_epsilon
-            for c in self.client_sizes
+
+        def next_epsilon() -> float:
+            return max(
+                (
+                    self.client_epsilon(c, self.participation.get(c, 0) + 1)
+                    for c in self.client_sizes
+                ),
+                default=0.0,
+            )
+
+        return _first_exceeded(
+            ("privacy.target_epsilon", self.target_epsilon, next_epsilon),
+            ("privacy.target_epsilon_vs_server", self.target_epsilon_vs_server, next_epsilon),
         )
 
     def step(self, participants: list[int] | None = None) -> None:

@@ -593,12 +593,12 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
         if stop.requested:
             break
         outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
-        if outcome.stop:  # privacy.target_epsilon would be exceeded: nothing was run
+        if outcome.stop:  # a privacy target would be exceeded: nothing was run
             summary["stopped_early"] = True
-            summary["stop_reason"] = "privacy.target_epsilon"
+            summary["stop_reason"] = outcome.stop_reason.split("=")[0]  # the key's name
             print(
                 f"[fedray] stopping before round {outcome.metrics['round'] + 1}: it would "
-                f"exceed privacy.target_epsilon={cfg.privacy.target_epsilon}",
+                f"exceed {outcome.stop_reason}",
                 flush=True,
             )
             break

@@ -67,6 +67,7 @@ class RoundOutcome:
     client_nodes: dict[int, str] = field(default_factory=dict)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     stop: bool = False
+    stop_reason: str = ""  # with stop: the privacy target ("privacy.target_epsilon=E")
     # The accountant after this round's release (DP): the driver persists it at once,
     # so a resume from an older checkpoint still counts the rounds released since.
     privacy_state: dict[str, Any] | None = None
@@ -273,12 +274,10 @@ class Server:
         if not self._is_set_up:
             raise ClusterError("the server was not set up (Server.set_up) before a round")
 
-        if self.privacy is not None and self.privacy.would_exceed_target():
-            log.warning(
-                "stopping: one more round would exceed privacy.target_epsilon=%s",
-                self.privacy.target_epsilon,
-            )
-            return RoundOutcome({"round": self.round}, stop=True)
+        target = self.privacy.would_exceed_target() if self.privacy is not None else None
+        if target:
+            log.warning("stopping: one more round would exceed %s", target)
+            return RoundOutcome({"round": self.round}, stop=True, stop_reason=target)
         if self._hosts_failed:  # hosts Ray is restarting serve this round, not fail it
             self._wait_for_restarting_hosts()
             self._hosts_failed = False
