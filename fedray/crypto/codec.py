@@ -168,6 +168,7 @@ class PackedPaillierCodec:
 # would give the server the weight reference, n_k / w_k).
 STATS_FIELDS = (
     "weight",
+    "train_weight",
     "val_weight",
     "weighted_train_loss",
     "weighted_val_loss",

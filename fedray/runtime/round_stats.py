@@ -9,8 +9,10 @@ Only weights and weight-weighted means travel, never an example count. FedAvg's 
 w_k = n_k / weight_ref, so a summed example count beside the summed weight would hand the
 server weight_ref (Σ n_k / Σ w_k) in a single round, and a summed validation count nearly
 so. ``train_loss`` is Σ w_k loss_k / Σ w_k: the example-weighted mean of the clients' mean
-losses, since w_k is proportional to n_k. The validation figures are weighted by
-``val_weight`` (w_k for a client with a validation split, else 0): a weight, not a count.
+losses, since w_k is proportional to n_k; the mean is over ``train_weight`` (w_k for a
+client whose task reported a finite training loss, else 0), so a task that reports none
+gives NaN, not 0. The validation figures are weighted by ``val_weight`` (w_k for a client
+with a validation split, else 0). Both are weights, not counts.
 
 Under differential privacy (``privacy=dp``, either mode) the accountant counts what the
 released model reveals, nothing else: a loss or an accuracy computed from a site's data is
@@ -58,6 +60,8 @@ def client_statistics(
     as the encrypted codec stores it, so both modes give the same sums."""
     stats = dict.fromkeys(STATS_FIELDS, 0.0)
     stats.update(weight=weight, weighted_train_loss=weight * train_loss)
+    if math.isfinite(train_loss):
+        stats["train_weight"] = weight
     stats["values_clipped"] = float(values_clipped)
     if val is not None:
         stats.update(
@@ -83,12 +87,12 @@ def round_metrics(cfg: Any, sums: dict[str, float]) -> dict[str, float]:
     """train_loss, fed_val_loss and fed_val_accuracy from a round's summed statistics:
     weight-weighted means, NaN when nothing was sent for them (no validation split, or
     DP: see :func:`metrics_released`)."""
-    weight, val_weight = sums.get("weight", 0.0), sums.get("val_weight", 0.0)
+    train_weight, val_weight = sums.get("train_weight", 0.0), sums.get("val_weight", 0.0)
     shown = metrics_released(cfg)
-    train = shown and weight > 0
+    train = shown and train_weight > 0
     val = shown and val_weight > 0
     return {
-        "train_loss": sums["weighted_train_loss"] / weight if train else NAN,
+        "train_loss": sums["weighted_train_loss"] / train_weight if train else NAN,
         "fed_val_loss": sums["weighted_val_loss"] / val_weight if val else NAN,
         "fed_val_accuracy": sums["weighted_val_accuracy"] / val_weight if val else NAN,
     }
