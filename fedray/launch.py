@@ -153,8 +153,18 @@ def _shell_path(path: str | Path) -> str:
     return shlex.quote(rel if not rel.startswith("..") else str(path))
 
 
-def _interrupted(run_dir: Path, checkpoint_path: str | None) -> None:
-    """One line: the last checkpoint on disk and the command that resumes from it."""
+def _resume_safe(overrides: list[str]) -> list[str]:
+    """The overrides a resume takes (``rounds=40``, ``ray.*``...), in the order given.
+
+    A resume does not rewrite the run's saved config, so whatever a resume changed
+    (``rounds=40`` extending a finished run) must be passed again on the next resume."""
+    keys = [(_parse(o).key_or_group, o) for o in overrides]
+    return [o for k, o in keys if k in RESUME_SAFE_KEYS or k.split(".")[0] in RESUME_SAFE_KEYS]
+
+
+def _interrupted(run_dir: Path, checkpoint_path: str | None, again: list[str] = ()) -> None:
+    """One line: the last checkpoint on disk and the command that resumes from it, with
+    ``again``: the overrides of this resume that the saved config lacks."""
     from fedray.runtime.outputs import latest_checkpoint_round
 
     directory = Path(checkpoint_path) if checkpoint_path else run_dir / "checkpoints"
@@ -169,6 +179,7 @@ def _interrupted(run_dir: Path, checkpoint_path: str | None) -> None:
         command = (
             f"{_shell_path(sys.executable)} -m fedray.launch "
             f"hydra.run.dir={_shell_path(run_dir)} resume=true"
+            + "".join(f" {shlex.quote(o)}" for o in again)
         )
         print(
             f"fedray: interrupted; last checkpoint: round {last} in {_shell_path(directory)}; "
@@ -200,7 +211,8 @@ def main(raw: DictConfig) -> float | None:
     except KeyboardInterrupt:
         if _FULL_ERROR:
             raise
-        _interrupted(run_dir, checkpoint_path)
+        again = _resume_safe(list(hc.overrides.task)) if raw.resume else []
+        _interrupted(run_dir, checkpoint_path, again)
         return None
     return summary["final_accuracy"]
 

@@ -110,3 +110,25 @@ def test_ctrl_c_then_resume_with_only_the_run_dir_ends_bit_identical(ray_2cpus, 
         np.testing.assert_array_equal(a["strategy"][key], b["strategy"][key])
     assert (a["rng"], a["noise_rng"], a["privacy"]) == (b["rng"], b["noise_rng"], b["privacy"])
     assert _rows(tmp_path / "full") == _rows(run_dir)
+
+
+def test_the_resume_command_after_a_resumed_run_keeps_what_that_resume_changed(tmp_path, capsys):
+    """A resume does not rewrite the run's saved config: a Ctrl-C during a resume that
+    extended the run (rounds=40) must print a command that passes rounds=40 again, or the
+    next resume would stop at the saved rounds. Overrides a resume refuses are not carried."""
+    from fedray.launch import _interrupted, _resume_safe
+    from fedray.runtime.outputs import latest_checkpoint_round
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "round_0025").mkdir(parents=True)
+    (checkpoints / "round_0025" / "state.json").write_text('{"round": 25}')
+    (checkpoints / "latest").write_text("round_0025")
+    assert latest_checkpoint_round(checkpoints) == 25
+    given = ["hydra.run.dir=x", "resume=true", "rounds=40", "ray.address=auto", "seed=3"]
+    again = _resume_safe(given)
+    assert again == ["rounds=40", "ray.address=auto"]
+    with pytest.raises(SystemExit):
+        _interrupted(tmp_path, None, again)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fedray: interrupted; last checkpoint: round 25 in "), line
+    assert line.endswith(f"hydra.run.dir={tmp_path} resume=true rounds=40 ray.address=auto"), line
