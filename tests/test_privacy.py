@@ -151,18 +151,23 @@ def test_target_against_the_server_stops_before_any_client_could_pass_it():
     assert dp.would_exceed_target() == f"privacy.target_epsilon={dp.target_epsilon}"
 
 
-def test_sample_level_targets_bound_the_same_site_epsilon():
+def _two_sites(**target):
+    """Sample-level DP over a small site (32 examples: sampling rate 1) and a large one."""
     from fedray.privacy.dp import SampleLevelDP
 
-    dp = SampleLevelDP(
+    return SampleLevelDP(
         noise_multiplier=1.0,
         clip_norm=1.0,
         delta=1e-5,
         batch_size=32,
         local_epochs=1,
         client_sizes={0: 32, 1: 3200},
-        target_epsilon_vs_server=7.0,
+        **target,
     )
+
+
+def test_sample_level_targets_bound_the_same_site_epsilon():
+    dp = _two_sites(target_epsilon_vs_server=7.0)
     dp.step([0])  # site 0: 4.729 after one round, 7.077 after two
     assert dp.would_exceed_target() == "privacy.target_epsilon_vs_server=7.0"
     dp.target_epsilon_vs_server = 7.1
@@ -425,17 +430,7 @@ def test_retried_rounds_are_accounted_at_the_conditioned_inclusion_probability()
 
 
 def test_sample_mode_stops_on_the_client_with_the_highest_epsilon():
-    from fedray.privacy.dp import SampleLevelDP
-
-    dp = SampleLevelDP(
-        noise_multiplier=1.0,
-        clip_norm=1.0,
-        delta=1e-5,
-        batch_size=32,
-        local_epochs=1,
-        client_sizes={0: 32, 1: 3200},
-        target_epsilon=4.739,
-    )
+    dp = _two_sites(target_epsilon=4.739)
     dp.step([0, 1])
     dp.step([1])
     # The small site has fewer rounds but the highest epsilon, and its next round
