@@ -98,3 +98,38 @@ def test_a_fedprox_job_with_a_task_that_ignores_mu_stops_at_set_up():
     )
     host = ClientHost(cfg, [0], None)
     assert "accept the keyword 'proximal_mu'" in host.ready()
+
+
+def test_proximal_term_is_mu_half_the_squared_distance_to_the_global_weights():
+    """FedProx's term, for users' tasks too: mu/2 ||w - w0||^2 with gradient mu (w - w0),
+    anchored where it is made; mu = 0 leaves the loss as it is."""
+    import torch
+
+    from fedray.tasks import ProximalTerm
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    term = ProximalTerm([w], mu=0.4)
+    with torch.no_grad():
+        w += torch.tensor([0.5, 1.0, -1.5])  # local training moved w away from w0
+    loss = term(torch.tensor(3.0))
+    assert loss.item() == pytest.approx(3.0 + 0.2 * (0.25 + 1.0 + 2.25))
+    loss.backward()
+    torch.testing.assert_close(w.grad, 0.4 * torch.tensor([0.5, 1.0, -1.5]))
+    base = torch.tensor(3.0)
+    assert ProximalTerm([w], mu=0.0)(base) is base
+
+
+def test_epoch_batches_visit_every_example_once_per_epoch_in_a_replayable_order():
+    import torch
+
+    from fedray.tasks import epoch_batches
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [b.tolist() for b in epoch_batches(10, 4, 2, gen, torch.device("cpu"))]
+
+    batches = run(5)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(batches[:3], [])) == sorted(sum(batches[3:], [])) == list(range(10))
+    assert batches[:3] != batches[3:]  # a fresh permutation each epoch
+    assert run(5) == batches and run(6) != batches

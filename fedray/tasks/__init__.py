@@ -7,6 +7,6 @@ vectors: ``model=mlp|logreg|cnn|custom``) and
 checkpoints with LoRA).
 """
 
-from fedray.tasks.base import Task, build_task, client_seed
+from fedray.tasks.base import ProximalTerm, Task, build_task, client_seed, epoch_batches
 
-__all__ = ["Task", "build_task", "client_seed"]
+__all__ = ["ProximalTerm", "Task", "build_task", "client_seed", "epoch_batches"]

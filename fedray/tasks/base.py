@@ -80,6 +80,34 @@ class Task:
         return {}
 
 
+class ProximalTerm:
+    """FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020) over ``params``, anchored
+    at their values when it is made: build it before local training, when the model holds
+    the global weights. With ``mu = 0`` it returns the loss unchanged."""
+
+    def __init__(self, params: Any, mu: float):
+        self.mu = float(mu)
+        self._params = list(params)
+        self._anchor = [p.detach().clone() for p in self._params] if self.mu > 0 else None
+
+    def __call__(self, loss: Any) -> Any:
+        if self._anchor is None:
+            return loss
+        pairs = zip(self._params, self._anchor, strict=True)
+        return loss + 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in pairs)
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, generator: Any, device: Any):
+    """The index tensors of a site's local steps: each epoch a fresh permutation of its
+    ``n`` examples (from ``generator``: replayable per client and round), in batches."""
+    import torch
+
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
 # Keywords a job cannot run without, once they are in use: (option, what needs it).
 REQUIRED_WHEN_SET = {
     "proximal_mu": "strategy=fedprox (strategy.proximal_mu > 0)",

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedray.tasks.base import Task, client_seed
+from fedray.tasks.base import ProximalTerm, Task, client_seed, epoch_batches
 
 
 @dataclass
@@ -110,24 +110,17 @@ class TabularClassificationTask(Task):
         opt = self._optimizer_for(model, params, lr)
         opt.state.clear()  # momentum buffers belong to one client's local run
         gen = torch.Generator().manual_seed(seed)
-        anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        proximal = ProximalTerm(params, proximal_mu)
         loss_fn = torch.nn.CrossEntropyLoss()
-        n, bs = len(data), self.cfg.batch_size
         total, batches = 0.0, 0
         model.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(data.x[idx]), data.y[idx])
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * proximal_mu * prox
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                batches += 1
+        for idx in epoch_batches(len(data), self.cfg.batch_size, epochs, gen, self.device):
+            opt.zero_grad(set_to_none=True)
+            loss = proximal(loss_fn(model(data.x[idx]), data.y[idx]))
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
         model.eval()
         return {"loss": total / max(1, batches)}
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedray.errors import ConfigError, DataError
-from fedray.tasks.base import Task
+from fedray.tasks.base import ProximalTerm, Task, epoch_batches
 
 EVAL_BATCH = 256
 PROGRESS_EVERY_S = 15.0  # local training that runs longer reports progress this often
@@ -214,7 +214,7 @@ class TextClassificationTask(Task):
 
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        proximal = ProximalTerm(params, proximal_mu)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         n, bs = len(data), self.cfg.batch_size
@@ -222,28 +222,22 @@ class TextClassificationTask(Task):
         steps = epochs * -(-n // bs)
         started = last_report = time.monotonic()
         model.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                with self._autocast():
-                    logits = model(**data.batch(idx)).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), data.labels[idx])
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * proximal_mu * prox
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                batches += 1
-                if self.cfg.progress and time.monotonic() - last_report > PROGRESS_EVERY_S:
-                    last_report = time.monotonic()
-                    print(
-                        f"[fedray] client {client_id}: local step {batches}/{steps}, "
-                        f"loss {total / batches:.4f}, {last_report - started:.0f}s",
-                        flush=True,
-                    )
+        for idx in epoch_batches(n, bs, epochs, gen, self.device):
+            opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = model(**data.batch(idx)).logits
+            loss = proximal(torch.nn.functional.cross_entropy(logits.float(), data.labels[idx]))
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+            if self.cfg.progress and time.monotonic() - last_report > PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                print(
+                    f"[fedray] client {client_id}: local step {batches}/{steps}, "
+                    f"loss {total / batches:.4f}, {last_report - started:.0f}s",
+                    flush=True,
+                )
         model.eval()
         return {"loss": total / max(1, batches)}
 
