@@ -73,6 +73,18 @@ class RoundOutcome:
     privacy_state: dict[str, Any] | None = None
 
 
+@dataclass
+class _Collected:
+    """What one attempt got back: accepted results, and the clients that failed (an
+    error or a rejected update), missed the deadline, or were rejected, and why."""
+
+    results: list[ClientResult] = field(default_factory=list)
+    failed: int = 0
+    late: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    aggregate_s: float = 0.0  # seconds spent folding updates in
+
+
 class _PlainSum:
     """Running weighted sum of plaintext deltas (mean strategies), or the list (robust)."""
 
@@ -328,13 +340,73 @@ class Server:
                 call_when_available(host.ready, timeout=max(0.1, deadline - time.monotonic()))
 
     def _attempt(self, ray) -> RoundOutcome:
-        cfg = self.cfg
+        """One try at the round: sample, dispatch, fold what comes back, and release
+        the aggregate if at least min_clients_per_round updates were accepted."""
         t_attempt = time.perf_counter()
+        cohort = self._sample_cohort()
+        pending = self._dispatch(ray, cohort)
+        if self.codec is not None:
+            from fedray.crypto.secure_aggregation import EncryptedSum, RejectedUpdate
+
+            acc: Any = EncryptedSum(self.key.public, self.layout)
+        else:
+            RejectedUpdate = ValueError  # noqa: N806 - same role as the crypto exception
+            acc = _PlainSum(keep_all=self.strategy.needs_individual_updates)
+        dispatch_s = time.perf_counter() - t_attempt
+        got = self._collect(ray, pending, acc, RejectedUpdate)
+        metrics: dict[str, Any] = {
+            "round": self.round,
+            "dispatch_seconds": dispatch_s,
+            "wait_seconds": time.perf_counter() - t_attempt - dispatch_s,
+            "clients_ok": len(got.results),
+            "clients_failed": got.failed + got.late,
+            "clients_late": got.late,
+            "clients_rejected": len(got.rejected),
+        }
+        results = got.results
+        if len(results) < min_clients(self.cfg):
+            return RoundOutcome(metrics, rejected=got.rejected)
+        stats = self._release(acc, results, metrics)
+        metrics["aggregate_seconds"] += got.aggregate_s
+        metrics.update(round_metrics(self.cfg, stats))  # weight-weighted means; NaN under DP
+        metrics.update(
+            {
+                "bytes_up": int(sum(r.bytes_up for r in results)),
+                "bytes_to_key_holders": int(sum(r.bytes_to_key_holders for r in results)),
+                # Updates sent: one per client, or one per host call with crypto.host_sum.
+                "updates_up": int(sum(1 for r in results if r.bytes_up)),
+                "bytes_down": int(self.weights.nbytes * len(cohort)),
+                "train_seconds": sum(r.train_seconds for r in results),
+                "encrypt_seconds": sum(r.encrypt_seconds for r in results),
+                "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
+                "epsilon_vs_server": (
+                    self.privacy.epsilon_vs_server() if self.privacy is not None else None
+                ),
+                # Values the codec clipped to +-crypto.clip, summed over the clients inside
+                # the encrypted aggregate (0 without encryption: nothing is clipped then).
+                "values_clipped": int(round(stats.get("values_clipped", 0.0))),
+            }
+        )
+        t0 = time.perf_counter()
+        metrics.update(self.evaluate())
+        metrics["evaluate_seconds"] = time.perf_counter() - t0
+        return RoundOutcome(
+            metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=got.rejected
+        )
+
+    def _sample_cohort(self) -> list[int]:
+        """This attempt's clients: Poisson under client-level DP, else a fixed-size
+        cohort (stratified over hosts in simulation mode)."""
+        cfg = self.cfg
         cohort = self.privacy.sample_cohort(self.rng) if self.privacy is not None else None
         if cohort is None and self._groups is not None:
             cohort = sample_cohort_stratified(self.rng, self._groups, cfg.clients_per_round)
         elif cohort is None:
             cohort = sample_cohort(self.rng, cfg.num_clients, cfg.clients_per_round)
+        return cohort
+
+    def _dispatch(self, ray, cohort: list[int]) -> dict[Any, list[int]]:
+        """Start the hosts' training calls; returns each call's ref and its clients."""
         weights_ref = ray.put(self.weights)  # one broadcast per round
         # Sites take their DP plan and FedProx mu from their own config, not from here.
         options: dict[str, Any] = dict(self.strategy.client_options())
@@ -345,7 +417,7 @@ class Server:
         # With one encrypted update per client, two calls per host, so ciphertexts are
         # folded in while the rest still train. Otherwise (plaintext, or a host sealing
         # the sum of its clients) one call per host costs less.
-        per_client = self.codec is not None and not cfg.crypto.host_sum
+        per_client = self.codec is not None and not self.cfg.crypto.host_sum
         calls_per_host = 2 if per_client else 1
         for host, cids in by_host.items():
             size = max(1, math.ceil(len(cids) / calls_per_host))
@@ -355,34 +427,28 @@ class Server:
                     RoundTask(self.round, chunk, options), weights_ref
                 )
                 pending[ref] = chunk
+        return pending
 
-        if self.codec is not None:
-            from fedray.crypto.secure_aggregation import EncryptedSum, RejectedUpdate
-
-            acc: Any = EncryptedSum(self.key.public, self.layout)
-        else:
-            RejectedUpdate = ValueError  # noqa: N806 - same role as the crypto exception
-            acc = _PlainSum(keep_all=self.strategy.needs_individual_updates)
-
-        dispatch_s = time.perf_counter() - t_attempt
-        deadline = None if cfg.round_timeout_s is None else time.monotonic() + cfg.round_timeout_s
-        results: list[ClientResult] = []
-        failed, late = 0, 0
-        rejected: list[tuple[int, str]] = []
-        aggregate_s = 0.0
+    def _collect(self, ray, pending: dict[Any, list[int]], acc, rejected_type) -> _Collected:
+        """Fold each host's answer into ``acc`` as it arrives, until all answered or the
+        round's deadline passed; failed, rejected and late clients are counted."""
+        deadline = None
+        if self.cfg.round_timeout_s is not None:
+            deadline = time.monotonic() + self.cfg.round_timeout_s
+        got = _Collected()
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not done:
-                late = sum(len(c) for c in pending.values())
-                log.warning("round %d: %d clients missed the deadline", self.round, late)
+                got.late = sum(len(c) for c in pending.values())
+                log.warning("round %d: %d clients missed the deadline", self.round, got.late)
                 break
             ref = done[0]
             chunk = pending.pop(ref)
             try:
                 batch = self._fetch(ref)
             except Exception as exc:  # actor died or the call failed: those clients failed
-                failed += len(chunk)
+                got.failed += len(chunk)
                 self._hosts_failed = True
                 log.warning(
                     "round %d: clients %s failed: %s",
@@ -392,42 +458,36 @@ class Server:
                 )
                 continue
             self._decompress(batch)
-            covered: dict[int, bool] = {}  # client -> was the update carrying it accepted
-            # Updates first: a host's summed update precedes the clients it covers.
-            for res in sorted(batch, key=lambda r: r.encrypted is None):
-                if res.error:
-                    failed += 1
-                    rejected.append((res.client_id, res.error))
-                    log.warning(
-                        "round %d: client %d failed: %s", self.round, res.client_id, res.error
-                    )
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    self._fold(acc, res, RejectedUpdate, covered, chunk)
-                except RejectedUpdate as exc:
-                    failed += 1
-                    rejected.append((res.client_id, str(exc)))
-                    log.warning("round %d: rejected client %d: %s", self.round, res.client_id, exc)
-                    continue
-                finally:
-                    aggregate_s += time.perf_counter() - t0
-                    _drop_ciphertexts(res)
-                results.append(res)
+            self._fold_batch(acc, batch, chunk, rejected_type, got)
+        return got
 
-        wait_s = time.perf_counter() - t_attempt - dispatch_s
-        metrics: dict[str, Any] = {
-            "round": self.round,
-            "dispatch_seconds": dispatch_s,
-            "wait_seconds": wait_s,
-            "clients_ok": len(results),
-            "clients_failed": failed + late,
-            "clients_late": late,
-            "clients_rejected": len(rejected),
-        }
-        if len(results) < min_clients(cfg):
-            return RoundOutcome(metrics, rejected=rejected)
+    def _fold_batch(self, acc, batch, chunk: list[int], rejected_type, got: _Collected) -> None:
+        """One host call's results into ``acc`` (a bad one is rejected, not fatal)."""
+        covered: dict[int, bool] = {}  # client -> was the update carrying it accepted
+        # Updates first: a host's summed update precedes the clients it covers.
+        for res in sorted(batch, key=lambda r: r.encrypted is None):
+            if res.error:
+                got.failed += 1
+                got.rejected.append((res.client_id, res.error))
+                log.warning("round %d: client %d failed: %s", self.round, res.client_id, res.error)
+                continue
+            t0 = time.perf_counter()
+            try:
+                self._fold(acc, res, rejected_type, covered, chunk)
+            except rejected_type as exc:
+                got.failed += 1
+                got.rejected.append((res.client_id, str(exc)))
+                log.warning("round %d: rejected client %d: %s", self.round, res.client_id, exc)
+                continue
+            finally:
+                got.aggregate_s += time.perf_counter() - t0
+                _drop_ciphertexts(res)
+            got.results.append(res)
 
+    def _release(self, acc, results: list[ClientResult], metrics: dict[str, Any]) -> dict:
+        """Open the sum (crypto) or take it, add the server's DP noise, divide, step the
+        global model and the accountant. Returns the round's summed statistics; puts the
+        timings and the decryption path in ``metrics``."""
         decrypt_s = 0.0
         decrypted_by = None
         if self.codec is not None:
@@ -449,38 +509,14 @@ class Server:
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
         self.weights = self.strategy.apply(self.weights, delta)
-        aggregate_s += time.perf_counter() - t0
         if self.privacy is not None:
             self.privacy.step([r.client_id for r in results])
-
-        metrics.update(round_metrics(cfg, stats))  # weight-weighted means; NaN under DP
         metrics.update(
-            {
-                "bytes_up": int(sum(r.bytes_up for r in results)),
-                "bytes_to_key_holders": int(sum(r.bytes_to_key_holders for r in results)),
-                # Updates sent: one per client, or one per host call with crypto.host_sum.
-                "updates_up": int(sum(1 for r in results if r.bytes_up)),
-                "bytes_down": int(self.weights.nbytes * len(cohort)),
-                "train_seconds": sum(r.train_seconds for r in results),
-                "encrypt_seconds": sum(r.encrypt_seconds for r in results),
-                "aggregate_seconds": aggregate_s,
-                "decrypt_seconds": decrypt_s,
-                "decrypted_by": decrypted_by,
-                "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
-                "epsilon_vs_server": (
-                    self.privacy.epsilon_vs_server() if self.privacy is not None else None
-                ),
-                # Values the codec clipped to +-crypto.clip, summed over the clients inside
-                # the encrypted aggregate (0 without encryption: nothing is clipped then).
-                "values_clipped": int(round(stats.get("values_clipped", 0.0))),
-            }
+            aggregate_seconds=time.perf_counter() - t0,
+            decrypt_seconds=decrypt_s,
+            decrypted_by=decrypted_by,
         )
-        t0 = time.perf_counter()
-        metrics.update(self.evaluate())
-        metrics["evaluate_seconds"] = time.perf_counter() - t0
-        return RoundOutcome(
-            metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=rejected
-        )
+        return stats
 
     def _decompress(self, batch: list[ClientResult]) -> None:
         """Dense deltas from compressed plaintext updates (``compression=int8|topk``)."""
