@@ -165,10 +165,19 @@ def test_level_dp_from_config_takes_every_field():
     assert (plain.target_epsilon, plain.accountant) == (None, "rdp")
     assert (plain.rate, plain.min_clients) == (0.1, 1)
     assert plain.noise_multiplier == 1.0 and plain.delta == 1e-5
+    assert plain.target_epsilon_vs_server is None
     encrypted = ClientLevelDP.from_config(
-        compose(["privacy=dp", "num_clients=10", "clients_per_round=3"])
+        compose(
+            [
+                "privacy=dp",
+                "num_clients=10",
+                "clients_per_round=3",
+                "privacy.target_epsilon_vs_server=9.0",
+            ]
+        )
     )
     assert (encrypted.min_clients, encrypted.distributed) == (2, True)
+    assert encrypted.target_epsilon_vs_server == 9.0
 
 
 def test_level_dp_sizes_by_hand():
@@ -279,9 +288,18 @@ def test_level_target_is_exceeded_only_strictly():
     first = compute_epsilon(
         rate=released_inclusion_probability(8, 0.5, 4), noise_multiplier=1.5, steps=1, delta=1e-5
     )
-    assert not _level(target_epsilon=first).would_exceed_target()  # equal is allowed
-    assert _level(target_epsilon=np.nextafter(first, 0.0)).would_exceed_target()
-    assert not _level().would_exceed_target()  # no target
+    assert _level(target_epsilon=first).would_exceed_target() is None  # equal is allowed
+    below = np.nextafter(first, 0.0)
+    assert _level(target_epsilon=below).would_exceed_target() == f"privacy.target_epsilon={below}"
+    assert _level().would_exceed_target() is None  # no target
+    # Against the server: the next round is one plain Gaussian release for a new site.
+    one = rdp_gaussian_epsilon(1.5, 1, 1e-5)
+    assert _level(target_epsilon_vs_server=one * (1 + 1e-9)).would_exceed_target() is None
+    below = one * (1 - 1e-9)
+    assert (
+        _level(target_epsilon_vs_server=below).would_exceed_target()
+        == f"privacy.target_epsilon_vs_server={below}"
+    )
 
 
 def test_level_state_round_trips_through_json_with_int_keys():
@@ -358,9 +376,19 @@ def test_sample_dp_from_config_takes_every_field():
     assert dp.client_sizes == {0: 100, 1: 50}
     assert (dp.target_epsilon, dp.accountant, dp.reproducible_noise) == (5.0, "pld", True)
     assert dp.client_plan(None) == SamplePlan(1.3, 0.7, "sample", reproducible_noise=True)
+    assert dp.target_epsilon_vs_server is None
     defaults = SampleLevelDP.from_config(
-        compose(["privacy=dp", "privacy.mode=sample", "crypto=none"]), {}
+        compose(
+            [
+                "privacy=dp",
+                "privacy.mode=sample",
+                "crypto=none",
+                "privacy.target_epsilon_vs_server=9.0",
+            ]
+        ),
+        {},
     )
+    assert defaults.target_epsilon_vs_server == 9.0
     assert (defaults.target_epsilon, defaults.accountant) == (None, "rdp")
     assert defaults.reproducible_noise is False
 
@@ -409,14 +437,23 @@ def test_sample_dp_pld_is_opacus_prv():
 
 def test_sample_dp_target_looks_one_round_ahead_for_every_site():
     eps = {r: _opacus(1.0, 0.1, 10 * r) for r in (1, 3)}
-    assert not _sample_dp().would_exceed_target()  # no target
+    assert _sample_dp().would_exceed_target() is None  # no target
     # Nobody has taken part: each site's next round is its first; equal is allowed.
-    assert not _sample_dp(target_epsilon=eps[1]).would_exceed_target()
-    assert _sample_dp(target_epsilon=np.nextafter(eps[1], 0.0)).would_exceed_target()
+    assert _sample_dp(target_epsilon=eps[1]).would_exceed_target() is None
+    below = np.nextafter(eps[1], 0.0)
+    assert _sample_dp(target_epsilon=below).would_exceed_target() == (
+        f"privacy.target_epsilon={below}"
+    )
+    # Against the server a site's epsilon is the same figure.
+    assert _sample_dp(target_epsilon_vs_server=eps[1]).would_exceed_target() is None
+    assert _sample_dp(target_epsilon_vs_server=below).would_exceed_target() == (
+        f"privacy.target_epsilon_vs_server={below}"
+    )
+    assert _sample_dp(target_epsilon=1e-9, client_sizes={}).would_exceed_target() is None
     # Site 1 has two rounds: its third passes a target just below eps(3).
     dp = _sample_dp(target_epsilon=np.nextafter(eps[3], 0.0))
     dp.step([1])
     dp.step([1])
-    assert dp.would_exceed_target()
+    assert dp.would_exceed_target() == f"privacy.target_epsilon={dp.target_epsilon}"
     dp.target_epsilon = eps[3]
-    assert not dp.would_exceed_target()
+    assert dp.would_exceed_target() is None
