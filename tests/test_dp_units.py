@@ -182,7 +182,7 @@ def test_level_dp_from_config_takes_every_field():
 
 def test_level_dp_sizes_by_hand():
     # sigma 1.5, C 2, m_min 4, q 0.5, N 8: share 1.5 * 2 / 2 = 1.5.
-    dp = _level(num_parameters=400)
+    dp = _level()
     assert dp.share_std == 1.5
     assert dp.encode_clip == 2.0 + 10 * 1.5
     assert dp.denominator == 4.0

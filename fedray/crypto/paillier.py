@@ -205,7 +205,6 @@ class KeyHolderEncryptor:
         self._p, self._q = p, q
         self._n = gmpy2.mpz(private.public.n)
         self._p2, self._q2 = p * p, q * q
-        self._n2 = self._n * self._n
         self._q2_inv = gmpy2.invert(self._q2, self._p2)
         if obfuscator == "fixed_base":
             self._tables = []

@@ -172,7 +172,6 @@ class ClientLevelDP:
         num_clients: int,
         min_clients: int,
         distributed: bool,
-        num_parameters: int | None = None,
         reproducible_noise: bool = False,
         target_epsilon: float | None = None,
         target_epsilon_vs_server: float | None = None,
@@ -193,7 +192,7 @@ class ClientLevelDP:
         self.target_epsilon = target_epsilon
         self.target_epsilon_vs_server = target_epsilon_vs_server
         self.accountant = accountant
-        self.num_parameters = num_parameters
+        self.num_parameters: int | None = None  # and quant_step: from the codec (client_plan)
         # The rate accounted for: Poisson sampling conditioned on a releasable cohort.
         self.accounted_rate = released_inclusion_probability(num_clients, rate, min_clients)
         self.steps = 0  # released rounds
