@@ -211,6 +211,18 @@ def test_shared_custody_encrypts_with_the_private_key_and_gives_no_shares(shared
     _check_opened(layout, opened, entries)
 
 
+def test_shared_custody_hosts_take_the_configured_obfuscator(shared_key):
+    """crypto.obfuscator reaches the host's key-holder encryptor: an unknown name is
+    refused there with the allowed values, not silently replaced by the default."""
+    from fedray.errors import ConfigError
+
+    key, private = shared_key
+    with pytest.raises(
+        ConfigError, match=r"^crypto.obfuscator='fast'; choose one of: fixed_base, standard$"
+    ):
+        ClientEncryptor(key, _layout(key.public), private=private, obfuscator="fast")
+
+
 def test_precompute_fills_the_pool_until_told_to_stop(threshold_key, shared_key):
     for key, private in ((threshold_key[0], None), shared_key):
         encryptor = ClientEncryptor(key, _layout(key.public), private=private)

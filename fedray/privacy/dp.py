@@ -192,14 +192,13 @@ class ClientLevelDP:
         self.target_epsilon = target_epsilon
         self.target_epsilon_vs_server = target_epsilon_vs_server
         self.accountant = accountant
-        self.num_parameters: int | None = None  # and quant_step: from the codec (client_plan)
+        self.grid: tuple[float, int] | None = None  # the codec's (step, values): client_plan
         # The rate accounted for: Poisson sampling conditioned on a releasable cohort.
         self.accounted_rate = released_inclusion_probability(num_clients, rate, min_clients)
         self.steps = 0  # released rounds
         self.participation: dict[int, int] = {}  # client -> released rounds it was in
         self._eps_cache: dict[int, float] = {}
         self._eps_server_cache: dict[int, float] = {}
-        self.quant_step = 0.0
 
     @classmethod
     def from_config(cls, cfg: FedrayConfig) -> ClientLevelDP:
@@ -241,9 +240,12 @@ class ClientLevelDP:
 
     @property
     def effective_sensitivity(self) -> float:
-        if not self.distributed or not self.num_parameters:
+        """C' = C + s sqrt(d) / 2 once the codec's grid (step s, d values) is known: the
+        bound of a clipped update after rounding (distributed noise); else C."""
+        if not self.distributed or self.grid is None:
             return self.clip_norm
-        return self.clip_norm + self.quant_step * math.sqrt(self.num_parameters) / 2
+        step, values = self.grid
+        return self.clip_norm + step * math.sqrt(values) / 2
 
     @property
     def accounting_noise_multiplier(self) -> float:
@@ -259,8 +261,7 @@ class ClientLevelDP:
 
     def client_plan(self, codec: Any) -> ClientPlan:
         if codec is not None:
-            self.quant_step = codec.step
-            self.num_parameters = codec.num_values
+            self.grid = (codec.step, codec.num_values)
         return ClientPlan(
             clip_norm=self.clip_norm,
             noise_std=self.share_std if self.distributed else 0.0,
