@@ -149,36 +149,39 @@ def test_fedavg_matches_hand_computed_weighted_mean():
 )
 def test_round_metrics_are_weight_weighted_means_and_withheld_under_dp(privacy):
     """train_loss = Σ w_k loss_k / Σ w_k; the validation figures weigh only clients with a
-    validation split (val_weight), the training loss only clients whose task reported one
-    (train_weight: the fourth reports none, and does not pull the mean to 0). Under DP the
+    validation split (val_weight), the training loss only clients whose task reports one
+    (train_weight: the fourth reports none, and does not pull the mean to 0; the fifth's
+    loss overflowed: it counts, as 0, so the weights do not say which site it was). Under DP the
     clients send their weight alone, and the figures are NaN: what the server's own round
     makes of the clients' statistics."""
-    cfg = compose(["crypto=none", "num_clients=4", "clients_per_round=4", *privacy])
+    cfg = compose(["crypto=none", "num_clients=5", "clients_per_round=5", *privacy])
     info = dataset_info(cfg.dataset)
     size = ParamView(build_model(cfg.model, info, cfg.seed), cfg.model.trainable).size
     # (weight, train loss, (val loss, val accuracy) or no validation split)
-    no_loss = float("nan")  # what the client records when train() returns no "loss"
+    no_loss = None  # what the client records when train() returns no "loss"
     clients = [
         (0.25, 0.8, (1.0, 0.5)),
         (0.75, 0.4, (0.6, 0.9)),
         (1.0, 0.2, None),
         (0.5, no_loss, None),
+        (0.5, float("inf"), None),
     ]
     hosts = []
     for cid, (w, loss, val) in enumerate(clients):
         stats = client_statistics(cfg, w, loss, val)
         assert set(stats) == set(STATS_FIELDS)  # weights and weighted figures, no count
         hosts.append(_Host(cid, np.zeros(size, np.float32), w, stats))
-    server = _InProcessServer(cfg, info, hosts, {0: 0, 1: 1, 2: 2, 3: 3})
+    server = _InProcessServer(cfg, info, hosts, {c: c for c in range(5)})
     server.round = 1
     m = server._attempt(_Transport).metrics
     if privacy:
         sent = [h.stats for h in hosts]
         assert all(v == 0 for s in sent for k, v in s.items() if k != "weight")
-        assert [s["weight"] for s in sent] == [0.25, 0.75, 1.0, 0.5]
+        assert [s["weight"] for s in sent] == [0.25, 0.75, 1.0, 0.5, 0.5]
         assert all(math.isnan(m[k]) for k in ("train_loss", "fed_val_loss", "fed_val_accuracy"))
         return
-    assert m["train_loss"] == pytest.approx((0.25 * 0.8 + 0.75 * 0.4 + 0.2) / 2.0)
+    assert [h.stats["train_weight"] for h in hosts] == [0.25, 0.75, 1.0, 0.0, 0.5]
+    assert m["train_loss"] == pytest.approx((0.25 * 0.8 + 0.75 * 0.4 + 0.2 + 0.5 * 0) / 2.5)
     assert m["fed_val_loss"] == pytest.approx((0.25 * 1.0 + 0.75 * 0.6) / 1.0)
     assert m["fed_val_accuracy"] == pytest.approx((0.25 * 0.5 + 0.75 * 0.9) / 1.0)
     for h in hosts:  # a task that reports no loss at all: empty, not 0

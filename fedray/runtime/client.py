@@ -416,7 +416,10 @@ class ClientHost:
         }
         metrics = self.task.train(self.model, train, **train_keywords(self.task, offered))
         delta = (self.view.get() - global_weights).astype(np.float32)
-        train_loss = float(metrics.get("loss", float("nan")))
+        # None: the task reports no loss (its code, the same on every site); a reported
+        # but non-finite loss counts as reported (sent as 0), so train_weight does not
+        # tell the server which sites' data made the loss overflow.
+        train_loss = float(metrics["loss"]) if "loss" in metrics else None
         result.train_seconds = time.perf_counter() - t0
 
         noise = None

@@ -9,9 +9,11 @@ Only weights and weight-weighted means travel, never an example count. FedAvg's 
 w_k = n_k / weight_ref, so a summed example count beside the summed weight would hand the
 server weight_ref (Σ n_k / Σ w_k) in a single round, and a summed validation count nearly
 so. ``train_loss`` is Σ w_k loss_k / Σ w_k: the example-weighted mean of the clients' mean
-losses, since w_k is proportional to n_k; the mean is over ``train_weight`` (w_k for a
-client whose task reported a finite training loss, else 0), so a task that reports none
-gives NaN, not 0. The validation figures are weighted by ``val_weight`` (w_k for a client
+losses, since w_k is proportional to n_k; the mean is over ``train_weight`` (w_k when
+the task's ``train`` returns a "loss" at all, else 0), so a task that reports none gives
+NaN, not 0. Whether it returns one is a property of the task's code, not of a site's data:
+a reported loss that is not finite still counts (as 0), so a crafted model that makes
+one site's loss overflow shows only as a lower mean, not in the weights. The validation figures are weighted by ``val_weight`` (w_k for a client
 with a validation split, else 0). Both are weights, not counts.
 
 Under differential privacy (``privacy=dp``, either mode) the accountant counts what the
@@ -51,17 +53,18 @@ def released_fields(cfg: Any) -> tuple[str, ...]:
 def client_statistics(
     cfg: Any,
     weight: float,
-    train_loss: float,
+    train_loss: float | None,
     val: tuple[float, float] | None = None,
     values_clipped: int = 0,
 ) -> dict[str, float]:
     """One client's statistics for this round. ``val``: (mean loss, accuracy) on its
-    validation split, or None without one. A non-finite or negative value travels as 0,
-    as the encrypted codec stores it, so both modes give the same sums."""
+    validation split, or None without one; ``train_loss`` None when the task reports no
+    loss. A non-finite or negative value travels as 0, as the encrypted codec stores it, so
+    both modes give the same sums."""
     stats = dict.fromkeys(STATS_FIELDS, 0.0)
-    stats.update(weight=weight, weighted_train_loss=weight * train_loss)
-    if math.isfinite(train_loss):
-        stats["train_weight"] = weight
+    if train_loss is not None:
+        stats.update(train_weight=weight, weighted_train_loss=weight * train_loss)
+    stats["weight"] = weight
     stats["values_clipped"] = float(values_clipped)
     if val is not None:
         stats.update(
