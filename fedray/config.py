@@ -552,8 +552,13 @@ def _check_dp_holds_against_the_server(privacy: PrivacyConfig, crypto: str) -> N
     why = None
     if privacy.seeded_noise:
         why = "with privacy.reproducible_noise=true the server can replay the noise"
-    elif privacy.mode == "client" and crypto == "none":
+    elif crypto == "none" and privacy.mode == "client":
         why = "with crypto=none the server sees each client's update before adding noise"
+    elif crypto == "none":
+        why = (
+            "with crypto=none it sees each DP-SGD update in the clear and only it counts "
+            "them; with crypto=paillier the key holders open one sum per round"
+        )
     if why:
         raise ConfigError(
             f"privacy.target_epsilon_vs_server={privacy.target_epsilon_vs_server}: no DP holds "

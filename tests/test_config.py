@@ -46,6 +46,15 @@ from tests.conftest import compose, run_cli
             ],
             "the server can replay the noise",
         ),
+        (
+            [
+                "privacy=dp",
+                "privacy.mode=sample",
+                "crypto=none",
+                "privacy.target_epsilon_vs_server=8",
+            ],
+            "it sees each DP-SGD update in the clear and only it counts them",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides, message):
@@ -56,9 +65,10 @@ def test_invalid_config_names_the_key(overrides, message):
 
 
 def test_a_target_against_the_server_is_taken_where_dp_holds_against_it():
-    """Encrypted client level (distributed noise) and sample level, even unencrypted (the
-    examples are sampled and noised on the site), have an epsilon against the server."""
-    for overrides in (["privacy=dp"], ["privacy=dp", "privacy.mode=sample", "crypto=none"]):
+    """Encrypted client level (distributed noise) and encrypted sample level (the key
+    holders open one sum per round) have an epsilon against the server that the key
+    holders bound."""
+    for overrides in (["privacy=dp"], ["privacy=dp", "privacy.mode=sample"]):
         cfg = compose([*overrides, "privacy.target_epsilon_vs_server=8"])
         assert cfg.privacy.target_epsilon_vs_server == 8
 

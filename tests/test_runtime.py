@@ -189,6 +189,34 @@ def test_round_metrics_are_weight_weighted_means_and_withheld_under_dp(privacy):
     assert math.isnan(server._attempt(_Transport).metrics["train_loss"])
 
 
+def test_sample_level_dp_counts_updates_the_server_saw_in_a_round_it_did_not_release():
+    """Without crypto the server receives each DP-SGD update in the clear, released or
+    not: an attempt with too few accepted answers (one weight is refused) still counts
+    the clients it saw, and only those; the model is unchanged."""
+    from fedray.privacy import build_privacy
+
+    cfg = compose(
+        [
+            "crypto=none",
+            "privacy=dp",
+            "privacy.mode=sample",
+            "num_clients=3",
+            "clients_per_round=3",
+            "min_clients_per_round=3",
+        ]
+    )
+    info = dataset_info(cfg.dataset)
+    size = ParamView(build_model(cfg.model, info, cfg.seed), cfg.model.trainable).size
+    hosts = [_Host(c, np.full(size, 0.1, np.float32), w) for c, w in enumerate([0.5, 0.0, 1.0])]
+    privacy = build_privacy(cfg, {0: 40, 1: 40, 2: 80})
+    server = _InProcessServer(cfg, info, hosts, {0: 0, 1: 1, 2: 2}, privacy=privacy)
+    w0, server.round = server.weights.copy(), 1
+    outcome = server._attempt(_Transport)
+    assert outcome.metrics["clients_ok"] == 2 and outcome.metrics["clients_rejected"] == 1
+    assert privacy.participation == {0: 1, 2: 1}
+    np.testing.assert_array_equal(server.weights, w0)
+
+
 @pytest.mark.parametrize("privacy", [[], ["privacy=dp", "privacy.noise_multiplier=1.0"]])
 def test_progress_line_says_withheld_for_a_train_loss_dp_keeps_back(privacy, capsys):
     """The round's progress line shows the training loss, or "withheld" where DP keeps it

@@ -333,6 +333,11 @@ class ClientLevelDP:
             ),
         )
 
+    def saw_in_clear(self, clients: list[int]) -> None:
+        """Updates the server received in the clear in an attempt it did not release
+        (crypto=none, too few answers). Nothing to count: central noise gives no DP
+        against the server, and ``epsilon`` counts released models."""
+
     def step(self, participants: list[int] | None = None) -> None:
         """Count one released round and the clients whose updates were in it."""
         self.steps += 1
@@ -512,6 +517,12 @@ class SampleLevelDP:
             ("privacy.target_epsilon", self.target_epsilon, next_epsilon),
             ("privacy.target_epsilon_vs_server", self.target_epsilon_vs_server, next_epsilon),
         )
+
+    def saw_in_clear(self, clients: list[int]) -> None:
+        """Updates the server received in the clear in an attempt it did not release
+        (crypto=none, too few answers): each was a DP-SGD run on the site's data that the
+        server saw, so it counts like a round (conservative for ``epsilon``)."""
+        self.step(clients)
 
     def step(self, participants: list[int] | None = None) -> None:
         for cid in participants or []:

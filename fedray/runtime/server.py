@@ -365,6 +365,8 @@ class Server:
         }
         results = got.results
         if len(results) < min_clients(self.cfg):
+            if self.codec is None and self.privacy is not None:  # seen, though not released
+                self.privacy.saw_in_clear([r.client_id for r in results])
             return RoundOutcome(metrics, rejected=got.rejected)
         stats = self._release(acc, results, metrics)
         metrics["aggregate_seconds"] += got.aggregate_s
