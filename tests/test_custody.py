@@ -151,6 +151,23 @@ def test_holder_opens_no_sum_beyond_the_jobs_rounds(ledger):
     holder.share_sum(5, ["u5"])  # the last round of the job opens
 
 
+def test_holder_window_only_narrows(ledger):
+    """restrict() narrows the rounds a holder opens: a resumed job's new holders refuse
+    the rounds the old key released, and a privacy target ends the window early. The
+    server holds this handle too, so no call may widen it again."""
+    holder, sites, _, _, _ = ledger  # rounds 1..5
+    assert holder.restrict(3, 4)
+    assert holder.restrict(1, 5)  # a wider window changes nothing
+    for r in (1, 2, 5):
+        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"u{r}", "w0")
+        with pytest.raises(PermissionError, match=r"outside this job's rounds 3\.\.4"):
+            holder.deposit(signed, shares[0])
+        with pytest.raises(PermissionError, match=r"outside this job's rounds 3\.\.4"):
+            holder.share_sum(r, [f"u{r}"])
+    _deposit(holder, sites[0], 4, [0, 1, 2], "u4")
+    holder.share_sum(4, ["u4"])
+
+
 def test_holder_sums_only_updates_of_one_global_model(ledger):
     """Model inconsistency: the server sends one site crafted weights whose update is
     zero; a sum of that update and the victim's would be the victim's alone."""

@@ -382,7 +382,6 @@ def test_sample_dp_from_config_takes_every_field():
             [
                 "privacy=dp",
                 "privacy.mode=sample",
-                "crypto=none",
                 "privacy.target_epsilon_vs_server=9.0",
             ]
         ),

@@ -174,6 +174,18 @@ def test_sample_level_targets_bound_the_same_site_epsilon():
     assert dp.would_exceed_target() is None
 
 
+def test_sample_level_window_counts_every_site_in_every_round():
+    """The key holders' window at sample level: rounds in which the worst site, in all of
+    them, stays within the target (site 0: 4.729 after one round, 7.077 after two)."""
+    assert _two_sites(target_epsilon_vs_server=7.0).rounds_within_target_vs_server(10) == 1
+    assert _two_sites(target_epsilon_vs_server=7.1).rounds_within_target_vs_server(10) == 2
+    assert _two_sites(target_epsilon_vs_server=7.1).rounds_within_target_vs_server(1) == 1
+    dp = _two_sites(target_epsilon_vs_server=7.0)
+    dp.step([0])  # a resumed job: site 0 already took part once
+    assert dp.rounds_within_target_vs_server(10) == 0
+    assert _two_sites().rounds_within_target_vs_server(10) == 10  # no target
+
+
 def test_server_stops_before_a_round_that_would_pass_a_target():
     """The server's own check, before it samples or contacts anyone: the outcome names
     the target and the round counter does not move."""
@@ -187,6 +199,53 @@ def test_server_stops_before_a_round_that_would_pass_a_target():
     outcome = server.run_round()
     assert outcome.stop and outcome.stop_reason == "privacy.target_epsilon=0.01"
     assert server.round == 0
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_key_holders_open_only_the_rounds_within_the_target_against_the_server(
+    threshold_key, tmp_path, resumed
+):
+    """The driver's window for the key holders: from the checkpoint's round + 1 to the
+    last round in which a client in every round would stay within the target (on resume,
+    counting from the privacy ledger, newer than the checkpoint)."""
+    from types import SimpleNamespace
+
+    from fedray.crypto.secure_aggregation import codec_for
+    from fedray.privacy import build_privacy
+    from fedray.privacy.dp import compute_epsilon_unamplified
+    from fedray.runtime.driver import _key_holders_window
+
+    key, _ = threshold_key
+    cfg = compose(["privacy=dp", "rounds=30", "privacy.target_epsilon_vs_server=25"])
+    windows = []
+    job = SimpleNamespace(
+        cfg=cfg,
+        privacy=build_privacy(cfg),
+        public_key=key,
+        custody=SimpleNamespace(restrict=lambda first, last: windows.append((first, last))),
+        ledger_path=tmp_path / "privacy_ledger.json",
+        first_round=1,
+    )
+    state, done = None, 0
+    if resumed:  # checkpoint at round 5; rounds 6 and 7 released after it (the ledger)
+        job.first_round, done = 6, 7
+        state = {"round": 5, "privacy": {"steps": 5, "participation": {"0": 5}}}
+        job.ledger_path.write_text(
+            json.dumps({"round": 7, "privacy": {"steps": 7, "participation": {"0": 7, "1": 6}}})
+        )
+    _key_holders_window(job, state, 40)
+    grid = build_privacy(cfg)
+    grid.client_plan(codec_for(cfg, key.public, 40))  # sigma C / C', the quantization term
+    sigma = grid.accounting_noise_multiplier
+    assert sigma < 1.0
+
+    def eps(rounds):
+        return compute_epsilon_unamplified(noise_multiplier=sigma, rounds=rounds, delta=1e-5)
+
+    most = max(r for r in range(31) if eps(done + r) <= 25.0)  # a linear scan
+    assert 0 < most < 30 - done and eps(done + most + 1) > 25.0
+    assert windows == [(job.first_round, job.first_round - 1 + most)]
+    assert job.last_round == job.first_round - 1 + most < 30
 
 
 def test_cli_dp_reports_epsilon_and_stops_before_the_target_against_the_server(ray_2cpus, tmp_path):

@@ -333,6 +333,15 @@ class ClientLevelDP:
             ),
         )
 
+    def rounds_within_target_vs_server(self, limit: int) -> int:
+        """How many more released rounds (at most ``limit``) keep every client within
+        privacy.target_epsilon_vs_server even if each were in all of them: the key holders
+        open one sum per round, so they enforce this window whatever the server does."""
+        most = max(self.participation.values(), default=0)
+        return _rounds_within(
+            limit, self.target_epsilon_vs_server, lambda r: self.client_epsilon_vs_server(most + r)
+        )
+
     def saw_in_clear(self, clients: list[int]) -> None:
         """Updates the server received in the clear in an attempt it did not release
         (crypto=none, too few answers). Nothing to count: central noise gives no DP
@@ -353,6 +362,21 @@ class ClientLevelDP:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.participation = {int(k): int(v) for k, v in state.get("participation", {}).items()}
+
+
+def _rounds_within(limit: int, target: float | None, epsilon_after) -> int:
+    """The largest r in 0..limit with ``epsilon_after(r) <= target`` (epsilon grows with
+    r: a bisection); ``limit`` without a target."""
+    if target is None:
+        return limit
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if epsilon_after(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _first_exceeded(*targets) -> str | None:
@@ -517,6 +541,20 @@ class SampleLevelDP:
             ("privacy.target_epsilon", self.target_epsilon, next_epsilon),
             ("privacy.target_epsilon_vs_server", self.target_epsilon_vs_server, next_epsilon),
         )
+
+    def rounds_within_target_vs_server(self, limit: int) -> int:
+        """How many more rounds (at most ``limit``) keep every site within
+        privacy.target_epsilon_vs_server if each took part in all of them (the window the
+        key holders enforce; see ClientLevelDP)."""
+
+        def worst(r: int) -> float:
+            sites = self.client_sizes
+            return max(
+                (self.client_epsilon(c, self.participation.get(c, 0) + r) for c in sites),
+                default=0.0,
+            )
+
+        return _rounds_within(limit, self.target_epsilon_vs_server, worst)
 
     def saw_in_clear(self, clients: list[int]) -> None:
         """Updates the server received in the clear in an attempt it did not release

@@ -53,6 +53,12 @@ class KeyCustody:
     holder_nodes: list[str] = field(default_factory=list)
     weight_ref: tuple[float, bytes] | None = None  # re-sent to restarted hosts
 
+    def restrict(self, first_round: int, last_round: int) -> None:
+        """Narrow the rounds every key holder opens (see ``KeyHolder.restrict``)."""
+        import ray
+
+        ray.get([h.restrict.remote(first_round, last_round) for h in self.holders])
+
     def sign_weight_ref(self, weight_ref: float) -> bytes:
         from fedray.runtime.keys import weight_ref_message
 

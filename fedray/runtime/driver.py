@@ -270,6 +270,7 @@ class _Job:
     privacy: Any = None
     server: Any = None
     first_round: int = 1
+    last_round: int = 0  # the last round the key holders open (set up with the server)
     metrics_writer: MetricsWriter | None = None
     tensorboard: TensorBoardWriter | None = None
     sigint: _StopOnSigint | None = None
@@ -492,7 +493,7 @@ def _start_server(
             ledger = json.loads(ledger_path.read_text())
             ray.get(server.load_privacy_state.remote(ledger["privacy"]))
     job.first_round = int(resume_state["round"]) + 1 if resume_state else 1
-    return tuple(
+    counts = tuple(
         ray.get(
             [
                 server.num_parameters.remote(),
@@ -501,6 +502,31 @@ def _start_server(
             ]
         )
     )
+    _key_holders_window(job, resume_state, counts[0])
+    return counts
+
+
+def _key_holders_window(job: _Job, resume_state: dict[str, Any] | None, num_values: int) -> None:
+    """The rounds the key holders will open: from the checkpoint's round + 1 (on resume,
+    the new key's holders must not open again what the old key released) to the job's
+    last round, or the last within privacy.target_epsilon_vs_server if every client were
+    in every round (the holders open one sum per round, so that bound holds whatever the
+    server does). The driver's own copy of the accountant, with the saved state."""
+    cfg, privacy = job.cfg, job.privacy
+    job.last_round = cfg.rounds
+    if privacy is not None:
+        if resume_state is not None and resume_state.get("privacy") is not None:
+            privacy.load_state_dict(resume_state["privacy"])
+        if resume_state is not None and job.ledger_path.exists():
+            privacy.load_state_dict(json.loads(job.ledger_path.read_text())["privacy"])
+        if job.public_key is not None and cfg.privacy.mode == "client":
+            from fedray.crypto.secure_aggregation import codec_for
+
+            privacy.client_plan(codec_for(cfg, job.public_key.public, num_values))
+        left = cfg.rounds - job.first_round + 1
+        job.last_round = job.first_round - 1 + privacy.rounds_within_target_vs_server(left)
+    if job.custody is not None:
+        job.custody.restrict(job.first_round, job.last_round)
 
 
 def _open_outputs(job: _Job, counts: tuple[int, int, int]) -> dict[str, Any]:
@@ -589,18 +615,16 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
     cfg, server = job.cfg, job.server
     last_round = saved_round = job.first_round - 1
     stop = job.sigint = _StopOnSigint().__enter__()
-    for _ in range(job.first_round, cfg.rounds + 1):
+    for round_num in range(job.first_round, cfg.rounds + 1):
         if stop.requested:
+            break
+        if round_num > job.last_round:  # past the key holders' window: they would refuse
+            target = f"privacy.target_epsilon_vs_server={cfg.privacy.target_epsilon_vs_server}"
+            _stop_for_privacy(summary, round_num, target)
             break
         outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
         if outcome.stop:  # a privacy target would be exceeded: nothing was run
-            summary["stopped_early"] = True
-            summary["stop_reason"] = outcome.stop_reason.split("=")[0]  # the key's name
-            print(
-                f"[fedray] stopping before round {outcome.metrics['round'] + 1}: it would "
-                f"exceed {outcome.stop_reason}",
-                flush=True,
-            )
+            _stop_for_privacy(summary, outcome.metrics["round"] + 1, outcome.stop_reason)
             break
         m = outcome.metrics
         if outcome.privacy_state is not None:  # first: this round is released
@@ -635,6 +659,13 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
         summary["interrupted"] = True
         write_json(job.output_dir / "summary.json", summary)
         raise Interrupted(last_round, job.checkpoint_dir)
+
+
+def _stop_for_privacy(summary: dict[str, Any], round_num: int, target: str) -> None:
+    """End the run before ``round_num``, which could pass ``target`` ("KEY=VALUE")."""
+    summary["stopped_early"] = True
+    summary["stop_reason"] = target.split("=")[0]  # the key's name
+    print(f"[fedray] stopping before round {round_num}: it would exceed {target}", flush=True)
 
 
 def _record_round(job: _Job, summary: dict[str, Any], outcome: Any) -> None:

@@ -165,7 +165,7 @@ class KeyHolder:
     ``max_rounds`` is the job's ``rounds``: the holder helps open sums of rounds
     1..max_rounds only, one per round, so a server cannot have more sums opened (with
     fresh DP noise to average away, or cohorts to difference) than the privacy accounting
-    planned for.
+    planned for. :meth:`restrict` narrows that window (a resume, a privacy target).
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class KeyHolder:
             raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
         if int(max_rounds) < 1:
             raise ValueError(f"max_rounds={max_rounds}: must be at least 1")
-        self._max_rounds = int(max_rounds)
+        self._first_round, self._max_rounds = 1, int(max_rounds)
         self.index = int(index)
         self.key: ThresholdPublicKey | None = None
         self.custody = custody
@@ -269,11 +269,26 @@ class KeyHolder:
         )
         return True
 
+    def restrict(self, first_round: int, last_round: int) -> bool:
+        """Narrow the rounds this holder helps open to ``first_round..last_round``; it
+        never widens them, so whoever calls it (the server holds this handle too) can only
+        make the holder refuse more.
+
+        The driver calls it at set-up: on a resume ``first_round`` is the checkpoint's
+        round + 1 (the new holders must not open the rounds the old key already released,
+        which the privacy ledger counted), and with ``privacy.target_epsilon_vs_server``
+        ``last_round`` is the last round within that target if every client were in every
+        round: the key holders enforce it, whatever the server does."""
+        self._first_round = max(self._first_round, int(first_round))
+        self._max_rounds = min(self._max_rounds, int(last_round))
+        return True
+
     def _check_round(self, round_num: int) -> None:
-        """PermissionError unless ``round_num`` is one of this job's rounds 1..max_rounds."""
-        if not 1 <= int(round_num) <= self._max_rounds:
+        """PermissionError unless ``round_num`` is one of the rounds this holder opens."""
+        if not self._first_round <= int(round_num) <= self._max_rounds:
             raise PermissionError(
-                f"round {round_num} is outside this job's rounds 1..{self._max_rounds}"
+                f"round {round_num} is outside this job's rounds "
+                f"{self._first_round}..{self._max_rounds}"
             )
 
     def _authorize(self, round_num: int, update_ids: list[str]) -> list[_Deposit]:
