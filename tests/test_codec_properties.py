@@ -213,3 +213,20 @@ def test_codec_accepts_its_limits():
         PackedPaillierCodec(key_bits=512, num_values=4, max_summands=1, quant_bits=quant_bits)
     tight = PackedPaillierCodec(key_bits=17, num_values=1, max_summands=1, quant_bits=16)
     assert tight.slots_per_ciphertext == 1
+
+
+def test_slots_wider_than_a_double_unpack_and_decode_exactly():
+    """quant_bits=32 and 2^22 summands make 54-bit slots, wider than a float64's 53-bit
+    mantissa: unpacking and decoding must stay in integers until the last step. Near 2^54
+    a float64 holds only even numbers, so the odd slot below would lose its last bit, and
+    the sum of 2^22 - 1 encodings would decode to 2^53 + 2 +- 1 grid steps, not 2^53 + 2."""
+    codec = PackedPaillierCodec(key_bits=2048, num_values=2, max_summands=2**22, quant_bits=32)
+    assert codec.slot_bits == 54
+    count = 2**22 - 1
+    offset = count * codec.qmax  # what count encodings of 0 put in a slot (odd)
+    slots = np.array([offset + 2**53 + 2, offset - 5], dtype=np.uint64)
+    assert int(slots[0]) % 2 == 1 and 2**53 < int(slots[0]) < 2**54
+    (m,) = codec._pack(slots)
+    assert codec.unpack([m]).tolist() == slots.tolist()
+    steps = codec.decode_sum([m], count) / codec.step
+    assert steps.tolist() == [float(2**53 + 2), -5.0]
