@@ -456,3 +456,38 @@ def test_sample_dp_target_looks_one_round_ahead_for_every_site():
     assert dp.would_exceed_target() == f"privacy.target_epsilon={dp.target_epsilon}"
     dp.target_epsilon = eps[3]
     assert dp.would_exceed_target() is None
+
+
+def test_rounds_within_is_the_largest_count_at_or_below_the_target():
+    """The key holders' window: the largest r in 0..limit with epsilon_after(r) <= target,
+    equal to the target included, against a linear scan."""
+    from fedray.privacy.dp import _rounds_within
+
+    assert _rounds_within(10, None, lambda r: 1 / 0) == 10  # no target: no accounting
+    for target in (0, 0.5, 1, 3, 3.5, 9, 10, 11):
+        for limit in (0, 1, 4, 10):
+            expected = max(r for r in range(limit + 1) if r <= target)
+            assert _rounds_within(limit, target, float) == expected, (target, limit)
+
+
+def test_sample_level_window_uses_each_sites_own_size():
+    """Every site in every round: the window is the largest r for which the worst site
+    stays within the target, from that site's own sampling rate (linear scan)."""
+    dp = _sample_dp(client_sizes={0: 3200}, target_epsilon_vs_server=2.5)
+    r = dp.rounds_within_target_vs_server(50)  # 1.21 after one round, 4.59 after 50
+    assert 1 < r < 50  # a 1-example site (rate 1) would get 1 round at most
+    assert dp.client_epsilon(0, r) <= 2.5 < dp.client_epsilon(0, r + 1)
+    nobody = _sample_dp(client_sizes={}, target_epsilon_vs_server=0.5)
+    assert nobody.rounds_within_target_vs_server(5) == 5  # no site: nothing to spend
+
+
+def test_updates_seen_in_the_clear_count_at_sample_level_only():
+    """saw_in_clear: a retried attempt's plaintext updates (crypto=none). Sample level
+    counts them like a round per site; client level (central noise) has no DP against
+    the server to spend and counts released rounds only."""
+    sample = _sample_dp(client_sizes={0: 40, 1: 40, 2: 80})
+    sample.saw_in_clear([0, 2])
+    assert sample.participation == {0: 1, 2: 1}
+    level = _level()
+    level.saw_in_clear([0, 2])
+    assert (level.steps, level.participation) == (0, {})
