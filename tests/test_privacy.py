@@ -201,7 +201,7 @@ def test_server_stops_before_a_round_that_would_pass_a_target():
     assert server.round == 0
 
 
-@pytest.mark.parametrize("resumed", [False, True])
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
 def test_key_holders_open_only_the_rounds_within_the_target_against_the_server(
     threshold_key, tmp_path, resumed
 ):
