@@ -212,6 +212,28 @@ def test_holder_multiplies_payloads_chunk_by_chunk_and_refuses_a_wrong_digest(le
     assert holder.partial_decrypt(1, ["a", "b"], [a, b], 0, 1) == expected[:1]
 
 
+@pytest.mark.parametrize("bad", ["zero", "n_squared", "non_unit"])
+def test_holder_refuses_to_multiply_an_invalid_ciphertext_a_host_signed(ledger, bad):
+    """Every ciphertext is validated by the key holder too, not only by the server: a
+    (faulty or malicious) host that signs a payload with a ciphertext outside Z*_(n^2)
+    gets no partial decryption of a product containing it."""
+    from fedray.crypto.paillier import from_bytes, to_bytes
+
+    holder, sites, _, key, _ = ledger
+    a = _deposit(holder, sites[0], 1, [0, 1], "a").ciphertexts
+    signed, shares, update = sites[1].contribute(1, [3], "b")
+    cts = from_bytes(key.public, update.ciphertexts)
+    cts[1] = {"zero": 0, "n_squared": key.n**2, "non_unit": key.n}[bad]  # gcd(n, n) = n
+    payload = to_bytes(key.public, cts)
+    c = signed.contribution
+    forged = Contribution(
+        c.key_id, 1, "b", c.host, c.client_ids, digest(payload), c.share_sha256, model_sha256="w0"
+    )
+    assert holder.deposit(sites[1].identity.sign(forged), shares[0])
+    with pytest.raises(PermissionError, match=r"ciphertext 1 is (outside|not a unit)"):
+        holder.partial_decrypt(1, ["a", "b"], [a, payload])
+
+
 def test_holder_fetches_refs_and_refuses_one_to_the_wrong_bytes(ledger, ray_2cpus):
     """The server keeps no update's bytes: it passes the holders ObjectRefs to the sealing
     hosts' copies. The holder fetches each, refuses one whose bytes do not match the
