@@ -17,6 +17,7 @@ from fedray.crypto.threshold import combine_partial_decryptions, partial_decrypt
 from fedray.privacy.dp import ClientLevelDP, compute_epsilon, privatize_update
 from fedray.privacy.mechanisms import l2_clip, secure_standard_normal
 from tests.conftest import compose, run_cli
+from tests.test_dp_units import _level, _sample_dp
 
 
 @settings(max_examples=200, deadline=None)
@@ -32,14 +33,9 @@ def test_clipping_bound_holds(update, clip):
 
 
 def _plan(distributed, sigma=1.0, clip=0.5, m_min=4):
-    return ClientLevelDP(
-        clip_norm=clip,
-        noise_multiplier=sigma,
-        delta=1e-5,
-        rate=0.5,
-        num_clients=8,
-        min_clients=m_min,
-        distributed=distributed,
+    """Client-level DP over 8 clients sampled at q = 0.5."""
+    return _level(
+        clip_norm=clip, noise_multiplier=sigma, min_clients=m_min, distributed=distributed
     )
 
 
@@ -153,17 +149,7 @@ def test_target_against_the_server_stops_before_any_client_could_pass_it():
 
 def _two_sites(**target):
     """Sample-level DP over a small site (32 examples: sampling rate 1) and a large one."""
-    from fedray.privacy.dp import SampleLevelDP
-
-    return SampleLevelDP(
-        noise_multiplier=1.0,
-        clip_norm=1.0,
-        delta=1e-5,
-        batch_size=32,
-        local_epochs=1,
-        client_sizes={0: 32, 1: 3200},
-        **target,
-    )
+    return _sample_dp(client_sizes={0: 32, 1: 3200}, **target)
 
 
 def test_sample_level_targets_bound_the_same_site_epsilon():
@@ -203,11 +189,11 @@ def test_server_stops_before_a_round_that_would_pass_a_target():
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
 def test_key_holders_open_only_the_rounds_within_the_target_against_the_server(
-    threshold_key, tmp_path, resumed
+    threshold_key, resumed
 ):
     """The driver's window for the key holders: from the checkpoint's round + 1 to the
     last round in which a client in every round would stay within the target (on resume,
-    counting from the privacy ledger, newer than the checkpoint)."""
+    counting from the saved accountant: the ledger's, newer than the checkpoint)."""
     from types import SimpleNamespace
 
     from fedray.crypto.secure_aggregation import codec_for
@@ -223,17 +209,13 @@ def test_key_holders_open_only_the_rounds_within_the_target_against_the_server(
         privacy=build_privacy(cfg),
         public_key=key,
         custody=SimpleNamespace(restrict=lambda first, last: windows.append((first, last))),
-        ledger_path=tmp_path / "privacy_ledger.json",
         first_round=1,
     )
-    state, done = None, 0
+    saved, done = None, 0
     if resumed:  # checkpoint at round 5; rounds 6 and 7 released after it (the ledger)
         job.first_round, done = 6, 7
-        state = {"round": 5, "privacy": {"steps": 5, "participation": {"0": 5}}}
-        job.ledger_path.write_text(
-            json.dumps({"round": 7, "privacy": {"steps": 7, "participation": {"0": 7, "1": 6}}})
-        )
-    _key_holders_window(job, state, 40)
+        saved = {"steps": 7, "participation": {"0": 7, "1": 6}}
+    _key_holders_window(job, saved, 40)
     grid = build_privacy(cfg)
     grid.client_plan(codec_for(cfg, key.public, 40))  # sigma C / C', the quantization term
     sigma = grid.accounting_noise_multiplier
@@ -284,16 +266,9 @@ def test_cli_dp_reports_epsilon_and_stops_before_the_target_against_the_server(r
 def test_sample_level_epsilon_matches_opacus_stepwise():
     from opacus.accountants import RDPAccountant
 
-    from fedray.privacy.dp import SampleLevelDP
-
     def make():
-        return SampleLevelDP(
-            noise_multiplier=1.1,
-            clip_norm=1.0,
-            delta=1e-5,
-            batch_size=16,
-            local_epochs=2,
-            client_sizes={0: 100, 1: 400},
+        return _sample_dp(
+            noise_multiplier=1.1, batch_size=16, local_epochs=2, client_sizes={0: 100, 1: 400}
         )
 
     dp = make()
@@ -461,15 +436,7 @@ def test_retried_rounds_are_accounted_at_the_conditioned_inclusion_probability()
     from fedray.privacy.dp import released_inclusion_probability
 
     assert released_inclusion_probability(10, 0.5, 3) == pytest.approx(0.5186, abs=5e-5)
-    dp = ClientLevelDP(
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        delta=1e-5,
-        rate=0.5,
-        num_clients=10,
-        min_clients=3,
-        distributed=True,
-    )
+    dp = _level(clip_norm=1.0, noise_multiplier=1.0, num_clients=10, min_clients=3)
     dp.step([0, 1, 2])
     expected = compute_epsilon(
         rate=released_inclusion_probability(10, 0.5, 3), noise_multiplier=1.0, steps=1, delta=1e-5

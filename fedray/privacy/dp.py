@@ -312,10 +312,14 @@ class ClientLevelDP:
             )
         return self._eps_server_cache[rounds]
 
+    @property
+    def most_rounds(self) -> int:
+        """The most released rounds any one client was in."""
+        return max(self.participation.values(), default=0)
+
     def epsilon_vs_server(self) -> float:
         """The largest epsilon against the server over clients (no amplification)."""
-        most = max(self.participation.values(), default=0)
-        return self.client_epsilon_vs_server(most)  # grows with the count: max is the max
+        return self.client_epsilon_vs_server(self.most_rounds)  # grows with the count
 
     def would_exceed_target(self) -> str | None:
         """The target one more round could push past (``"privacy.target_epsilon=E"``), or None.
@@ -323,7 +327,7 @@ class ClientLevelDP:
         Against the server, the client with the most released rounds is assumed to be in
         the next cohort (the sampling is not known in advance): the run stops before any
         client's ``epsilon_vs_server`` could pass the target."""
-        most = max(self.participation.values(), default=0)
+        most = self.most_rounds
         return _first_exceeded(
             ("privacy.target_epsilon", self.target_epsilon, lambda: self.epsilon(self.steps + 1)),
             (
@@ -337,7 +341,7 @@ class ClientLevelDP:
         """How many more released rounds (at most ``limit``) keep every client within
         privacy.target_epsilon_vs_server even if each were in all of them: the key holders
         open one sum per round, so they enforce this window whatever the server does."""
-        most = max(self.participation.values(), default=0)
+        most = self.most_rounds
         return _rounds_within(
             limit, self.target_epsilon_vs_server, lambda r: self.client_epsilon_vs_server(most + r)
         )
@@ -529,32 +533,28 @@ class SampleLevelDP:
         """
 
         def next_epsilon() -> float:
-            return max(
-                (
-                    self.client_epsilon(c, self.participation.get(c, 0) + 1)
-                    for c in self.client_sizes
-                ),
-                default=0.0,
-            )
+            return self._worst_site_epsilon(1)
 
         return _first_exceeded(
             ("privacy.target_epsilon", self.target_epsilon, next_epsilon),
             ("privacy.target_epsilon_vs_server", self.target_epsilon_vs_server, next_epsilon),
         )
 
+    def _worst_site_epsilon(self, more: int) -> float:
+        """The largest site epsilon if every site took part in ``more`` more rounds."""
+        return max(
+            (
+                self.client_epsilon(c, self.participation.get(c, 0) + more)
+                for c in self.client_sizes
+            ),
+            default=0.0,
+        )
+
     def rounds_within_target_vs_server(self, limit: int) -> int:
         """How many more rounds (at most ``limit``) keep every site within
         privacy.target_epsilon_vs_server if each took part in all of them (the window the
         key holders enforce; see ClientLevelDP)."""
-
-        def worst(r: int) -> float:
-            sites = self.client_sizes
-            return max(
-                (self.client_epsilon(c, self.participation.get(c, 0) + r) for c in sites),
-                default=0.0,
-            )
-
-        return _rounds_within(limit, self.target_epsilon_vs_server, worst)
+        return _rounds_within(limit, self.target_epsilon_vs_server, self._worst_site_epsilon)
 
     def saw_in_clear(self, clients: list[int]) -> None:
         """Updates the server received in the clear in an attempt it did not release

@@ -484,14 +484,15 @@ def _start_server(
             key_holders=job.custody.holders if job.custody else None,
         )
     )
-    ledger_path = job.ledger_path
+    saved = None  # the accountant's saved state, newest first: ledger, then checkpoint
     if resume_state is not None:
         ray.get(server.load_state_dict.remote(resume_state))
-        if privacy is not None and ledger_path.exists():
+        saved = resume_state.get("privacy")
+        if privacy is not None and job.ledger_path.exists():
             # Rounds released after the checkpoint were released: they stay counted,
             # and their replay (with fresh noise) is counted again.
-            ledger = json.loads(ledger_path.read_text())
-            ray.get(server.load_privacy_state.remote(ledger["privacy"]))
+            saved = json.loads(job.ledger_path.read_text())["privacy"]
+            ray.get(server.load_privacy_state.remote(saved))
     job.first_round = int(resume_state["round"]) + 1 if resume_state else 1
     counts = tuple(
         ray.get(
@@ -502,23 +503,22 @@ def _start_server(
             ]
         )
     )
-    _key_holders_window(job, resume_state, counts[0])
+    _key_holders_window(job, saved, counts[0])
     return counts
 
 
-def _key_holders_window(job: _Job, resume_state: dict[str, Any] | None, num_values: int) -> None:
+def _key_holders_window(job: _Job, saved: dict[str, Any] | None, num_values: int) -> None:
     """The rounds the key holders will open: from the checkpoint's round + 1 (on resume,
     the new key's holders must not open again what the old key released) to the job's
     last round, or the last within privacy.target_epsilon_vs_server if every client were
     in every round (the holders open one sum per round, so that bound holds whatever the
-    server does). The driver's own copy of the accountant, with the saved state."""
+    server does). The driver's own copy of the accountant, from ``saved``: the state the
+    server's was loaded with on resume (the ledger's, else the checkpoint's)."""
     cfg, privacy = job.cfg, job.privacy
     job.last_round = cfg.rounds
     if privacy is not None:
-        if resume_state is not None and resume_state.get("privacy") is not None:
-            privacy.load_state_dict(resume_state["privacy"])
-        if resume_state is not None and job.ledger_path.exists():
-            privacy.load_state_dict(json.loads(job.ledger_path.read_text())["privacy"])
+        if saved is not None:
+            privacy.load_state_dict(saved)
         if job.public_key is not None and cfg.privacy.mode == "client":
             from fedray.crypto.secure_aggregation import codec_for
 
