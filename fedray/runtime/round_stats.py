@@ -13,8 +13,9 @@ losses, since w_k is proportional to n_k; the mean is over ``train_weight`` (w_k
 the task's ``train`` returns a "loss" at all, else 0), so a task that reports none gives
 NaN, not 0. Whether it returns one is a property of the task's code, not of a site's data:
 a reported loss that is not finite still counts (as 0), so a crafted model that makes
-one site's loss overflow shows only as a lower mean, not in the weights. The validation figures are weighted by ``val_weight`` (w_k for a client
-with a validation split, else 0). Both are weights, not counts.
+one site's loss overflow shows only as a lower mean, not in the weights. The validation
+figures are weighted by ``val_weight`` (w_k for a client with a validation split, else
+0). Both are weights, not counts.
 
 Under differential privacy (``privacy=dp``, either mode) the accountant counts what the
 released model reveals, nothing else: a loss or an accuracy computed from a site's data is
