@@ -14,6 +14,7 @@ import secrets
 import gmpy2
 import pytest
 
+from fedray.crypto.paillier import PublicKey
 from fedray.crypto.threshold import (
     EXPONENT_BITS,
     STATISTICAL_BITS,
@@ -77,14 +78,15 @@ def test_share_bound_is_the_largest_share_the_dealer_can_make(
     small_keypair, monkeypatch, holders, threshold
 ):
     """``exponent_share_bound`` sets the wire width: every share of an exponent below
-    2^EXPONENT_BITS must fit, and the bound may exceed the largest one by at most h!
-    (it is the share of 2^EXPONENT_BITS itself). The largest shares come from the
+    2^exponent_bits must fit, and the bound may exceed the largest one by at most h!
+    (it is the share of 2^exponent_bits itself). The largest shares come from the
     dealer's own code with every random coefficient at its maximum."""
     public, _ = small_keypair
     key = ThresholdPublicKey(public, hs=4, holders=holders, threshold=threshold)
+    bits = key.exponent_bits
     monkeypatch.setattr(secrets, "randbits", lambda bits: (1 << bits) - 1)
-    coeff_bits = _coefficient_bits(EXPONENT_BITS, holders, threshold)
-    largest = max(shamir_share((1 << EXPONENT_BITS) - 1, holders, threshold, coeff_bits))
+    coeff_bits = _coefficient_bits(bits, holders, threshold)
+    largest = max(shamir_share((1 << bits) - 1, holders, threshold, coeff_bits))
     assert largest < key.exponent_share_bound() <= largest + key.delta
     for summands in (2, 3, 7):
         bound = key.exponent_share_bound(summands)
@@ -156,7 +158,7 @@ def test_partials_of_different_lengths_are_refused(key_3_of_5):
 
 def _share_sums(key, exponent: int, summands: int) -> dict[int, bytes]:
     """Every holder's share of ``exponent``, at the wire width of a sum of ``summands``."""
-    bits = _coefficient_bits(EXPONENT_BITS, key.holders, key.threshold)
+    bits = _coefficient_bits(key.exponent_bits, key.holders, key.threshold)
     values = shamir_share(exponent, key.holders, key.threshold, bits)
     width = key.share_width(summands)
     return {j: ints_to_bytes([v], width) for j, v in enumerate(values, start=1)}
@@ -164,15 +166,19 @@ def _share_sums(key, exponent: int, summands: int) -> dict[int, bytes]:
 
 @pytest.mark.parametrize("max_summands", [1, 3])
 def test_exponents_cover_exactly_the_range_of_a_sum(key_3_of_5, max_summands):
-    """A sum of ``max_summands`` exponents lies in [0, max_summands 2^EXPONENT_BITS): both
-    ends interpolate exactly, one past the end is refused (the server then falls back)."""
+    """A sum of ``max_summands`` exponents lies in [0, max_summands 2^exponent_bits): both
+    ends interpolate exactly, one past the end is refused (the server then falls back);
+    the top one opens a ciphertext whose obfuscator is hs^top."""
     key, _ = key_3_of_5
     unmasker = Unmasker(key, max_summands)
-    top = (max_summands << EXPONENT_BITS) - 1
+    top = (max_summands << key.exponent_bits) - 1
     for x in (0, 1, top):
         assert unmasker.exponents(_share_sums(key, x, max_summands), max_summands) == [x]
     with pytest.raises(ValueError, match="do not interpolate to an exponent"):
         unmasker.exponents(_share_sums(key, top + 1, max_summands), max_summands)
+    n2 = key.n**2
+    c = (1 + 5 * key.n) * pow(key.hs, top, n2) % n2
+    assert unmasker.unmask([c], [top]) == [5]  # the server's table reaches the top exponent
 
 
 def test_exponents_refuse_share_sums_of_different_lengths(threshold_key):
@@ -282,15 +288,77 @@ def test_shared_custody_key_names_its_holders_and_one_decrypts():
     assert key.n == private.public.n
 
 
-def test_shared_obfuscator_base_is_minus_a_square_to_the_n():
-    """DJN (section 4): hs = h^n with h = -y^2, so -hs is a square modulo p and modulo q.
-    Checked on keys where -1 is not a square mod p or q (else y^2 would pass too)."""
-    for _ in range(64):
+def _keys_of_both_kinds(leaking: int = 3, others: int = 1):
+    """512-bit shared keys (with their factors): ``leaking`` where -1 has Jacobi symbol
+    -1 mod n (p != q mod 4: DJN's h = -y^2 there gave every ciphertext away), and
+    ``others`` where it has +1 (p = q mod 4)."""
+    bad, good = [], []
+    for _ in range(200):
         key, private = shared_public_key(512, holders=2)
-        p, q = private.p, private.q
-        if p % 4 == 3 or q % 4 == 3:
-            break
-    else:
-        pytest.fail("64 keys with p = q = 1 mod 4")
-    assert gmpy2.legendre(-key.hs % p, p) == 1 and gmpy2.legendre(-key.hs % q, q) == 1
-    assert gmpy2.gcd(key.hs, key.n) == 1
+        kind = bad if gmpy2.jacobi(key.n - 1, key.n) == -1 else good
+        kind.append((key, private))
+        if len(bad) >= leaking and len(good) >= others:
+            return bad[:leaking] + good[:others]
+    pytest.fail(f"200 keys gave {len(bad)} with (-1|n) = -1 and {len(good)} with +1")
+
+
+def test_obfuscator_base_is_djn_where_it_can_be_and_always_has_jacobi_plus_one():
+    """DJN (section 4): hs = h^n with h = -y^2, so -hs is a square mod p and mod q, on
+    moduli where (-1 | n) = +1 (DJN's p = q = 3 mod 4, or p = q = 1 mod 4). Where
+    (-1 | n) = -1, h = y^2: hs is a square mod p and mod q. Either way (hs | n) = +1."""
+    for key, private in _keys_of_both_kinds():
+        p, q, n = private.p, private.q, key.n
+        base = -key.hs if gmpy2.jacobi(n - 1, n) == 1 else key.hs
+        assert gmpy2.legendre(base % p, p) == 1 and gmpy2.legendre(base % q, q) == 1
+        assert gmpy2.jacobi(key.hs % n, n) == 1
+        assert gmpy2.gcd(key.hs, n) == 1
+
+
+def test_ciphertexts_jacobi_symbol_gives_away_nothing_about_the_exponent():
+    """The attacker holds the public key and ciphertexts: it computes each ciphertext's
+    Jacobi symbol mod n, (c | n) = (hs | n)^x, and guesses x odd when it is -1. With a
+    base of Jacobi symbol -1 (DJN's -y^2 on about half of phe's moduli) it reads the
+    parity of every exponent; here every ciphertext has symbol +1, on keys of both kinds,
+    so the guess is a constant and right only for the half of exponents that are even."""
+    for key, _ in _keys_of_both_kinds():
+        enc = PublicEncryptor(key)
+        n = gmpy2.mpz(key.n)
+        cts, xs = enc.encrypt_many([secrets.randbelow(key.n) for _ in range(200)])
+        symbols = [gmpy2.jacobi(gmpy2.mpz(c) % n, n) for c in cts]
+        guessed = sum((s == -1) == (x % 2 == 1) for s, x in zip(symbols, xs, strict=True))
+        assert set(symbols) == {1}
+        assert 60 <= guessed <= 140  # chance: 100 +- 10 (the old base got all 200 right)
+
+
+def test_a_key_whose_base_has_jacobi_minus_one_is_refused():
+    """Anyone who builds a key object (a dealer from before the fix, a key read back from
+    elsewhere) gets an error rather than ciphertexts that leak their exponents' parity."""
+    key, _ = _keys_of_both_kinds(leaking=1, others=0)[0]
+    n = key.n
+    leaking = (n - 1) * key.hs % (n * n)  # (-1 | n) = -1: the symbol flips
+    assert gmpy2.jacobi(leaking % n, n) == -1
+    with pytest.raises(ValueError, match="Jacobi symbol -1 mod n"):
+        ThresholdPublicKey(key.public, leaking, key.holders, key.threshold)
+    assert ThresholdPublicKey(key.public, key.hs, 3, 2).hs == key.hs
+
+
+@pytest.mark.parametrize("key_bits", [512, 513, 2048])
+def test_secret_exponents_have_ceil_k_over_2_bits(key_bits):
+    """DJN draws the obfuscator exponent as a ceil(k/2)-bit number for a k-bit n (1024
+    bits at 2048, not 448): every exponent fits, the longest of 64 uses every bit (a miss
+    has probability 2^-64), and each obfuscator is hs^x for its x. The shares and the
+    server's bound follow the same length."""
+    n = (1 << (key_bits - 1)) | secrets.randbits(key_bits - 1) | 1  # an odd k-bit modulus
+    while gmpy2.gcd(n, 2 * 3 * 5 * 7) != 1:
+        n += 2
+    key = ThresholdPublicKey(PublicKey(n), hs=4, holders=3, threshold=2)
+    bits = -(-key_bits // 2)
+    assert key.exponent_bits == bits
+    enc = PublicEncryptor(key)
+    pairs = [enc.fresh() for _ in range(64)]
+    assert max(x for x, _ in pairs).bit_length() == bits
+    n2 = n * n
+    assert all(r == pow(4, x, n2) for x, r in pairs[:4])
+    coeff = _coefficient_bits(bits, 3, 2)
+    assert key.exponent_share_bound() == 6 * (1 << bits) + ((1 << coeff) - 1) * 3
+    assert Unmasker(key, 5)._max_exponent == 5 << bits

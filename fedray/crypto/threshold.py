@@ -37,11 +37,21 @@ Assumptions (named, as they are not textbook Paillier):
   public-key system with applications to electronic voting", IJIS 2010, section 4):
   ``h = -y^2 mod n`` for a random unit ``y``, ``hs = h^n mod n^2``, and ciphertexts
   ``(1 + n)^m hs^x``. Semantically secure under Decisional Composite Residuosity.
-* **Short exponents**: ``x`` is drawn below ``2^EXPONENT_BITS`` (448 bits), not from the
-  full order of ``hs``. That ``hs^x`` with a 448-bit ``x`` is indistinguishable from one
-  with a full-length exponent is the short-exponent assumption used with DJN in practice;
-  the best known attack is generic (Pollard lambda), about ``2^224`` work, beyond the
-  ~112-bit strength of a 2048-bit modulus.
+  DJN's moduli have ``p = q = 3 mod 4``, where ``-1`` has Jacobi symbol +1; phe's
+  generator does not promise that, and with ``p != q mod 4`` the base would have Jacobi
+  symbol -1, so every ciphertext's Jacobi symbol mod n (anyone can compute it) would be
+  ``(-1)^x``: the parity of its secret exponent. So ``h = -y^2`` only when ``(-1 | n) =
+  +1`` and ``h = y^2`` otherwise: ``(h | n) = (hs | n) = +1`` and every ciphertext has
+  Jacobi symbol +1 whatever its exponent (:class:`ThresholdPublicKey` refuses any other
+  base).
+* **Short exponents**: ``x`` is drawn below ``2^ceil(k/2)`` for a ``k``-bit ``n`` (1024
+  bits at 2048), not from the full (secret) order of ``hs``: DJN's choice (section 4),
+  followed by ABY, Intel IPCL and SecretFlow HEU. That
+  ``hs^x`` with such an ``x`` cannot be told from ``hs^x`` with ``x`` uniform over the
+  group order is DJN's assumption on top of DCR (the small-exponent, or short-exponent
+  subgroup, assumption). The best known attack on the short exponent is generic
+  (Pollard lambda, ``2^(k/4)`` = ``2^512`` work at 2048 bits), far beyond the ~112-bit
+  strength of the modulus itself.
 """
 
 from __future__ import annotations
@@ -60,7 +70,13 @@ from fedray.crypto.paillier import (
     generate_keypair,
 )
 
-EXPONENT_BITS = 448  # DJN short exponent (see the module docstring)
+
+def exponent_bits(n: int) -> int:
+    """DJN's secret exponent length for modulus ``n``: ceil(k/2) bits, k = n's bit length."""
+    return (int(n).bit_length() + 1) // 2
+
+
+EXPONENT_BITS = exponent_bits(1 << 2047)  # 1024: the default 2048-bit key's (per key: below)
 STATISTICAL_BITS = 64  # integer Shamir: statistical distance 2^-64 per shared secret
 
 
@@ -73,9 +89,22 @@ class ThresholdPublicKey:
     holders: int
     threshold: int
 
+    def __post_init__(self):
+        n = gmpy2.mpz(self.public.n)
+        if gmpy2.jacobi(gmpy2.mpz(self.hs) % n, n) != 1:
+            raise ValueError(
+                "DJN base hs has Jacobi symbol -1 mod n: every ciphertext's Jacobi symbol "
+                "would give away the parity of its secret exponent"
+            )
+
     @property
     def n(self) -> int:
         return self.public.n
+
+    @property
+    def exponent_bits(self) -> int:
+        """Length of the secret obfuscator exponents: ceil(k/2) for a k-bit n (DJN)."""
+        return exponent_bits(self.public.n)
 
     @property
     def delta(self) -> int:
@@ -87,8 +116,9 @@ class ThresholdPublicKey:
 
     def exponent_share_bound(self, summands: int = 1) -> int:
         """Largest share of a sum of ``summands`` exponents (sets the wire width)."""
-        coeff = _coefficient_bits(EXPONENT_BITS, self.holders, self.threshold)
-        one = self.delta * (1 << EXPONENT_BITS) + ((1 << coeff) - 1) * sum(
+        bits = self.exponent_bits
+        coeff = _coefficient_bits(bits, self.holders, self.threshold)
+        one = self.delta * (1 << bits) + ((1 << coeff) - 1) * sum(
             self.holders**i for i in range(1, self.threshold)
         )
         return one * summands
@@ -183,19 +213,21 @@ def deal_threshold_key(
 class PublicEncryptor:
     """Encrypts with the public key only: ``(1 + m n) hs^x mod n^2`` with a secret ``x``.
 
-    ``hs^x`` comes from a fixed-base table (one multiplication per byte of ``x``); pairs
-    ``(x, hs^x)`` can be precomputed while the host is idle. Each pair is used once.
+    ``x`` has ``key.exponent_bits`` bits (ceil(k/2), DJN); ``hs^x`` comes from a
+    fixed-base table (one multiplication per byte of ``x``); pairs ``(x, hs^x)`` can be
+    precomputed while the host is idle. Each pair is used once.
     """
 
     def __init__(self, key: ThresholdPublicKey, window: int = 8):
         self.key = key
+        self.exponent_bits = key.exponent_bits
         self._n = gmpy2.mpz(key.n)
         self._n2 = self._n * self._n
-        self._table = _FixedBaseTable(key.hs, int(self._n2), EXPONENT_BITS, window)
+        self._table = _FixedBaseTable(key.hs, int(self._n2), self.exponent_bits, window)
         self._pool = ObfuscatorPool(self.fresh)
 
     def fresh(self) -> tuple[int, gmpy2.mpz]:
-        x = secrets.randbits(EXPONENT_BITS)
+        x = secrets.randbits(self.exponent_bits)
         return x, self._table.pow(x)
 
     def precompute(self, count: int, should_stop=None) -> int:
@@ -219,7 +251,7 @@ class PublicEncryptor:
 
 def share_exponents(key: ThresholdPublicKey, exponents: list[int]) -> list[bytes]:
     """One blob per key holder: its Shamir share of each exponent, fixed-width bytes."""
-    coeff_bits = _coefficient_bits(EXPONENT_BITS, key.holders, key.threshold)
+    coeff_bits = _coefficient_bits(key.exponent_bits, key.holders, key.threshold)
     width = key.share_width()
     columns: list[list[bytes]] = [[] for _ in range(key.holders)]
     for x in exponents:
@@ -266,13 +298,13 @@ class Unmasker:
         self._n = gmpy2.mpz(key.n)
         self._n2 = self._n * self._n
         self._table_cache: _FixedBaseTable | None = None
-        self._max_exponent = self.max_summands << EXPONENT_BITS
+        self._max_exponent = self.max_summands << key.exponent_bits
 
     @property
     def _table(self) -> _FixedBaseTable:
         if self._table_cache is None:
             hs_inv = gmpy2.invert(gmpy2.mpz(self.key.hs), self._n2)
-            bits = EXPONENT_BITS + self.max_summands.bit_length()
+            bits = self.key.exponent_bits + self.max_summands.bit_length()
             self._table_cache = _FixedBaseTable(int(hs_inv), int(self._n2), bits, self.window)
         return self._table_cache
 
@@ -353,5 +385,9 @@ def shared_public_key(key_bits: int, holders: int) -> tuple[ThresholdPublicKey, 
         y = gmpy2.mpz(rng.randrange(2, public.n - 1))
         if gmpy2.gcd(y, n) == 1:
             break
-    hs = gmpy2.powmod((-y * y) % n, n, n * n)
+    # DJN's h = -y^2 has Jacobi symbol (-1 | n): +1 on DJN's moduli (p = q = 3 mod 4),
+    # -1 on about half of phe's. Take y^2 there, so (hs | n) = +1 and a ciphertext's
+    # Jacobi symbol says nothing about its exponent's parity (module docstring).
+    h = (-y * y) % n if gmpy2.jacobi(n - 1, n) == 1 else y * y % n
+    hs = gmpy2.powmod(h, n, n * n)
     return ThresholdPublicKey(public, int(hs), holders, 1), private
