@@ -1,5 +1,6 @@
 """fedray/privacy/mechanisms.py bit by bit: a known-answer Box-Muller, and the contract of
-l2_clip and gaussian (dtype, shape, refusals). Pure numpy, no Ray.
+l2_clip and gaussian (dtype, shape, refusals), and the torch generators behind Opacus's
+DP-SGD noise (whole Mersenne Twister state from the OS, not a 32-bit seed). No Ray.
 
 Written for the mutants a statistical test cannot see: the noise keeps a standard-normal
 histogram when the angle reuses the radius's random bits, or is scaled wrongly into a
@@ -86,3 +87,89 @@ def test_count_clipped_counts_values_strictly_outside_the_range():
     assert mech.count_clipped(values, 5.0) == 0
     assert mech.count_clipped([1, -7], 2) == 1  # any array-like, ints too
     assert isinstance(mech.count_clipped(values, 1.0), int)
+
+
+# -- torch generators for DP-SGD: the whole Mersenne Twister state from the OS ---------------
+
+
+def _mt_words(gen) -> np.ndarray:
+    """The 624 Mersenne Twister words of a torch CPU generator's state."""
+    raw = gen.get_state().numpy().tobytes()
+    return np.frombuffer(raw, dtype="<u8", offset=mech._MT_ARRAY, count=mech._MT_WORDS)
+
+
+def _follows_seeding(words: np.ndarray) -> int:
+    """How many words follow manual_seed's recurrence from the word before them."""
+    w = [int(x) for x in words]
+    return sum(
+        w[j] == (1812433253 * (w[j - 1] ^ (w[j - 1] >> 30)) + j) & 0xFFFFFFFF
+        for j in range(1, len(w))
+    )
+
+
+@pytest.mark.parametrize("factory", [mech.torch_generator, mech.full_entropy_torch_generator])
+def test_dp_sgd_generator_state_is_not_reachable_from_any_32_bit_seed(factory):
+    """manual_seed keeps 32 bits (word 0 is seed mod 2^32, the rest follow from it), so a
+    63-bit seed from os.urandom leaves 2^32 states to enumerate. A full-entropy state is
+    not manual_seed(s) for the s its first word names, nor any seed's state at all."""
+    import torch
+
+    assert torch.equal(  # what makes 63-bit seeds weak, in this torch
+        torch.randn(8, generator=torch.Generator().manual_seed(5)),
+        torch.randn(8, generator=torch.Generator().manual_seed(5 + 2**32)),
+    )
+    weak = _mt_words(torch.Generator().manual_seed(5 + 2**40))
+    assert _follows_seeding(weak) == 623  # the check below sees a seeded state
+    for _ in range(3):
+        gen = factory()
+        words = _mt_words(gen)
+        assert words.max() < 2**32  # one 32-bit word per slot, as torch keeps them
+        assert _follows_seeding(words) < 5  # 1 in 2^32 per word by chance
+        recovered = torch.Generator().manual_seed(int(words[0]))
+        assert np.count_nonzero(_mt_words(recovered) == words) < 5
+        draws = torch.randn(64, generator=gen)
+        assert not torch.equal(draws, torch.randn(64, generator=recovered))
+
+
+def test_dp_sgd_generators_differ_in_far_more_than_32_bits():
+    """Two generators (two sites, two rounds) share no state: their 19968 state bits
+    differ in about half the places (9984, std 71), not in at most 32."""
+    a, b = _mt_words(mech.torch_generator()), _mt_words(mech.torch_generator())
+    differing = sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(a, b, strict=True))
+    assert 9000 < differing < 11000
+
+
+def test_full_entropy_generator_draws_from_its_filled_state(monkeypatch):
+    """The filled words are the state the draws come from: the same OS bytes give the
+    same state and the same draws, other bytes other draws."""
+    import torch
+
+    fixed = bytes(range(256)) * 10
+    monkeypatch.setattr(mech.os, "urandom", lambda n: fixed[:n])
+    a, b = mech.full_entropy_torch_generator(), mech.full_entropy_torch_generator()
+    words = np.frombuffer(fixed[: 4 * 624], dtype="<u4").astype(np.uint64)
+    np.testing.assert_array_equal(_mt_words(a), words)
+    assert torch.equal(torch.randn(100, generator=a), torch.randn(100, generator=b))
+    monkeypatch.undo()
+    c = mech.full_entropy_torch_generator()
+    assert not torch.equal(torch.randn(100, generator=c), torch.randn(100, generator=b))
+
+
+def test_seeded_dp_sgd_generator_is_manual_seed():
+    """privacy.reproducible_noise=true: the generator is manual_seed(seed), replayable."""
+    import torch
+
+    for seed in (0, 7, 2**40 + 3):
+        assert torch.equal(
+            torch.randn(16, generator=mech.torch_generator(seed)),
+            torch.randn(16, generator=torch.Generator().manual_seed(seed)),
+        )
+
+
+def test_generator_layout_check_fails_closed(monkeypatch):
+    """If torch moved the twister's words, filling the wrong bytes could leave a seeded
+    state behind without error: the layout check refuses instead."""
+    monkeypatch.setattr(mech, "_layout_checked", False)
+    monkeypatch.setattr(mech, "_MT_ARRAY", mech._MT_ARRAY + 8)
+    with pytest.raises(RuntimeError, match="state layout"):
+        mech.full_entropy_torch_generator()

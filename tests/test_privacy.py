@@ -495,3 +495,63 @@ def test_set_up_calls_that_reveal_site_sizes_close_before_the_server_exists():
         with pytest.raises(PermissionError, match="set-up"):
             call()
     assert "labels" not in host.describe()[0] and "num_examples" not in host.describe()[0]
+
+
+# -- issue 22: DP-SGD noise from full-entropy generator states -----------------------------
+
+
+def _dp_sgd_update(task, start, data, plan) -> np.ndarray:
+    """One site's DP-SGD update from ``start`` (the built-in task, no Ray)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(start)
+    task.train(model, data, epochs=2, lr=0.5, seed=1, round_num=1, client_id=0, privacy=plan)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    before = torch.cat([p.detach().reshape(-1) for p in start.parameters()])
+    return (after - before).numpy()
+
+
+def test_dp_sgd_noise_and_masks_come_from_the_full_entropy_generators(monkeypatch):
+    """Same data, same clipping, same start: two DP-SGD trainings differ (fresh OS state
+    per training), and are equal once the generators fedray makes are seeded alike, even
+    with torch's global generator in different states: Opacus's noise and its Poisson
+    masks (batch 8 of 40: they matter) draw only from those generators."""
+    import torch
+
+    import fedray.privacy.mechanisms as mech
+    from fedray.privacy.dp import SamplePlan
+    from fedray.tasks.tabular import Examples, TabularClassificationTask
+    from tests.conftest import compose
+
+    cfg = compose(["privacy=dp", "privacy.mode=sample", "crypto=none", "batch_size=8"])
+    task = TabularClassificationTask(cfg, None)
+    gen = torch.Generator().manual_seed(0)
+    data = Examples(torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen))
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    plan = SamplePlan(noise_multiplier=1.0, clip_norm=0.5)
+    a, b = _dp_sgd_update(task, start, data, plan), _dp_sgd_update(task, start, data, plan)
+    assert np.linalg.norm(a - b) > 0.1 * np.linalg.norm(a)
+
+    made = []
+
+    def alike(seed=None):  # the generators of every training seeded alike, in order
+        assert seed is None  # OS-noise mode asks for full-entropy generators
+        made.append(1)
+        return torch.Generator().manual_seed(1000 + len(made) % 3)
+
+    monkeypatch.setattr(mech, "torch_generator", alike)
+    torch.manual_seed(1)
+    c = _dp_sgd_update(task, start, data, plan)
+    made.clear()
+    torch.manual_seed(2)
+    d = _dp_sgd_update(task, start, data, plan)
+    assert made and np.array_equal(c, d)
+    # Seeded research mode replays from its seed alone.
+    monkeypatch.undo()
+    seeded = SamplePlan(noise_multiplier=1.0, clip_norm=0.5, reproducible_noise=True)
+    np.testing.assert_array_equal(
+        _dp_sgd_update(task, start, data, seeded), _dp_sgd_update(task, start, data, seeded)
+    )

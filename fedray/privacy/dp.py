@@ -432,11 +432,13 @@ class SampleLevelDP:
     What the server learns: the accountant needs each site's example count n_k, so in
     this mode the sites' counts go to the server (the driver asks the hosts for them
     only when ``privacy.mode=sample``). Against the server the budget is the same
-    ``epsilon``: the examples are sampled and noised on the site, from torch's generator
-    seeded from ``os.urandom`` per round (Mersenne Twister: unpredictable to the server,
-    not a CSPRNG: its state could be recovered from 624 consecutive raw outputs, which
-    never leave the site). With ``privacy.reproducible_noise=true`` the server could
-    replay the noise, and ``epsilon_vs_server`` is null.
+    ``epsilon``: the examples are sampled and noised on the site, from torch generators
+    whose whole Mersenne Twister state comes from ``os.urandom`` per training
+    (:func:`~fedray.privacy.mechanisms.full_entropy_torch_generator`; not a seed, which
+    torch would cut to 32 bits). Unpredictable to the server, though not a CSPRNG: the
+    state could be recovered from 624 consecutive raw outputs, which never leave the
+    site. With ``privacy.reproducible_noise=true`` the server could replay the noise, and
+    ``epsilon_vs_server`` is null.
     """
 
     denominator = None  # example-weighted mean, as FedAvg

@@ -8,7 +8,6 @@ or sample-level DP-SGD through Opacus (Abadi et al., CCS 2016) with ``privacy.mo
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -98,13 +97,9 @@ class TabularClassificationTask(Task):
         import torch
 
         if privacy is not None:
+            dp_seed = None  # generators filled from os.urandom (full_entropy_torch_generator)
             if getattr(privacy, "reproducible_noise", False):
                 dp_seed = client_seed(self.cfg.seed + 104729, round_num, client_id)
-            else:
-                # Unpredictable to the server: torch's generator (Mersenne Twister, not a
-                # CSPRNG) seeded per round from the OS. Opacus's secure mode would need
-                # torchcsprng, which fedray does not use (README, sample-level DP).
-                dp_seed = int.from_bytes(os.urandom(8), "little") >> 1
             return self._train_dp_sgd(model, data, epochs=epochs, lr=lr, seed=dp_seed, plan=privacy)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = self._optimizer_for(model, params, lr)
@@ -134,23 +129,41 @@ class TabularClassificationTask(Task):
             self._optimizer_model = model
         return self._optimizer
 
-    def _train_dp_sgd(self, model, data: Examples, *, epochs: int, lr: float, seed: int, plan):
+    def _train_dp_sgd(
+        self, model, data: Examples, *, epochs: int, lr: float, seed: int | None, plan
+    ):
         """Sample-level DP-SGD with Opacus on a copy of the model (no hooks left on it);
-        the trained weights are copied back."""
+        the trained weights are copied back.
+
+        Opacus's noise and its Poisson masks come from torch generators. ``seed=None``
+        (the default, OS noise): each gets its whole Mersenne Twister state from
+        ``os.urandom`` (:func:`~fedray.privacy.mechanisms.full_entropy_torch_generator`;
+        a 63-bit seed would keep only 32 bits, few enough to enumerate), and so does
+        torch's global generator, in case anything on the way draws from it. Opacus's
+        secure mode would need torchcsprng, which fedray does not use (README,
+        sample-level DP). With a seed (``privacy.reproducible_noise=true``) all three are
+        ``manual_seed(seed)``: the run replays, and whoever knows the seed can too.
+        """
         import copy
 
         import torch
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
+        from fedray.privacy import mechanisms
+
         private = copy.deepcopy(model)
         private.train()  # Opacus accepts only a module in training mode
         params = [p for p in private.parameters() if p.requires_grad]
-        torch.manual_seed(seed)  # Opacus's Poisson sampler and noise use torch's RNG
+        if seed is None:
+            torch.default_generator.set_state(mechanisms.torch_generator().get_state())
+        else:
+            torch.manual_seed(seed)
+        noise_generator = mechanisms.torch_generator(seed)
         loader = DataLoader(
             TensorDataset(data.x.cpu(), data.y.cpu()),
             batch_size=min(self.cfg.batch_size, len(data)),
-            generator=torch.Generator().manual_seed(seed),
+            generator=mechanisms.torch_generator(seed),  # Opacus's Poisson masks
         )
         optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum)
         with warnings.catch_warnings():
@@ -165,6 +178,7 @@ class TabularClassificationTask(Task):
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.clip_norm,
                 poisson_sampling=True,
+                noise_generator=noise_generator,
             )
         loss_fn = torch.nn.CrossEntropyLoss()
         total, batches = 0.0, 0
