@@ -117,12 +117,41 @@ def _shown(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _resume_config(raw: DictConfig, run_dir: Path, task_overrides: list[str]) -> DictConfig:
-    """The saved config of the run being resumed, with only harmless overrides applied."""
-    source = Path(str(raw.checkpoint.path)).parent if raw.checkpoint.path is not None else run_dir
-    record = source / ".hydra" / "config.yaml"
-    if not record.exists():
-        return raw  # no record (e.g. run_experiment from Python): use the command line
+def _resume_config(
+    raw: DictConfig, run_dir: Path, task_overrides: list[str], own_record: bool = False
+) -> DictConfig:
+    """The saved config of the run being resumed, with only harmless overrides applied.
+
+    The run is the one that holds the checkpoint: the folder above its checkpoints folder
+    when ``checkpoint.path`` names one (``RUN/checkpoints``, its ``latest`` or a
+    ``round_NNNNN`` folder in it), else ``run_dir`` (``hydra.run.dir=OLD``). Its record is
+    ``.hydra/config.yaml`` there; ``own_record``: Hydra wrote ``run_dir``'s record for
+    this command (no ``hydra.run.dir``), so it is not the old run's. A resume without a
+    record is refused where there is a checkpoint (the command line would silently
+    replace the run's config); without a checkpoint the driver says there is none.
+    ``checkpoint.path`` itself may be passed: it says where the checkpoint is."""
+    from fedray.runtime.outputs import checkpoint_folder, checkpoints_dir_of
+
+    path = raw.checkpoint.path
+    checkpoints = checkpoints_dir_of(Path(str(path))) if path is not None else None
+    sources = [checkpoints.parent] if checkpoints is not None else []
+    if not own_record and run_dir not in sources:
+        sources.append(run_dir)
+    record = next(
+        (s / ".hydra" / "config.yaml" for s in sources if (s / ".hydra" / "config.yaml").is_file()),
+        None,
+    )
+    if record is None:
+        where = checkpoints if checkpoints is not None else run_dir / "checkpoints"
+        if checkpoint_folder(where) is None:
+            return raw  # the driver says there is no checkpoint
+        looked = " or ".join(str(s / ".hydra" / "config.yaml") for s in sources) or "(none)"
+        raise ConfigError(
+            f"resume=true continues a run with its own saved config, and there is none at "
+            f"{looked}; pass hydra.run.dir=<the old run's directory> (it holds .hydra/ and "
+            "checkpoints/), or resume from Python with run_experiment and the run's config"
+        )
+    source = record.parent.parent
     saved = OmegaConf.load(record)
     changed, safe = [], []
     for override in task_overrides:
@@ -132,6 +161,9 @@ def _resume_config(raw: DictConfig, run_dir: Path, task_overrides: list[str]) ->
         if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
             safe.append(key)
             continue
+        if key == "checkpoint.path":  # where the checkpoint is, not what it means
+            safe.append(key)
+            continue
         old = OmegaConf.select(saved, key, default=None)
         if not _same(OmegaConf.select(raw, key, default=None), old):
             changed.append(f"{key} (saved: {_shown(old)})")
@@ -139,8 +171,8 @@ def _resume_config(raw: DictConfig, run_dir: Path, task_overrides: list[str]) ->
         raise ConfigError(
             f"resume=true continues the run in {source} with its saved config; these overrides "
             f"would change what its checkpoint means: {', '.join(changed)}. Allowed on resume: "
-            f"{', '.join(k + '.*' if k == 'ray' else k for k in sorted(RESUME_SAFE_KEYS))}; start a new run (another hydra.run.dir) "
-            "to change the others"
+            f"{', '.join(k + '.*' if k == 'ray' else k for k in sorted(RESUME_SAFE_KEYS))}, "
+            "checkpoint.path; start a new run (another hydra.run.dir) to change the others"
         )
     for key in safe:
         OmegaConf.update(saved, key, OmegaConf.select(raw, key), force_add=True)
@@ -153,21 +185,28 @@ def _shell_path(path: str | Path) -> str:
     return shlex.quote(rel if not rel.startswith("..") else str(path))
 
 
-def _resume_safe(overrides: list[str]) -> list[str]:
-    """The overrides a resume takes (``rounds=40``, ``ray.*``...), in the order given.
+def _resume_safe(overrides: list[str], checkpoints: Path | None = None) -> list[str]:
+    """The overrides a resume takes (``rounds=40``, ``ray.*``...), in the order given,
+    and ``checkpoint.path=CHECKPOINTS`` (the folder, so that the next resume starts from
+    its newest checkpoint) when this resume named one.
 
     A resume does not rewrite the run's saved config, so whatever a resume changed
     (``rounds=40`` extending a finished run) must be passed again on the next resume."""
     keys = [(_parse(o).key_or_group, o) for o in overrides]
-    return [o for k, o in keys if k in RESUME_SAFE_KEYS or k.split(".")[0] in RESUME_SAFE_KEYS]
+    again = [o for k, o in keys if k in RESUME_SAFE_KEYS or k.split(".")[0] in RESUME_SAFE_KEYS]
+    if checkpoints is not None and any(k == "checkpoint.path" for k, _ in keys):
+        again.append(f"checkpoint.path={_shell_path(checkpoints)}")
+    return again
 
 
 def _interrupted(run_dir: Path, checkpoint_path: str | None, again: list[str] = ()) -> None:
     """One line: the last checkpoint on disk and the command that resumes from it, with
     ``again``: the overrides of this resume that the saved config lacks."""
-    from fedray.runtime.outputs import latest_checkpoint_round
+    from fedray.runtime.outputs import checkpoints_dir_of, latest_checkpoint_round
 
-    directory = Path(checkpoint_path) if checkpoint_path else run_dir / "checkpoints"
+    directory = (
+        checkpoints_dir_of(Path(checkpoint_path)) if checkpoint_path else run_dir / "checkpoints"
+    )
     last = latest_checkpoint_round(directory)
     if last is None:
         print(
@@ -199,7 +238,8 @@ def main(raw: DictConfig) -> float | None:
     checkpoint_path = raw.checkpoint.path
     try:
         if raw.resume:
-            raw = _resume_config(raw, run_dir, list(hc.overrides.task))
+            own_record = hc.output_subdir is not None  # Hydra wrote run_dir/.hydra for us
+            raw = _resume_config(raw, run_dir, list(hc.overrides.task), own_record)
             checkpoint_path = raw.checkpoint.path
         cfg = to_config(raw)  # checked before Ray starts
         from fedray.runtime.driver import run_experiment
@@ -211,7 +251,12 @@ def main(raw: DictConfig) -> float | None:
     except KeyboardInterrupt:
         if _FULL_ERROR:
             raise
-        again = _resume_safe(list(hc.overrides.task)) if raw.resume else []
+        again = []
+        if raw.resume:
+            from fedray.runtime.outputs import checkpoints_dir_of
+
+            named = Path(str(checkpoint_path)) if checkpoint_path else None
+            again = _resume_safe(list(hc.overrides.task), named and checkpoints_dir_of(named))
         _interrupted(run_dir, checkpoint_path, again)
         return None
     return summary["final_accuracy"]

@@ -167,15 +167,36 @@ def _reserve(placement) -> tuple[list[dict[str, Any]], Any]:
 
 
 def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from (``checkpoint.path`` may name the checkpoints folder,
+    its ``latest`` or a ``round_NNNNN`` folder), its ``privacy`` replaced under DP by the
+    true count: the larger, count by count, of the checkpoint's accountant and the privacy
+    ledger of its checkpoints folder (the ledger also counts the rounds released after the
+    checkpoint, whose replay is a second release). A DP resume without its ledger is
+    refused: no checkpoint can show that nothing was released after it (each round's
+    ledger entry is written before its checkpoint, and a crash can fall in between)."""
+    from fedray.runtime.outputs import checkpoint_folder, checkpoints_dir_of, later_privacy_state
+
     if not cfg.resume:
         return None
     path = Path(cfg.checkpoint.path) if cfg.checkpoint.path else output_dir / "checkpoints"
-    if not path.exists() or not ((path / "latest").exists() or (path / "state.json").exists()):
+    if checkpoint_folder(path) is None:
         raise FedrayError(
             f"resume=true but there is no checkpoint at {path}; pass the old run's directory "
             "with hydra.run.dir=... or checkpoint.path=..."
         )
-    return load_checkpoint(path)
+    state = load_checkpoint(path)
+    if cfg.privacy.name == "dp":
+        ledger = checkpoints_dir_of(path) / PRIVACY_LEDGER
+        if not ledger.is_file():
+            raise FedrayError(
+                f"resume=true with privacy=dp needs the privacy ledger {ledger} (it counts the "
+                "rounds released after the checkpoint, whose replay is released again), and "
+                "it is not there; pass checkpoint.path=<the old run's checkpoints folder, "
+                f"with its {PRIVACY_LEDGER}> or put the ledger back"
+            )
+        saved = json.loads(ledger.read_text())["privacy"]
+        state["privacy"] = later_privacy_state(saved, state.get("privacy"))
+    return state
 
 
 class _StopOnSigint:
@@ -278,8 +299,12 @@ class _Job:
 
     @property
     def checkpoint_dir(self) -> Path:
+        """Where checkpoints and the privacy ledger go: on a resume from
+        ``checkpoint.path=RUN/checkpoints/round_NNNNN`` (or ``.../latest``), RUN/checkpoints."""
+        from fedray.runtime.outputs import checkpoints_dir_of
+
         path = self.cfg.checkpoint.path
-        return Path(path) if path else self.output_dir / "checkpoints"
+        return checkpoints_dir_of(Path(path)) if path else self.output_dir / "checkpoints"
 
     @property
     def ledger_path(self) -> Path:
@@ -484,15 +509,12 @@ def _start_server(
             key_holders=job.custody.holders if job.custody else None,
         )
     )
-    saved = None  # the accountant's saved state, newest first: ledger, then checkpoint
+    saved = None  # the accountant's true count: ledger and checkpoint (_resume_state)
     if resume_state is not None:
+        # Rounds released after the checkpoint were released: they stay counted, and
+        # their replay (with fresh noise) is counted again.
         ray.get(server.load_state_dict.remote(resume_state))
         saved = resume_state.get("privacy")
-        if privacy is not None and job.ledger_path.exists():
-            # Rounds released after the checkpoint were released: they stay counted,
-            # and their replay (with fresh noise) is counted again.
-            saved = json.loads(job.ledger_path.read_text())["privacy"]
-            ray.get(server.load_privacy_state.remote(saved))
     job.first_round = int(resume_state["round"]) + 1 if resume_state else 1
     counts = tuple(
         ray.get(
@@ -513,7 +535,8 @@ def _key_holders_window(job: _Job, saved: dict[str, Any] | None, num_values: int
     last round, or the last within privacy.target_epsilon_vs_server if every client were
     in every round (the holders open one sum per round, so that bound holds whatever the
     server does). The driver's own copy of the accountant, from ``saved``: the state the
-    server's was loaded with on resume (the ledger's, else the checkpoint's)."""
+    server's was loaded with on resume, the true count (ledger and checkpoint, with the
+    rounds released after the checkpoint: see :func:`_resume_state`)."""
     cfg, privacy = job.cfg, job.privacy
     job.last_round = cfg.rounds
     if privacy is not None:

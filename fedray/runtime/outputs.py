@@ -122,6 +122,54 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     return final
 
 
+def checkpoint_folder(path: Path) -> Path | None:
+    """The ``round_NNNNN`` folder ``path`` names, or None if there is none.
+
+    ``path`` may be a checkpoints folder (its ``latest`` names the round), that
+    ``latest`` file itself, or a round folder (one with a ``state.json``)."""
+    path = Path(path)
+    if path.name == "latest" and path.is_file():
+        path = path.parent
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def checkpoints_dir_of(path: Path) -> Path:
+    """The checkpoints folder ``path`` is, or is in: where ``latest``, the round folders
+    and the privacy ledger live, and where a resumed run writes its checkpoints. The
+    parent of a round folder or of a ``latest`` file; ``path`` itself otherwise."""
+    path = Path(path)
+    if (path.name == "latest" and path.is_file()) or (path / "state.json").is_file():
+        return path.parent
+    return path
+
+
+def later_privacy_state(
+    ledger: dict[str, Any] | None, checkpoint: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Of two saved accountant states of one run, count by count the larger.
+
+    Every count in an accountant's state (released rounds, rounds per client or site)
+    only grows, so the larger count is the later one, whichever file is newer: the
+    ledger, written after every released round, normally dominates the checkpoint; a
+    checkpoint of a newer round than a (copied, stale) ledger dominates that. Taking the
+    larger of each never forgets a release."""
+    if ledger is None or checkpoint is None:
+        return ledger if checkpoint is None else checkpoint
+    out: dict[str, Any] = {}
+    for key in sorted(ledger.keys() | checkpoint.keys()):
+        a, b = ledger.get(key), checkpoint.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            out[key] = {k: max(a.get(k, 0), b.get(k, 0)) for k in sorted(a.keys() | b.keys())}
+        elif isinstance(a, int | float) and isinstance(b, int | float):
+            out[key] = max(a, b)
+        else:
+            out[key] = a if a is not None else b
+    return out
+
+
 def latest_checkpoint_round(directory: Path) -> int | None:
     """The round of the checkpoint ``directory/latest`` names, or None if there is none."""
     latest = directory / "latest"
@@ -132,9 +180,12 @@ def latest_checkpoint_round(directory: Path) -> int | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint folder, or the one a ``checkpoints/`` folder's ``latest`` names."""
-    if (path / "latest").exists():
-        path = path / (path / "latest").read_text().strip()
+    """Load a checkpoint folder, or the one a ``checkpoints/`` folder's ``latest`` (or
+    that ``latest`` file) names."""
+    folder = checkpoint_folder(path)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    path = folder
     with np.load(path / "arrays.npz") as arrays:
         state: dict[str, Any] = json.loads((path / "state.json").read_text())
         state["weights"] = arrays["weights"]
