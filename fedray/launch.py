@@ -142,7 +142,7 @@ def _resume_config(
         None,
     )
     if record is None:
-        where = checkpoints if checkpoints is not None else run_dir / "checkpoints"
+        where = Path(str(path)) if path is not None else run_dir / "checkpoints"
         if checkpoint_folder(where) is None:
             return raw  # the driver says there is no checkpoint
         looked = " or ".join(str(s / ".hydra" / "config.yaml") for s in sources) or "(none)"
