@@ -267,14 +267,43 @@ def test_wire_format_is_compact_bytes(threshold_key):
     assert from_bytes(public, to_bytes(public, cts)) == cts
 
 
-def test_2048_bit_packing_density():
-    key, _ = deal_threshold_key(2048, holders=2, threshold=2)
+@pytest.fixture(scope="module")
+def key_2048():
+    """A real 2048-bit key, 3 holders, any 2 decrypt (a few seconds to make)."""
+    return deal_threshold_key(2048, holders=3, threshold=2)
+
+
+def test_2048_bit_packing_density(key_2048):
+    key, _ = key_2048
     layout = _layout(key.public, num_values=10_000, max_summands=10)
     assert layout.codec.slots_per_ciphertext == 102  # 20-bit slots in 2047 bits
     assert layout.stats.num_ciphertexts == 1
-    # Ciphertexts, plus one exponent share for the other key holder: < 6.5 B per value.
+    # Ciphertexts, plus one exponent share for another key holder: < 6.5 B per value.
     per_value = (key.public.ciphertext_bytes + key.share_width()) / 102
     assert per_value < 6.5
+
+
+def test_2048_bit_fast_path_opens_sums_of_1024_bit_exponents(key_2048):
+    """At the user-facing key size the secret exponents have DJN's 1024 bits; a sum of
+    3 updates opens from 2 holders' share sums (shares at the width the bound gives)
+    exactly as by partial decryptions, and every ciphertext has Jacobi symbol +1."""
+    import gmpy2
+
+    key, shares = key_2048
+    assert key.public.key_bits == 2048 and key.exponent_bits == 1024
+    layout = _layout(key.public, num_values=300, max_summands=3)
+    rng = np.random.default_rng(3)
+    updates = [rng.uniform(-1, 1, 300) for _ in range(3)]
+    acc, blobs = _seal(key, layout, [[(u, 1.0, None, {})] for u in updates])
+    assert all(len(b) == layout.num_ciphertexts * key.share_width() for b in blobs[0])
+    plain = _open_both_ways(key, shares, acc, blobs, (1, 3))
+    delta, stats = layout.decode_sum(plain, 3)
+    assert np.max(np.abs(delta - sum(updates))) <= layout.codec.error_bound(3, 1.0) + 1e-12
+    assert stats["weight"] == pytest.approx(3.0)
+    n = gmpy2.mpz(key.n)
+    enc = ClientEncryptor(key, layout)
+    cts = from_bytes(key.public, enc.encrypt_sum([(updates[0], 1.0, None, {})])[0].ciphertexts)
+    assert {gmpy2.jacobi(c % n, n) for c in cts} == {1}
 
 
 def test_server_rejects_bad_ciphertexts(threshold_key):
