@@ -143,16 +143,21 @@ class ClientHost:
         self._authority = authority
         self._identity = None
         self._model_sha256 = ""
-        if cfg.crypto.name == "paillier":
+        self._plan = None  # the DP plan: built with the codec when crypto is configured
+        try:
             import ray
 
-            from fedray.runtime.keys import HostIdentity
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        except Exception:  # plain use, outside an actor
+            restarted = False
+        # A host Ray restarted starts from its constructor's arguments (weight_ref 1.0):
+        # it trains nothing until the driver has set it up again (see ``trainable``).
+        self._awaiting_weight_ref = bool(restarted)
+        if cfg.crypto.name == "paillier":
+            from fedray.runtime.keys import CohortApprover, HostIdentity
 
             self._identity = HostIdentity()  # made here; only its public half ever leaves
-            try:
-                restarted = ray.get_runtime_context().was_current_actor_reconstructed
-            except Exception:  # plain use, outside an actor
-                restarted = False
+            self._approver = CohortApprover(self._identity)  # one sum per round: approve
             if restarted:  # by Ray, while the server runs: no unsigned set-up call answers
                 self._set_up_closed = True
 
@@ -163,6 +168,14 @@ class ClientHost:
         if self._identity is None:
             raise RuntimeError("this host runs without encryption")
         return self._identity.public_bytes(), self._encryptor is not None
+
+    def trainable(self) -> bool:
+        """Whether this host is set up to train: with crypto, its key and key holders
+        configured; in every mode, its weight_ref set again after a restart. The driver
+        asks this to find hosts that Ray restarted (they fail closed until set up)."""
+        if self._identity is not None and self._encryptor is None:
+            return False
+        return not self._awaiting_weight_ref
 
     def install_private_key(self, private: Any) -> bool:
         """Shared custody only: the key dealer gives every host the private key. Once."""
@@ -229,6 +242,10 @@ class ClientHost:
         self._pool_target = min(
             100_000, math.ceil(1.5 * per_round + 1) * self.layout.num_ciphertexts
         )
+        # The DP plan needs the codec's grid: built here, never before (a plan cached
+        # without it would add no noise to the encrypted updates).
+        self._plan = None
+        self._privacy_plan()
         self._precompute_in_background()
         return True
 
@@ -280,6 +297,7 @@ class ClientHost:
                 "of this site; set it to at least the largest site's count, or null"
             )
         self.weight_ref = float(weight_ref)
+        self._awaiting_weight_ref = False
         self._set_up_closed = True  # the server exists only after this: it cannot ask
         return True
 
@@ -345,19 +363,42 @@ class ClientHost:
             self._precompute_in_background()
 
     def train(self, task: RoundTask, global_weights: np.ndarray) -> list[ClientResult]:
-        """Train each listed client from the global weights; return their updates."""
-        import hashlib
+        """Train each listed client from the global weights; return their updates.
 
+        Fails closed: a host whose crypto is not configured (Ray restarted it and the
+        driver has not set it up again) or whose weight_ref was lost refuses the call
+        before it trains, so nothing of its clients reaches the server in the clear."""
+        if self._identity is not None and self._encryptor is None:
+            raise PermissionError(
+                "this host's crypto is not configured (restarted); it trains again once "
+                "the driver has set it up"
+            )
+        if self._awaiting_weight_ref:
+            raise PermissionError(
+                "this host was restarted and has no weight_ref yet; it trains again once "
+                "the driver has set it up"
+            )
         # Signed with each update: key holders sum only updates of the same model.
-        self._model_sha256 = hashlib.sha256(
-            np.ascontiguousarray(global_weights, dtype=np.float32).tobytes()
-        ).hexdigest()
+        self._model_sha256 = model_digest(global_weights)
         self._set_up_closed = True
         if task.round != self._sealed_round:  # last round's updates are opened by now
             self._sealed.clear()
             self._sealed_round = task.round
         with self._on_the_clock():
             return self._train_many(task, global_weights)
+
+    def approve(self, round_num: int, update_ids: list[str]) -> bytes:
+        """Sign the list of updates of the sum the server will have opened this round.
+
+        Once per round: the same list again gets the same signature, any other list is
+        refused, so two different sums of one round that hold this host's update can
+        never both be opened (key holders open a sum only if every host in it approved
+        exactly it; see :mod:`fedray.runtime.keys`). Only a list that holds an update
+        this host sealed this round is signed."""
+        if self._identity is None or self._key is None:
+            raise PermissionError("this host's crypto is not configured")
+        own = self._sealed if int(round_num) == self._sealed_round else {}
+        return self._approver.approve(self._key.fingerprint, round_num, update_ids, own)
 
     def sealed_payload(self, round_num: int, update_id: str) -> bytes:
         """The ciphertexts of an update this host sealed this round, again.
@@ -463,12 +504,15 @@ class ClientHost:
 
     def _privacy_plan(self):
         """This site's DP plan (clip norm, noise share), from its own config: a plan the
-        server sent could switch a victim's noise off or its clipping away."""
+        server sent could switch a victim's noise off or its clipping away. With crypto
+        on it exists only once the codec does (``configure_crypto`` builds it)."""
         if self.cfg.privacy.name != "dp":
             return None
-        if getattr(self, "_plan", None) is None:
+        if self._plan is None:
             from fedray.privacy import build_privacy
 
+            if self._identity is not None and self._encryptor is None:
+                raise PermissionError("no DP plan before this host's crypto is configured")
             codec = self.codec if self._encryptor is not None else None
             self._plan = build_privacy(self.cfg).client_plan(codec)
         return self._plan
@@ -573,6 +617,18 @@ class ClientHost:
             except Exception:
                 continue
         return accepted
+
+
+def model_digest(weights: np.ndarray) -> str:
+    """SHA-256 of the exact global weights a host trains from (dtype, shape and bytes as
+    received, nothing converted): signed with each update, so key holders sum only
+    updates trained from one model."""
+    import hashlib
+
+    arr = np.ascontiguousarray(weights)
+    h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def client_actor_class(host_class: type | None = None):

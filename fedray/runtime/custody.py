@@ -3,8 +3,9 @@
 The driver is the trusted set-up party. It makes a set-up signing key (it never leaves
 the driver), starts one :class:`~fedray.runtime.keys.KeyHolder` on each client host's
 node, lets a :class:`~fedray.runtime.keys.KeyDealer` give each holder its share and then
-kills the dealer, and tells each host (signed) which key and holders to use. Between
-rounds it registers hosts that Ray restarted (they have a new signing identity).
+kills the dealer, and tells each host (signed) which key and holders to use. Before a
+retry and between rounds it sets up again hosts that Ray restarted (they have a new
+signing identity, and take part again from the round after the one in flight).
 """
 
 from __future__ import annotations
@@ -77,42 +78,32 @@ class KeyCustody:
         )
         return self.hosts[index].configure_crypto.remote(self.key, self.holders, index, signature)
 
-    def refresh_restarted_hosts(self) -> list[int]:
-        """Register hosts that Ray restarted since the last call; returns their indices."""
+    def re_register(self, index: int, public: bytes, from_round: int) -> None:
+        """Set up host ``index`` again after Ray restarted it: register its new identity
+        with every key holder, for its deposits of rounds ``from_round`` on (the driver
+        passes the round after the one in flight: see ``KeyHolder.register``), then
+        configure its crypto (which builds its DP plan) and give back its weight_ref."""
         import ray
 
-        from fedray.runtime.cluster import call_when_available
         from fedray.runtime.keys import registration_message
 
-        answers = []
-        for host in self.hosts:
-            try:  # waits while Ray restarts the host
-                answers.append(call_when_available(host.identity, timeout=120))
-            except Exception:  # dead for good: its clients keep failing
-                answers.append(None)
-        restarted = []
-        for i, answer in enumerate(answers):
-            if answer is None or answer[1]:
-                continue
-            public, _ = answer
-            epoch = self.epochs.get(i, 0) + 1
-            signature = self.authority.sign_bytes(
-                registration_message(self.key.fingerprint, i, public, epoch)
-            )
-            for ref in [h.register.remote(i, public, epoch, signature) for h in self.holders]:
-                try:
-                    ray.get(ref, timeout=60)
-                except Exception as exc:  # a dead holder: the others suffice
-                    log.debug("holder did not register host %d: %s", i, exc)
-            ray.get(self.configure_host(i))
-            if self.weight_ref is not None:  # a restarted host starts from 1.0 again
-                ray.get(self.hosts[i].set_weight_ref.remote(*self.weight_ref))
-            self.epochs[i] = epoch
-            self.identities[i] = public
-            restarted.append(i)
-        if restarted:
-            log.warning("registered restarted client hosts %s with the key holders", restarted)
-        return restarted
+        epoch = self.epochs.get(index, 0) + 1
+        signature = self.authority.sign_bytes(
+            registration_message(self.key.fingerprint, index, public, epoch, from_round)
+        )
+        refs = [
+            h.register.remote(index, public, epoch, from_round, signature) for h in self.holders
+        ]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=60)
+            except Exception as exc:  # a dead holder: the others suffice
+                log.debug("holder did not register host %d: %s", index, exc)
+        ray.get(self.configure_host(index))
+        if self.weight_ref is not None:  # a restarted host starts from 1.0 again
+            ray.get(self.hosts[index].set_weight_ref.remote(*self.weight_ref))
+        self.epochs[index] = epoch
+        self.identities[index] = public
 
 
 def set_up_keys(cfg: FedrayConfig, hosts: list[Any], assignment: dict[int, int], authority):

@@ -18,10 +18,23 @@ any of their methods with any arguments). It must not learn one client's update.
   was deposited with a valid signature for that round, the updates cover at least
   ``min_clients`` distinct clients with none counted twice, and the round is not older
   than the last one it released. It releases at most one sum per round (asking again
-  for the *same* sum is answered again), so two overlapping sums cannot be differenced.
-* **Restarted hosts.** A restarted host has a new identity; only the driver can vouch
-  for it (a registration signed with the driver's set-up key, with a per-host epoch
-  that only grows), never the server.
+  for the *same* sum is answered again).
+* **One sum per round is the data owners' rule, not only the holders'.** Once a cohort is
+  fixed, every host with an update in the sum signs (key, round, the sorted update ids)
+  -- at most one list per round -- and a holder opens a sum only if every host in it
+  signed exactly that list with the identity that signed its updates. Holders alone
+  could not enforce it: two t-sets of h holders meet in 2t - h holders, so c >= 2t - h
+  holders colluding with the server (one when h is odd) could open a cohort without a
+  victim with one set and with it with another, and subtract. With host approvals, two
+  different sums of one round that share an honest host's update need that host to sign
+  two lists, which it never does. The bound: the server together with any t - 1 key
+  holders and any k colluding clients learns nothing about one honest client's update
+  beyond the sum of the at least ``min_clients - k`` honest clients of a released sum.
+* **Restarted hosts.** A restarted host has a new identity (and no memory of what the
+  dead one approved); only the driver can vouch for it (a registration signed with the
+  driver's set-up key, with a per-host epoch that only grows), never the server, and
+  only from the round after the one in flight: it never deposits in a round its
+  predecessor may have approved a sum of.
 
 Within one Ray cluster this protects against a curious server process (and what it
 receives, logs and checkpoints). Ray runs the submitted job's code on every node: a site
@@ -116,6 +129,41 @@ class HostIdentity:
         return self._key.sign(message)
 
 
+class CohortApprover:
+    """A host's side of the consistency step: it signs the list of updates of one sum per
+    round, with its identity, and never another list for that round.
+
+    The same list again gets the same signature (the server may open it by a second
+    path); a different list of that round, or a list of an older round, is refused; so
+    is a list that holds none of the updates ``own`` (this host's of the round)."""
+
+    def __init__(self, identity: HostIdentity):
+        self._identity = identity
+        self._last: tuple[int, tuple[str, ...], bytes] | None = None
+
+    def __repr__(self) -> str:
+        return "CohortApprover(<identity>)"
+
+    def approve(self, key_id: str, round_num: int, update_ids, own) -> bytes:
+        round_num = int(round_num)
+        ids = tuple(sorted(str(u) for u in update_ids))
+        if not ids or len(set(ids)) != len(ids):
+            raise PermissionError("a sum must name distinct updates")
+        if self._last is not None and self._last[0] == round_num:
+            if self._last[1] != ids:
+                raise PermissionError(
+                    f"round {round_num}: this host already approved a different sum"
+                )
+            return self._last[2]
+        if self._last is not None and round_num < self._last[0]:
+            raise PermissionError(f"round {round_num} is older than one already approved")
+        if not set(ids) & {str(u) for u in own}:
+            raise PermissionError(f"round {round_num}: the sum holds no update of this host")
+        signature = self._identity.sign_bytes(cohort_message(key_id, round_num, ids))
+        self._last = (round_num, ids, signature)
+        return signature
+
+
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -139,10 +187,31 @@ def weight_ref_message(weight_ref: float) -> bytes:
     return json.dumps({"weight_ref": float(weight_ref)}, sort_keys=True).encode()
 
 
-def registration_message(key_id: str, host: int, public_key: bytes, epoch: int) -> bytes:
+def registration_message(
+    key_id: str, host: int, public_key: bytes, epoch: int, from_round: int
+) -> bytes:
+    """What the driver signs so key holders accept a restarted host's new identity, for
+    its deposits of rounds ``from_round`` on (never the round it was restarted in)."""
     return json.dumps(
-        {"key": key_id, "host": host, "identity": public_key.hex(), "epoch": epoch},
+        {
+            "key": key_id,
+            "host": host,
+            "identity": public_key.hex(),
+            "epoch": epoch,
+            "from_round": from_round,
+        },
         sort_keys=True,
+    ).encode()
+
+
+def cohort_message(key_id: str, round_num: int, update_ids: list[str] | tuple[str, ...]) -> bytes:
+    """What each host whose update is in a sum signs, once per round, before any key
+    holder helps open it: the key, the round and the sorted list of the sum's update ids
+    (the consistency step of Bonawitz et al., CCS 2017)."""
+    return json.dumps(
+        {"key": key_id, "round": int(round_num), "updates": sorted(str(u) for u in update_ids)},
+        sort_keys=True,
+        separators=(",", ":"),
     ).encode()
 
 
@@ -154,6 +223,7 @@ class _Deposit:
     ciphertext_sha256: str
     shares: bytes | None
     model_sha256: str = ""
+    identity: bytes = b""  # the host's public key that signed it: only it approves a sum
 
 
 class KeyHolder:
@@ -189,6 +259,7 @@ class KeyHolder:
         self.custody = custody
         self._peers = {int(h): bytes(k) for h, k in peers.items()}
         self._epochs = {h: 0 for h in self._peers}
+        self._from_round = {h: 1 for h in self._peers}  # a re-registered host: later
         self._assignment = {int(c): int(h) for c, h in assignment.items()}
         self._min_clients = int(min_clients)
         self._authority = bytes(authority)
@@ -219,20 +290,30 @@ class KeyHolder:
     def ready(self) -> bool:
         return self._secret is not None
 
-    def register(self, host: int, public_key: bytes, epoch: int, signature: bytes) -> bool:
-        """Accept a restarted host's new identity, vouched for by the driver's set-up key."""
-        host, epoch = int(host), int(epoch)
+    def register(
+        self, host: int, public_key: bytes, epoch: int, from_round: int, signature: bytes
+    ) -> bool:
+        """Accept a restarted host's new identity, vouched for by the driver's set-up key,
+        for its deposits of rounds ``from_round`` on.
+
+        The driver sets ``from_round`` past the round in flight: the dead identity may
+        already have approved a sum of that round, and a new one (with no memory of it)
+        must not add a second approval of the same clients' updates."""
+        host, epoch, from_round = int(host), int(epoch), int(from_round)
         if self.key is None:
             raise PermissionError("this key holder holds no key yet")
         if host not in self._peers:
             raise PermissionError(f"host {host} is not part of this federation")
         if epoch <= self._epochs[host]:
             raise PermissionError(f"registration epoch {epoch} for host {host} is not new")
-        message = registration_message(self.key.fingerprint, host, bytes(public_key), epoch)
+        message = registration_message(
+            self.key.fingerprint, host, bytes(public_key), epoch, from_round
+        )
         if not verify(self._authority, bytes(signature), message):
             raise PermissionError("registration not signed by the job's set-up key")
         self._peers[host] = bytes(public_key)
         self._epochs[host] = epoch
+        self._from_round[host] = max(self._from_round[host], from_round)
         return True
 
     def node_id(self) -> str:
@@ -252,6 +333,11 @@ class KeyHolder:
         if host is None or not verify(host, signed.signature, c.message()):
             raise PermissionError(f"contribution {c.update_id!r} is not signed by host {c.host}")
         self._check_round(c.round)  # never opened: not kept either
+        if int(c.round) < self._from_round[c.host]:
+            raise PermissionError(
+                f"host {c.host} was restarted; it takes part again from round "
+                f"{self._from_round[c.host]}, not in round {c.round}"
+            )
         ids = tuple(int(i) for i in c.client_ids)
         if not ids or len(set(ids)) != len(ids):
             raise PermissionError("a contribution must name distinct clients")
@@ -265,7 +351,7 @@ class KeyHolder:
         ):
             raise PermissionError("exponent shares do not match the signed digest")
         self._deposits[c.update_id] = _Deposit(
-            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares, c.model_sha256
+            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares, c.model_sha256, host
         )
         return True
 
@@ -291,8 +377,17 @@ class KeyHolder:
                 f"{self._first_round}..{self._max_rounds}"
             )
 
-    def _authorize(self, round_num: int, update_ids: list[str]) -> list[_Deposit]:
-        """The deposits of a sum this holder may help decrypt, or PermissionError."""
+    def _authorize(
+        self, round_num: int, update_ids: list[str], approvals: dict[int, bytes]
+    ) -> list[_Deposit]:
+        """The deposits of a sum this holder may help decrypt, or PermissionError.
+
+        ``approvals``: host index -> that host's signature over :func:`cohort_message` of
+        exactly this sum. Every host with an update in the sum must have signed it, with
+        the identity that signed the update. An honest host signs one list per round, so
+        two different sums of one round that share an honest host's update cannot both
+        be opened, whichever t holders (honest or colluding with the server) are asked:
+        the once-per-round rule no longer rests on the holders' intersection."""
         round_num = int(round_num)
         ids = tuple(update_ids)
         self._check_round(round_num)
@@ -320,6 +415,15 @@ class KeyHolder:
                 f"refusing to decrypt a sum of {len(clients)} clients (fewer than the "
                 f"{self._min_clients} a round must have)"
             )
+        message = cohort_message(self.key.fingerprint, round_num, ids)
+        approvals = approvals if isinstance(approvals, dict) else {}
+        for d in deposits:
+            signature = approvals.get(d.host)
+            if not isinstance(signature, bytes) or not verify(d.identity, signature, message):
+                raise PermissionError(
+                    f"round {round_num}: host {d.host} did not approve exactly this sum "
+                    "(every host in a sum signs its list of updates, once per round)"
+                )
         return deposits
 
     def _release(self, round_num: int, update_ids: list[str]) -> None:
@@ -331,11 +435,14 @@ class KeyHolder:
         for r in [r for r in self._released if r <= round_num - KEEP_ROUNDS]:
             del self._released[r]
 
-    def share_sum(self, round_num: int, update_ids: list[str]) -> bytes:
-        """Fast path: this holder's share of the summed obfuscator exponents of a sum."""
+    def share_sum(
+        self, round_num: int, update_ids: list[str], approvals: dict[int, bytes]
+    ) -> bytes:
+        """Fast path: this holder's share of the summed obfuscator exponents of a sum
+        (``approvals``: see :meth:`_authorize`)."""
         if not isinstance(self._secret, DecryptionShare):
             raise PermissionError("this key holder holds no share")
-        deposits = self._authorize(round_num, update_ids)
+        deposits = self._authorize(round_num, update_ids, approvals)
         if any(d.shares is None for d in deposits):
             raise PermissionError("an update of this sum deposited no exponent shares")
         total = add_share_blobs(self.key, [d.shares for d in deposits])
@@ -346,6 +453,7 @@ class KeyHolder:
         self,
         round_num: int,
         update_ids: list[str],
+        approvals: dict[int, bytes],
         payloads: list[Any],
         start: int = 0,
         stop: int | None = None,
@@ -360,7 +468,7 @@ class KeyHolder:
         beside the running product."""
         if self._secret is None:
             raise PermissionError("this key holder holds no key material")
-        deposits = self._authorize(round_num, update_ids)
+        deposits = self._authorize(round_num, update_ids, approvals)
         if len(payloads) != len(deposits):
             raise PermissionError("one ciphertext payload per update is needed")
         product = self._product(int(round_num), deposits, payloads, start, stop)

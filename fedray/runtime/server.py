@@ -71,6 +71,9 @@ class RoundOutcome:
     # The accountant after this round's release (DP): the driver persists it at once,
     # so a resume from an older checkpoint still counts the rounds released since.
     privacy_state: dict[str, Any] | None = None
+    # Too few clients answered: call run_round again to retry the round (the driver
+    # first sets up again any host Ray restarted, so a retry never uses one unset).
+    retry: bool = False
 
 
 @dataclass
@@ -176,6 +179,7 @@ class Server:
         self.key = self.privacy = None
         self.key_holders: list[Any] = []
         self._hosts_failed = False
+        self._open_round: dict[str, Any] | None = None  # a round being retried
         self.codec = self.layout = self._unmasker = None
         self._is_set_up = False
         if hosts is not None:
@@ -280,39 +284,46 @@ class Server:
 
     # -- one round ------------------------------------------------------------------------
     def run_round(self) -> RoundOutcome:
-        """Run the next round, retrying it if too few clients answer."""
+        """Run one attempt at the next round, or at the round being retried.
+
+        Too few clients answered: returns an outcome with ``retry`` set and the round
+        still open; the driver sets up restarted hosts, then calls this again. After
+        ``max_round_retries`` retries: ClusterError (completed rounds are kept)."""
         import ray
 
         if not self._is_set_up:
             raise ClusterError("the server was not set up (Server.set_up) before a round")
 
-        target = self.privacy.would_exceed_target() if self.privacy is not None else None
-        if target:
-            log.warning("stopping: one more round would exceed %s", target)
-            return RoundOutcome({"round": self.round}, stop=True, stop_reason=target)
-        if self._hosts_failed:  # hosts Ray is restarting serve this round, not fail it
+        if self._open_round is None:
+            target = self.privacy.would_exceed_target() if self.privacy is not None else None
+            if target:
+                log.warning("stopping: one more round would exceed %s", target)
+                return RoundOutcome({"round": self.round}, stop=True, stop_reason=target)
+            if self._hosts_failed:  # hosts Ray is restarting serve this round, not fail it
+                self._wait_for_restarting_hosts()
+                self._hosts_failed = False
+            self.round += 1
+            self._open_round = {"start": time.perf_counter(), "retries": 0, "failed": 0}
+        else:
             self._wait_for_restarting_hosts()
-            self._hosts_failed = False
-        self.round += 1
-        start = time.perf_counter()
-        retries = 0
-        failed_total = 0
-        while True:
-            try:
-                outcome = self._attempt(ray)
-            except ClusterError:  # the sum did not open: the run stops at the last round
+        state = self._open_round
+        try:
+            outcome = self._attempt(ray)
+        except ClusterError:  # the sum did not open: the run stops at the last round
+            self.round -= 1
+            self._open_round = None
+            raise
+        state["failed"] += outcome.metrics["clients_failed"]
+        if outcome.metrics["clients_ok"] < min_clients(self.cfg):
+            state["retries"] += 1
+            if state["retries"] > self.cfg.max_round_retries:
                 self.round -= 1
-                raise
-            failed_total += outcome.metrics["clients_failed"]
-            if outcome.metrics["clients_ok"] >= min_clients(self.cfg):
-                break
-            retries += 1
-            if retries > self.cfg.max_round_retries:
-                self.round -= 1
+                self._open_round = None
                 raise ClusterError(
                     f"round {self.round + 1}: only {outcome.metrics['clients_ok']} clients "
                     f"answered (min_clients_per_round={min_clients(self.cfg)}) after "
-                    f"{retries - 1} retries; completed rounds are in metrics.csv and checkpoints/"
+                    f"{state['retries'] - 1} retries; completed rounds are in metrics.csv "
+                    "and checkpoints/"
                 )
             log.warning(
                 "round %d: %d clients answered, fewer than %d; retrying",
@@ -320,11 +331,13 @@ class Server:
                 outcome.metrics["clients_ok"],
                 min_clients(self.cfg),
             )
-            self._wait_for_restarting_hosts()
+            outcome.retry = True
+            return outcome
+        self._open_round = None
         m = outcome.metrics
-        m["clients_failed"] = failed_total
-        m["retries"] = retries
-        m["seconds"] = time.perf_counter() - start
+        m["clients_failed"] = state["failed"]
+        m["retries"] = state["retries"]
+        m["seconds"] = time.perf_counter() - state["start"]
         if self.privacy is not None:
             outcome.privacy_state = self.privacy.state_dict()
         return outcome
@@ -368,6 +381,15 @@ class Server:
             if self.codec is None and self.privacy is not None:  # seen, though not released
                 self.privacy.saw_in_clear([r.client_id for r in results])
             return RoundOutcome(metrics, rejected=got.rejected)
+        if self.codec is not None:
+            try:
+                acc.approvals = self._approvals(acc)
+            except ClusterError as exc:  # a host died since it sealed: try the round again
+                log.warning("%s; retrying the round", exc)
+                metrics["clients_failed"] += metrics["clients_ok"]
+                metrics["clients_ok"] = 0
+                self._hosts_failed = True
+                return RoundOutcome(metrics, rejected=got.rejected)
         stats = self._release(acc, results, metrics)
         metrics["aggregate_seconds"] += got.aggregate_s
         metrics.update(round_metrics(self.cfg, stats))  # weight-weighted means; NaN under DP
@@ -635,6 +657,23 @@ class Server:
             with contextlib.suppress(Exception):
                 pool.close()
 
+    def _approvals(self, acc) -> dict[int, bytes]:
+        """Each host with an update in the sum signs the sum's list of updates (once per
+        round: see ``ClientHost.approve``); key holders open only a sum every one of its
+        hosts approved. ClusterError if a host does not answer."""
+        ids = list(acc.update_ids)
+        refs = {h: self.hosts[h].approve.remote(self.round, ids) for h in sorted(set(acc.sources))}
+        approvals: dict[int, bytes] = {}
+        for h, ref in refs.items():
+            try:
+                approvals[h] = self._fetch(ref)
+            except Exception as exc:
+                raise ClusterError(
+                    f"round {self.round}: client host {h} did not approve the sum "
+                    f"({_first_line(exc)})"
+                ) from None
+        return approvals
+
     def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
         """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
         import ray
@@ -663,7 +702,9 @@ class Server:
         return answers
 
     def _open_with_share_sums(self, acc) -> list[int]:
-        sums = self._ask_holders("share_sum", acc.update_ids, need=self.key.threshold)
+        sums = self._ask_holders(
+            "share_sum", acc.update_ids, getattr(acc, "approvals", {}), need=self.key.threshold
+        )
         exponents = self._unmasker.exponents(sums, len(acc.update_ids))
         plaintexts = self._unmasker.unmask(acc.ciphertexts(), exponents)
         if plaintexts is None or not self.layout.fits(plaintexts):
@@ -674,7 +715,11 @@ class Server:
         from fedray.crypto.threshold import combine_partial_decryptions
 
         partials = self._ask_holders(
-            "partial_decrypt", acc.update_ids, self._payload_refs(acc), need=self.key.threshold
+            "partial_decrypt",
+            acc.update_ids,
+            getattr(acc, "approvals", {}),
+            self._payload_refs(acc),
+            need=self.key.threshold,
         )
         return combine_partial_decryptions(self.key, partials)
 
@@ -700,7 +745,9 @@ class Server:
         def ask(i: int, k: int):
             lo, hi = ranges[i]
             holder = holders[(i + k) % len(holders)]
-            return holder.partial_decrypt.remote(self.round, acc.update_ids, refs, lo, hi)
+            return holder.partial_decrypt.remote(
+                self.round, acc.update_ids, getattr(acc, "approvals", {}), refs, lo, hi
+            )
 
         pending = [ask(i, 0) for i in range(parts)]
         plaintexts: list[int] = []
