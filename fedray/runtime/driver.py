@@ -292,6 +292,7 @@ class _Job:
     server: Any = None
     first_round: int = 1
     last_round: int = 0  # the last round the key holders open (set up with the server)
+    weight_ref: float = 1.0  # given back to hosts Ray restarts (see _refresh_hosts)
     metrics_writer: MetricsWriter | None = None
     tensorboard: TensorBoardWriter | None = None
     sigint: _StopOnSigint | None = None
@@ -425,6 +426,7 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
         for h in hosts:
             running = h.running_max_examples.remote(running)
         weight_ref = ray.get(running)
+    job.weight_ref = weight_ref
     sizes: dict[int, int] = {}
     if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
         # Sample-level DP's accountant needs each site's count (README: what the
@@ -646,6 +648,9 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             _stop_for_privacy(summary, round_num, target)
             break
         outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
+        while outcome.retry:  # too few clients: restarted hosts are set up, then a retry
+            _refresh_hosts(job, round_num + 1)
+            outcome = _get(server.run_round.remote())
         if outcome.stop:  # a privacy target would be exceeded: nothing was run
             _stop_for_privacy(summary, outcome.metrics["round"] + 1, outcome.stop_reason)
             break
@@ -665,8 +670,8 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             save_checkpoint(job.checkpoint_dir, ray.get(server.state_dict.remote()))
             saved_round = last_round
         write_json(job.output_dir / "summary.json", summary)
-        if job.custody is not None and m["clients_failed"]:
-            job.custody.refresh_restarted_hosts()  # a dead host's successor signs anew
+        if m["clients_failed"]:
+            _refresh_hosts(job, round_num + 1)  # a dead host's successor, set up again
         if reached:
             summary["stopped_early"] = True
             summary["stop_reason"] = "target_accuracy"
@@ -682,6 +687,42 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
         summary["interrupted"] = True
         write_json(job.output_dir / "summary.json", summary)
         raise Interrupted(last_round, job.checkpoint_dir)
+
+
+def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
+    """Set up again the client hosts Ray restarted (they refuse to train until then:
+    ``ClientHost.trainable``): with crypto, a new identity registered with the key
+    holders for rounds ``from_round`` on, the key and the DP plan; in every mode, the
+    federation's weight_ref. Waits while Ray restarts a host; a host dead for good is
+    left (its clients keep failing). Returns the indices set up again."""
+    import ray
+
+    from fedray.runtime.cluster import call_when_available
+
+    restarted = []
+    for i, host in enumerate(job.hosts):
+        try:
+            if call_when_available(host.trainable, timeout=120):
+                continue
+        except Exception as exc:  # dead for good, or not back in time
+            log.debug("client host %d is not available: %s", i, exc)
+            continue
+        if job.custody is not None:
+            public, _ = ray.get(host.identity.remote())
+            job.custody.re_register(i, public, from_round)
+        else:
+            answer = ray.get(host.set_weight_ref.remote(job.weight_ref))
+            if answer is not True:
+                raise ConfigError(answer)
+        restarted.append(i)
+    if restarted:
+        log.warning(
+            "client hosts %s were restarted; set up again (with crypto they take part from "
+            "round %d)",
+            restarted,
+            from_round,
+        )
+    return restarted
 
 
 def _stop_for_privacy(summary: dict[str, Any], round_num: int, target: str) -> None:
