@@ -289,6 +289,10 @@ class PrivacyConfig:
     secure_rng: bool | None = None
     mode: str = "client"
     accountant: str = "rdp"
+    # Clients of a round that may collude with the server (each knows, and can subtract,
+    # its own noise share): distributed shares are sized so that the other
+    # min_clients_per_round - k clients' shares alone carry sigma C. 0 <= k < m_min.
+    max_colluding_clients: int = 0
 
     @property
     def seeded_noise(self) -> bool:
@@ -567,6 +571,17 @@ def _check_dp_holds_against_the_server(privacy: PrivacyConfig, crypto: str) -> N
         )
 
 
+def _check_colluding_clients(cfg: FedrayConfig) -> None:
+    """privacy.max_colluding_clients = k: the honest m_min - k clients of a round must
+    exist, so 0 <= k < min_clients_per_round (k = m_min would ask for infinite shares)."""
+    k, m = cfg.privacy.max_colluding_clients, min_clients(cfg)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < m:
+        raise ConfigError(
+            f"privacy.max_colluding_clients={k!r} must be an integer from 0 to "
+            f"min_clients_per_round - 1 = {m - 1} (min_clients_per_round={m})"
+        )
+
+
 def _validate_task(cfg: FedrayConfig) -> None:
     """Which data the built-in tasks can read (a custom task reads what it likes)."""
     if cfg.task._target_:
@@ -632,6 +647,7 @@ def validate(cfg: FedrayConfig) -> None:
             )
         if cfg.privacy.target_epsilon_vs_server is not None:
             _check_dp_holds_against_the_server(cfg.privacy, cfg.crypto.name)
+        _check_colluding_clients(cfg)
         if cfg.privacy.mode == "client" and cfg.strategy.name in PLAINTEXT_ONLY_STRATEGIES:
             raise ConfigError(
                 f"privacy=dp is accounted for mean aggregation; strategy={cfg.strategy.name} "

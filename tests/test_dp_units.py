@@ -491,3 +491,126 @@ def test_updates_seen_in_the_clear_count_at_sample_level_only():
     level = _level()
     level.saw_in_clear([0, 2])
     assert (level.steps, level.participation) == (0, {})
+
+
+# -- privacy.max_colluding_clients: shares sized for the m_min - k honest ones (issue 22) ----
+
+
+def test_shares_are_sized_for_the_honest_sites_left_after_k_colluders():
+    # sigma 1.5, C 2, m_min 4: share sigma C / sqrt(m_min - k) = 3 / sqrt(4 - k).
+    for k, share in [(0, 1.5), (1, 3.0 / math.sqrt(3)), (3, 3.0)]:
+        dp = _level(colluding_clients=k)
+        assert dp.colluding_clients == k and dp.honest_clients == 4 - k
+        assert dp.share_std == pytest.approx(share, rel=1e-12)
+        assert dp.encode_clip == pytest.approx(2.0 + 10 * share, rel=1e-12)
+        plan = dp.client_plan(SimpleNamespace(step=0.01, num_values=400))
+        assert plan.noise_std == pytest.approx(share, rel=1e-12)
+        # The honest shares alone carry sigma C: what the server cannot remove.
+        assert (4 - k) * dp.share_std**2 == pytest.approx((1.5 * 2.0) ** 2, rel=1e-12)
+    assert _level(distributed=False, colluding_clients=2).client_plan(None).noise_std == 0.0
+
+
+def test_colluders_subtracting_their_shares_leave_sigma_c_of_noise():
+    """m_min sites each draw a share (privatize_update, as the hosts do); k of them collude
+    with the server and subtract theirs. What is left is the honest shares' sum: its
+    variance is sigma^2 C^2 (chi-square bound over 200,000 values, false alarm ~1e-9),
+    not the (m_min - k) / m_min of it the old sizing left."""
+    from scipy.stats import chi2
+
+    sigma, clip, m, k, d = 1.5, 2.0, 3, 1, 200_000
+    dp = _level(clip_norm=clip, noise_multiplier=sigma, min_clients=m, colluding_clients=k)
+    step = 1e-3  # grid step: rounding adds step^2 / 12 per share, negligible
+    plan = dp.client_plan(SimpleNamespace(step=step, num_values=d))
+    zero = np.zeros(d, np.float32)
+    shares = [privatize_update(zero, plan, seed=0)[1] for _ in range(m)]
+    left = (sum(shares) - sum(shares[:k])) * step  # the honest shares, in model units
+    variance = (sigma * clip) ** 2 + (m - k) * step**2 / 12
+    lo, hi = chi2.ppf(1e-9, d) / d, chi2.ppf(1 - 1e-9, d) / d
+    assert hi < (m / (m - k)) * lo  # the bound sees the old sizing's 2/3 of the variance
+    ratio = float(np.mean(left**2)) / variance
+    assert lo < ratio < hi, f"honest noise has {ratio:.4f} of sigma^2 C^2"
+    total = sum(shares) * step  # all m shares: what observers of the model see
+    assert float(np.mean(total**2)) / (m * dp.share_std**2) == pytest.approx(1.0, abs=0.05)
+
+
+def test_colluders_keep_the_server_budget_at_sigma_and_lower_the_model_budget():
+    """epsilon_vs_server counts the honest shares only (sigma C, whatever k); epsilon counts
+    every share of a released sum, at least m_min of them: sigma sqrt(m_min / (m_min - k))."""
+    m, rounds = 4, 6
+    for k in (0, 1, 3):
+        dp = _level(rate=1.0, num_clients=m, min_clients=m, colluding_clients=k)
+        assert dp.noise_multiplier_vs_server == 1.5
+        assert dp.accounting_noise_multiplier == pytest.approx(
+            1.5 * math.sqrt(m / (m - k)), rel=1e-12
+        )
+        assert dp.client_epsilon_vs_server(rounds) == pytest.approx(
+            rdp_gaussian_epsilon(1.5, rounds, 1e-5), rel=1e-9
+        )
+        assert dp.epsilon(rounds) == pytest.approx(
+            rdp_gaussian_epsilon(1.5 * math.sqrt(m / (m - k)), rounds, 1e-5), rel=1e-9
+        )
+    # With the codec's grid, both divide by the same C' = C + s sqrt(d) / 2 = 2.1.
+    dp = _level(colluding_clients=1)
+    dp.client_plan(SimpleNamespace(step=0.01, num_values=400))
+    assert dp.noise_multiplier_vs_server == pytest.approx(1.5 * 2.0 / 2.1, rel=1e-12)
+    assert dp.accounting_noise_multiplier == pytest.approx(
+        1.5 * 2.0 / 2.1 * math.sqrt(4 / 3), rel=1e-12
+    )
+    # Central noise: the server adds all of it; k changes neither budget.
+    central = _level(distributed=False, colluding_clients=2)
+    assert central.accounting_noise_multiplier == 1.5
+    assert central.client_epsilon_vs_server(1) == math.inf
+
+
+def test_issue_22_one_colluder_at_two_sites_fifteen_rounds():
+    """The issue's figures: sigma 1, m_min 2, one colluder, 15 rounds. Old sizing left the
+    server sigma / sqrt(2) (epsilon_vs_server 39.8, reported as 24.8); now 24.8 holds."""
+    old = compute_epsilon_unamplified(noise_multiplier=1 / math.sqrt(2), rounds=15, delta=1e-5)
+    assert old == pytest.approx(39.8, abs=0.05)
+    dp = _level(noise_multiplier=1.0, clip_norm=1.0, min_clients=2, colluding_clients=1)
+    assert dp.client_epsilon_vs_server(15) == pytest.approx(24.8, abs=0.05)
+    assert dp.share_std == 1.0  # the one honest share carries sigma C alone
+
+
+@pytest.mark.parametrize("k", [-1, 4, 5])
+def test_level_dp_refuses_colluders_outside_zero_to_m_min(k):
+    with pytest.raises(ValueError, match=r"colluding clients must be in \[0, min_clients\)"):
+        _level(colluding_clients=k)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["min_clients_per_round=2", "privacy.max_colluding_clients=2"],
+            "privacy.max_colluding_clients=2 must be an integer from 0 to "
+            "min_clients_per_round - 1 = 1 (min_clients_per_round=2)",
+        ),
+        (
+            ["min_clients_per_round=3", "privacy.max_colluding_clients=-1"],
+            "privacy.max_colluding_clients=-1 must be an integer from 0 to "
+            "min_clients_per_round - 1 = 2 (min_clients_per_round=3)",
+        ),
+        (  # m_min by default: half the cohort of 4, at least 2 with encryption
+            ["privacy.max_colluding_clients=2"],
+            "privacy.max_colluding_clients=2 must be an integer from 0 to "
+            "min_clients_per_round - 1 = 1 (min_clients_per_round=2)",
+        ),
+    ],
+)
+def test_config_refuses_colluders_outside_zero_to_m_min(overrides, message):
+    from fedray.errors import ConfigError
+
+    base = ["privacy=dp", "num_clients=8", "clients_per_round=4"]
+    with pytest.raises(ConfigError) as err:
+        compose([*base, *overrides])
+    assert str(err.value) == message and "\n" not in str(err.value)
+
+
+def test_config_takes_colluders_into_the_plan():
+    base = ["privacy=dp", "num_clients=8", "clients_per_round=4", "min_clients_per_round=3"]
+    assert compose(base).privacy.max_colluding_clients == 0  # the default
+    dp = ClientLevelDP.from_config(compose([*base, "privacy.max_colluding_clients=2"]))
+    assert (dp.colluding_clients, dp.min_clients, dp.honest_clients) == (2, 3, 1)
+    assert dp.share_std == pytest.approx(1.0)  # sigma C / sqrt(1)
+    assert compose(["privacy=none", "privacy.max_colluding_clients=0"]).privacy.name == "none"

@@ -555,3 +555,29 @@ def test_dp_sgd_noise_and_masks_come_from_the_full_entropy_generators(monkeypatc
     np.testing.assert_array_equal(
         _dp_sgd_update(task, start, data, seeded), _dp_sgd_update(task, start, data, seeded)
     )
+
+
+def test_summary_records_the_colluders_the_shares_were_sized_for():
+    """summary.json: max_colluding_clients as configured under DP, null without DP."""
+    from types import SimpleNamespace
+
+    from fedray.runtime.driver import _new_summary
+    from tests.conftest import compose
+
+    def summary(overrides, privacy):
+        job = SimpleNamespace(
+            cfg=compose(overrides),
+            custody=None,
+            privacy=privacy,
+            first_round=1,
+            public_key=None,
+            placement=SimpleNamespace(mode="simulation"),
+            hosts=[],
+            described={},
+        )
+        return _new_summary(job, (10, 10, 0), 0.0)
+
+    dp = ["privacy=dp", "num_clients=8", "clients_per_round=4", "min_clients_per_round=3"]
+    assert summary([*dp, "privacy.max_colluding_clients=2"], object())["max_colluding_clients"] == 2
+    assert summary(dp, object())["max_colluding_clients"] == 0
+    assert summary(["privacy=none"], None)["max_colluding_clients"] is None

@@ -14,11 +14,21 @@ zero, still adds its share, the sum's sensitivity is C and the noise is the same
 both sides. Both accountants (:func:`make_accountant`) are built with this relation.
 
 Noise placement:
-  * distributed (crypto=paillier): each client adds its share N(0, sigma^2 C^2 / m_min)
-    before encrypting, with m_min = min_clients_per_round. A round only completes with at
-    least m_min clients, so the decrypted sum always carries at least sigma C of noise,
-    however many drop out. The server never sees anything less noisy.
-  * central (crypto=none): the server adds N(0, sigma^2 C^2) to the plaintext sum.
+  * distributed (crypto=paillier): each client adds its share N(0, sigma^2 C^2 / (m_min - k))
+    before encrypting, with m_min = min_clients_per_round and k =
+    privacy.max_colluding_clients. A round only completes with at least m_min clients, so
+    the decrypted sum always carries at least m_min shares, and even after up to k
+    clients who collude with the server subtract their own shares (they know them), the
+    m_min - k honest shares left carry at least sigma C of noise, however many drop out.
+  * central (crypto=none): the server adds N(0, sigma^2 C^2) to the plaintext sum
+    (colluding clients know no part of it: k changes nothing).
+
+Colluding clients and the two budgets (distributed noise): ``epsilon_vs_server`` counts
+only the noise the server and k colluders cannot remove, (m_min - k) shares of variance
+sigma^2 C^2 / (m_min - k): noise multiplier sigma, whatever k. ``epsilon`` (observers of
+the released models only, who know no share) counts all of it, at least m_min shares:
+noise multiplier sigma sqrt(m_min / (m_min - k)), so a larger k costs accuracy (more
+noise) and makes ``epsilon`` smaller. With k = 0 both are sigma, as before.
 
 Noise source: the OS CSPRNG by default (:func:`~fedray.privacy.mechanisms.gaussian`), so
 nobody, the server included, can recompute a client's share from the seed and config
@@ -54,7 +64,7 @@ Why quantization keeps the bound (distributed): a client clips, then *quantizes 
 clipped update* to the codec's grid (step s), then adds integer noise (a rounded Gaussian
 in grid units). Rounding moves each coordinate by at most s/2, so the quantized update
 has L2 norm at most C' = C + s sqrt(d)/2: the accountant uses noise multiplier
-sigma C / C'. The codec's clip range is C + 10 sigma C / sqrt(m_min), so the noisy value
+sigma C / C'. The codec's clip range is C + 10 sigma C / sqrt(m_min - k), so the noisy value
 is clipped with probability below 1e-22 per coordinate, negligible next to delta. The sum
 of rounded Gaussians with a standard deviation of thousands of grid steps is treated as
 the continuous Gaussian (Kairouz et al., "The Distributed Discrete Gaussian Mechanism",
@@ -176,11 +186,15 @@ class ClientLevelDP:
         target_epsilon: float | None = None,
         target_epsilon_vs_server: float | None = None,
         accountant: str = "rdp",
+        colluding_clients: int = 0,
     ):
         if clip_norm <= 0:
             raise ValueError("clip_norm must be > 0")
         if not 0 < rate <= 1:
             raise ValueError("sampling rate must be in (0, 1]")
+        if not 0 <= colluding_clients < max(1, min_clients):
+            raise ValueError("colluding clients must be in [0, min_clients)")
+        self.colluding_clients = colluding_clients
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.delta = delta
@@ -216,13 +230,20 @@ class ClientLevelDP:
             target_epsilon=p.target_epsilon,
             target_epsilon_vs_server=p.target_epsilon_vs_server,
             accountant=p.accountant,
+            colluding_clients=p.max_colluding_clients,
         )
 
     # -- sizes --------------------------------------------------------------------------
     @property
+    def honest_clients(self) -> int:
+        """Fewest clients in a released sum who do not collude with the server: m_min - k."""
+        return max(1, self.min_clients) - self.colluding_clients
+
+    @property
     def share_std(self) -> float:
-        """Std of one client's noise share (distributed placement)."""
-        return self.noise_multiplier * self.clip_norm / math.sqrt(self.min_clients)
+        """Std of one client's noise share (distributed placement): sigma C / sqrt(m_min - k),
+        so the m_min - k honest shares alone carry sigma C."""
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.honest_clients)
 
     @property
     def encode_clip(self) -> float:
@@ -248,8 +269,20 @@ class ClientLevelDP:
         return self.clip_norm + step * math.sqrt(values) / 2
 
     @property
-    def accounting_noise_multiplier(self) -> float:
+    def noise_multiplier_vs_server(self) -> float:
+        """Noise the server (and up to k colluding clients) cannot remove, over C': the
+        m_min - k honest shares carry sigma C (distributed); central noise gives none."""
         return self.noise_multiplier * self.clip_norm / self.effective_sensitivity
+
+    @property
+    def accounting_noise_multiplier(self) -> float:
+        """Noise in a released model, over C' (for ``epsilon``): distributed, at least
+        m_min shares of variance sigma^2 C^2 / (m_min - k); central, sigma C."""
+        if not self.distributed:
+            return self.noise_multiplier_vs_server
+        return self.noise_multiplier_vs_server * math.sqrt(
+            max(1, self.min_clients) / self.honest_clients
+        )
 
     # -- server side ----------------------------------------------------------------------
     def sample_cohort(self, rng: np.random.Generator) -> list[int]:
@@ -305,7 +338,7 @@ class ClientLevelDP:
             return math.inf if rounds else 0.0
         if rounds not in self._eps_server_cache:
             self._eps_server_cache[rounds] = compute_epsilon_unamplified(
-                noise_multiplier=self.accounting_noise_multiplier,
+                noise_multiplier=self.noise_multiplier_vs_server,
                 rounds=rounds,
                 delta=self.delta,
                 accountant=self.accountant,

@@ -602,6 +602,10 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
         "epsilon_vs_server": None,
         "delta": cfg.privacy.delta if privacy is not None else None,
         "reproducible_noise": cfg.privacy.seeded_noise if privacy is not None else None,
+        # Clients assumed to collude with the server (shares sized for m_min - k); null: no DP.
+        "max_colluding_clients": (
+            cfg.privacy.max_colluding_clients if privacy is not None else None
+        ),
         "values_clipped": 0,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
