@@ -1,14 +1,18 @@
-"""Client hosts that misbehave on purpose, for the fault tests (importable by Ray workers)."""
+"""Client hosts that misbehave on purpose, and a server that records its attempts, for the
+fault tests (shipped to Ray workers by value)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from fedray.runtime.client import ClientHost, ClientResult, RoundTask
+from fedray.runtime.server import Server
 
 
 class CrashingHost(ClientHost):
@@ -120,3 +124,48 @@ class ForgetfulHost(ClientHost):
         if round_num == 2:
             self._sealed.clear()
         return super().sealed_payload(round_num, update_id)
+
+
+class AttemptRecordingServer(Server):
+    """Writes one record per attempt at a round into ``record_dir``: the global weights
+    before and after it, and every plaintext update it received from the hosts (client,
+    delta, weight), whatever it then did with them; and after each ``run_round`` call
+    (also one that raised), the weights it holds. A test recomputes the released model
+    from the updates by hand and checks that an attempt with too few clients changed
+    nothing."""
+
+    record_dir = ""
+
+    def _write(self, kind: str, record: dict) -> None:
+        self._seq = getattr(self, "_seq", 0) + 1
+        path = Path(self.record_dir) / f"{self._seq:04d}-{kind}.pkl"
+        path.write_bytes(pickle.dumps(record))
+
+    def _attempt(self, ray):
+        self._received = []
+        before = self.weights.copy()
+        try:
+            return super()._attempt(ray)
+        finally:
+            self._write(
+                "attempt",
+                {
+                    "round": self.round,
+                    "before": before,
+                    "after": self.weights.copy(),
+                    "received": self._received,
+                },
+            )
+
+    def run_round(self):
+        try:
+            return super().run_round()
+        finally:
+            self._write("run_round", {"round": self.round, "weights": self.weights.copy()})
+
+    def _fetch(self, ref):
+        obj = super()._fetch(ref)
+        for r in obj if isinstance(obj, list) else []:
+            if isinstance(r, ClientResult) and r.error is None and r.delta is not None:
+                self._received.append((r.client_id, np.array(r.delta), float(r.weight)))
+        return obj

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -193,15 +194,62 @@ def _crash_in(round_num: int, marker_dir):
     )
 
 
+def _attempt_recorder(tmp_path):
+    """A server class that records each attempt (see faulty.AttemptRecordingServer), and
+    the folder it records into."""
+    record = tmp_path / "attempts"
+    record.mkdir()
+    server = type("Rec", (faulty.AttemptRecordingServer,), {"record_dir": str(record)})
+    return record, server
+
+
+def _records(record, kind):
+    return [pickle.loads(p.read_bytes()) for p in sorted(record.glob(f"*-{kind}.pkl"))]
+
+
+def _fedavg_step(weights, received):
+    """FedAvg by hand (server_lr 1): weights + the weight-weighted mean of the deltas."""
+    w = np.array([weight for _, _, weight in received], dtype=np.float64)
+    d = np.stack([delta.astype(np.float64) for _, delta, _ in received])
+    return (weights + (w[:, None] * d).sum(axis=0) / w.sum()).astype(np.float32)
+
+
+def _clients(attempt):
+    return sorted(cid for cid, _, _ in attempt["received"])
+
+
 def test_round_with_too_few_clients_is_retried(ray_2cpus, tmp_path):
+    """Host 0 (clients 0-4) dies mid-call in round 2: 5 of 10 answer (min 10), so that
+    attempt releases nothing and changes no weight; the retry's released model is FedAvg
+    by hand over the 10 updates of the retry alone."""
     cfg = compose(["crypto=none", "rounds=3", "min_clients_per_round=10", "checkpoint.every=0"])
-    summary = run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path))
+    record, server = _attempt_recorder(tmp_path)
+    summary = run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path), server_class=server)
     rows = _rows(tmp_path)
     assert summary["rounds_completed"] == 3
     assert int(rows[1]["retries"]) >= 1 and int(rows[1]["clients_ok"]) == 10
+    attempts = _records(record, "attempt")
+    rounds = [a["round"] for a in attempts]
+    assert rounds[0] == 1 and rounds == sorted(rounds) and rounds.count(2) >= 2
+    assert _clients(attempts[rounds.index(2)]) == list(range(5, 10))  # host 1's only
+    weights = attempts[0]["before"]
+    for a in attempts:
+        np.testing.assert_array_equal(a["before"], weights)  # where the last one left it
+        if len(a["received"]) < 10:  # too few: released nothing
+            np.testing.assert_array_equal(a["after"], weights)
+            continue
+        assert _clients(a) == list(range(10))
+        expected = _fedavg_step(weights, a["received"])
+        np.testing.assert_allclose(a["after"], expected, rtol=0, atol=1e-6)
+        weights = a["after"]
+    final = load_checkpoint(tmp_path / "checkpoints")  # written after the last round
+    assert final["round"] == 3
+    np.testing.assert_array_equal(final["weights"], weights)
 
 
 def test_out_of_retries_is_one_clear_error_and_keeps_finished_rounds(ray_2cpus, tmp_path):
+    """No retry left: the run stops with round 1's model, FedAvg by hand over round 1's
+    updates; round 2's attempt (5 of 10 clients) left the server's weights unchanged."""
     from fedray.errors import ClusterError
 
     cfg = compose(
@@ -213,8 +261,22 @@ def test_out_of_retries_is_one_clear_error_and_keeps_finished_rounds(ray_2cpus, 
             "checkpoint.every=1",
         ]
     )
+    record, server = _attempt_recorder(tmp_path)
     with pytest.raises(ClusterError, match="round 2: only 5 clients answered") as err:
-        run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path))
+        run_experiment(cfg, tmp_path, host_class=_crash_in(2, tmp_path), server_class=server)
     assert "\n" not in str(err.value)
     assert [int(r["round"]) for r in _rows(tmp_path)] == [1]
-    assert load_checkpoint(tmp_path / "checkpoints")["round"] == 1
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint["round"] == 1
+    first, failed = _records(record, "attempt")
+    assert (first["round"], failed["round"]) == (1, 2)
+    assert _clients(first) == list(range(10)) and _clients(failed) == list(range(5, 10))
+    after_1 = _fedavg_step(first["before"], first["received"])
+    np.testing.assert_allclose(checkpoint["weights"], after_1, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(first["after"], checkpoint["weights"])
+    np.testing.assert_array_equal(failed["before"], checkpoint["weights"])
+    np.testing.assert_array_equal(failed["after"], checkpoint["weights"])
+    # What the server holds once it gave up: still round 1's model.
+    held = _records(record, "run_round")[-1]
+    assert held["round"] == 1
+    np.testing.assert_array_equal(held["weights"], checkpoint["weights"])
