@@ -154,6 +154,21 @@ def deposits_of_a_fresh_round(server, per_client: bool = True) -> dict[str, Any]
     return {"round": server.round, "updates": updates}
 
 
+def second_update_of(server, client_id: int) -> Any:
+    """The server asks ``client_id``'s host to train that client again in the current
+    round (it may: it holds the handle): a second, differently named update of the same
+    client, which the host signs and deposits like any other. Returns it (None if the
+    host did not seal it)."""
+    import ray
+
+    from fedray.runtime.client import RoundTask
+
+    host = server.hosts[server.assignment[client_id]]
+    task = RoundTask(server.round, [client_id], {})
+    (result,) = ray.get(host.train.remote(task, server.weights))
+    return result.encrypted
+
+
 def _host_clients(server) -> dict[Any, list[int]]:
     out: dict[int, list[int]] = {}
     for cid, host in sorted(server.assignment.items()):

@@ -414,6 +414,15 @@ def test_holders_refuse_single_updates_small_sums_replays_and_double_counts(fede
     assert all("sum of 1 clients" in a for a in ask(r, ids[:1]))  # one client's update
     assert all("sum of 2 clients" in a for a in ask(r, ids[:2]))  # below min 3
     assert all("distinct" in a for a in ask(r, [ids[0], ids[0], ids[1]]))  # counted twice
+    # One client in two different updates: its host, asked to train it again this round,
+    # signs and deposits a second update of it (a valid deposit); a sum of both counts
+    # that client twice (its update doubled: 2 u_c + u_x is not a sum of 3 clients).
+    again = ray.get(server.__ray_call__.remote(curious.second_update_of, 0))
+    first = next(u for u in updates if u.client_ids == (0,))
+    assert again is not None and again.client_ids == (0,) and again.update_id != first.update_id
+    other = next(u for u in updates if u.client_ids == (3,))  # another client
+    double = [first.update_id, again.update_id, other.update_id]
+    assert all("counts a client twice" in a for a in ask(r, double))
     assert ask(r, ids[:3]) == ["released"] * 3
     assert all("different sum" in a for a in ask(r, ids[1:4]))  # a second, overlapping sum
     assert all("different sum" in a for a in ask(r, ids[3:]))  # even a disjoint one
