@@ -94,13 +94,17 @@ def probe_every_method(server) -> dict[str, Any]:
         "install_private_key": [(fake_private,)],
         "configure_crypto": [(key, [], 0, b"\0" * 64)],
         "install": [(key, fake_share), (key, fake_private)],
-        "register": [(0, b"\1" * 32, 99, b"\0" * 64)],
+        "register": [(0, b"\1" * 32, 99, 1, b"\0" * 64)],
         "deposit": [(forged, None), (forged, b"\0" * 8)],
-        "share_sum": [(server.round, [forged.contribution.update_id]), (10**6, ["x", "y"])],
-        "partial_decrypt": [
-            (server.round, [forged.contribution.update_id], [oracle_payload]),
-            (server.round + 1, ["x"], [oracle_payload], 0, 1),
+        "share_sum": [
+            (server.round, [forged.contribution.update_id], {0: b"\0" * 64}),
+            (10**6, ["x", "y"], {}),
         ],
+        "partial_decrypt": [
+            (server.round, [forged.contribution.update_id], {}, [oracle_payload]),
+            (server.round + 1, ["x"], {0: b"\0" * 64}, [oracle_payload], 0, 1),
+        ],
+        "approve": [(server.round, ["x", "y"]), (server.round + 1, ["x"])],
     }
     calls, findings, answers = [], [], []
     handles = reachable_handles(server) + named_handles()
@@ -176,14 +180,33 @@ def _host_clients(server) -> dict[Any, list[int]]:
     return {server.hosts[h]: cids for h, cids in out.items()}
 
 
-def ask_share_sum(server, round_num: int, update_ids: list[str]) -> list[str]:
-    """Ask every holder for the share sum of ``update_ids``; each answer or refusal."""
+def host_approvals(server, round_num: int, update_ids: list[str]) -> dict[int, bytes]:
+    """Every approval of ``update_ids`` the server can get: it asks every host (it holds
+    their handles); a host that refuses is left out."""
     import ray
 
+    approvals = {}
+    for i, host in enumerate(server.hosts):
+        try:
+            approvals[i] = ray.get(host.approve.remote(round_num, update_ids))
+        except Exception:
+            continue
+    return approvals
+
+
+def ask_share_sum(
+    server, round_num: int, update_ids: list[str], approvals: dict | None = None
+) -> list[str]:
+    """Ask every holder for the share sum of ``update_ids`` with the hosts' approvals the
+    server could get (or ``approvals``); each answer or refusal."""
+    import ray
+
+    if approvals is None:
+        approvals = host_approvals(server, round_num, update_ids)
     out = []
     for h in server.key_holders:
         try:
-            ray.get(h.share_sum.remote(round_num, update_ids))
+            ray.get(h.share_sum.remote(round_num, update_ids, approvals))
             out.append("released")
         except Exception as exc:
             out.append(str(exc).strip().splitlines()[-1])

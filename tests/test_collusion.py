@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 
+import tests.test_collusion as this
 from fedray.crypto.codec import PackedPaillierCodec
 from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, UpdateLayout
 from fedray.crypto.threshold import Unmasker, add_share_blobs, deal_threshold_key
+from fedray.errors import ClusterError
+from fedray.runtime.client import model_digest
+from fedray.runtime.driver import run_experiment
 from fedray.runtime.keys import (
     CohortApprover,
     Contribution,
@@ -29,6 +34,10 @@ from fedray.runtime.keys import (
     cohort_message,
     digest,
 )
+from fedray.runtime.server import Server
+from tests.conftest import compose
+
+ray.cloudpickle.register_pickle_by_value(this)  # the server subclass below, by value
 
 VALUES = 8
 MIN_CLIENTS = 3
@@ -238,3 +247,54 @@ def test_holders_check_each_approval_against_the_identity_that_signed_the_update
     with pytest.raises(PermissionError, match="takes part again from round 2"):
         holder.deposit(new.sign(late), None)
     assert holder.share_sum(1, ids, good)  # the dead identity's own approval still holds
+
+
+# -- a server that shows hosts different models ---------------------------------------------
+class SplitViewServer(Server):
+    """In round 2, sends host 0 other weights than the rest (a crafted model meant to
+    zero its update and leave another site's alone in a "sum")."""
+
+    def _dispatch(self, ray, cohort):
+        if self.round != 2:
+            return super()._dispatch(ray, cohort)
+        from fedray.runtime.client import RoundTask
+
+        pending = {}
+        for cid in cohort:
+            host = self.assignment[cid]
+            weights = self.weights + np.float32(1e-3) if host == 0 else self.weights
+            pending[self.hosts[host].train.remote(RoundTask(self.round, [cid], {}), weights)] = [
+                cid
+            ]
+        return pending
+
+
+def test_holders_refuse_a_sum_of_updates_trained_from_different_models(ray_2cpus, tmp_path):
+    over = [
+        "crypto=paillier",
+        "crypto.key_bits=512",
+        "crypto.allow_insecure_keys=true",
+        "num_clients=4",
+        "clients_per_round=4",
+        "cluster.num_actors=2",
+        "client.num_cpus=0.5",
+        "rounds=2",
+        "checkpoint.every=0",
+        "max_round_retries=0",
+    ]
+    with pytest.raises(ClusterError, match="different global models"):
+        run_experiment(compose(over), tmp_path / "run", server_class=SplitViewServer)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2  # round 1 released; round 2 opened by no holder
+
+
+def test_hosts_sign_the_exact_bytes_of_the_weights_they_received():
+    """The model digest covers dtype, shape and every byte: the same values as float64,
+    or one value changed in its last bit, give another digest."""
+    w = np.linspace(-1, 1, 17, dtype=np.float32)
+    assert model_digest(w) == model_digest(w.copy())
+    assert model_digest(w) != model_digest(w.astype(np.float64))
+    assert model_digest(w) != model_digest(w.reshape(1, 17))
+    bumped = w.copy()
+    bumped[3] = np.nextafter(bumped[3], np.float32(2))
+    assert model_digest(w) != model_digest(bumped)

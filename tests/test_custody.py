@@ -16,7 +16,7 @@ import ray.cloudpickle
 
 import tests.curious_server as curious
 from fedray.crypto.codec import PackedPaillierCodec
-from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout
+from fedray.crypto.secure_aggregation import ClientEncryptor, EncryptedSum, UpdateLayout
 from fedray.crypto.threshold import DecryptionShare
 from fedray.data.datasets import dataset_info
 from fedray.runtime.client import client_actor_class
@@ -26,6 +26,7 @@ from fedray.runtime.keys import (
     Contribution,
     HostIdentity,
     KeyHolder,
+    cohort_message,
     digest,
     find_key_material,
     registration_message,
@@ -66,13 +67,33 @@ class _Site:
         return self.identity.sign(c), shares, update
 
 
+class _ApprovedHolder(KeyHolder):
+    """A holder whose sums every site approves (honest hosts signing the list they are
+    shown): the rules below are the holder's own; approvals are tested in
+    tests/test_collusion.py."""
+
+    sites: list[_Site] = []
+
+    def _approvals(self, round_num, update_ids):
+        message = cohort_message(self.key.fingerprint, round_num, update_ids)
+        return {s.index: s.identity.sign_bytes(message) for s in self.sites}
+
+    def share_sum(self, round_num, update_ids, approvals=None):
+        approvals = approvals or self._approvals(round_num, update_ids)
+        return super().share_sum(round_num, update_ids, approvals)
+
+    def partial_decrypt(self, round_num, update_ids, payloads, start=0, stop=None):
+        approvals = self._approvals(round_num, update_ids)
+        return super().partial_decrypt(round_num, update_ids, approvals, payloads, start, stop)
+
+
 @pytest.fixture
 def ledger(threshold_key):
     """Holder 1 of 3 (any 2 decrypt), min 3 clients; sites 0 (clients 0-2) and 1 (3-5)."""
     key, shares = threshold_key
     sites = [_Site(key, 0), _Site(key, 1)]
     authority = HostIdentity()
-    holder = KeyHolder(
+    holder = _ApprovedHolder(
         1,
         {s.index: s.identity.public_bytes() for s in sites},
         {c: c // 3 for c in range(6)},
@@ -81,6 +102,7 @@ def ledger(threshold_key):
         max_rounds=5,
     )
     assert holder.install(key, shares[0])
+    holder.sites = sites
     return holder, sites, authority, key, shares
 
 
@@ -277,13 +299,15 @@ def test_install_is_once_and_registration_needs_the_drivers_signature(ledger):
         holder.install(key, shares[0])
     new = HostIdentity().public_bytes()
     server = HostIdentity()
-    forged = server.sign_bytes(registration_message(key.fingerprint, 0, new, 1))
+    forged = server.sign_bytes(registration_message(key.fingerprint, 0, new, 1, 1))
     with pytest.raises(PermissionError, match="set-up key"):
-        holder.register(0, new, 1, forged)
-    good = authority.sign_bytes(registration_message(key.fingerprint, 0, new, 1))
-    assert holder.register(0, new, 1, good)
+        holder.register(0, new, 1, 1, forged)
+    good = authority.sign_bytes(registration_message(key.fingerprint, 0, new, 1, 1))
+    with pytest.raises(PermissionError, match="set-up key"):  # its round bar, edited
+        holder.register(0, new, 1, 0, good)
+    assert holder.register(0, new, 1, 1, good)
     with pytest.raises(PermissionError, match="not new"):  # replaying an old registration
-        holder.register(0, new, 1, good)
+        holder.register(0, new, 1, 1, good)
     fresh = KeyHolder(2, {0: new}, {0: 0, 1: 0}, 2, authority.public_bytes(), max_rounds=5)
     with pytest.raises(ValueError, match="another key, holder"):
         fresh.install(key, shares[0])  # holder 1's share offered to holder 2
@@ -392,6 +416,8 @@ def test_every_method_the_server_can_call_returns_no_key_material(federation):
     assert "shared" in refused[("ClientHost", "install_private_key")]
     assert "not signed" in refused[("ClientHost", "set_weight_ref")]  # a victim's 1e12
     assert "set-up is over" in refused[("ClientHost", "running_max_examples")]
+    # A list of updates that are not the host's own is never signed.
+    assert "holds no update of this host" in refused[("ClientHost", "approve")]
     # Nothing the server can call tells it a site's size or labels.
     assert not any(
         "examples" in str(answer) or "labels" in str(answer) for answer in report["answers"]
@@ -408,12 +434,16 @@ def test_holders_refuse_single_updates_small_sums_replays_and_double_counts(fede
     ids = [u.update_id for u in updates]
     assert len(ids) == 6 and all(u.count == 1 for u in updates)
 
-    def ask(round_num, chosen):
-        return ray.get(server.__ray_call__.remote(curious.ask_share_sum, round_num, chosen))
+    def ask(round_num, chosen, approvals=None):
+        return ray.get(
+            server.__ray_call__.remote(curious.ask_share_sum, round_num, chosen, approvals)
+        )
 
-    assert all("sum of 1 clients" in a for a in ask(r, ids[:1]))  # one client's update
-    assert all("sum of 2 clients" in a for a in ask(r, ids[:2]))  # below min 3
-    assert all("distinct" in a for a in ask(r, [ids[0], ids[0], ids[1]]))  # counted twice
+    # The holders' own counts come first (with no host approval asked for: a host
+    # approves one list per round, so these would spend it).
+    assert all("sum of 1 clients" in a for a in ask(r, ids[:1], {}))  # one client's update
+    assert all("sum of 2 clients" in a for a in ask(r, ids[:2], {}))  # below min 3
+    assert all("distinct" in a for a in ask(r, [ids[0], ids[0], ids[1]], {}))  # twice
     # One client in two different updates: its host, asked to train it again this round,
     # signs and deposits a second update of it (a valid deposit); a sum of both counts
     # that client twice (its update doubled: 2 u_c + u_x is not a sum of 3 clients).
@@ -422,7 +452,8 @@ def test_holders_refuse_single_updates_small_sums_replays_and_double_counts(fede
     assert again is not None and again.client_ids == (0,) and again.update_id != first.update_id
     other = next(u for u in updates if u.client_ids == (3,))  # another client
     double = [first.update_id, again.update_id, other.update_id]
-    assert all("counts a client twice" in a for a in ask(r, double))
+    assert all("counts a client twice" in a for a in ask(r, double, {}))
+    assert all("did not approve" in a for a in ask(r, ids[:3], {}))  # no host signed it
     assert ask(r, ids[:3]) == ["released"] * 3
     assert all("different sum" in a for a in ask(r, ids[1:4]))  # a second, overlapping sum
     assert all("different sum" in a for a in ask(r, ids[3:]))  # even a disjoint one
@@ -526,3 +557,44 @@ def test_a_site_takes_its_dp_plan_from_its_own_config_not_the_server():
     (result,) = host.train(RoundTask(1, [0], {"privacy": forged, "proximal_mu": 0.0}), weights)
     assert result.error is None
     assert np.linalg.norm(result.delta) <= 0.01 * (1 + 1e-4)
+
+
+def test_the_2t_minus_h_coalition_opens_at_most_one_sum_of_a_round_in_a_live_job(federation):
+    """h = 3 holders, t = 2: holder 1 colludes (c = 1 = 2t - h), so the sets {1, 2} and
+    {1, 3} meet only in it. The server opens the cohort without the victim (client 4,
+    host 2) with holders 1 and 2, then asks holder 3 for the cohort with the victim. Every
+    call is one the server (or the colluding holder) can really make; holder 3 refuses,
+    because hosts 0 and 1 signed the first list and sign no other this round (tests/
+    test_collusion.py plays it for more (h, t, c) and shows the attack without this rule)."""
+    from fedray.crypto.threshold import Unmasker, add_share_blobs
+
+    _, _, custody, server = federation
+    fresh = ray.get(server.__ray_call__.remote(curious.deposits_of_a_fresh_round))
+    r = fresh["round"]
+    by_client = {u.client_ids[0]: u for u in fresh["updates"]}
+    ids_a = [by_client[c].update_id for c in (0, 1, 2, 3)]
+    ids_b = [*ids_a, by_client[4].update_id]
+
+    def colluder_sum(self, ids):  # the colluding holder's share sum, no check made
+        return add_share_blobs(self.key, [self._deposits[u].shares for u in ids])
+
+    approvals_a = ray.get(server.__ray_call__.remote(curious.host_approvals, r, ids_a))
+    assert sorted(approvals_a) == [0, 1]  # host 2 has no update in it: it signs nothing
+    sums = {
+        1: ray.get(custody.holders[0].__ray_call__.remote(colluder_sum, ids_a)),
+        2: ray.get(custody.holders[1].share_sum.remote(r, ids_a, approvals_a)),
+    }
+    layout = ray.get(server.__ray_call__.remote(lambda self: self.layout))
+    acc = EncryptedSum(custody.key.public, layout)
+    for c in (0, 1, 2, 3):
+        acc.add(by_client[c])
+    unmasker = Unmasker(custody.key, layout.codec.max_summands)
+    opened = unmasker.unmask(acc.ciphertexts(), unmasker.exponents(sums, 4))
+    assert opened is not None and layout.fits(opened)  # the first sum is the release
+
+    approvals_b = ray.get(server.__ray_call__.remote(curious.host_approvals, r, ids_b))
+    assert sorted(approvals_b) == [2]  # hosts 0 and 1 already signed this round's list
+    with pytest.raises(ray.exceptions.RayTaskError, match="host 0 did not approve"):
+        ray.get(custody.holders[2].share_sum.remote(r, ids_b, approvals_b))
+    with pytest.raises(ray.exceptions.RayTaskError, match="different sum"):
+        ray.get(custody.holders[1].share_sum.remote(r, ids_b, approvals_b))
