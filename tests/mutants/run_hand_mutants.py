@@ -228,6 +228,141 @@ MUTANTS = [
         "the server divides the weighted sum by the number of updates, not the total weight",
         "fedavg_matches or fedavg_releases",
     ),
+    # -- issue #22: the hosts' approval rule, fail-closed restarts, the server's view --------
+    Mutant(
+        "holder-skips-host-approvals",
+        "fedray/runtime/keys.py",
+        "            if not isinstance(signature, bytes) or not verify(d.identity, signature, message):",
+        "            if False:",
+        ("tests/test_collusion.py",),
+        "a key holder opens a sum without every host's approval of exactly that list",
+    ),
+    Mutant(
+        "host-approves-any-list",
+        "fedray/runtime/keys.py",
+        "        if self._last is not None and self._last[0] == round_num:",
+        "        if False:",
+        ("tests/test_collusion.py", "tests/test_custody.py"),
+        "a host signs every list it is shown (the 2t-h coalition opens two sums of a round)",
+        "coalition or approves_one_list",
+    ),
+    Mutant(
+        "approval-from-the-hosts-current-identity",
+        "fedray/runtime/keys.py",
+        "not verify(d.identity, signature, message)",
+        "not verify(self._peers[d.host], signature, message)",
+        ("tests/test_collusion.py",),
+        "a restarted host's new identity approves updates its dead predecessor deposited",
+        "identity_that_signed",
+    ),
+    Mutant(
+        "restarted-host-deposits-in-the-round-in-flight",
+        "fedray/runtime/keys.py",
+        "        if int(c.round) < self._from_round[c.host]:",
+        "        if False:",
+        ("tests/test_collusion.py",),
+        "a re-registered host deposits in the round its predecessor may have approved",
+        "identity_that_signed",
+    ),
+    Mutant(
+        "model-digest-as-float32",
+        "fedray/runtime/client.py",
+        "    arr = np.ascontiguousarray(weights)",
+        "    arr = np.ascontiguousarray(weights, dtype=np.float32)",
+        ("tests/test_collusion.py",),
+        "hosts hash the weights they received as float32, not their exact bytes",
+        "exact_bytes",
+    ),
+    Mutant(
+        "model-digest-constant",
+        "fedray/runtime/client.py",
+        "    h.update(arr.tobytes())",
+        "    h.update(b'')",
+        ("tests/test_collusion.py",),
+        "hosts sign a digest that does not depend on the weights they received",
+        "different_models",
+    ),
+    Mutant(
+        "restarted-host-trains-unconfigured",
+        "fedray/runtime/client.py",
+        "        if self._identity is not None and self._encryptor is None:\n            raise PermissionError(\n                \"this host's crypto is not configured (restarted)",
+        "        if False:\n            raise PermissionError(\n                \"this host's crypto is not configured (restarted)",
+        ("tests/test_restarts.py",),
+        "a host Ray restarted trains before its crypto is configured (plaintext to the server)",
+        "paillier and not dp",
+    ),
+    Mutant(
+        "restarted-host-keeps-weight-ref-1",
+        "fedray/runtime/client.py",
+        "        self._awaiting_weight_ref = bool(restarted)",
+        "        self._awaiting_weight_ref = False",
+        ("tests/test_restarts.py",),
+        "a host Ray restarted trains with weight_ref 1.0 until (and unless) the driver resets it",
+        "plaintext",
+    ),
+    Mutant(
+        "dp-plan-without-codec",
+        "fedray/runtime/client.py",
+        "            codec = self.codec if self._encryptor is not None else None",
+        "            codec = None",
+        ("tests/test_restarts.py",),
+        "a host's DP plan is built without the codec's grid (no noise in encrypted updates)",
+        "paillier_dp",
+    ),
+    Mutant(
+        "server-view-count-in-result-field",
+        "fedray/runtime/client.py",
+        "            r.weight, r.train_seconds, r.stats = 0.0, 0.0, None\n",
+        "            r.weight, r.train_seconds, r.stats = 0.0, 0.0, None\n            r.bytes_to_key_holders = len(self.data[r.client_id][0])\n",
+        ("tests/test_server_view.py",),
+        "each sealed result carries its client's example count in bytes_to_key_holders",
+        "everything_the_server_receives and host-sums",
+    ),
+    Mutant(
+        "server-view-count-new-field",
+        "fedray/runtime/client.py",
+        "            r.weight, r.train_seconds, r.stats = 0.0, 0.0, None\n",
+        "            r.weight, r.train_seconds, r.stats = 0.0, 0.0, None\n            r.num_examples = len(self.data[r.client_id][0])\n",
+        ("tests/test_server_view.py",),
+        "each sealed result gains a new attribute carrying its client's example count",
+        "everything_the_server_receives and host-sums",
+    ),
+    Mutant(
+        "server-view-count-in-bytes-up",
+        "fedray/runtime/client.py",
+        "            carrier.bytes_up = update.nbytes",
+        "            carrier.bytes_up = update.nbytes + len(self.data[carrier.client_id][0])",
+        ("tests/test_server_view.py",),
+        "the carrier's bytes_up smuggles its client's example count",
+        "everything_the_server_receives and host-sums",
+    ),
+    Mutant(
+        "server-view-count-on-update",
+        "fedray/runtime/client.py",
+        "            update.client_ids = tuple(r.client_id for r in group)\n",
+        "            update.client_ids = tuple(r.client_id for r in group)\n            update.num_examples = sum(len(self.data[r.client_id][0]) for r in group)\n",
+        ("tests/test_server_view.py",),
+        "the EncryptedUpdate gains a field with its clients' example count",
+        "everything_the_server_receives and host-sums",
+    ),
+    Mutant(
+        "too-few-clients-applied-in-faults",
+        "fedray/runtime/server.py",
+        "        if len(results) < min_clients(self.cfg):\n",
+        "        if False:\n",
+        ("tests/test_faults.py",),
+        "an attempt with too few clients (a host died) still releases its partial sum",
+        "too_few_clients_is_retried or out_of_retries",
+    ),
+    Mutant(
+        "holder-double-count",
+        "fedray/runtime/keys.py",
+        "        if len(set(clients)) != len(clients):\n",
+        "        if False:\n",
+        ("tests/test_custody.py",),
+        "a key holder opens a sum in which one client is covered by two different signed updates",
+        "double_counts",
+    ),
 ]
 
 
@@ -252,7 +387,10 @@ def run_one(m: Mutant, python: str, extra: list[str]) -> tuple[str, float, str]:
     seconds = time.monotonic() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     detail = lines[0] if lines else (proc.stdout.strip().splitlines() or [""])[-1]
-    return ("killed" if proc.returncode != 0 else "survived"), seconds, detail
+    # pytest's 1 is "tests failed"; anything else (5: none selected, 2, 4: a usage error)
+    # is no verdict, so a selection that matches nothing cannot pass for a kill.
+    verdict = {0: "survived", 1: "killed"}.get(proc.returncode, f"error (exit {proc.returncode})")
+    return verdict, seconds, detail
 
 
 def main() -> int:
