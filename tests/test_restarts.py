@@ -10,7 +10,9 @@ the server records everything it receives and every sum it opens.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -74,10 +76,17 @@ class RestartRecordingServer(Server):
             marker.touch()
             ray.kill(self.hosts[2], no_restart=False)
             # As a server may: ask the restarted host to train before the driver has
-            # set it up again. It must refuse, sending nothing.
-            call_when_available(self.hosts[2].ready, timeout=120)
+            # set it up again. It must refuse, sending nothing. (Wait until the new
+            # instance answers: the old one may still be dying.)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if not ray.get(self.hosts[2].trainable.remote(), timeout=30):
+                        break
+                time.sleep(0.2)
+            task = RoundTask(3, [4], {})
             try:
-                answer = ray.get(self.hosts[2].train.remote(RoundTask(3, [4], {}), self.weights))
+                answer = call_when_available(self.hosts[2].train, task, self.weights)
                 self._write("early", [r.delta is not None or r.error for r in answer])
             except Exception as exc:
                 self._write("early", str(exc).strip().splitlines()[-1])
