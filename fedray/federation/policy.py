@@ -302,7 +302,8 @@ class SitePolicy:
             return self.epsilon_vs_server()
         self._check_budget(rnd)
         self._releases.append((rnd, None if sum_id is None else str(sum_id)))
-        self._dp.step([0])
+        if self._dp is not None:
+            self._dp.step([0])
         self._save_ledger()
         return self.epsilon_vs_server()
 
@@ -374,7 +375,8 @@ class SitePolicy:
             )
         for rel in releases:
             self._releases.append(rel)
-            self._dp.step([0])
+            if self._dp is not None:
+                self._dp.step([0])
 
     def _save_ledger(self) -> None:
         path = self.privacy.ledger
