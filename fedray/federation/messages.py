@@ -1,0 +1,300 @@
+"""The typed messages of the cross-organisation channel, and the checks every one passes.
+
+The schema is ``federation.proto`` (generated: ``federation_pb2``). Nothing here, or in
+:mod:`fedray.federation.channel`, unpickles anything or resolves a class or function
+from a name on the wire: identifiers are matched against local tables only, weights are
+raw little-endian arrays decoded with the dtype and shape the *receiver* expects
+(:func:`decode_array`), ciphertexts are fixed-width bytes (:func:`decode_ciphertexts`).
+
+:func:`check_envelope` is the whole schema check a received envelope passes before
+anyone reads it: no unknown fields, identifiers of a closed alphabet (no dots, colons or
+slashes, so no dotted class path), fixed-length digests and signatures, finite numbers,
+sorted distinct update lists, a one-line printable refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import numpy as np
+
+from fedray.errors import FedrayError
+from fedray.federation import federation_pb2 as pb
+
+PROTOCOL_VERSION = 1
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payload bytes
+ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
+HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
+SESSION_DOMAIN = b"fedray-session-v1\x00"
+MAX_CONTRIBUTION_BYTES = 64 * 1024
+MAX_REASON_CHARS = 300
+
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+VERSION_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}")
+HYPERPARAMETER_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+# The closed list of dtypes a blob may hold, all little-endian.
+DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_F16: np.dtype("<f2"),
+    pb.DTYPE_F32: np.dtype("<f4"),
+    pb.DTYPE_F64: np.dtype("<f8"),
+    pb.DTYPE_I8: np.dtype("i1"),
+    pb.DTYPE_I16: np.dtype("<i2"),
+    pb.DTYPE_I32: np.dtype("<i4"),
+    pb.DTYPE_I64: np.dtype("<i8"),
+    pb.DTYPE_U8: np.dtype("u1"),
+}
+
+# The requests a coordinator may send and the reply each one expects (a closed list).
+REQUESTS = {
+    "train_request": "train_reply",
+    "approve_request": "approval",
+    "share_sum_request": "share_sum_reply",
+}
+REPLIES = set(REQUESTS.values()) | {"refusal"}
+
+
+class FederationError(FedrayError, RuntimeError):
+    """The channel refused a peer, a message or a payload. The message is one line."""
+
+
+class ProtocolError(FederationError):
+    """A received frame or message breaks the protocol (signature, sequence, schema, size)."""
+
+
+def _fail(msg: str):
+    raise ProtocolError(msg)
+
+
+def check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        _fail(f"{what} {value[:80]!r} is not an identifier ([A-Za-z0-9_-], at most 64)")
+    return value
+
+
+def _check_len(value: bytes, sizes: tuple[int, ...], what: str) -> None:
+    if len(value) not in sizes:
+        _fail(f"{what} has {len(value)} bytes, expected {' or '.join(map(str, sizes))}")
+
+
+def _check_no_unknown_fields(msg) -> None:
+    from google.protobuf import unknown_fields
+
+    if len(unknown_fields.UnknownFieldSet(msg)):
+        _fail(f"{msg.DESCRIPTOR.name} carries fields this protocol version does not know")
+    for field, value in msg.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            values = (
+                value.values() if field.message_type.fields_by_name["value"].message_type else ()
+            )
+        elif field.is_repeated:
+            values = value
+        else:
+            values = (value,)
+        for sub in values:
+            _check_no_unknown_fields(sub)
+
+
+def _check_update_ids(ids, what: str) -> None:
+    ids = list(ids)
+    if not ids:
+        _fail(f"{what} names no update")
+    for u in ids:
+        check_id(u, "update id")
+    if ids != sorted(set(ids)):
+        _fail(f"{what} update ids are not sorted and distinct")
+
+
+def _check_ref(ref: pb.BlobRef, what: str) -> None:
+    check_id(ref.blob_id, f"{what} blob id")
+    _check_len(ref.sha256, (32,), f"{what} sha256")
+
+
+def _check_line(text: str, what: str) -> None:
+    if len(text) > MAX_REASON_CHARS or not text.isprintable():
+        _fail(f"{what} is not one printable line of at most {MAX_REASON_CHARS} characters")
+
+
+def check_body(env: pb.Envelope) -> str:
+    """The schema rules of the envelope's body; returns its kind (the oneof field name)."""
+    kind = env.WhichOneof("body")
+    if kind is None:
+        _fail("envelope has no body")
+    body = getattr(env, kind)
+    if kind == "hello":
+        check_id(body.site_id, "site id")
+        _check_len(body.policy_fingerprint, (0, 32), "policy fingerprint")
+        _check_len(body.nonce, (32,), "hello nonce")
+    elif kind == "welcome":
+        check_id(body.coordinator_id, "coordinator id")
+        _check_len(body.policy_fingerprint, (0, 32), "policy fingerprint")
+        _check_len(body.nonce, (32,), "welcome nonce")
+    elif kind == "train_request":
+        check_id(body.task_id, "task id")
+        if not VERSION_RE.fullmatch(body.task_version):
+            _fail(f"task version {body.task_version[:80]!r} is not digits and dots")
+        _check_len(body.model_fingerprint, (32,), "model fingerprint")
+        for key, number in body.hyperparameters.items():
+            if not HYPERPARAMETER_RE.fullmatch(key):
+                _fail(f"hyper-parameter name {key[:80]!r} is not [a-z][a-z0-9_]*")
+            which = number.WhichOneof("value")
+            if which is None or (which == "real" and not math.isfinite(number.real)):
+                _fail(f"hyper-parameter {key} is not a finite number")
+        _check_ref(body.global_weights, "global weights")
+    elif kind == "train_reply":
+        check_id(body.update_id, "update id")
+        if len(body.contribution) > MAX_CONTRIBUTION_BYTES or body.contribution[:1] != b"{":
+            _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
+        _check_len(body.contribution_signature, (64,), "contribution signature")
+        _check_ref(body.ciphertexts, "ciphertexts")
+    elif kind == "approve_request":
+        _check_update_ids(body.update_ids, "approve request")
+    elif kind == "approval":
+        _check_update_ids(body.update_ids, "approval")
+        _check_len(body.signature, (64,), "approval signature")
+    elif kind == "share_sum_request":
+        _check_update_ids(body.update_ids, "share-sum request")
+        for approval in body.approvals:
+            _check_update_ids(approval.update_ids, "approval")
+            _check_len(approval.signature, (64,), "approval signature")
+        _check_ref(body.ciphertext_sum, "ciphertext sum")
+    elif kind == "share_sum_reply":
+        check_id(body.holder_id, "holder id")
+        _check_ref(body.partial_decryption, "partial decryption")
+    elif kind in ("refusal", "bye"):
+        _check_line(body.reason, kind)
+    elif kind == "blob_header":
+        check_id(body.signer, "blob signer")
+        _check_len(body.signature, (64,), "blob header signature")
+    return kind
+
+
+def check_envelope(env: pb.Envelope) -> str:
+    """Every schema rule of a received envelope; returns the body's kind."""
+    _check_no_unknown_fields(env)
+    if env.protocol != PROTOCOL_VERSION:
+        _fail(f"protocol version {env.protocol} (this side speaks {PROTOCOL_VERSION})")
+    check_id(env.sender, "sender")
+    check_id(env.recipient, "recipient")
+    return check_body(env)
+
+
+# --- blobs -----------------------------------------------------------------------------
+
+
+def _dtype_code(dtype) -> int:
+    dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+    for code, known in DTYPES.items():
+        if known == dtype:
+            return code
+    raise FederationError(
+        f"dtype {dtype} cannot travel (allowed: {sorted(map(str, DTYPES.values()))})"
+    )
+
+
+def check_header(header: pb.BlobHeader, max_bytes: int) -> None:
+    """A received blob header: its id, its size under the receive cap, and a size that
+    agrees with its kind, dtype and shape (so nothing is read past or short of it)."""
+    _check_no_unknown_fields(header)
+    check_id(header.blob_id, "blob id")
+    if header.name:
+        check_id(header.name, "blob name")
+    _check_len(header.sha256, (32,), "blob sha256")
+    if header.total_size > max_bytes:
+        _fail(
+            f"blob {header.blob_id} declares {header.total_size} bytes, over the receive cap "
+            f"of {max_bytes} bytes"
+        )
+    if header.kind == pb.BLOB_KIND_ARRAY:
+        if header.dtype not in DTYPES:
+            _fail(f"blob {header.blob_id} has no known dtype")
+        expected = math.prod(header.shape) * DTYPES[header.dtype].itemsize
+    elif header.kind == pb.BLOB_KIND_CIPHERTEXTS:
+        if header.width == 0 or len(header.shape) != 1:
+            _fail(f"blob {header.blob_id}: ciphertexts need a width and a shape [count]")
+        expected = header.shape[0] * header.width
+    else:
+        _fail(f"blob {header.blob_id} has no known kind")
+    if expected != header.total_size:
+        _fail(f"blob {header.blob_id} declares {header.total_size} bytes, its shape {expected}")
+
+
+def array_header(blob_id: str, array: np.ndarray, name: str = "") -> pb.BlobHeader:
+    """The header of a raw little-endian array blob (``array_payload`` gives its bytes)."""
+    array = np.asarray(array)
+    return pb.BlobHeader(
+        blob_id=check_id(blob_id, "blob id"),
+        total_size=array.nbytes,
+        sha256=hashlib.sha256(array_payload(array)).digest(),
+        kind=pb.BLOB_KIND_ARRAY,
+        dtype=_dtype_code(array.dtype),
+        shape=list(array.shape),
+        name=name,
+    )
+
+
+def array_payload(array: np.ndarray) -> memoryview:
+    """The bytes of ``array`` as they travel: C order, little-endian, no copy if already so."""
+    array = np.asarray(array)
+    if array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def ciphertext_header(blob_id: str, data, width: int, name: str = "") -> pb.BlobHeader:
+    """The header of fixed-width ciphertexts: ``len(data)`` must be a multiple of ``width``."""
+    data = memoryview(data).cast("B")
+    if width <= 0 or len(data) % width:
+        raise FederationError(f"{len(data)} ciphertext bytes are not a multiple of width {width}")
+    return pb.BlobHeader(
+        blob_id=check_id(blob_id, "blob id"),
+        total_size=len(data),
+        sha256=hashlib.sha256(data).digest(),
+        kind=pb.BLOB_KIND_CIPHERTEXTS,
+        shape=[len(data) // width],
+        width=width,
+        name=name,
+    )
+
+
+def blob_ref(header: pb.BlobHeader) -> pb.BlobRef:
+    return pb.BlobRef(blob_id=header.blob_id, size=header.total_size, sha256=header.sha256)
+
+
+def decode_array(header: pb.BlobHeader, data, expected_dtype, expected_shape) -> np.ndarray:
+    """The array a verified blob holds, read-only, if and only if it is exactly the dtype
+    and shape the receiver expects; anything else is refused (nothing is guessed)."""
+    expected_dtype = np.dtype(expected_dtype)
+    expected_shape = tuple(int(s) for s in expected_shape)
+    if header.kind != pb.BLOB_KIND_ARRAY:
+        raise ProtocolError(f"blob {header.blob_id} is not an array")
+    if header.dtype not in DTYPES or DTYPES[header.dtype] != DTYPES[_dtype_code(expected_dtype)]:
+        got = DTYPES.get(header.dtype, "unknown")
+        raise ProtocolError(f"blob {header.blob_id} has dtype {got}, expected {expected_dtype}")
+    if tuple(header.shape) != expected_shape:
+        raise ProtocolError(
+            f"blob {header.blob_id} has shape {tuple(header.shape)}, expected {expected_shape}"
+        )
+    dtype = DTYPES[header.dtype]
+    if len(data) != math.prod(expected_shape) * dtype.itemsize:
+        raise ProtocolError(f"blob {header.blob_id} holds {len(data)} bytes, not its shape's")
+    out = np.frombuffer(data, dtype=dtype).reshape(expected_shape)
+    out.flags.writeable = False
+    return out
+
+
+def decode_ciphertexts(header: pb.BlobHeader, data, width: int, count: int | None = None):
+    """Fixed-width ciphertexts as a read-only ``(count, width)`` uint8 array (big integers
+    are the caller's: ``int.from_bytes(row, ...)``), refused unless width/count match."""
+    if header.kind != pb.BLOB_KIND_CIPHERTEXTS or header.width != width:
+        raise ProtocolError(f"blob {header.blob_id} is not ciphertexts of {width} bytes")
+    n = header.shape[0]
+    if (count is not None and n != count) or len(data) != n * width:
+        raise ProtocolError(f"blob {header.blob_id} holds {n} ciphertexts, expected {count}")
+    out = np.frombuffer(data, dtype=np.uint8).reshape(n, width)
+    out.flags.writeable = False
+    return out
