@@ -850,6 +850,7 @@ class Site:
         self.backoff = backoff
         self._stop = threading.Event()
         self._call = None
+        self._link: _Link | None = None
         self.sessions = 0
 
     def close(self) -> None:
@@ -903,15 +904,22 @@ class Site:
                         f"not the manifest's {expected[:16]}..."
                     )
                 tls.settimeout(2)
+                # An accepted client hears the server's HTTP/2 settings at once; a refused
+                # one hears an alert or the connection closing.
                 try:
-                    tls.recv(1)
+                    refused = tls.recv(1) == b""
+                    reason = "it closed the connection"
                 except ssl.SSLError as exc:
+                    refused, reason = True, exc.reason
+                except (ConnectionError, BrokenPipeError) as exc:
+                    refused, reason = True, type(exc).__name__
+                except (TimeoutError, OSError):
+                    refused = False
+                if refused:
                     raise FederationError(
                         f"the coordinator at {self.target} refused this site's certificate "
-                        f"({exc.reason})"
-                    ) from None
-                except (TimeoutError, OSError):
-                    pass
+                        f"({reason})"
+                    )
         except ssl.SSLCertVerificationError as exc:
             raise FederationError(
                 f"the coordinator at {self.target} is not trusted: {exc.verify_message}"
@@ -947,7 +955,7 @@ class Site:
         )
         with grpc.secure_channel(self.target, creds, options=options) as channel:
             call = channel.stream_stream(METHOD)(link.frames())
-            self._call = call
+            self._call, self._link = call, link
             try:
                 responses = iter(call)
                 msg = link.receiver.feed(next(responses))
@@ -984,7 +992,7 @@ class Site:
                     f"the coordinator at {self.target} closed before welcome"
                 ) from None
             finally:
-                self._call = None
+                self._call = self._link = None
                 link.close()
 
     def _answer(self, link: _Link, msg: Message) -> None:
