@@ -412,7 +412,7 @@ def _check_value(rnd: int, key: str, value: Any, rng: Range) -> float | int:
         raise PolicyRefusal(f"round {rnd}: hyper-parameter {key}={value!r:.32} is not a number")
     if rng.integer and not isinstance(value, int):
         raise PolicyRefusal(f"round {rnd}: hyper-parameter {key}={value!r} must be an integer")
-    if not math.isfinite(value) or not rng.min <= value <= rng.max:
+    if not rng.min <= value <= rng.max:  # NaN compares False: refused too
         raise PolicyRefusal(
             f"round {rnd}: hyper-parameter {key}={value!r} is outside this site's range "
             f"[{rng.min}, {rng.max}]"
