@@ -15,6 +15,11 @@ thousands of parameters, against what README promises:
   data, and the released model minus the weighted mean of those is the weighted mean of
   the clients' lr σ C z / n_k.
 
+* Poisson cohorts (q < 1): the release divides by qN, not by the count that answered
+  (a seed whose cohort is not qN); under Paillier at a coarse grid, the reported epsilon
+  is the accountant's with the quantization term (recomputed by hand) and the shares are
+  sized for the clients that do not collude (``privacy.max_colluding_clients``).
+
 Each check is a chi-square bound on the mean square over all parameters: a correct run
 fails it with probability about 1e-6, and the test itself asserts the bound rejects a
 halved noise (a quarter of the variance), let alone none.
@@ -215,3 +220,83 @@ def test_opacus_noise_in_the_released_model_is_lr_sigma_c_over_n(ray_2cpus, tmp_
     with (tmp_path / "sample" / "run" / "metrics.csv").open() as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["train_loss"] == "" and float(row["test_loss"]) > 0
+
+
+# -- issue 22: Poisson cohorts (q < 1), the quantization term, colluding clients -------------
+
+# q = 1/2 over 4 sites (qN = 2), m_min = 1 (central) or 2 (distributed). The cohort is
+# Poisson; at the job's seed the released round's cohort is not qN = 2 (asserted), so a
+# server dividing by the count that answered, not qN, shrinks the noise and moves the mean.
+POISSON = [
+    "privacy=dp",
+    f"privacy.noise_multiplier={SIGMA}",
+    f"privacy.clip_norm={CLIP}",
+    "num_clients=4",
+    "clients_per_round=2",
+]
+
+
+def test_poisson_cohort_release_is_the_sum_over_qn_with_sigma_c_over_qn_noise(ray_2cpus, tmp_path):
+    """q < 1, central noise: the released model is the global one plus (the sum of the
+    clipped updates + N(0, sigma^2 C^2)) / qN, qN the expected cohort size, whatever the
+    number of clients that answered."""
+    cfg, sent, updates, released = _job(
+        tmp_path, "poisson", [*POISSON, "crypto=none", "min_clients_per_round=1"]
+    )
+    denominator = 0.5 * cfg.num_clients  # q N
+    assert len(updates) != denominator, "the cohort must differ from qN for this test to bite"
+    deltas = np.stack([u["delta"] for u in updates.values()])
+    residual = released - sent - deltas.sum(axis=0) / denominator
+    _assert_noise_variance(residual, (SIGMA * CLIP / denominator) ** 2)
+
+
+def test_encrypted_poisson_job_reports_the_quantization_term_and_sizes_shares_for_colluders(
+    ray_2cpus, tmp_path
+):
+    """Distributed noise under Paillier at a coarse grid (crypto.quant_bits=12), q = 1/2,
+    m_min = 2, one colluding client. The reported epsilon is the accountant's with the
+    quantization term, sensitivity C' = C + s sqrt(d) / 2, recomputed here by hand (it moves
+    epsilon by more than 10% at this grid); each share is N(0, sigma^2 C^2 / (m_min - k)),
+    so the released noise is cohort * sigma^2 C^2 / (m_min - k) / (qN)^2."""
+    import json
+    import math
+
+    from fedray.privacy.dp import compute_epsilon, released_inclusion_probability
+
+    m, k = 2, 1
+    overrides = [
+        *POISSON,
+        *SMALL_KEY,
+        "crypto.quant_bits=12",
+        f"min_clients_per_round={m}",
+        f"privacy.max_colluding_clients={k}",
+    ]
+    cfg, sent, updates, released = _job(tmp_path, "grid", overrides)
+    summary = json.loads((tmp_path / "grid" / "run" / "summary.json").read_text())
+    assert summary["max_colluding_clients"] == k
+    rounds = summary["rounds_completed"]
+    assert rounds == 1
+    step, d = _codec_step(cfg, sent.size), sent.size
+    sensitivity = CLIP + step * math.sqrt(d) / 2  # C'
+    rate = released_inclusion_probability(cfg.num_clients, 0.5, m)
+
+    def epsilon(noise_multiplier):
+        return compute_epsilon(
+            rate=rate, noise_multiplier=noise_multiplier, steps=rounds, delta=cfg.privacy.delta
+        )
+
+    # The released model carries at least m_min shares: sigma sqrt(m / (m - k)) C / C'.
+    with_term = epsilon(SIGMA * math.sqrt(m / (m - k)) * CLIP / sensitivity)
+    without = epsilon(SIGMA * math.sqrt(m / (m - k)))
+    assert abs(with_term - without) > 0.1 * without  # the term matters at this grid
+    assert summary["epsilon"] == pytest.approx(with_term, rel=1e-9)
+    with (tmp_path / "grid" / "run" / "metrics.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["epsilon"]) == pytest.approx(with_term, rel=1e-5)  # 6 digits
+    # Noise: each share sigma^2 C^2 / (m - k), plus two roundings of step^2 / 12 per client.
+    cohort, denominator = len(updates), 0.5 * cfg.num_clients
+    deltas = np.stack([u["delta"] for u in updates.values()])
+    residual = released - sent - deltas.sum(axis=0) / denominator
+    share = (SIGMA * CLIP) ** 2 / (m - k)
+    variance = cohort * (share + 2 * step**2 / 12) / denominator**2
+    _assert_noise_variance(residual, variance)
