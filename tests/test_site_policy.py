@@ -103,6 +103,13 @@ def test_good_requests_pass():
     }
     policy.check_sum(3, 3, 2)
     policy.check_sum(10, 7, 3)
+    # As the wire carries them: the fingerprint's 32 raw bytes, an integer as a double.
+    wire = {"lr": 0.1, "local_epochs": 2.0, "batch_size": 32}
+    policy.check_request(
+        dataclasses.replace(GOOD, model_fingerprint=bytes.fromhex(FP_A), hyperparameters=wire)
+    )
+    resolved = policy.resolve_hyperparameters(dataclasses.replace(GOOD, hyperparameters=wire))
+    assert resolved["local_epochs"] == 2 and isinstance(resolved["local_epochs"], int)
 
 
 # -- a hostile coordinator's requests, each refused ------------------------------------------
@@ -112,6 +119,10 @@ HOSTILE = {
     "task_not_installed": (dict(task_id="exfiltrate"), "task exfiltrate@1 is not installed"),
     "task_other_version": (dict(task_version="2"), "task tabular@2 is not installed"),
     "model_other_fingerprint": (dict(model_fingerprint=FP_B), "model fingerprint 'bbbbbbbb"),
+    "model_other_fingerprint_bytes": (
+        dict(model_fingerprint=bytes.fromhex(FP_B)),
+        "model fingerprint 'bbbbbbbb",
+    ),
     "rounds_past_max": (dict(round=11), "at most max_rounds=10"),
     "round_zero": (dict(round=0), "round numbers start at 1"),
     "round_not_int": (dict(round="3"), "must be an integer"),

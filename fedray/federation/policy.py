@@ -110,7 +110,7 @@ class TrainRequest:
     round: int
     task_id: str
     task_version: str
-    model_fingerprint: str
+    model_fingerprint: str | bytes  # hex, or the 32 raw bytes of the SHA-256
     hyperparameters: Mapping[str, float | int] = field(default_factory=dict)
     upload_bytes: int = 0  # the size of the update the coordinator expects back
 
@@ -190,9 +190,12 @@ class SitePolicy:
         allow; return None to go ahead."""
         rnd = _check_round(request.round, self.max_rounds)
         task = self.task_for(request.task_id, request.task_version, rnd)
-        if request.model_fingerprint != task.model_fingerprint:
+        fp = request.model_fingerprint
+        if isinstance(fp, bytes | bytearray):  # the wire's 32 raw bytes
+            fp = bytes(fp).hex()
+        if fp != task.model_fingerprint:
             raise PolicyRefusal(
-                f"round {rnd}: model fingerprint {str(request.model_fingerprint)[:16]!r} is not "
+                f"round {rnd}: model fingerprint {str(fp)[:16]!r} is not "
                 f"the one this site accepts for task {task.id}@{task.version} "
                 f"({task.model_fingerprint[:16]}...)"
             )
@@ -411,7 +414,9 @@ def _check_value(rnd: int, key: str, value: Any, rng: Range) -> float | int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PolicyRefusal(f"round {rnd}: hyper-parameter {key}={value!r:.32} is not a number")
     if rng.integer and not isinstance(value, int):
-        raise PolicyRefusal(f"round {rnd}: hyper-parameter {key}={value!r} must be an integer")
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise PolicyRefusal(f"round {rnd}: hyper-parameter {key}={value!r} must be an integer")
+        value = int(value)  # 2.0 from a wire that carries doubles
     if not rng.min <= value <= rng.max:  # NaN compares False: refused too
         raise PolicyRefusal(
             f"round {rnd}: hyper-parameter {key}={value!r} is outside this site's range "
