@@ -276,12 +276,6 @@ class Server:
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])
 
-    def load_privacy_state(self, state: dict[str, Any]) -> None:
-        """Replace the accountant's state (from the privacy ledger, newer than the
-        checkpoint): rounds released after the checkpoint stay counted on resume."""
-        if self.privacy is not None:
-            self.privacy.load_state_dict(state)
-
     # -- one round ------------------------------------------------------------------------
     def run_round(self) -> RoundOutcome:
         """Run one attempt at the next round, or at the round being retried.
