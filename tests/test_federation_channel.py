@@ -323,11 +323,13 @@ def test_site_refuses_same_ca_coordinator_not_in_manifest(fed, tmp_path):
         manifest=tmp_path / "rogue.json",
         signing_key=fed / COORD / "signing.key",
     )
+    running = Running(make_site(fed, "a", rogue.port, echo_handler), max_wait_s=5)
     try:
-        with pytest.raises(ch.FederationError, match="not the manifest's"):
-            make_site(fed, "a", rogue.port, echo_handler).run(max_wait_s=5)
+        err = running.wait_error(10)
+        assert isinstance(err, ch.FederationError) and "not the manifest's" in str(err)
         assert rogue.connected() == []
     finally:
+        running.stop()
         rogue.close(0)
 
 
@@ -409,6 +411,14 @@ def test_receiver_accepts_a_good_sequence(fed):
         assert receiver.feed(frame) is None
     msg = receiver.feed(sender.envelope("train_reply", _reply(), in_reply_to=1))
     assert msg.kind == "train_reply" and msg.blob(blob.ref).data == bytes(blob.data)
+    # a reference whose digest or size is not the blob's that arrived is refused
+    for ref in (
+        pb.BlobRef(blob_id="c", size=8, sha256=b"x" * 32),
+        pb.BlobRef(blob_id="c", size=9, sha256=blob.ref.sha256),
+        pb.BlobRef(blob_id="d", size=8, sha256=blob.ref.sha256),
+    ):
+        with pytest.raises(ProtocolError, match="did not arrive intact"):
+            msg.blob(ref)
 
 
 def test_receiver_refuses_a_bad_signature(fed):
@@ -504,7 +514,9 @@ def test_receiver_refuses_a_chunk_whose_digest_does_not_match(fed):
     frame = pb.Frame.FromString(chunk)
     frame.chunk.data = b"0123456780"
     receiver.feed(header)
-    with pytest.raises(ProtocolError, match="does not match its digest"):
+    with pytest.raises(
+        ProtocolError, match="chunk of blob c at offset 0 does not match its digest"
+    ):
         receiver.feed(frame.SerializeToString())
 
 
