@@ -23,6 +23,7 @@ from fedray.crypto.paillier import (
     PublicKey,
     _FixedBaseTable,
     _generator_mod_prime,
+    _ResidueTable,
     add_ciphertexts,
     check_ciphertexts,
     ciphertext_chunks,
@@ -114,6 +115,65 @@ def test_fixed_base_table_refuses_windows_outside_2_to_16():
     for window in (1, 17):
         with pytest.raises(ValueError, match=f"window={window}: fixed-base windows are 2..16 bits"):
             _FixedBaseTable(3, 101**2, 20, window)
+
+
+SMALL_N = (1000003 * 999983, 1000003)  # a composite n (as Paillier's) and a prime
+
+
+@pytest.mark.parametrize(
+    ("window", "bits"), [(2, 21), (3, 30), (5, 64), (8, 9), (8, 64), (9, 40), (12, 25)]
+)
+def test_residue_table_gives_exact_powers_mod_n_squared(window, bits):
+    """The server's table keeps each power mod n^2 as a residue mod n and a correction
+    mod n: its powers are exactly pow()'s and _FixedBaseTable's, exponents wider than
+    the table or negative are refused."""
+    rng = random.Random(window * 1000 + bits)
+    for n in SMALL_N:
+        modulus, h = n * n, 123457
+        table, plain = _ResidueTable(h, n, bits, window), _FixedBaseTable(h, modulus, bits, window)
+        assert table.num_digits == -(-bits // window) and table.modulus == modulus
+        for x in [
+            0,
+            1,
+            2,
+            (1 << bits) - 1,
+            1 << (bits - 1),
+            *(rng.getrandbits(bits) for _ in range(6)),
+        ]:
+            assert table.pow(x) == pow(h, x, modulus) == plain.pow(x), (n, x)
+            assert table.pow(x, times=modulus + 10) == 10 * pow(h, x, modulus) % modulus
+        for bad in (1 << bits, -1):
+            with pytest.raises(OverflowError, match="too big"):
+                table.pow(bad)
+
+
+def test_residue_table_opens_sums_and_refuses_wrong_ones(monkeypatch):
+    """``open_many`` gives M for each ``c = (1 + M n) hs^X`` from X (the table is over
+    hs^-1), across its blocks of exponents; one wrong exponent or one ciphertext that is
+    not a unit, anywhere, and the whole list does not open."""
+    n = SMALL_N[0]
+    modulus = n * n
+    hs = pow(987654321, n, modulus)
+    bits = 30
+    table = _ResidueTable(pow(hs, -1, modulus), n, bits, 4)
+    monkeypatch.setattr(_ResidueTable, "BLOCK", 3)  # 10 ciphertexts: 4 blocks
+    rng = random.Random(5)
+    ms = [rng.randrange(n) for _ in range(10)]
+    xs = [rng.getrandbits(bits) for _ in range(10)]
+    cts = [(1 + m * n) * pow(hs, x, modulus) % modulus for m, x in zip(ms, xs, strict=True)]
+    assert table.open_many(cts, xs) == ms
+    assert table.open_many([c + 5 * modulus for c in cts], xs) == ms  # taken mod n^2
+    for i in (0, 4, 9):
+        wrong = list(xs)
+        wrong[i] ^= 1
+        assert table.open_many(cts, wrong) is None
+    assert table.open_many([*cts[:7], 1000003 * cts[7] % modulus, *cts[8:]], xs) is None
+    with pytest.raises(ValueError, match="10 ciphertexts but 9 exponents"):
+        table.open_many(cts, xs[:9])
+    with pytest.raises(ValueError, match="must be a unit mod n"):
+        _ResidueTable(1000003, n, bits, 4)
+    with pytest.raises(ValueError, match="window=17: fixed-base windows are 2..16 bits"):
+        _ResidueTable(hs, n, bits, 17)
 
 
 def test_key_holder_default_is_fixed_base_and_decrypts_with_phe(small_keypair):

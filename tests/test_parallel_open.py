@@ -141,7 +141,9 @@ def test_server_opens_big_sums_over_its_cpus():
     assert opening_processes(compose([]), big - 1) == 1  # small sum: in-process
     assert opening_processes(compose([]), big) == len(os.sched_getaffinity(0))
     assert opening_processes(compose(["crypto.processes=3"]), 10) == 3  # asked for
-    assert window_for(9_999) == 8 and window_for(10_000) == BIG_WINDOW
+    # A 1M-value update is 9,805 ciphertexts: its sum opens with 12-bit windows.
+    assert window_for(6_999) == 8 and window_for(7_000) == BIG_WINDOW == 12
+    assert window_for(9_805) == BIG_WINDOW
 
 
 def test_client_encryptor_with_a_pool_shares_in_the_workers(key):

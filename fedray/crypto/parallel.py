@@ -1,7 +1,8 @@
 """Spread one update's encryption, or one sum's opening, over processes (gmpy2 holds the GIL).
 
-Each worker builds what it needs once (an encryptor's or an unmasker's fixed-base table;
-``window=12`` for big updates: ~1 s at 2048 bits), then takes chunks: plaintexts come
+Each worker builds what it needs once, when the pool starts (an encryptor's or an
+unmasker's fixed-base table; ``window=12`` for big updates: 2-3 CPU-s and ~250 MiB per
+worker at 2048 bits, see docs/performance.md), then takes chunks: plaintexts come
 back as packed ciphertext bytes with their secret obfuscator exponents (public-key
 encryption, for the key holders' shares); summed ciphertexts and their summed exponents
 come back as plaintexts (the server's fast-path opening, :class:`Unmasker`). Pays off

@@ -27,8 +27,10 @@ share of ``x`` (same integer scheme). The obfuscator of a *sum* of updates is ``
 with ``X`` the sum of their exponents; ``t`` holders each add their shares over the
 updates of the sum, the server combines ``t`` such sums into ``X`` (integer Lagrange
 interpolation, exact) and strips ``hs^X`` from the summed ciphertext with one fixed-base
-exponentiation (one multiplication mod ``n^2`` per 8 or 12 bits of ``X``: ~130 or ~86 at
-2048 bits, 2.3 times what the 448-bit exponents before issue #22 cost). Releasing ``X``
+exponentiation (one multiplication per 8 or 12 bits of ``X``: ~130 or ~86 at 2048 bits,
+2.3 times what the 448-bit exponents before issue #22 cost; each multiplies the 4096-bit
+accumulator by a 2048-bit residue, see :class:`~fedray.crypto.paillier._ResidueTable`,
+about half the cost of a product mod ``n^2``). Releasing ``X``
 for a sum reveals nothing beyond that sum's plaintext; each key holder adds each
 contribution into at most one released sum (see :mod:`fedray.runtime.keys`), so the
 server cannot difference two sums.
@@ -69,6 +71,7 @@ from fedray.crypto.paillier import (
     PrivateKey,
     PublicKey,
     _FixedBaseTable,
+    _ResidueTable,
     generate_keypair,
 )
 
@@ -287,7 +290,8 @@ class Unmasker:
     """Server side of the fast path: ``t`` holders' share sums -> the summed plaintexts.
 
     Stripping ``hs^X`` is one fixed-base power per ciphertext (the table of ``hs^-1``
-    powers is built once per key, on first use). ``pool``, a
+    powers, :class:`~fedray.crypto.paillier._ResidueTable`, is built once per key, on
+    first use). ``pool``, a
     :class:`~fedray.crypto.parallel.ParallelCrypto`, spreads big sums over its processes
     (each builds its own table once); results are identical either way.
     """
@@ -299,15 +303,15 @@ class Unmasker:
         self.pool = pool
         self._n = gmpy2.mpz(key.n)
         self._n2 = self._n * self._n
-        self._table_cache: _FixedBaseTable | None = None
+        self._table_cache: _ResidueTable | None = None
         self._max_exponent = self.max_summands << key.exponent_bits
 
     @property
-    def _table(self) -> _FixedBaseTable:
+    def _table(self) -> _ResidueTable:
         if self._table_cache is None:
             hs_inv = gmpy2.invert(gmpy2.mpz(self.key.hs), self._n2)
             bits = self.key.exponent_bits + self.max_summands.bit_length()
-            self._table_cache = _FixedBaseTable(int(hs_inv), int(self._n2), bits, self.window)
+            self._table_cache = _ResidueTable(int(hs_inv), int(self._n), bits, self.window)
         return self._table_cache
 
     def exponents(self, share_sums: dict[int, bytes], summands: int) -> list[int]:
@@ -336,16 +340,7 @@ class Unmasker:
             raise ValueError(f"{len(ciphertexts)} ciphertexts but {len(exponents)} exponents")
         if self.pool is not None and len(ciphertexts) > 1:
             return self.pool.unmask(ciphertexts, exponents, self.max_summands, self.window)
-        n = self._n
-        pow_times = self._table.pow
-        out = []
-        for c, x in zip(ciphertexts, exponents, strict=True):
-            u = pow_times(x, gmpy2.mpz(c))  # c * hs^-X mod n^2
-            m, rem = divmod(u - 1, n)
-            if rem or not 0 <= m < n:
-                return None
-            out.append(int(m))
-        return out
+        return self._table.open_many(ciphertexts, exponents)  # L(c * hs^-X mod n^2)
 
 
 def partial_decrypt(share: DecryptionShare, ciphertexts: list) -> list[int]:
