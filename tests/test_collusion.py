@@ -15,6 +15,8 @@ honest holders' and hosts' public methods, and the hosts' answers.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import ray.cloudpickle
@@ -33,6 +35,8 @@ from fedray.runtime.keys import (
     KeyHolder,
     cohort_message,
     digest,
+    registration_message,
+    round_ticket_message,
 )
 from fedray.runtime.server import Server
 from tests.conftest import compose
@@ -97,6 +101,7 @@ def _federation(h, t):
             max_rounds=5,
         )
         assert holder.install(key, shares[j - 1])
+        assert holder.open_round(2, authority.sign_bytes(round_ticket_message(key.fingerprint, 2)))
         holders.append(holder)
     return key, layout, codec, hosts, holders
 
@@ -231,8 +236,6 @@ def test_holders_check_each_approval_against_the_identity_that_signed_the_update
         holder.share_sum(1, ids, missing)
     # Host 0 restarts: the driver registers its new identity from round 2. Its new
     # identity's approval of round 1 does not match the identity that signed the update.
-    from fedray.runtime.keys import registration_message
-
     new = HostIdentity()
     authority = HostIdentity()
     holder._authority = authority.public_bytes()  # the test plays the driver
@@ -244,7 +247,7 @@ def test_holders_check_each_approval_against_the_identity_that_signed_the_update
     with pytest.raises(PermissionError, match="host 0 did not approve"):
         holder.share_sum(1, ids, forged)
     late = Contribution(key.fingerprint, 1, "late", 0, (1,), "00", (), model_sha256="w0")
-    with pytest.raises(PermissionError, match="takes part again from round 2"):
+    with pytest.raises(PermissionError, match="takes part again from round 3"):  # opened: 2
         holder.deposit(new.sign(late), None)
     assert holder.share_sum(1, ids, good)  # the dead identity's own approval still holds
 
@@ -298,3 +301,67 @@ def test_hosts_sign_the_exact_bytes_of_the_weights_they_received():
     bumped = w.copy()
     bumped[3] = np.nextafter(bumped[3], np.float32(2))
     assert model_digest(w) != model_digest(bumped)
+
+
+def test_holders_take_only_rounds_the_driver_opened_and_restarted_hosts_after_them():
+    """The server cannot run ahead of the driver: deposits and sums of a round the driver
+    has not opened (a ticket signed with its set-up key) are refused, so it cannot have
+    hosts approve a round early, kill them, and have their successors (registered for
+    "the next round") deposit again in it. A registration never reaches back into a round
+    already opened, whatever round the driver names."""
+    key, _, _, hosts, holders = _federation(3, 2)
+    holder = holders[0]
+    authority = HostIdentity()
+    holder._authority = authority.public_bytes()  # the test plays the driver
+    with pytest.raises(PermissionError, match="round 3 was not opened by the driver"):
+        hosts[0].seal([holder], 3, 0, np.zeros(VALUES))
+    forged = HostIdentity().sign_bytes(round_ticket_message(key.fingerprint, 3))
+    with pytest.raises(PermissionError, match="ticket not signed"):
+        holder.open_round(3, forged)
+    assert holder.open_round(3, authority.sign_bytes(round_ticket_message(key.fingerprint, 3)))
+    hosts[0].seal([holder], 3, 0, np.zeros(VALUES))  # now it is taken
+    new = HostIdentity()
+    stale = authority.sign_bytes(registration_message(key.fingerprint, 0, new.public_bytes(), 1, 2))
+    assert holder.register(0, new.public_bytes(), 1, 2, stale)  # "from round 2", while 3 is open
+    late = Contribution(key.fingerprint, 3, "late", 0, (1,), "00", (), model_sha256="w0")
+    with pytest.raises(PermissionError, match="takes part again from round 4"):
+        holder.deposit(new.sign(late), None)
+
+
+class FailingOpenServer(Server):
+    """Round 2's sum fails after the key holders were asked (as a sum a colluding host
+    overflowed fails the packing check once it is opened)."""
+
+    def _decrypt(self, acc):
+        if self.round == 2:
+            super()._decrypt(acc)  # the holders answer: the sum is released
+            raise ClusterError("round 2: the decrypted sum does not fit the packing")
+        return super()._decrypt(acc)
+
+
+def test_a_round_that_fails_after_its_release_is_still_counted(ray_2cpus, tmp_path):
+    """The server counts a release before it asks the key holders to open the sum, and the
+    driver saves that count when the round fails, so a resume counts the release (and its
+    replay) rather than only the checkpoint's rounds."""
+    over = [
+        "crypto=paillier",
+        "crypto.key_bits=512",
+        "crypto.allow_insecure_keys=true",
+        "privacy=dp",
+        "num_clients=4",
+        "clients_per_round=4",
+        "cluster.num_actors=2",
+        "client.num_cpus=0.5",
+        "rounds=3",
+        "checkpoint.every=1",
+    ]
+    with pytest.raises(ClusterError, match="does not fit the packing"):
+        run_experiment(compose(over), tmp_path / "run", server_class=FailingOpenServer)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    from fedray.runtime.driver import PRIVACY_LEDGER
+    from fedray.runtime.outputs import load_checkpoint
+
+    assert load_checkpoint(checkpoints)["privacy"]["steps"] == 1
+    ledger = json.loads((checkpoints / PRIVACY_LEDGER).read_text())
+    assert ledger["privacy"]["steps"] == 2  # round 2 was released: counted
+    assert ledger["privacy"]["participation"] == {str(c): 2 for c in range(4)}

@@ -30,6 +30,7 @@ from fedray.runtime.keys import (
     digest,
     find_key_material,
     registration_message,
+    round_ticket_message,
 )
 from fedray.runtime.server import server_actor_class
 from tests.conftest import compose
@@ -103,6 +104,8 @@ def ledger(threshold_key):
     )
     assert holder.install(key, shares[0])
     holder.sites = sites
+    # The test plays the driver: it opens the job's rounds (tickets: tests/test_collusion.py).
+    assert holder.open_round(5, authority.sign_bytes(round_ticket_message(key.fingerprint, 5)))
     return holder, sites, authority, key, shares
 
 
@@ -349,6 +352,7 @@ def _federation(overrides, host_class=None):
     ]
     assert ray.get([h.ready.remote() for h in hosts]) == [True] * len(hosts)
     custody = set_up_keys(cfg, hosts, placement.assignment, authority)
+    custody.open_round(cfg.rounds)  # the test plays the driver, which opens each round
     server = server_actor_class().remote(
         cfg, info, hosts, placement.assignment, custody.key, None, key_holders=custody.holders
     )
@@ -389,7 +393,7 @@ def test_no_process_but_the_holders_holds_key_material(federation):
     assert ray.get(server.__ray_call__.remote(curious.custody_findings)) == []
     for h in hosts:
         assert ray.get(h.__ray_call__.remote(lambda self, n: find_key_material(self, n), n)) == [
-            "root._identity: HostIdentity"  # its own signing key, nothing that decrypts
+            "root._impl._identity: HostIdentity"  # its own signing key, nothing else
         ]
     # The driver keeps the public key, the handles and its own set-up signing key only.
     assert find_key_material(custody, n) == ["root.authority: HostIdentity"]
@@ -598,3 +602,21 @@ def test_the_2t_minus_h_coalition_opens_at_most_one_sum_of_a_round_in_a_live_job
         ray.get(custody.holders[2].share_sum.remote(r, ids_b, approvals_b))
     with pytest.raises(ray.exceptions.RayTaskError, match="different sum"):
         ray.get(custody.holders[1].share_sum.remote(r, ids_b, approvals_b))
+
+
+def test_hosts_and_holders_expose_only_their_public_methods(federation):
+    """Ray makes every method of an actor class remote, underscore ones too: a handle to
+    the real KeyHolder would run ``_authorize`` (and return a holder's exponent shares
+    of any update), one to the real ClientHost ``_train_many`` (training past ``train``'s
+    guard). The actors are facades with the public methods only."""
+    _, hosts, custody, _ = federation
+    for handle, private in (
+        (custody.holders[0], "_authorize"),
+        (custody.holders[0], "_release"),
+        (hosts[0], "_train_many"),
+        (hosts[0], "_train_one"),
+        (hosts[0], "_seal"),
+    ):
+        with pytest.raises(AttributeError):
+            getattr(handle, private)
+    assert ray.get(hosts[0].trainable.remote()) is True  # the public ones still answer

@@ -90,6 +90,14 @@ class RestartRecordingServer(Server):
                 self._write("early", [r.delta is not None or r.error for r in answer])
             except Exception as exc:
                 self._write("early", str(exc).strip().splitlines()[-1])
+            # Nor may the server set it up itself, or read a site's size from it.
+            probes = {}
+            for name, args in (("set_weight_ref", (1000.0,)), ("running_max_examples", (0.0,))):
+                try:
+                    probes[name] = repr(ray.get(getattr(self.hosts[2], name).remote(*args)))
+                except Exception as exc:
+                    probes[name] = str(exc).strip().splitlines()[-1]
+            self._write("setup", probes)
         return super()._sample_cohort()
 
     def _fetch(self, ref):
@@ -167,6 +175,9 @@ def test_restarted_hosts_fail_closed_and_get_their_weight_ref_back(ray_2cpus, tm
     # With crypto the first reason is its unconfigured key (then its lost weight_ref).
     reason = "no weight_ref yet" if mode == "plaintext" else "crypto is not configured"
     assert reason in early
+    ((_, setup),) = _records(record, "setup")
+    assert "not signed by the job's set-up key" in setup["set_weight_ref"]
+    assert "set-up is over" in setup["running_max_examples"]
     results = _records(record, "result")
     releases = _records(record, "release")
     assert [r for r, _ in releases] == [1, 2, 3, 4]

@@ -55,10 +55,11 @@ are assumed independent of the clients' data and are not modelled further. An at
 releases nothing: with encryption the key holders refuse to decrypt fewer than m_min
 updates, and without it the round's updates are dropped unaggregated.
 
-Releases are counted when they happen and survive a resume: the driver persists the
-accountant after every round (``privacy_ledger.json`` next to the checkpoints), so the
-rounds after the last checkpoint, released once before a crash and again with fresh
-noise after the resume, are counted twice.
+Releases are counted when they happen and survive a resume: the server steps the
+accountant before the key holders are asked to open a sum, and the driver persists it
+after every round and when a round fails (``privacy_ledger.json`` next to the
+checkpoints), so the rounds after the last checkpoint, released once before a crash and
+again with fresh noise after the resume, are counted twice.
 
 Why quantization keeps the bound (distributed): a client clips, then *quantizes its
 clipped update* to the codec's grid (step s), then adds integer noise (a rounded Gaussian

@@ -153,13 +153,13 @@ class ClientHost:
         # A host Ray restarted starts from its constructor's arguments (weight_ref 1.0):
         # it trains nothing until the driver has set it up again (see ``trainable``).
         self._awaiting_weight_ref = bool(restarted)
+        if restarted:  # by Ray, while the server runs: no unsigned set-up call answers
+            self._set_up_closed = True
         if cfg.crypto.name == "paillier":
             from fedray.runtime.keys import CohortApprover, HostIdentity
 
             self._identity = HostIdentity()  # made here; only its public half ever leaves
             self._approver = CohortApprover(self._identity)  # one sum per round: approve
-            if restarted:  # by Ray, while the server runs: no unsigned set-up call answers
-                self._set_up_closed = True
 
     # -- set-up -------------------------------------------------------------------------
     def identity(self) -> tuple[bytes, bool]:
@@ -279,9 +279,10 @@ class ClientHost:
         refused (a public ``dataset.weight_ref`` below a hosted client's count would cap its
         FedAvg weight at 1 and weigh the federation wrongly).
 
-        With crypto on it must be signed by the driver's set-up key: a server that could
-        set another site's weight_ref to 1e12 would zero that site's weighted update and
-        read a victim's update alone out of a two-site "sum".
+        Given the driver's set-up key (every job the driver runs) it must be signed by it:
+        a server that could set another site's weight_ref to 1e12 would zero that site's
+        weighted update and read a victim's update alone out of a two-site "sum", or set a
+        restarted host's weight_ref itself and read example counts from its weights.
         """
         if self._authority is not None:
             from fedray.runtime.keys import verify, weight_ref_message
@@ -640,4 +641,7 @@ def client_actor_class(host_class: type | None = None):
     """
     import ray
 
-    return ray.remote(max_restarts=-1, max_task_retries=0)(host_class or ClientHost)
+    from fedray.runtime.facade import public_facade
+
+    # Public methods only: ``_train_many`` and the like would bypass ``train``'s guard.
+    return ray.remote(max_restarts=-1, max_task_retries=0)(public_facade(host_class or ClientHost))

@@ -60,6 +60,21 @@ class KeyCustody:
 
         ray.get([h.restrict.remote(first_round, last_round) for h in self.holders])
 
+    def open_round(self, round_num: int) -> None:
+        """Open ``round_num`` at every key holder (a ticket signed with the driver's set-up
+        key): holders take deposits of, and open sums of, no later round. A dead holder
+        is skipped (the others suffice)."""
+        import ray
+
+        from fedray.runtime.keys import round_ticket_message
+
+        signature = self.authority.sign_bytes(round_ticket_message(self.key.fingerprint, round_num))
+        for ref in [h.open_round.remote(round_num, signature) for h in self.holders]:
+            try:
+                ray.get(ref, timeout=60)
+            except Exception as exc:
+                log.debug("a key holder did not take round %d's ticket: %s", round_num, exc)
+
     def sign_weight_ref(self, weight_ref: float) -> bytes:
         from fedray.runtime.keys import weight_ref_message
 

@@ -385,10 +385,11 @@ def _start_hosts(job: _Job, actor_cls: Any, server_cls: Any) -> None:
     cfg = job.cfg
     job.placement = plan_placement(cfg, ray.cluster_resources())
     job.info = _dataset_info(cfg, job.placement)
-    if cfg.crypto.name == "paillier":
-        from fedray.runtime.keys import HostIdentity
+    from fedray.runtime.keys import HostIdentity
 
-        job.authority = HostIdentity()  # the job's set-up key: signs host config, never leaves
+    # The job's set-up key (every mode): signs host config, weight_ref and round tickets;
+    # never leaves the driver.
+    job.authority = HostIdentity()
     authority = job.authority
     host_options, job.reservation = _reserve(job.placement)
     job.hosts = [
@@ -434,12 +435,14 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
         for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
             sizes.update(answer)
     # Keys last: configuring a host's crypto closes its set-up calls.
-    weight_ref_signature = None
-    if job.authority is not None:
+    from fedray.runtime.keys import weight_ref_message
+
+    weight_ref_signature = job.authority.sign_bytes(weight_ref_message(weight_ref))
+    if cfg.crypto.name == "paillier":
         from fedray.runtime.custody import set_up_keys
 
         job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority)
-        weight_ref_signature = job.custody.sign_weight_ref(weight_ref)
+        job.custody.sign_weight_ref(weight_ref)
     job.public_key = job.custody.key if job.custody else None
     for answer in ray.get(
         [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
@@ -651,10 +654,16 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             target = f"privacy.target_epsilon_vs_server={cfg.privacy.target_epsilon_vs_server}"
             _stop_for_privacy(summary, round_num, target)
             break
-        outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
-        while outcome.retry:  # too few clients: restarted hosts are set up, then a retry
-            _refresh_hosts(job, round_num + 1)
-            outcome = _get(server.run_round.remote())
+        if job.custody is not None:  # the key holders take this round, no later one
+            job.custody.open_round(round_num)
+        try:
+            outcome = _get(server.run_round.remote())  # a FedrayError: outputs kept
+            while outcome.retry:  # too few clients: restarted hosts set up, then a retry
+                _refresh_hosts(job, round_num + 1)
+                outcome = _get(server.run_round.remote())
+        except FedrayError:
+            _save_ledger_of_a_failed_round(job, round_num)
+            raise
         if outcome.stop:  # a privacy target would be exceeded: nothing was run
             _stop_for_privacy(summary, outcome.metrics["round"] + 1, outcome.stop_reason)
             break
@@ -693,6 +702,24 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
         raise Interrupted(last_round, job.checkpoint_dir)
 
 
+def _save_ledger_of_a_failed_round(job: _Job, round_num: int) -> None:
+    """A round that failed may have been released (the server counts a release before it
+    asks the key holders to open it; a sum can open and then fail the packing check):
+    save the accountant as it stands, so a resume counts it and its replay."""
+    import ray
+
+    if job.privacy is None:
+        return
+    try:
+        state = ray.get(job.server.privacy_state.remote(), timeout=60)
+    except Exception as exc:  # the server is gone: the last ledger entry stands
+        log.warning("round %d failed and its privacy state could not be read: %s", round_num, exc)
+        return
+    if state is not None:
+        job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_json(job.ledger_path, {"round": round_num, "privacy": state})
+
+
 def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
     """Set up again the client hosts Ray restarted (they refuse to train until then:
     ``ClientHost.trainable``): with crypto, a new identity registered with the key
@@ -715,7 +742,10 @@ def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
             public, _ = ray.get(host.identity.remote())
             job.custody.re_register(i, public, from_round)
         else:
-            answer = ray.get(host.set_weight_ref.remote(job.weight_ref))
+            from fedray.runtime.keys import weight_ref_message
+
+            signature = job.authority.sign_bytes(weight_ref_message(job.weight_ref))
+            answer = ray.get(host.set_weight_ref.remote(job.weight_ref, signature))
             if answer is not True:
                 raise ConfigError(answer)
         restarted.append(i)

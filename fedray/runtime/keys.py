@@ -204,6 +204,13 @@ def registration_message(
     ).encode()
 
 
+def round_ticket_message(key_id: str, round_num: int) -> bytes:
+    """What the driver signs to open a round: key holders take deposits of, and open sums
+    of, only rounds the driver opened, so the server cannot run ahead of the driver (and
+    of the round the driver registers restarted hosts after)."""
+    return json.dumps({"key": key_id, "open_round": int(round_num)}, sort_keys=True).encode()
+
+
 def cohort_message(key_id: str, round_num: int, update_ids: list[str] | tuple[str, ...]) -> bytes:
     """What each host whose update is in a sum signs, once per round, before any key
     holder helps open it: the key, the round and the sorted list of the sum's update ids
@@ -254,6 +261,7 @@ class KeyHolder:
         if int(max_rounds) < 1:
             raise ValueError(f"max_rounds={max_rounds}: must be at least 1")
         self._first_round, self._max_rounds = 1, int(max_rounds)
+        self._opened = 0  # the latest round the driver opened (see open_round)
         self.index = int(index)
         self.key: ThresholdPublicKey | None = None
         self.custody = custody
@@ -313,7 +321,21 @@ class KeyHolder:
             raise PermissionError("registration not signed by the job's set-up key")
         self._peers[host] = bytes(public_key)
         self._epochs[host] = epoch
-        self._from_round[host] = max(self._from_round[host], from_round)
+        # Never in a round already opened: the dead identity may have approved its sum.
+        self._from_round[host] = max(self._from_round[host], from_round, self._opened + 1)
+        return True
+
+    def open_round(self, round_num: int, signature: bytes) -> bool:
+        """The driver opens ``round_num`` (signed with its set-up key): from here on this
+        holder takes deposits of, and opens sums of, rounds up to it. Only grows."""
+        if self.key is None:
+            raise PermissionError("this key holder holds no key yet")
+        round_num = int(round_num)
+        if not verify(
+            self._authority, bytes(signature), round_ticket_message(self.key.fingerprint, round_num)
+        ):
+            raise PermissionError("round ticket not signed by the job's set-up key")
+        self._opened = max(self._opened, round_num)
         return True
 
     def node_id(self) -> str:
@@ -370,11 +392,17 @@ class KeyHolder:
         return True
 
     def _check_round(self, round_num: int) -> None:
-        """PermissionError unless ``round_num`` is one of the rounds this holder opens."""
+        """PermissionError unless ``round_num`` is one of the rounds this holder opens: in
+        the driver's window and not past the latest round the driver opened."""
         if not self._first_round <= int(round_num) <= self._max_rounds:
             raise PermissionError(
                 f"round {round_num} is outside this job's rounds "
                 f"{self._first_round}..{self._max_rounds}"
+            )
+        if int(round_num) > self._opened:
+            raise PermissionError(
+                f"round {round_num} was not opened by the driver (the latest it opened is "
+                f"round {self._opened})"
             )
 
     def _authorize(
@@ -570,8 +598,11 @@ class KeyDealer:
 def key_holder_class():
     import ray
 
+    from fedray.runtime.facade import public_facade
+
     # A dead holder stays dead (a restarted one would hold no share): max_restarts=0.
-    return ray.remote(num_cpus=0, max_restarts=0)(KeyHolder)
+    # Public methods only: each applies the holder's checks (fedray/runtime/facade.py).
+    return ray.remote(num_cpus=0, max_restarts=0)(public_facade(KeyHolder))
 
 
 def key_dealer_class():

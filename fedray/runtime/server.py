@@ -242,6 +242,11 @@ class Server:
         return Unmasker(key, self.codec.max_summands, window=window, pool=pool)
 
     # -- info ---------------------------------------------------------------------------
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The accountant's state now (the driver saves it when a round fails after its
+        release was counted, so a resume still counts it)."""
+        return self.privacy.state_dict() if self.privacy is not None else None
+
     def num_parameters(self) -> int:
         """Values exchanged per update (the trainable parameters)."""
         return self.view.size
@@ -376,14 +381,7 @@ class Server:
                 self.privacy.saw_in_clear([r.client_id for r in results])
             return RoundOutcome(metrics, rejected=got.rejected)
         if self.codec is not None:
-            try:
-                acc.approvals = self._approvals(acc)
-            except ClusterError as exc:  # a host died since it sealed: try the round again
-                log.warning("%s; retrying the round", exc)
-                metrics["clients_failed"] += metrics["clients_ok"]
-                metrics["clients_ok"] = 0
-                self._hosts_failed = True
-                return RoundOutcome(metrics, rejected=got.rejected)
+            acc.approvals = self._approvals(acc)  # ClusterError: the run stops here
         stats = self._release(acc, results, metrics)
         metrics["aggregate_seconds"] += got.aggregate_s
         metrics.update(round_metrics(self.cfg, stats))  # weight-weighted means; NaN under DP
@@ -508,6 +506,8 @@ class Server:
         timings and the decryption path in ``metrics``."""
         decrypt_s = 0.0
         decrypted_by = None
+        if self.privacy is not None:  # counted before any holder is asked to open it
+            self.privacy.step([r.client_id for r in results])
         if self.codec is not None:
             t0 = time.perf_counter()
             plaintexts, decrypted_by = self._decrypt(acc)
@@ -527,8 +527,6 @@ class Server:
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
         self.weights = self.strategy.apply(self.weights, delta)
-        if self.privacy is not None:
-            self.privacy.step([r.client_id for r in results])
         metrics.update(
             aggregate_seconds=time.perf_counter() - t0,
             decrypt_seconds=decrypt_s,
@@ -662,9 +660,13 @@ class Server:
             try:
                 approvals[h] = self._fetch(ref)
             except Exception as exc:
+                # The others have signed this round's list and sign no other, so the
+                # round cannot be retried with another cohort: the run stops here.
                 raise ClusterError(
                     f"round {self.round}: client host {h} did not approve the sum "
-                    f"({_first_line(exc)})"
+                    f"({_first_line(exc)}); the other hosts approved this round's cohort "
+                    "and sign no other, so the round cannot be retried: resume from the "
+                    "last checkpoint (resume=true)"
                 ) from None
         return approvals
 
