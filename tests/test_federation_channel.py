@@ -565,18 +565,19 @@ def test_receiver_refuses_a_blob_over_the_cap(fed):
     sender, receiver = _pair(fed, max_blob=9)
     with pytest.raises(ProtocolError, match="over the receive cap of 9 bytes"):
         receiver.feed(_blob_frames(sender, b"0123456789")[0])
-    sender, receiver = _pair(fed, max_blob=15)  # two blobs for one message: 20 > 15
-    for frame in _blob_frames(sender, b"0123456789"):
+    # Two blobs for one message, each 100 bytes + its header + a fixed cost: over 700.
+    sender, receiver = _pair(fed, max_blob=700)
+    for frame in _blob_frames(sender, b"0123456789" * 10):
         receiver.feed(frame)
     header = pb.BlobHeader(
         blob_id="d",
-        total_size=10,
+        total_size=100,
         sha256=b"0" * 32,
         kind=pb.BLOB_KIND_CIPHERTEXTS,
-        shape=[10],
+        shape=[100],
         width=1,
     )
-    with pytest.raises(ProtocolError, match="exceed the receive cap of 15 bytes"):
+    with pytest.raises(ProtocolError, match="exceed the receive cap of 700 bytes"):
         receiver.feed(sender.blob(ch.OutgoingBlob(header, memoryview(b"")))[0])
 
 
@@ -820,3 +821,261 @@ def test_a_big_encrypted_update_streams_through(fed, coordinator):
         assert blob.ciphertexts(512, BIG_CIPHERTEXT_BYTES // 512).shape == (41120, 512)
     finally:
         running.stop()
+
+
+# --- hostile frames that must be refused, never crash a side (review of issue #23) -----------
+
+
+def _header_frame(sender, header: pb.BlobHeader) -> bytes:
+    return sender.blob(ch.OutgoingBlob(header, memoryview(b"")))[0]
+
+
+_EMPTY = hashlib.sha256(b"").digest()
+
+
+def _evil_header(dims=2000) -> pb.BlobHeader:
+    """A shape of ``dims`` dimensions of 2**64-1 declaring 1 byte: a 4300+-digit product."""
+    return pb.BlobHeader(
+        blob_id="p",
+        total_size=1,
+        sha256=hashlib.sha256(b"x").digest(),
+        kind=pb.BLOB_KIND_ARRAY,
+        dtype=pb.DTYPE_U8,
+        shape=[2**64 - 1] * dims,
+    )
+
+
+def test_receiver_refuses_a_huge_shape_before_any_arithmetic(fed):
+    sender, receiver = _pair(fed)
+    started = time.process_time()
+    with pytest.raises(ProtocolError, match="more than 8 dimensions"):
+        receiver.feed(_header_frame(sender, _evil_header()))
+    assert time.process_time() - started < 0.5
+    sender, receiver = _pair(fed)
+    with pytest.raises(ProtocolError, match="has a dimension over"):
+        receiver.feed(_header_frame(sender, _evil_header(dims=2)))
+    # A size mismatch names no computed size (a crafted shape cannot make a huge line).
+    sender, receiver = _pair(fed)
+    header = _evil_header(dims=1)
+    header.shape[:] = [7]
+    with pytest.raises(ProtocolError) as info:
+        receiver.feed(_header_frame(sender, header))
+    assert "7" not in str(info.value).replace("blob p", "")
+
+
+def test_receiver_turns_any_other_error_into_a_protocol_error(fed, monkeypatch):
+    def crash(header, max_bytes):
+        raise ValueError("a check tripped over a crafted value")
+
+    monkeypatch.setattr(ch, "check_header", crash)
+    sender, receiver = _pair(fed)
+    blob = ch.OutgoingBlob.from_ciphertexts("c", b"12345678", 4)
+    with pytest.raises(ProtocolError, match=r"could not be checked \(ValueError\)"):
+        receiver.feed(sender.blob(blob)[0])
+
+
+def test_receiver_caps_the_number_of_blobs_and_counts_empty_ones(fed):
+    def empty(i):
+        return pb.BlobHeader(
+            blob_id=f"z{i}", total_size=0, sha256=_EMPTY, kind=pb.BLOB_KIND_CIPHERTEXTS,
+            shape=[0], width=1,
+        )  # fmt: skip
+
+    sender, receiver = _pair(fed, max_blob=1 << 30)
+    for i in range(ch.MAX_BLOBS_PER_MESSAGE):
+        receiver.feed(_header_frame(sender, empty(i)))
+    with pytest.raises(ProtocolError, match="more than 64 blobs for one message"):
+        receiver.feed(_header_frame(sender, empty(64)))
+    # Zero-size blobs still cost their header and a fixed amount against the cap.
+    sender, receiver = _pair(fed, max_blob=2000)
+    with pytest.raises(ProtocolError, match="exceed the receive cap of 2000 bytes"):
+        for i in range(10):
+            receiver.feed(_header_frame(sender, empty(i)))
+
+
+def _signed_envelope(sender, kind, body) -> bytes:
+    return sender.envelope(kind, body)
+
+
+def test_receiver_caps_envelope_size_map_entries_and_lists(fed):
+    sender, receiver = _pair(fed)
+    long_ids = sorted(f"{i:060d}" for i in range(1200))  # ~74 kB of update ids
+    with pytest.raises(ProtocolError, match="over 65536 bytes"):
+        receiver.feed(sender.envelope("approve_request", pb.ApproveRequest(update_ids=long_ids)))
+    sender, receiver = _pair(fed)
+    ids = sorted(f"u{i:05d}" for i in range(1025))
+    with pytest.raises(ProtocolError, match="more than 1024 entries"):
+        receiver.feed(sender.envelope("approve_request", pb.ApproveRequest(update_ids=ids)))
+    sender, receiver = _pair(fed)
+    request = weights_request(1)
+    for i in range(65):
+        request.hyperparameters[f"h{i}"].integer = 1
+    with pytest.raises(ProtocolError, match="hyper-parameters has more than 64 entries"):
+        receiver.feed(sender.envelope("train_request", request))
+    sender, receiver = _pair(fed)
+    ok = sorted(f"u{i:05d}" for i in range(1024))
+    assert receiver.feed(sender.envelope("approve_request", pb.ApproveRequest(update_ids=ok)))
+
+
+@pytest.mark.parametrize(
+    "contribution,ok",
+    [
+        (b'{"round": 1}', True),
+        (b"{" + pickle.dumps(object), False),  # a pickle behind a brace
+        (b"[1, 2]", False),  # JSON, but not a statement
+        (b'{"a": 1} trailing', False),
+        (b"\xff{}", False),
+    ],
+)
+def test_a_contribution_must_parse_as_one_json_object(fed, contribution, ok):
+    sender, receiver = _pair(fed)
+    reply = _reply()
+    reply.contribution = contribution
+    frame = sender.envelope("train_reply", reply)
+    if ok:
+        assert receiver.feed(frame).kind == "train_reply"
+    else:
+        with pytest.raises(ProtocolError, match="not a signed JSON statement"):
+            receiver.feed(frame)
+
+
+def test_a_crafted_shape_from_a_site_fails_the_call_not_the_coordinator(fed, coordinator):
+    """The coordinator's reader refuses the site and call() returns an error (no hang)."""
+    evil = ch.OutgoingBlob(_evil_header(), memoryview(b"x"))
+
+    def handler(msg):
+        reply = _reply()
+        reply.ciphertexts.CopyFrom(pb.BlobRef(blob_id="p", size=1, sha256=evil.header.sha256))
+        return "train_reply", reply, [evil]
+
+    running, peer = connect(fed, coordinator, handler=handler)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="more than 8 dimensions"):
+            peer.call("train_request", weights_request(1), timeout=20)
+        assert time.monotonic() - started < 10 and not peer.connected
+    finally:
+        running.stop()
+
+
+def test_a_crafted_shape_from_the_coordinator_is_refused_by_the_site(fed, coordinator):
+    evil = ch.OutgoingBlob(_evil_header(), memoryview(b"x"))
+    running, peer = connect(fed, coordinator)
+    try:
+        with pytest.raises(ch.FederationError):
+            peer.call("train_request", weights_request(1, evil), [evil], timeout=20)
+        err = running.wait_error()
+        assert isinstance(err, ProtocolError) and "more than 8 dimensions" in str(err)
+    finally:
+        running.stop()
+
+
+def test_a_reader_failure_fails_the_peer_instead_of_hanging(fed, coordinator, monkeypatch):
+    def broken(self, msg):
+        raise RuntimeError("a bug in delivery")
+
+    monkeypatch.setattr(ch.SitePeer, "_deliver", broken)
+    running, peer = connect(fed, coordinator)
+    try:
+        blob = ch.OutgoingBlob.from_array("w", np.zeros((4, 3), np.float32))
+        with pytest.raises(ProtocolError, match="its stream failed"):
+            peer.call("train_request", weights_request(1, blob), [blob], timeout=20)
+        assert not peer.connected
+    finally:
+        running.stop()
+
+
+def test_a_policy_refusal_reaches_the_coordinator_as_its_line(fed, coordinator):
+    from fedray.federation.policy import PolicyRefusal
+
+    def handler(msg):
+        raise PolicyRefusal("round 3: task x@1 is not installed/allowed at this site")
+
+    running, peer = connect(fed, coordinator, handler=handler)
+    try:
+        with pytest.raises(ch.PeerRefused, match="refused train_request: round 3: task x@1"):
+            peer.call("train_request", weights_request(3), timeout=15)
+    finally:
+        running.stop()
+
+
+def test_one_handshake_in_flight_per_certificate(fed, coordinator):
+    """Streams that never say hello: a second one of the same site is refused at once, and
+    another site still gets in (M1)."""
+    creds = grpc.ssl_channel_credentials(
+        (fed / "ca.pem").read_bytes(),
+        (fed / "a" / "key.pem").read_bytes(),
+        (fed / "a" / "cert.pem").read_bytes(),
+    )
+    stop = threading.Event()
+
+    def never():
+        stop.wait(30)
+        return
+        yield
+
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with grpc.secure_channel(f"127.0.0.1:{coordinator.port}", creds, options=options) as chan:
+        first = chan.stream_stream(ch.METHOD)(never())
+        time.sleep(0.5)
+        second = chan.stream_stream(ch.METHOD)(never())
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(second))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "handshake in progress" in info.value.details()
+        assert time.monotonic() - started < ch.HANDSHAKE_TIMEOUT_S
+        running = Running(make_site(fed, "b", coordinator.port, echo_handler))
+        try:
+            coordinator.wait_for(["b"], 10)
+        finally:
+            stop.set()
+            first.cancel()
+            running.stop()
+
+
+def test_site_refuses_a_welcome_expecting_another_policy(fed):
+    coord = listen(fed, policy_fingerprint=b"P" * 32)
+    try:
+        running = Running(
+            make_site(fed, "a", coord.port, echo_handler, policy_fingerprint=b"Q" * 32)
+        )
+        err = running.wait_error()
+        assert isinstance(err, ProtocolError) and "expects another site policy" in str(err)
+        running = Running(
+            make_site(fed, "a", coord.port, echo_handler, policy_fingerprint=b"P" * 32)
+        )
+        try:
+            coord.wait_for(["a"], 15)
+        finally:
+            running.stop()
+    finally:
+        coord.close(0)
+
+
+def test_the_ca_file_must_be_the_manifests(fed, other_fed, tmp_path):
+    with pytest.raises(ch.FederationError, match="is not the manifest's CA"):
+        ch.listen(
+            "127.0.0.1:0",
+            fed / COORD / "cert.pem",
+            fed / COORD / "key.pem",
+            other_fed / "ca.pem",
+            manifest=fed / "federation.json",
+            signing_key=fed / COORD / "signing.key",
+        )
+    with pytest.raises(ch.FederationError, match="is not the manifest's CA"):
+        ch.dial(
+            "127.0.0.1:1",
+            fed / "a" / "cert.pem",
+            fed / "a" / "key.pem",
+            other_fed / "ca.pem",
+            site_id="a",
+            manifest=fed / "federation.json",
+            signing_key=fed / "a" / "signing.key",
+            handler=echo_handler,
+        )
+    raw = json.loads((fed / "federation.json").read_text())
+    del raw["ca_sha256"]
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    with pytest.raises(ch.FederationError, match="ca_sha256"):
+        ch.Manifest.load(tmp_path / "m.json")

@@ -44,6 +44,7 @@ from fedray.federation.messages import (
     ENVELOPE_DOMAIN,
     HEADER_DOMAIN,
     MAX_CHUNK_BYTES,
+    MAX_ENVELOPE_BYTES,
     PROTOCOL_VERSION,
     REQUESTS,
     SESSION_DOMAIN,
@@ -59,6 +60,7 @@ from fedray.federation.messages import (
     decode_array,
     decode_ciphertexts,
 )
+from fedray.federation.policy import PolicyRefusal
 
 log = logging.getLogger("fedray.federation")
 
@@ -68,7 +70,15 @@ DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
 # gRPC's own cap on one message: above a chunk's 4 MiB so the channel's check (with its
 # clear error) is what refuses an oversized chunk, low enough that nothing huge is buffered.
 GRPC_MAX_MESSAGE = 2 * MAX_CHUNK_BYTES
-HANDSHAKE_TIMEOUT_S = 10.0
+# A stream must say hello within this long; and one certificate has at most one
+# handshake in flight (a second is refused at once), so a site that opens streams and
+# never says hello holds one worker for at most this long, not the others' (M1).
+HANDSHAKE_TIMEOUT_S = 3.0
+# At most this many blobs announced before one message, each counted against the
+# receive cap with its header bytes plus this fixed cost (H2): zero-size blobs and
+# long headers cannot pile up in memory.
+MAX_BLOBS_PER_MESSAGE = 64
+BLOB_OVERHEAD_BYTES = 256
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
@@ -103,6 +113,7 @@ class Manifest:
 
     coordinator: Party
     sites: dict[str, Party]
+    ca_sha256: str = ""  # hex SHA-256 of the CA certificate's DER ("" = not pinned)
 
     @classmethod
     def load(cls, path) -> Manifest:
@@ -122,7 +133,10 @@ class Manifest:
 
             coord = raw["coordinator"]
             sites = {s: party(s, e) for s, e in raw["sites"].items()}
-            manifest = cls(party(coord["id"], coord), sites)
+            ca_fp = str(raw["ca_sha256"])
+            if len(ca_fp) != 64 or any(c not in "0123456789abcdef" for c in ca_fp):
+                raise ValueError("ca_sha256 is not 64 hex digits")
+            manifest = cls(party(coord["id"], coord), sites, ca_fp)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FederationError(f"federation manifest {path}: {exc}") from None
         if manifest.coordinator.id in sites:
@@ -144,6 +158,22 @@ class Manifest:
 
 def _as_manifest(manifest) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+
+
+def _check_ca(manifest: Manifest, ca_pem: bytes, ca_path) -> None:
+    """The CA file must be the one the manifest names (L4): a party handed another CA
+    would otherwise trust whatever that CA signs."""
+    if not manifest.ca_sha256:
+        return
+    try:
+        fp = _pem_sha256(ca_pem)
+    except (ValueError, UnicodeDecodeError):
+        raise FederationError(f"the CA file {ca_path} is not a PEM certificate") from None
+    if not secrets.compare_digest(fp, manifest.ca_sha256):
+        raise FederationError(
+            f"the CA file {ca_path} ({fp[:16]}...) is not the manifest's CA "
+            f"({manifest.ca_sha256[:16]}...)"
+        )
 
 
 def _read(path, what: str) -> bytes:
@@ -344,6 +374,19 @@ class _Receiver:
         self._pending_bytes = 0
 
     def feed(self, raw: bytes) -> Message | None:
+        """The next frame: a verified message, or None (a blob header or chunk). Every
+        failure is a ProtocolError (one line): anything else a hostile frame might make a
+        check raise is turned into one, so the caller's handling closes the stream (H1)."""
+        try:
+            return self._feed(raw)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug or a crafted frame: refuse, never die
+            raise ProtocolError(
+                f"a frame from {self.peer} could not be checked ({type(exc).__name__})"
+            ) from None
+
+    def _feed(self, raw: bytes) -> Message | None:
         try:
             frame = pb.Frame.FromString(raw)
         except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
@@ -362,6 +405,10 @@ class _Receiver:
                 f"{header.total_size} bytes"
             )
         signed = frame.signed
+        if len(signed.envelope) > MAX_ENVELOPE_BYTES:
+            raise ProtocolError(
+                f"a message from {self.peer} is over {MAX_ENVELOPE_BYTES} bytes (blobs carry data)"
+            )
         if not _verify(self.keys[self.peer], signed.signature, ENVELOPE_DOMAIN + signed.envelope):
             raise ProtocolError(f"a message from {self.peer} has a bad signature")
         try:
@@ -398,7 +445,12 @@ class _Receiver:
         except Exception:  # noqa: BLE001
             raise ProtocolError(f"a blob header from {self.peer} does not parse") from None
         check_header(header, self.max_blob_bytes)
-        if self._pending_bytes + header.total_size > self.max_blob_bytes:
+        if len(self._blobs) >= MAX_BLOBS_PER_MESSAGE:
+            raise ProtocolError(
+                f"{self.peer} sent more than {MAX_BLOBS_PER_MESSAGE} blobs for one message"
+            )
+        cost = header.total_size + len(signed.header) + BLOB_OVERHEAD_BYTES
+        if self._pending_bytes + cost > self.max_blob_bytes:
             raise ProtocolError(
                 f"blobs from {self.peer} for one message exceed the receive cap of "
                 f"{self.max_blob_bytes} bytes"
@@ -407,7 +459,7 @@ class _Receiver:
             raise ProtocolError(f"blob {header.blob_id} from {self.peer} sent twice")
         self._open = (header, bytearray(header.total_size), signed.signer, hashlib.sha256())
         self._received = 0
-        self._pending_bytes += header.total_size
+        self._pending_bytes += cost
         if header.total_size == 0:
             self._finish()
 
@@ -612,6 +664,7 @@ class Coordinator:
         self._max_blob_bytes = max_blob_bytes
         self._policy_fingerprint = policy_fingerprint
         self._sites: dict[str, SitePeer] = {}
+        self._handshaking: dict[str, object] = {}  # site -> its one handshake in flight
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
 
@@ -677,6 +730,29 @@ class Coordinator:
 
     def _connect(self, request_iterator, context):
         party = self._identify(context)
+        token = object()
+        with self._cond:
+            busy = party.id in self._handshaking
+            if not busy:
+                self._handshaking[party.id] = token
+
+        def handshake_done() -> None:
+            with self._cond:
+                if self._handshaking.get(party.id) is token:
+                    del self._handshaking[party.id]
+
+        if busy:
+            log.warning("refused site %s: a handshake of it is already in progress", party.id)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"site {party.id} already has a handshake in progress",
+            )
+        try:
+            yield from self._serve(party, request_iterator, context, handshake_done)
+        finally:
+            handshake_done()
+
+    def _serve(self, party: Party, request_iterator, context, handshake_done):
         link = _Link(
             self.manifest.coordinator.id,
             party.id,
@@ -713,9 +789,12 @@ class Coordinator:
         except ProtocolError as exc:
             log.warning("refused site %s: %s", party.id, exc)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.RpcError:
+            return  # cancelled (the hello timeout) or the site went away
         finally:
             timer.cancel()
         peer = SitePeer(party.id, link, bytes(hello.policy_fingerprint))
+        handshake_done()
         with self._cond:
             old = self._sites.get(party.id)
             self._sites[party.id] = peer
@@ -750,6 +829,11 @@ class Coordinator:
         except grpc.RpcError:
             peer._fail(FederationError(f"site {peer.site_id} disconnected"))
             link.close()
+        except Exception as exc:  # noqa: BLE001 - never leave a peer 'connected' and mute
+            log.exception("refused site %s: its stream failed", peer.site_id)
+            error = ProtocolError(f"site {peer.site_id}: its stream failed ({type(exc).__name__})")
+            peer._fail(error)
+            link.close(_Abort(grpc.StatusCode.INTERNAL, str(error)))
         else:
             log.info("site %s disconnected", peer.site_id)
         with self._cond:
@@ -775,6 +859,7 @@ def listen(
     key_obj = _load_signing_key(signing_key)
     cert_pem, key_pem, ca_pem = _read(cert, "certificate"), _read(key, "key"), _read(ca, "CA")
     _check_own(manifest.coordinator, cert_pem, key_obj, f"coordinator {manifest.coordinator.id}")
+    _check_ca(manifest, ca_pem, ca)
     allowed = set(manifest.sites) if allowed_sites is None else set(allowed_sites)
     unknown = allowed - set(manifest.sites)
     if unknown:
@@ -783,9 +868,13 @@ def listen(
     creds = grpc.ssl_server_credentials(
         [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
     )
+    # Each stream holds a worker while it lasts; a site holds at most one session and one
+    # handshake (a second is refused), so 2 per site plus a few for refusals suffice, and
+    # gRPC answers RESOURCE_EXHAUSTED past that rather than queueing (M1).
     server = grpc.server(
         ThreadPoolExecutor(max_workers=2 * len(allowed) + 4),
         options=_GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=2 * len(allowed) + 4,
     )
     handler = grpc.stream_stream_rpc_method_handler(coordinator._connect)
     server.add_generic_rpc_handlers(
@@ -839,6 +928,7 @@ class Site:
             _read(ca, "CA"),
         )
         self._ca_path = str(ca)
+        _check_ca(self.manifest, self._ca, ca)
         self._signing_key = _load_signing_key(signing_key)
         _check_own(
             self.manifest.sites.get(site_id), self._cert, self._signing_key, f"site {site_id}"
@@ -964,6 +1054,18 @@ class Site:
                 session = _session_id(nonce, msg.body.nonce)
                 if msg.body.coordinator_id != coord or msg.envelope.session != session:
                     raise ProtocolError("the coordinator's welcome is not for this session")
+                if msg.body.protocol_version != PROTOCOL_VERSION:
+                    raise ProtocolError(
+                        f"the coordinator speaks protocol {msg.body.protocol_version}, "
+                        f"this site {PROTOCOL_VERSION}"
+                    )
+                expected = bytes(msg.body.policy_fingerprint)
+                if expected and not secrets.compare_digest(expected, self.policy_fingerprint):
+                    raise ProtocolError(
+                        "the coordinator expects another site policy (fingerprint "
+                        f"{expected.hex()[:16]}..., this site's "
+                        f"{bytes(self.policy_fingerprint).hex()[:16] or 'none'}...)"
+                    )
                 link.set_session(session)
                 self.sessions += 1
                 log.info("site %s joined the federation at %s", self.site_id, self.target)
@@ -1005,7 +1107,7 @@ class Site:
             blobs = out[2] if len(out) > 2 else ()
             if kind != REQUESTS[msg.kind]:
                 raise TypeError(f"handler answered {msg.kind} with {kind}")
-        except (Refused, ProtocolError) as exc:
+        except (Refused, PolicyRefusal, ProtocolError) as exc:
             reason = " ".join(str(exc).split())[:300]
             log.warning("site %s refused %s: %s", self.site_id, msg.kind, reason)
             link.send("refusal", pb.Refusal(reason=reason), in_reply_to=rid)

@@ -15,6 +15,7 @@ sorted distinct update lists, a one-line printable refusal.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 
@@ -28,8 +29,18 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payl
 ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
 HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
 SESSION_DOMAIN = b"fedray-session-v1\x00"
-MAX_CONTRIBUTION_BYTES = 64 * 1024
+MAX_CONTRIBUTION_BYTES = 32 * 1024  # a signed JSON statement, well inside one envelope
 MAX_REASON_CHARS = 300
+# Caps on what one signed envelope may make the receiver parse and hold (L2): the whole
+# serialized envelope (checked before its signature, so before parsing), the entries of
+# its map and the items of each repeated field.
+MAX_ENVELOPE_BYTES = 64 * 1024
+MAX_HYPERPARAMETERS = 64
+MAX_LIST_ITEMS = 1024
+# A blob's shape: at most this many dimensions, each at most MAX_DIM, checked before any
+# arithmetic on them (so a product is small and never a huge integer).
+MAX_SHAPE_DIMS = 8
+MAX_DIM = 1 << 40
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 VERSION_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}")
@@ -99,7 +110,13 @@ def _check_no_unknown_fields(msg) -> None:
             _check_no_unknown_fields(sub)
 
 
+def _check_count(items, cap: int, what: str) -> None:
+    if len(items) > cap:
+        _fail(f"{what} has more than {cap} entries")
+
+
 def _check_update_ids(ids, what: str) -> None:
+    _check_count(ids, MAX_LIST_ITEMS, what)
     ids = list(ids)
     if not ids:
         _fail(f"{what} names no update")
@@ -117,6 +134,19 @@ def _check_ref(ref: pb.BlobRef, what: str) -> None:
 def _check_line(text: str, what: str) -> None:
     if len(text) > MAX_REASON_CHARS or not text.isprintable():
         _fail(f"{what} is not one printable line of at most {MAX_REASON_CHARS} characters")
+
+
+def _check_statement(contribution: bytes) -> None:
+    """A contribution is a JSON object (a signed statement), parsed here under a size cap:
+    a pickle, or anything else that is not exactly one JSON object, is refused (L3)."""
+    if len(contribution) > MAX_CONTRIBUTION_BYTES:
+        _fail(f"contribution is over {MAX_CONTRIBUTION_BYTES} bytes")
+    try:
+        statement = json.loads(bytes(contribution).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        statement = None
+    if not isinstance(statement, dict):
+        _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
 
 
 def check_body(env: pb.Envelope) -> str:
@@ -138,6 +168,7 @@ def check_body(env: pb.Envelope) -> str:
         if not VERSION_RE.fullmatch(body.task_version):
             _fail(f"task version {body.task_version[:80]!r} is not digits and dots")
         _check_len(body.model_fingerprint, (32,), "model fingerprint")
+        _check_count(body.hyperparameters, MAX_HYPERPARAMETERS, "hyper-parameters")
         for key, number in body.hyperparameters.items():
             if not HYPERPARAMETER_RE.fullmatch(key):
                 _fail(f"hyper-parameter name {key[:80]!r} is not [a-z][a-z0-9_]*")
@@ -147,8 +178,7 @@ def check_body(env: pb.Envelope) -> str:
         _check_ref(body.global_weights, "global weights")
     elif kind == "train_reply":
         check_id(body.update_id, "update id")
-        if len(body.contribution) > MAX_CONTRIBUTION_BYTES or body.contribution[:1] != b"{":
-            _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
+        _check_statement(body.contribution)
         _check_len(body.contribution_signature, (64,), "contribution signature")
         _check_ref(body.ciphertexts, "ciphertexts")
     elif kind == "approve_request":
@@ -158,6 +188,7 @@ def check_body(env: pb.Envelope) -> str:
         _check_len(body.signature, (64,), "approval signature")
     elif kind == "share_sum_request":
         _check_update_ids(body.update_ids, "share-sum request")
+        _check_count(body.approvals, MAX_LIST_ITEMS, "share-sum request approvals")
         for approval in body.approvals:
             _check_update_ids(approval.update_ids, "approval")
             _check_len(approval.signature, (64,), "approval signature")
@@ -198,7 +229,11 @@ def _dtype_code(dtype) -> int:
 
 def check_header(header: pb.BlobHeader, max_bytes: int) -> None:
     """A received blob header: its id, its size under the receive cap, and a size that
-    agrees with its kind, dtype and shape (so nothing is read past or short of it)."""
+    agrees with its kind, dtype and shape (so nothing is read past or short of it).
+
+    The shape's length and each dimension are capped *before* any arithmetic on them, and
+    no computed size is ever put in a message (a crafted shape cannot make a huge integer
+    or a huge string, H1)."""
     _check_no_unknown_fields(header)
     check_id(header.blob_id, "blob id")
     if header.name:
@@ -209,6 +244,10 @@ def check_header(header: pb.BlobHeader, max_bytes: int) -> None:
             f"blob {header.blob_id} declares {header.total_size} bytes, over the receive cap "
             f"of {max_bytes} bytes"
         )
+    if len(header.shape) > MAX_SHAPE_DIMS:
+        _fail(f"blob {header.blob_id} has more than {MAX_SHAPE_DIMS} dimensions")
+    if any(d > MAX_DIM for d in header.shape):
+        _fail(f"blob {header.blob_id} has a dimension over {MAX_DIM}")
     if header.kind == pb.BLOB_KIND_ARRAY:
         if header.dtype not in DTYPES:
             _fail(f"blob {header.blob_id} has no known dtype")
@@ -220,7 +259,10 @@ def check_header(header: pb.BlobHeader, max_bytes: int) -> None:
     else:
         _fail(f"blob {header.blob_id} has no known kind")
     if expected != header.total_size:
-        _fail(f"blob {header.blob_id} declares {header.total_size} bytes, its shape {expected}")
+        _fail(
+            f"blob {header.blob_id} declares {header.total_size} bytes, not what its kind, "
+            "dtype and shape hold"
+        )
 
 
 def array_header(blob_id: str, array: np.ndarray, name: str = "") -> pb.BlobHeader:
