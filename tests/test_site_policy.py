@@ -101,8 +101,8 @@ def test_good_requests_pass():
         "batch_size": 32,
         "proximal_mu": 0.0,  # the site's default for a key the request left out
     }
-    policy.check_sum(3, 3, 2)
-    policy.check_sum(10, 7, 3)
+    policy.check_sum(3, 3, 2, 3)
+    policy.check_sum(10, 7, 3, 0)  # none of this site's clients: nothing of its released
     # As the wire carries them: the fingerprint's 32 raw bytes, an integer as a double.
     wire = {"lr": 0.1, "local_epochs": 2.0, "batch_size": 32}
     policy.check_request(
@@ -123,7 +123,7 @@ HOSTILE = {
         dict(model_fingerprint=bytes.fromhex(FP_B)),
         "model fingerprint 'bbbbbbbb",
     ),
-    "rounds_past_max": (dict(round=11), "at most max_rounds=10"),
+    "round_huge": (dict(round=2**64), "over 2**63-1"),
     "round_zero": (dict(round=0), "round numbers start at 1"),
     "round_not_int": (dict(round="3"), "must be an integer"),
     "lr_above_range": (
@@ -195,11 +195,15 @@ def test_task_class_is_the_sites_own():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ((3, 1, 2), "a sum of 1 clients is below this site's min_sum.clients=3"),
-        ((3, 2, 2), "a sum of 2 clients is below"),
-        ((3, 3, 1), "a sum of 1 sites is below this site's min_sum.sites=2"),
-        ((11, 5, 3), "at most max_rounds=10"),
-        ((3, 3.0, 2), "number of clients must be an integer"),
+        ((3, 1, 2, 1), "a sum of 1 clients is below this site's min_sum.clients=3"),
+        ((3, 2, 2, 2), "a sum of 2 clients is below"),
+        ((3, 3, 1, 3), "a sum of 1 sites is below this site's min_sum.sites=2"),
+        ((3, 3.0, 2, 3), "number of clients must be an integer"),
+        # one own client and two "clients" of a colluding site that add no noise
+        ((3, 3, 2, 1), "holding 1 of this site's own clients is below min_sum.clients"),
+        ((3, 100, 2, 2), "holding 2 of this site's own clients"),
+        ((3, 3, 2, 4), "4 own clients in a sum of 3 clients"),
+        ((3, 3, 2, None), "own clients must be an integer"),
     ],
 )
 def test_key_holder_refuses_small_sums(args, expected):
@@ -228,7 +232,7 @@ def independent_epsilon(sigma: float, releases: int, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def test_budget_stops_the_site_whatever_the_coordinator_asks():
+def test_budget_stops_the_site_whatever_the_coordinator_asks(tmp_path):
     from fedray.privacy.dp import compute_epsilon_unamplified
 
     sigma, delta = 1.0, 1e-5
@@ -238,12 +242,17 @@ def test_budget_stops_the_site_whatever_the_coordinator_asks():
             noise_multiplier=sigma, rounds=n, delta=delta
         ) == pytest.approx(eps[n], rel=1e-9)
     budget = (eps[3] + eps[4]) / 2  # room for exactly three releases
-    priv = dict(policy_dict()["privacy"], max_epsilon_vs_server=budget)
+    priv = dict(
+        policy_dict()["privacy"],
+        max_epsilon_vs_server=budget,
+        ledger=str(tmp_path / "ledger.json"),
+        new_ledger=True,
+    )
     policy = make_policy(privacy=priv)
     assert policy.epsilon_vs_server() == 0.0
     for rnd in (1, 2, 3):
         policy.check_request(dataclasses.replace(GOOD, round=rnd))
-        assert policy.record_release(rnd, f"sum-{rnd}") == pytest.approx(eps[rnd], rel=1e-9)
+        assert policy.record_release(rnd, *_approval(rnd)) == pytest.approx(eps[rnd], rel=1e-9)
     assert policy.releases == 3
     assert policy.epsilon_vs_server() == pytest.approx(eps[3], rel=1e-9)
     # Round 4, the coordinator's word notwithstanding: refused before training ...
@@ -252,21 +261,72 @@ def test_budget_stops_the_site_whatever_the_coordinator_asks():
     assert f"{eps[4]:.4g}" in line and "3 releases signed" in line
     # ... and an approval is not signed (nor counted) either.
     with pytest.raises(PolicyRefusal, match="over its budget"):
-        policy.record_release(4, "sum-4")
+        policy.record_release(4, *_approval(4))
     assert policy.releases == 3
     assert policy.epsilon_vs_server() == pytest.approx(eps[3], rel=1e-9)
 
 
+def _approval(rnd, *ids, key="k" * 64):
+    """An approval statement's parts: the sorted update ids and the key fingerprint."""
+    return (list(ids) or [f"r{rnd}-u{i}" for i in range(3)]), key
+
+
 def test_every_release_counts_only_a_retry_does_not():
     policy = make_policy()
-    policy.record_release(1, "sum-x")
-    policy.record_release(1, "sum-x")  # the same approval, retried: once
+    policy.record_release(1, *_approval(1))
+    policy.record_release(1, ["r1-u2", "r1-u0", "r1-u1"], "k" * 64)  # the same statement
     assert policy.releases == 1
-    policy.record_release(1, "sum-y")  # another sum of round 1 (a restarted coordinator)
-    policy.record_release(2)  # no sum id: every call counts
-    policy.record_release(2)
-    assert policy.releases == 4
-    assert policy.epsilon_vs_server() == pytest.approx(independent_epsilon(1.0, 4, 1e-5))
+    policy.record_release(2, *_approval(2))
+    policy.record_release(3, *_approval(3))
+    assert policy.releases == 3
+    assert policy.epsilon_vs_server() == pytest.approx(independent_epsilon(1.0, 3, 1e-5))
+
+
+def test_the_release_id_is_the_approval_statement_not_a_label():
+    """Two different sums of one round are two statements: the second is refused (the
+    round is completed), never silently deduplicated as one (M2)."""
+    policy = make_policy()
+    policy.record_release(3, *_approval(3, "a", "b", "c"))
+    for other in (_approval(3, "a", "b", "d"), _approval(3, "a", "b", "c", key="j" * 64)):
+        with pytest.raises(PolicyRefusal, match="already completed round 3"):
+            policy.record_release(3, *other)
+    assert policy.releases == 1
+    with pytest.raises(PolicyRefusal, match="distinct"):
+        policy.record_release(4, ["a", "a"], "k" * 64)
+    with pytest.raises(PolicyRefusal, match="list of ids"):
+        policy.record_release(4, "sum-4", "k" * 64)
+
+
+def test_max_rounds_counts_rounds_taken_part_in():
+    """max_rounds caps how many rounds the site takes part in, whatever their numbers,
+    and a round at or before the last completed one is refused (M4)."""
+    policy = make_policy(max_rounds=2)
+    for _ in range(3):  # the same round again (a retried request) is one round
+        policy.check_request(dataclasses.replace(GOOD, round=5))
+    policy.record_release(5, *_approval(5))
+    assert "at or before it" in refused(policy, dataclasses.replace(GOOD, round=5))
+    assert "at or before it" in refused(policy, dataclasses.replace(GOOD, round=4))
+    policy.check_request(dataclasses.replace(GOOD, round=100))
+    assert policy.rounds_taken_part == 2
+    line = refused(policy, dataclasses.replace(GOOD, round=101))
+    assert "took part in 2 rounds, its max_rounds=2" in line
+    with pytest.raises(PolicyRefusal, match="max_rounds=2"):
+        policy.check_sum(102, 3, 2, 3)
+    with pytest.raises(PolicyRefusal, match="max_rounds=2"):
+        policy.record_release(102, *_approval(102))
+    with pytest.raises(PolicyRefusal, match="already completed round 5"):
+        policy.check_sum(4, 3, 2, 3)
+    policy.check_sum(100, 3, 2, 3)  # the round it takes part in
+
+
+def test_participations_survive_a_restart(tmp_path):
+    priv = dict(policy_dict()["privacy"], ledger=str(tmp_path / "l.json"), new_ledger=True)
+    first = make_policy(max_rounds=2, privacy=priv)
+    first.check_request(dataclasses.replace(GOOD, round=1))
+    first.check_request(dataclasses.replace(GOOD, round=2))
+    again = make_policy(max_rounds=2, privacy=priv)
+    assert again.rounds_taken_part == 2
+    assert "max_rounds=2" in refused(again, dataclasses.replace(GOOD, round=3))
 
 
 def test_colluding_clients_do_not_change_the_budget_vs_server():
@@ -274,7 +334,7 @@ def test_colluding_clients_do_not_change_the_budget_vs_server():
     epsilon_vs_server is the same for any k; only the share a client adds grows."""
     priv = dict(policy_dict()["privacy"], max_colluding_clients=2)
     policy = make_policy(privacy=priv)
-    policy.record_release(1)
+    policy.record_release(1, *_approval(1))
     assert policy.epsilon_vs_server() == pytest.approx(independent_epsilon(1.0, 1, 1e-5))
     plan = policy.client_plan()
     assert plan.noise_std == pytest.approx(1.0 / math.sqrt(3 - 2))
@@ -285,13 +345,15 @@ def test_colluding_clients_do_not_change_the_budget_vs_server():
 def test_ledger_survives_a_restart(tmp_path):
     ledger = tmp_path / "ledger.json"
     priv = dict(policy_dict()["privacy"], ledger=str(ledger))
-    first = make_policy(privacy=priv)
-    first.record_release(1, "s1")
-    first.record_release(2, "s2")
+    with pytest.raises(PolicyError, match="does not exist; if this site starts a new ledger"):
+        make_policy(privacy=priv)  # not said to be new: a missing ledger is an error
+    first = policy_from_dict(policy_dict(privacy=priv), new_ledger=True)
+    first.record_release(1, *_approval(1))
+    first.record_release(2, *_approval(2))
     again = make_policy(privacy=priv)  # the site restarted
     assert again.releases == 2
     assert again.epsilon_vs_server() == pytest.approx(first.epsilon_vs_server())
-    again.record_release(2, "s2")  # a retry of a counted approval: still once
+    again.record_release(2, *_approval(2))  # a retry of a counted approval: still once
     assert again.releases == 2
     # Releases counted under other DP settings cannot be re-counted under these.
     other = dict(priv, noise_multiplier=5.0)
@@ -300,6 +362,48 @@ def test_ledger_survives_a_restart(tmp_path):
     ledger.write_text("{not json")
     with pytest.raises(PolicyError, match="cannot be read"):
         make_policy(privacy=priv)
+
+
+def test_a_lost_ledger_is_an_error_even_when_new_ledger_is_set(tmp_path):
+    ledger = tmp_path / "ledger.json"
+    priv = dict(policy_dict()["privacy"], ledger=str(ledger), new_ledger=True)
+    first = make_policy(privacy=priv)
+    first.record_release(1, *_approval(1))
+    assert (tmp_path / "ledger.json.created").exists()
+    ledger.unlink()  # a lost volume, a wrong working directory, a new run directory
+    with pytest.raises(PolicyError, match="is missing but .* says this site created it"):
+        make_policy(privacy=priv)
+    with pytest.raises(PolicyError, match="has disappeared"):
+        first.record_release(2, *_approval(2))
+
+
+def test_a_budget_needs_a_ledger_at_an_absolute_or_policy_relative_path(tmp_path):
+    priv = dict(policy_dict()["privacy"], max_epsilon_vs_server=8.0)
+    with pytest.raises(PolicyError, match="privacy.ledger is missing: with a budget"):
+        make_policy(privacy=priv)
+    with pytest.raises(PolicyError, match="must be an absolute path"):
+        make_policy(privacy=dict(priv, ledger="ledger.json"))
+    path = tmp_path / "conf" / "policy.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(policy_dict(privacy=dict(priv, ledger="ledger.json"))))
+    policy = load_policy(path, new_ledger=True)  # relative: the policy file's directory
+    assert policy.privacy.ledger == str(path.parent / "ledger.json")
+    assert (path.parent / "ledger.json").exists()
+
+
+def test_two_instances_on_one_ledger_lose_no_release(tmp_path):
+    """The key holder and the agent (two processes) on one ledger: each write is under a
+    lock and re-reads first, so both releases are counted by both (L1)."""
+    priv = dict(policy_dict()["privacy"], ledger=str(tmp_path / "l.json"), new_ledger=True)
+    a = make_policy(privacy=priv)
+    b = make_policy(privacy=priv)
+    a.record_release(1, *_approval(1))
+    b.record_release(2, *_approval(2))
+    assert b.releases == 2
+    assert make_policy(privacy=priv).releases == 2
+    with pytest.raises(PolicyRefusal, match="already completed round 2"):
+        a.record_release(2, *_approval(2, "x", "y", "z"))  # a re-read b's release first
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_sample_mode_budget_is_fedrays_dp_sgd_accountant():
@@ -317,8 +421,8 @@ def test_sample_mode_budget_is_fedrays_dp_sgd_accountant():
         "examples": 320,
     }
     policy = make_policy(privacy=priv, hyperparameters=hp)
-    policy.record_release(1)
-    policy.record_release(2)
+    policy.record_release(1, *_approval(1))
+    policy.record_release(2, *_approval(2))
     ref = SampleLevelDP(
         noise_multiplier=1.1,
         clip_norm=1.0,
@@ -333,7 +437,7 @@ def test_sample_mode_budget_is_fedrays_dp_sgd_accountant():
 def test_no_dp_means_no_budget_against_the_server():
     policy = make_policy(privacy={"mode": "none"})
     assert policy.epsilon_vs_server() == 0.0
-    policy.record_release(1)
+    policy.record_release(1, *_approval(1))
     assert policy.epsilon_vs_server() == math.inf
     assert policy.client_plan() is None
 
@@ -419,6 +523,43 @@ BAD_FILES = {
         _bad(privacy={"mode": "sample", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": 5, "examples": 100}),
         "hyperparameters.batch_size must be pinned",
     ),
+    "version_yaml_float": (
+        _bad(tasks=[{"id": "t", "version": yaml.safe_load("1.10"), "class": "fedray.tasks.tabular.X", "model_fingerprint": FP_A}]),
+        "tasks[0].version=1.1 must be a string",
+    ),
+    "version_not_wire": (
+        _bad(tasks=[{"id": "t", "version": "v1-beta", "class": "fedray.tasks.tabular.X", "model_fingerprint": FP_A}]),
+        "tasks[0].version='v1-beta' must be a version (digits and dots",
+    ),
+    "task_id_with_dot": (
+        _bad(tasks=[{"id": "tab.ular", "version": "1", "class": "fedray.tasks.tabular.X", "model_fingerprint": FP_A}]),
+        "tasks[0].id='tab.ular' must be a task id",
+    ),
+    "task_id_trailing_newline": (
+        _bad(tasks=[{"id": "tabular\n", "version": "1", "class": "fedray.tasks.tabular.X", "model_fingerprint": FP_A}]),
+        "tasks[0].id='tabular\\n' must be a task id",
+    ),
+    "fingerprint_trailing_newline": (
+        _bad(tasks=[{"id": "t", "version": "1", "class": "fedray.tasks.tabular.X", "model_fingerprint": FP_A + "\n"}]),
+        "must be 64 lowercase hex digits",
+    ),
+    "hyper_name_not_wire": (
+        _bad(hyperparameters={"LR": {"min": 0.1, "max": 1.0}}),
+        "hyperparameters.LR must be named [a-z][a-z0-9_]*",
+    ),
+    "range_huge_int": (
+        _bad(hyperparameters={"lr": {"min": 0, "max": 10**400}}),
+        "hyperparameters.lr.max=<a huge integer> must be a finite number",
+    ),
+    "max_rounds_huge": (_bad(max_rounds=10**400), "max_rounds=<a huge integer> must be an integer >= 1"),
+    "budget_without_ledger": (
+        _bad(privacy={"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": 5}),
+        "privacy.ledger is missing: with a budget",
+    ),
+    "new_ledger_not_bool": (
+        _bad(privacy={"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": None, "ledger": "/x", "new_ledger": "yes"}),
+        "privacy.new_ledger='yes' must be true or false",
+    ),
     "budget_not_positive": (
         _bad(privacy={"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": -1}),
         "privacy.max_epsilon_vs_server=-1 must be a finite number > 0",
@@ -458,9 +599,17 @@ def test_example_policy_loads_and_admits_the_default_model(tmp_path, monkeypatch
 
     from fedray.models.factory import MLP
 
-    monkeypatch.chdir(tmp_path)  # its ledger path is relative
     root = Path(__file__).resolve().parents[1]
-    policy = load_policy(root / "conf/site/policy.example.yaml")
+    data = yaml.safe_load((root / "conf/site/policy.example.yaml").read_text())
+    # Its ledger is on the site's state volume (jobs/k8s/site.yaml mounts the PVC there).
+    site_yaml = (root / "jobs/k8s/site.yaml").read_text()
+    assert data["privacy"]["ledger"].startswith("/var/lib/fedray/")
+    assert "mountPath: /var/lib/fedray" in site_yaml and "claimName: fedray-site-state" in site_yaml
+    data["privacy"]["ledger"] = str(tmp_path / "ledger.json")
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PolicyError, match="does not exist"):
+        load_policy(tmp_path / "policy.yaml")
+    policy = load_policy(tmp_path / "policy.yaml", new_ledger=True)
     fp = model_fingerprint(MLP(30, 2, 128))
     request = TrainRequest(
         1,

@@ -12,11 +12,14 @@ The policy says:
   importable class installed at the site, and the model it accepts for that task (a
   fingerprint of the exchanged parameters' names, dtypes and shapes,
   :func:`model_fingerprint`). No code and no class name ever comes from the wire.
-* ``max_rounds``: the highest round number the site takes part in (training, or helping
-  open a sum).
+* ``max_rounds``: the most rounds the site takes part in (distinct rounds it trains in
+  or approves a sum of, counted in its ledger); a round at or before the last one it
+  completed (approved a sum of) is refused.
 * ``hyperparameters``: for each key a request may set, ``min``/``max`` (and an optional
   ``default`` used when a request leaves the key out); a key not listed is refused.
-* ``min_sum``: the smallest sum the site's key holder helps open (``clients``, ``sites``).
+* ``min_sum``: the smallest sum the site's key holder helps open (``clients``, ``sites``);
+  a sum holding any of the site's own clients must hold at least ``clients -
+  max_colluding_clients`` of them (only their noise is the site's to trust).
 * ``privacy``: the site's DP settings and its own budget ``max_epsilon_vs_server``, with
   its own accountant (fedray's, :mod:`fedray.privacy.dp`) counting the releases the site
   signed. Noise always comes from the OS CSPRNG at the site (no seeded noise here).
@@ -26,31 +29,44 @@ Load it with :func:`load_policy` (YAML); every error is one line naming the key 
 there is a choice, the allowed values. Unknown keys are refused.
 
 The release ledger (``privacy.ledger``): every sum the site approves is a release of its
-clients' updates, counted once per (round, sum) and written to the ledger before the
-approval leaves the site, so a restarted site (or a coordinator that restarts and asks
-for the same round again, with fresh noise) cannot reset the count.
+clients' updates, counted once per approval statement (a digest of the key, the round
+and the sorted update ids, computed here) and written to the ledger before the approval
+leaves the site, so a restarted site cannot reset the count. With a budget the ledger is
+required: an absolute path, or one relative to the policy file's directory. A missing
+ledger is an error unless the site says it starts a new one (``privacy.new_ledger:
+true`` or ``load_policy(..., new_ledger=True)``); creating one also writes
+``<ledger>.created``, so a ledger lost later is an error even then. Writes are under an
+exclusive lock (``<ledger>.lock``), re-read before they change anything, replaced
+atomically and fsynced with their directory, so two processes on one ledger lose nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedray.errors import ConfigError, FedrayError
+from fedray.federation.messages import ID_RE, VERSION_RE
 
 PRIVACY_MODES = ("client", "sample", "none")
 ACCOUNTANTS = ("rdp", "pld")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+_ID = ID_RE  # what the wire accepts (messages.check_id): no dots, at most 64
+_VERSION = VERSION_RE  # digits and dots, as the wire's task_version
+_MAX_ROUND = 2**63 - 1
+APPROVAL_DOMAIN = "fedray-site-release-v1"
 
 
 class PolicyError(ConfigError):
@@ -163,7 +179,8 @@ class PrivacyPolicy:
     accountant: str = "rdp"
     max_colluding_clients: int = 0
     examples: int | None = None  # sample mode: the site's training examples
-    ledger: str | None = None  # JSON file of the releases the site signed
+    ledger: str | None = None  # JSON file of the releases the site signed (absolute)
+    new_ledger: bool = False  # the site starts a new ledger (else a missing one is an error)
 
 
 @dataclass
@@ -180,15 +197,43 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         self._dp = _build_accountant(self)
-        # Releases the site signed: (round, sum id or None), in order.
-        self._releases: list[tuple[int, str | None]] = []
-        self._load_ledger()
+        # Releases the site signed: (round, approval digest), in order; the rounds it took
+        # part in (trained in or approved a sum of).
+        self._releases: list[tuple[int, str]] = []
+        self._rounds: set[int] = set()
+        with self._ledger_lock():
+            if self.privacy.ledger and not os.path.exists(self.privacy.ledger):
+                self._create_ledger()
+            self._reload()
+
+    @property
+    def last_completed_round(self) -> int:
+        """The latest round the site approved a sum of (0 before any)."""
+        return max((r for r, _ in self._releases), default=0)
+
+    @property
+    def rounds_taken_part(self) -> int:
+        return len(self._rounds)
+
+    def _check_participation(self, rnd: int, what: str) -> None:
+        last = self.last_completed_round
+        if rnd <= last:
+            raise PolicyRefusal(
+                f"round {rnd}: this site already completed round {last} (approved its sum); "
+                f"it does not {what} a round at or before it"
+            )
+        if rnd not in self._rounds and len(self._rounds) >= self.max_rounds:
+            raise PolicyRefusal(
+                f"round {rnd}: this site took part in {len(self._rounds)} rounds, its "
+                f"max_rounds={self.max_rounds}; it takes part in no more"
+            )
 
     # -- requests ---------------------------------------------------------------------------
     def check_request(self, request: TrainRequest) -> None:
         """Refuse (PolicyRefusal, one line) a train request this site's policy does not
-        allow; return None to go ahead."""
-        rnd = _check_round(request.round, self.max_rounds)
+        allow; return None to go ahead. Going ahead counts the round as one the site takes
+        part in (written to the ledger before this returns)."""
+        rnd = _check_round(request.round)
         task = self.task_for(request.task_id, request.task_version, rnd)
         fp = request.model_fingerprint
         if isinstance(fp, bytes | bytearray):  # the wire's 32 raw bytes
@@ -201,7 +246,13 @@ class SitePolicy:
             )
         self.resolve_hyperparameters(request)
         self.check_upload(request.upload_bytes, rnd)
-        self._check_budget(rnd)
+        with self._ledger_lock():
+            self._reload()
+            self._check_participation(rnd, "train in")
+            self._check_budget(rnd)
+            if rnd not in self._rounds:
+                self._rounds.add(rnd)
+                self._save_ledger()
 
     def task_for(self, task_id: Any, version: Any, rnd: int | None = None) -> TaskEntry:
         """The site's entry for ``task_id`` at ``version``, or a refusal."""
@@ -267,9 +318,19 @@ class SitePolicy:
             )
 
     # -- the key holder ---------------------------------------------------------------------
-    def check_sum(self, round_num: Any, num_clients: Any, num_sites: Any) -> None:
-        """Refuse to help open a sum smaller than ``min_sum`` (clients or sites)."""
-        rnd = _check_round(round_num, self.max_rounds)
+    def check_sum(self, round_num: Any, num_clients: Any, num_sites: Any, own_clients: Any) -> None:
+        """Refuse to help open a sum smaller than ``min_sum`` (clients or sites), or one
+        holding fewer than ``min_sum.clients - max_colluding_clients`` of the site's own
+        clients (``own_clients``: counted by the site from its own clients' signed
+        contributions, never the coordinator's word) when it holds any.
+
+        Across organisations one colluding site can supply any number of "clients" that
+        add no noise, so the sum's totals say nothing about the noise in it; the site
+        sizes each of its clients' noise shares for ``min_sum.clients -
+        max_colluding_clients`` honest ones (its accountant's rule) and trusts only its
+        own, so they alone must be that many. A sum with none of the site's clients
+        releases nothing of the site's."""
+        rnd = _check_round(round_num)
         for what, value, least in (
             ("clients", num_clients, self.min_sum.clients),
             ("sites", num_sites, self.min_sum.sites),
@@ -280,6 +341,32 @@ class SitePolicy:
                 raise PolicyRefusal(
                     f"round {rnd}: a sum of {value} {what} is below this site's "
                     f"min_sum.{what}={least}; its key holder does not help open it"
+                )
+        if isinstance(own_clients, bool) or not isinstance(own_clients, int):
+            raise PolicyRefusal(
+                f"round {rnd}: the number of the site's own clients must be an integer"
+            )
+        if not 0 <= own_clients <= num_clients:
+            raise PolicyRefusal(
+                f"round {rnd}: {own_clients} own clients in a sum of {num_clients} clients"
+            )
+        own_least = self.min_sum.clients - self.privacy.max_colluding_clients
+        if 0 < own_clients < own_least:
+            raise PolicyRefusal(
+                f"round {rnd}: a sum holding {own_clients} of this site's own clients is below "
+                f"min_sum.clients - privacy.max_colluding_clients = {own_least}: the others' "
+                "noise is not this site's to trust; its key holder does not help open it"
+            )
+        with self._ledger_lock():
+            self._reload()
+            if rnd < self.last_completed_round:
+                raise PolicyRefusal(
+                    f"round {rnd}: this site already completed round {self.last_completed_round}"
+                )
+            if rnd not in self._rounds and len(self._rounds) >= self.max_rounds:
+                raise PolicyRefusal(
+                    f"round {rnd}: this site took part in {len(self._rounds)} rounds, its "
+                    f"max_rounds={self.max_rounds}; it takes part in no more"
                 )
 
     # -- the privacy budget -----------------------------------------------------------------
@@ -292,22 +379,32 @@ class SitePolicy:
         """The site's epsilon against the server after the releases it signed."""
         return self._epsilon_after(self.releases)
 
-    def record_release(self, round_num: int, sum_id: str | None = None) -> float:
-        """Count a sum the site approves in ``round_num`` (call it before the approval
-        leaves the site); returns the new ``epsilon_vs_server``.
+    def record_release(
+        self, round_num: int, update_ids: Iterable[str], key_fingerprint: str | bytes
+    ) -> float:
+        """Count the sum the site approves in ``round_num``, the sum of ``update_ids``
+        under the threshold key ``key_fingerprint`` (call it before the approval leaves the
+        site); returns the new ``epsilon_vs_server``.
 
-        The same (round, ``sum_id``) again counts once (a retried message); any other sum,
-        in the same round or not, is another release (a restarted coordinator that asks
-        again with fresh noise releases again). Without ``sum_id`` every call counts.
-        Refused, and not counted, when it would take the site past its budget."""
-        rnd = _check_round(round_num, self.max_rounds)
-        if sum_id is not None and (rnd, str(sum_id)) in self._releases:
-            return self.epsilon_vs_server()
-        self._check_budget(rnd)
-        self._releases.append((rnd, None if sum_id is None else str(sum_id)))
-        if self._dp is not None:
-            self._dp.step([0])
-        self._save_ledger()
+        The release is identified by a digest computed here from exactly that approval
+        statement (:func:`approval_digest`), never by a caller's label: the same statement
+        again (a retried message) counts once; any other statement is another release. A
+        round at or before the last one the site completed is refused (one sum per round;
+        a coordinator cannot re-run a round the site already released), and so is a new
+        round past ``max_rounds`` or past the budget; refused means not counted."""
+        rnd = _check_round(round_num)
+        digest = approval_digest(rnd, update_ids, key_fingerprint)
+        with self._ledger_lock():
+            self._reload()  # another process on this ledger may have counted meanwhile
+            if (rnd, digest) in self._releases:
+                return self.epsilon_vs_server()
+            self._check_participation(rnd, "approve a sum of")
+            self._check_budget(rnd)
+            self._releases.append((rnd, digest))
+            self._rounds.add(rnd)
+            if self._dp is not None:
+                self._dp.step([0])
+            self._save_ledger()
         return self.epsilon_vs_server()
 
     def client_plan(self, codec: Any = None):
@@ -357,14 +454,60 @@ class SitePolicy:
             "local_epochs": hp["local_epochs"].max if sample else None,
         }
 
-    def _load_ledger(self) -> None:
+    @contextmanager
+    def _ledger_lock(self):
+        """An exclusive lock on the ledger (``<ledger>.lock``, flock) across processes."""
         path = self.privacy.ledger
-        if not path or not os.path.exists(path):
+        if not path:
+            yield
             return
+        try:
+            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise PolicyError(
+                f"privacy.ledger={path!r} cannot be locked ({exc.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _create_ledger(self) -> None:
+        path = self.privacy.ledger
+        marker = f"{path}.created"
+        if os.path.exists(marker):
+            raise PolicyError(
+                f"privacy.ledger={path!r} is missing but {marker!r} says this site created it "
+                "before: its releases are lost; restore the ledger (the site does not take "
+                "part with an unknown count of releases)"
+            )
+        if not self.privacy.new_ledger:
+            raise PolicyError(
+                f"privacy.ledger={path!r} does not exist; if this site starts a new ledger, "
+                "say so (privacy.new_ledger: true, or load_policy(..., new_ledger=True)); "
+                "otherwise restore it"
+            )
+        _write_durably(marker, json.dumps({"site": self.site}).encode())
+        self._save_ledger()
+
+    def _reload(self) -> None:
+        """Read the ledger again (under the lock): what another process on the same
+        ledger counted is counted here too; a ledger that does not extend what this one
+        saw is refused."""
+        path = self.privacy.ledger
+        if not path:
+            return
+        if not os.path.exists(path):
+            raise PolicyError(
+                f"privacy.ledger={path!r} has disappeared; the site does not take part with "
+                "an unknown count of releases"
+            )
         try:
             with open(path) as f:
                 state = json.load(f)
-            releases = [(int(r), None if s is None else str(s)) for r, s in state["releases"]]
+            releases = [(int(r), str(s)) for r, s in state["releases"]]
+            rounds = {int(r) for r in state["rounds"]}
             settings = state["settings"]
         except Exception as exc:
             raise PolicyError(
@@ -376,10 +519,17 @@ class SitePolicy:
                 f"privacy.ledger={path!r} was written under other DP settings {settings}; "
                 "its releases cannot be re-counted under these"
             )
-        for rel in releases:
+        known = len(self._releases)
+        if releases[:known] != self._releases or not self._rounds <= rounds:
+            raise PolicyError(
+                f"privacy.ledger={path!r} no longer holds the releases this site counted; "
+                "it was replaced or edited"
+            )
+        for rel in releases[known:]:
             self._releases.append(rel)
             if self._dp is not None:
                 self._dp.step([0])
+        self._rounds = rounds
 
     def _save_ledger(self) -> None:
         path = self.privacy.ledger
@@ -389,24 +539,58 @@ class SitePolicy:
             "site": self.site,
             "settings": self._ledger_settings(),
             "releases": [list(r) for r in self._releases],
+            "rounds": sorted(self._rounds),
         }
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
+        _write_durably(path, json.dumps(state).encode())
+
+
+def approval_digest(round_num: int, update_ids: Iterable[str], key_fingerprint) -> str:
+    """The id of a release: SHA-256 (hex) of the approval statement (the key's
+    fingerprint, the round and the sorted, distinct update ids)."""
+    if isinstance(update_ids, str | bytes):
+        raise PolicyRefusal(f"round {round_num}: update ids must be a list of ids")
+    ids = list(update_ids)
+    if not ids or not all(isinstance(u, str) and u for u in ids) or len(set(ids)) != len(ids):
+        raise PolicyRefusal(f"round {round_num}: an approval names distinct, non-empty update ids")
+    if isinstance(key_fingerprint, bytes | bytearray):
+        key_fingerprint = bytes(key_fingerprint).hex()
+    if not isinstance(key_fingerprint, str) or not key_fingerprint:
+        raise PolicyRefusal(f"round {round_num}: an approval names the key it is for")
+    statement = json.dumps(
+        [APPROVAL_DOMAIN, key_fingerprint, int(round_num), sorted(ids)], separators=(",", ":")
+    )
+    return hashlib.sha256(statement.encode()).hexdigest()
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Write ``path`` atomically: a unique temp file beside it, fsynced, renamed over it,
+    then the directory fsynced so the rename itself survives a crash."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
-def _check_round(value: Any, max_rounds: int) -> int:
+def _check_round(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PolicyRefusal(f"round number {value!r:.32} must be an integer")
     if value < 1:
         raise PolicyRefusal(f"round {value}: round numbers start at 1")
-    if value > max_rounds:
-        raise PolicyRefusal(
-            f"round {value}: this site takes part in at most max_rounds={max_rounds} rounds"
-        )
+    if value > _MAX_ROUND:
+        raise PolicyRefusal("a round number over 2**63-1")
     return value
 
 
@@ -477,6 +661,7 @@ _PRIVACY_KEYS = (
     "max_colluding_clients",
     "examples",
     "ledger",
+    "new_ledger",
 )
 
 
@@ -501,33 +686,53 @@ def _keys(prefix: str, obj: Any, allowed: Iterable[str], required: Iterable[str]
 
 
 def _int(key: str, value: Any, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise _fail(f"{key}={value!r} must be an integer >= {least}")
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 2**63 - 1:
+        raise _fail(f"{key}={_short(value)} must be an integer >= {least} (and < 2**63)")
     return value
 
 
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= 1e300  # a huge YAML int: one error
+    except OverflowError:
+        return False
+
+
 def _num(key: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    ok = _finite(value)
     if ok and positive:
         ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = " >= 0" if allow_zero else " > 0" if positive else ""
-        raise _fail(f"{key}={value!r} must be a finite number{bound}")
+        raise _fail(f"{key}={_short(value)} must be a finite number{bound}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "<a huge integer>"
+    return text[:80]
 
 
 def _str(key: str, value: Any, pattern: re.Pattern, what: str) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool) and key.endswith("version"):
-        value = str(value)  # version: 1 in YAML
-    if not isinstance(value, str) or not pattern.match(value):
-        raise _fail(f"{key}={value!r} must be {what}")
+    if not isinstance(value, str):
+        hint = " (quote it: YAML reads 1.10 as the number 1.1)" if key.endswith("version") else ""
+        raise _fail(f"{key}={_short(value)} must be a string: {what}{hint}")
+    if not pattern.fullmatch(value):
+        raise _fail(f"{key}={_short(value)} must be {what}")
     return value
 
 
-def policy_from_dict(data: Any) -> SitePolicy:
-    """Validate a parsed policy (see the module docstring); PolicyError names the key."""
+def policy_from_dict(
+    data: Any, base_dir: str | os.PathLike | None = None, new_ledger: bool = False
+) -> SitePolicy:
+    """Validate a parsed policy (see the module docstring); PolicyError names the key.
+    ``base_dir``: the policy file's directory, against which a relative ledger path is
+    read (without it a ledger path must be absolute). ``new_ledger``: the site starts a
+    new privacy ledger (as ``privacy.new_ledger: true``)."""
     top = _keys("", data, _TOP, _TOP_REQUIRED)
-    site = _str("site", top.get("site", "site"), _ID, "a site id (letters, digits, _ . -)")
+    site = _str("site", top.get("site", "site"), _ID, "a site id ([A-Za-z0-9_-], at most 64)")
 
     tasks_raw = top["tasks"]
     if not isinstance(tasks_raw, list) or not tasks_raw:
@@ -536,11 +741,11 @@ def policy_from_dict(data: Any) -> SitePolicy:
     for i, raw in enumerate(tasks_raw):
         k = f"tasks[{i}]"
         t = _keys(k, raw, _TASK_KEYS, _TASK_KEYS)
-        tid = _str(f"{k}.id", t["id"], _ID, "a task id (letters, digits, _ . -)")
-        ver = _str(f"{k}.version", t["version"], _ID, "a version (letters, digits, _ . -)")
+        tid = _str(f"{k}.id", t["id"], _ID, "a task id ([A-Za-z0-9_-], at most 64)")
+        ver = _str(f"{k}.version", t["version"], _VERSION, "a version (digits and dots: 1.10)")
         cls = _str(f"{k}.class", t["class"], _DOTTED, "a dotted class path (package.module.Class)")
         fp = t["model_fingerprint"]
-        if not isinstance(fp, str) or not _SHA256.match(fp):
+        if not isinstance(fp, str) or not _SHA256.fullmatch(fp):
             raise _fail(
                 f"{k}.model_fingerprint={fp!r} must be 64 lowercase hex digits (SHA-256; "
                 "fedray.federation.policy.model_fingerprint computes it)"
@@ -564,8 +769,8 @@ def policy_from_dict(data: Any) -> SitePolicy:
     hyper: dict[str, Range] = {}
     for name, raw in hp_raw.items():
         k = f"hyperparameters.{name}"
-        if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise _fail(f"{k} must be named by an identifier")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+            raise _fail(f"{k} must be named [a-z][a-z0-9_]* (what the wire carries)")
         r = _keys(k, raw, _RANGE_KEYS, ("min", "max"))
         lo = _num(f"{k}.min", r["min"], positive=False)
         hi = _num(f"{k}.max", r["max"], positive=False)
@@ -616,8 +821,21 @@ def policy_from_dict(data: Any) -> SitePolicy:
                 f"min_sum.clients={min_sum.clients}"
             )
         ledger = pr.get("ledger")
-        if ledger is not None and not isinstance(ledger, str | os.PathLike):
-            raise _fail(f"privacy.ledger={ledger!r} must be a file path")
+        if ledger is not None:
+            if not isinstance(ledger, str | os.PathLike) or not str(ledger):
+                raise _fail(f"privacy.ledger={_short(ledger)} must be a file path")
+            if not os.path.isabs(ledger):
+                if base_dir is None:
+                    raise _fail(
+                        f"privacy.ledger={str(ledger)!r} must be an absolute path (in a "
+                        "policy file a relative one is read from the file's directory)"
+                    )
+                ledger = os.path.join(os.path.abspath(base_dir), ledger)
+        new = pr.get("new_ledger", False)
+        if not isinstance(new, bool):
+            raise _fail(f"privacy.new_ledger={_short(new)} must be true or false")
+        if new and ledger is None:
+            raise _fail("privacy.new_ledger is set but privacy.ledger is not")
         examples = pr.get("examples")
         if mode == "sample":
             if examples is None:
@@ -635,6 +853,11 @@ def policy_from_dict(data: Any) -> SitePolicy:
         budget = pr["max_epsilon_vs_server"]
         if budget is not None:
             budget = _num("privacy.max_epsilon_vs_server", budget)
+            if ledger is None:
+                raise _fail(
+                    "privacy.ledger is missing: with a budget (privacy.max_epsilon_vs_server) "
+                    "the site counts its releases in a ledger that survives restarts"
+                )
         privacy = PrivacyPolicy(
             mode=mode,
             noise_multiplier=_num(
@@ -647,6 +870,7 @@ def policy_from_dict(data: Any) -> SitePolicy:
             max_colluding_clients=colluding,
             examples=examples,
             ledger=None if ledger is None else str(ledger),
+            new_ledger=bool(new or new_ledger),
         )
 
     cap = _int("max_upload_bytes", top["max_upload_bytes"], 1)
@@ -661,8 +885,10 @@ def policy_from_dict(data: Any) -> SitePolicy:
     )
 
 
-def load_policy(path: str | os.PathLike) -> SitePolicy:
-    """Read and validate a site's policy file (YAML)."""
+def load_policy(path: str | os.PathLike, new_ledger: bool = False) -> SitePolicy:
+    """Read and validate a site's policy file (YAML). A relative ``privacy.ledger`` is
+    read from the file's directory; ``new_ledger=True`` lets the site start a new ledger
+    (the site agent's explicit flag; see the module docstring)."""
     import yaml
 
     p = Path(path)
@@ -676,4 +902,4 @@ def load_policy(path: str | os.PathLike) -> SitePolicy:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PolicyError(f"site policy {str(p)!r} is not valid YAML{where}") from None
-    return policy_from_dict(data)
+    return policy_from_dict(data, base_dir=p.parent, new_ledger=new_ledger)
