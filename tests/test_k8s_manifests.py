@@ -242,3 +242,31 @@ def test_site_has_no_service_and_no_inbound_port(site):
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from"), "a site admits no traffic from anywhere"
         assert all("ipBlock" not in s for s in rule["from"])
+
+
+@pytest.mark.parametrize("name", ["coordinator.yaml", "site.yaml"])
+def test_pods_run_unprivileged_without_a_service_account_token(name):
+    """Every Ray pod: no Kubernetes API token, a non-root user, the runtime's seccomp
+    profile; every container: no privilege escalation, no capabilities, a read-only root
+    with an emptyDir /tmp for Ray's session files."""
+    rayjob = one(docs(name), "RayJob")
+    for template in pod_templates(rayjob):
+        spec = template["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1 and tmp[0]["name"] in empty_dirs
+
+
+def test_readme_says_network_policies_need_an_enforcing_cni():
+    text = " ".join((K8S / "README.md").read_text().split())
+    assert "enforces NetworkPolicy" in text
