@@ -6,9 +6,12 @@ coordinator sends requests (a closed list: train, approve, share-sum) and the si
 answers each with its reply or a one-line :class:`Refused`. docs/federation.md has the
 API and the checks; in short, on every connection and every frame:
 
-* TLS: both sides present a certificate of the federation CA (``require_client_auth``),
-  and each side also checks the peer certificate's SHA-256 against the federation
-  manifest, so a certificate of the same CA that the manifest does not list is refused.
+* TLS: both sides present a certificate of the federation CA (``require_client_auth``;
+  the CA file must be the manifest's ``ca_sha256``). The coordinator checks the client
+  certificate's SHA-256 against the manifest on the gRPC connection itself; the site,
+  whose gRPC API does not show the server's certificate, checks it on a TLS probe just
+  before, and relies on the Welcome signed by the manifest's coordinator key for the
+  session (docs/federation.md says exactly what that does and does not cover).
 * Every message but a blob chunk is an ``Envelope`` signed (Ed25519, the party's key in
   the manifest) over the bytes as sent; the signature is checked before the bytes are
   parsed. Envelopes carry the session (both parties' nonces) and a sequence number that
