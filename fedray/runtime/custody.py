@@ -52,7 +52,7 @@ class KeyCustody:
     dealer_node: str | None
     identities: list[bytes]
     holder_nodes: list[str] = field(default_factory=list)
-    weight_ref: tuple[float, bytes] | None = None  # re-sent to restarted hosts
+    epochs: dict[int, int] = field(default_factory=dict)  # per host: its registrations
 
     def restrict(self, first_round: int, last_round: int) -> None:
         """Narrow the rounds every key holder opens (see ``KeyHolder.restrict``)."""
@@ -75,15 +75,6 @@ class KeyCustody:
             except Exception as exc:
                 log.debug("a key holder did not take round %d's ticket: %s", round_num, exc)
 
-    def sign_weight_ref(self, weight_ref: float) -> bytes:
-        from fedray.runtime.keys import weight_ref_message
-
-        signature = self.authority.sign_bytes(weight_ref_message(weight_ref))
-        self.weight_ref = (float(weight_ref), signature)
-        return signature
-
-    epochs: dict[int, int] = field(default_factory=dict)
-
     def configure_host(self, index: int) -> Any:
         from fedray.runtime.keys import configure_message
 
@@ -97,7 +88,8 @@ class KeyCustody:
         """Set up host ``index`` again after Ray restarted it: register its new identity
         with every key holder, for its deposits of rounds ``from_round`` on (the driver
         passes the round after the one in flight: see ``KeyHolder.register``), then
-        configure its crypto (which builds its DP plan) and give back its weight_ref."""
+        configure its crypto (which builds its DP plan). The driver then gives back its
+        weight_ref."""
         import ray
 
         from fedray.runtime.keys import registration_message
@@ -115,8 +107,6 @@ class KeyCustody:
             except Exception as exc:  # a dead holder: the others suffice
                 log.debug("holder did not register host %d: %s", index, exc)
         ray.get(self.configure_host(index))
-        if self.weight_ref is not None:  # a restarted host starts from 1.0 again
-            ray.get(self.hosts[index].set_weight_ref.remote(*self.weight_ref))
         self.epochs[index] = epoch
         self.identities[index] = public
 

@@ -292,7 +292,8 @@ class _Job:
     server: Any = None
     first_round: int = 1
     last_round: int = 0  # the last round the key holders open (set up with the server)
-    weight_ref: float = 1.0  # given back to hosts Ray restarts (see _refresh_hosts)
+    # (weight_ref, the driver's signature of it): given back to restarted hosts
+    weight_ref: tuple[float, bytes] | None = None
     metrics_writer: MetricsWriter | None = None
     tensorboard: TensorBoardWriter | None = None
     sigint: _StopOnSigint | None = None
@@ -427,7 +428,6 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
         for h in hosts:
             running = h.running_max_examples.remote(running)
         weight_ref = ray.get(running)
-    job.weight_ref = weight_ref
     sizes: dict[int, int] = {}
     if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
         # Sample-level DP's accountant needs each site's count (README: what the
@@ -438,11 +438,11 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
     from fedray.runtime.keys import weight_ref_message
 
     weight_ref_signature = job.authority.sign_bytes(weight_ref_message(weight_ref))
+    job.weight_ref = (weight_ref, weight_ref_signature)
     if cfg.crypto.name == "paillier":
         from fedray.runtime.custody import set_up_keys
 
         job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority)
-        job.custody.sign_weight_ref(weight_ref)
     job.public_key = job.custody.key if job.custody else None
     for answer in ray.get(
         [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
@@ -741,11 +741,8 @@ def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
         if job.custody is not None:
             public, _ = ray.get(host.identity.remote())
             job.custody.re_register(i, public, from_round)
-        else:
-            from fedray.runtime.keys import weight_ref_message
-
-            signature = job.authority.sign_bytes(weight_ref_message(job.weight_ref))
-            answer = ray.get(host.set_weight_ref.remote(job.weight_ref, signature))
+        if job.weight_ref is not None:  # a restarted host starts from 1.0 again
+            answer = ray.get(host.set_weight_ref.remote(*job.weight_ref))
             if answer is not True:
                 raise ConfigError(answer)
         restarted.append(i)
