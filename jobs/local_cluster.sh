@@ -68,8 +68,11 @@ for i in $(seq 180); do  # the job server answers once the head is up
 done
 
 echo "== starting a worker node (site_b)"
+# Its own --temp-dir: two nodes on one machine would otherwise share the head's session
+# folder, and the worker's runtime-env agent then unpacks and garbage-collects the job's
+# working_dir under the running driver (ModuleNotFoundError for a module imported late).
 setsid ray start --block --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
-  --num-cpus=1 --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
+  --temp-dir="$WORK/ray_b" --num-cpus=1 --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
   --resources='{"site_b": 1}' >"$WORK/worker.log" 2>&1 &
 PIDS+=($!)
 disown

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +33,11 @@ def fresh_cluster(tmp_path_factory):
     # A job's entrypoint runs with the head node's environment: its `python` is ours.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     head_log, worker_log = directory / "head.log", directory / "worker.log"
+    # A temp dir per node, short (Ray's socket paths must fit 107 bytes): two nodes on one
+    # machine would otherwise share the head's session folder, and the worker's runtime-env
+    # agent then unpacked the job's working_dir under the running driver, which failed to
+    # import a module it imported late (ModuleNotFoundError, one run in two or three).
+    temp = Path(tempfile.mkdtemp(prefix="frjs", dir="/tmp"))
     port, dash = free_port(), free_port()
     head = start_ray_node(
         [
@@ -44,6 +51,7 @@ def fresh_cluster(tmp_path_factory):
             # Not the default 52365: another Ray here may hold it, and the head's job
             # server then has no agent ("No available agent to submit job").
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={temp / 'a'}",
         ],
         env,
         head_log,
@@ -65,6 +73,7 @@ def fresh_cluster(tmp_path_factory):
                 "--num-cpus=1",
                 '--resources={"site_b": 1}',
                 f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={temp / 'b'}",
             ],
             env,
             worker_log,
@@ -85,6 +94,7 @@ def fresh_cluster(tmp_path_factory):
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_ray_nodes(nodes, port)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
