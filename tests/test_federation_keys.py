@@ -19,6 +19,7 @@ import pytest
 from fedray.crypto.threshold import (
     PublicEncryptor,
     combine_partial_decryptions,
+    deal_threshold_key,
     partial_decrypt,
 )
 from fedray.tools import certs, keys
@@ -110,11 +111,22 @@ def test_the_coordinator_needs_only_the_public_file_and_refuses_a_small_key(fed)
         load_share(files[2], _manifest(root), "b", root / "certs" / "b" / "key.pem")
 
 
-def test_share_files_hold_no_share_in_the_clear(fed):
-    root, _, files = fed
+def test_share_files_hold_no_share_in_the_clear(fed, tmp_path, monkeypatch):
+    """The dealer's shares, caught as it deals, appear in no file it writes (decimal, hex,
+    big- or little-endian bytes)."""
+    root, _, _ = fed
+    dealt = []
+
+    def spy(*args):
+        key, shares = deal_threshold_key(*args)
+        dealt.extend(shares)
+        return key, shares
+
+    monkeypatch.setattr(keys, "deal_threshold_key", spy)
+    _, files = keys.deal(root / "certs", "b", tmp_path, bits=512, allow_insecure=True)
     blobs = [f.read_bytes() for f in files]
-    for site in SITES:
-        value = _load(root, site)[1].value
+    assert len(dealt) == 3 and len(blobs) == 4
+    for value in (share.value for share in dealt):
         size = (value.bit_length() + 7) // 8
         needles = [
             str(value).encode(),
@@ -125,6 +137,9 @@ def test_share_files_hold_no_share_in_the_clear(fed):
         ]
         for blob, needle in itertools.product(blobs, needles):
             assert needle not in blob
+    # the same values are what the sites open
+    opened = [_load(root, s, share=tmp_path / f"{s}.share")[1].value for s in SITES]
+    assert opened == [share.value for share in dealt]
 
 
 # --- a share only its site opens, for its place only ------------------------------------------
@@ -243,15 +258,14 @@ def test_a_key_made_for_another_manifest_is_refused(fed, other_fed, tmp_path):
     root, _, files = fed
     with pytest.raises(KeyFileError, match="federation key was made for another federation"):
         load_federation_key(files[0], _manifest(other_fed), allow_insecure=True)
+    with pytest.raises(KeyFileError, match="share file was made for another federation manifest"):
+        load_share(files[2], _manifest(other_fed), "b", other_fed / "certs" / "b" / "key.pem",
+                   federation_key_path=files[0], allow_insecure=True)  # fmt: skip
+    # this federation's share beside a key the other federation's site a dealt
+    theirs, _ = keys.deal(other_fed / "certs", "a", tmp_path / "theirs", bits=512,
+                          allow_insecure=True)  # fmt: skip
     with pytest.raises(KeyFileError, match="federation key was made for another federation"):
-        load_share(
-            files[2],
-            _manifest(other_fed),
-            "b",
-            other_fed / "certs" / "b" / "key.pem",
-            federation_key_path=files[0],
-            allow_insecure=True,
-        )
+        _load(root, "b", federation_key_path=tmp_path / "theirs" / "federation_key.json")
     # a share file the dealer signed for another manifest, beside this manifest's key
     keys_dir = _copy_keys(root, tmp_path)
     other_sha = keys._manifest(_manifest(other_fed))[1]
@@ -423,3 +437,19 @@ def test_a_share_of_an_earlier_deal_is_refused_beside_a_new_key(fed, tmp_path):
             lambda b: b.update(key_fingerprint=newer.fingerprint))  # fmt: skip
     with pytest.raises(KeyFileError, match=f"the share is for key '{newer.fingerprint}', not"):
         _load(root, "b", share=keys_dir / "b.share")
+
+
+def test_a_file_with_a_field_more_or_less_is_refused_and_only_sites_load_shares(fed, tmp_path):
+    root, _, files = fed
+    signer = _signer(root, "a")
+    forged = tmp_path / "federation_key.json"
+    _resign(files[0], forged, signer, keys.KEY_DOMAIN, lambda b: b.update(note="hello"))
+    with pytest.raises(KeyFileError, match="federation key has unknown or missing fields: note"):
+        load_federation_key(forged, _manifest(root), allow_insecure=True)
+    keys_dir = _copy_keys(root, tmp_path / "x")
+    share = keys_dir / "b.share"
+    _resign(share, share, signer, keys.SHARE_DOMAIN, lambda b: b.pop("recipient_cert_sha256"))
+    with pytest.raises(KeyFileError, match="unknown or missing fields: recipient_cert_sha256"):
+        _load(root, "b", share=share)
+    with pytest.raises(KeyFileError, match="site 'hub' is not a site of the manifest"):
+        _load(root, "hub", share=files[2])

@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -66,6 +67,38 @@ SHARE_DOMAIN = b"fedray-key-share-v1\0"  # the dealer's signature over a share f
 SEAL_DOMAIN = b"fedray-key-share-seal-v1\0"  # HKDF info and AES-GCM AAD of a share
 
 
+KEY_FIELDS = frozenset(
+    [
+        "format",
+        "version",
+        "manifest_sha256",
+        "dealer",
+        "holders",
+        "threshold",
+        "n",
+        "hs",
+        "fingerprint",
+        "verification",
+    ]
+)
+SHARE_FIELDS = frozenset(
+    [
+        "format",
+        "version",
+        "manifest_sha256",
+        "dealer",
+        "site",
+        "index",
+        "key_fingerprint",
+        "federation_key_sha256",
+        "recipient_cert_sha256",
+        "ephemeral_public",
+        "nonce",
+        "ciphertext",
+    ]
+)
+
+
 class KeyFileError(FedrayError, ValueError):
     """A key or share file (or an argument of the deal) is wrong: the message is one line."""
 
@@ -81,10 +114,13 @@ def _hex(value: int) -> str:
     return format(int(value), "x")
 
 
+_HEX = re.compile(r"0|[1-9a-f][0-9a-f]*")
+
+
 def _int(text, path, what: str) -> int:
     if not isinstance(text, str) or not text or len(text) > 8192:
         raise KeyFileError(f"{path}: {what} is not a hex string")
-    if any(c not in "0123456789abcdef" for c in text) or (len(text) > 1 and text[0] == "0"):
+    if not _HEX.fullmatch(text):
         raise KeyFileError(f"{path}: {what} is not a lowercase hex number without leading zeros")
     return int(text, 16)
 
@@ -113,7 +149,7 @@ def _manifest(manifest_path):
     return manifest, hashlib.sha256(raw).hexdigest(), list(manifest.sites)
 
 
-def _signed_json(path, what: str, fmt: str) -> tuple[dict, bytes]:
+def _signed_json(path, what: str, fmt: str, fields: frozenset) -> tuple[dict, bytes]:
     """The file's object without its signature, and the signature (not yet checked)."""
     try:
         obj = json.loads(_read(path, what))
@@ -129,6 +165,9 @@ def _signed_json(path, what: str, fmt: str) -> tuple[dict, bytes]:
     sig = obj.pop("signature", None)
     if not isinstance(sig, str) or len(sig) != 128:
         raise KeyFileError(f"{path}: the {what} has no Ed25519 signature (128 hex digits)")
+    if set(obj) != fields:
+        odd = sorted(set(obj) ^ fields)
+        raise KeyFileError(f"{path}: the {what} has unknown or missing fields: {', '.join(odd)}")
     try:
         return obj, bytes.fromhex(sig)
     except ValueError:
@@ -194,9 +233,9 @@ def key_digest(body: dict) -> str:
     return hashlib.sha256(KEY_DOMAIN + _canonical(body)).hexdigest()
 
 
-def _load_key(path, manifest_path, allow_insecure: bool):
-    manifest, manifest_sha, sites = _manifest(manifest_path)
-    body, sig = _signed_json(path, "federation key", KEY_FORMAT)
+def _load_key(path, loaded_manifest, allow_insecure: bool):
+    manifest, manifest_sha, sites = loaded_manifest
+    body, sig = _signed_json(path, "federation key", KEY_FORMAT, KEY_FIELDS)
     dealer = _check_dealer(path, body, manifest, manifest_sha, sites, "federation key")
     _verify(
         path,
@@ -277,7 +316,7 @@ def load_federation_key(path, manifest_path, *, allow_insecure: bool = False) ->
     Jacobi symbol +1; the holders' verification values consistent. What the coordinator
     loads (it holds no key material).
     """
-    return _load_key(path, manifest_path, allow_insecure)[0]
+    return _load_key(path, _manifest(manifest_path), allow_insecure)[0]
 
 
 # --- shares -----------------------------------------------------------------------------------
@@ -388,9 +427,10 @@ def load_share(
     key_path = (
         Path(path).with_name(KEY_NAME) if federation_key_path is None else federation_key_path
     )
-    key, key_body, manifest, sites, partials = _load_key(key_path, manifest_path, allow_insecure)
-    manifest_sha = key_body["manifest_sha256"]
-    body, sig = _signed_json(path, "share file", SHARE_FORMAT)
+    manifest, manifest_sha, sites = loaded = _manifest(manifest_path)
+    if site_id not in manifest.sites:
+        raise KeyFileError(f"site {site_id!r} is not a site of the manifest ({', '.join(sites)})")
+    body, sig = _signed_json(path, "share file", SHARE_FORMAT, SHARE_FIELDS)
     dealer = _check_dealer(path, body, manifest, manifest_sha, sites, "share file")
     _verify(
         path,
@@ -400,8 +440,7 @@ def load_share(
         dealer,
         "share file",
     )
-    if site_id not in manifest.sites:
-        raise KeyFileError(f"site {site_id!r} is not a site of the manifest ({', '.join(sites)})")
+    key, key_body, _, _, partials = _load_key(key_path, loaded, allow_insecure)
     if body.get("site") != site_id:
         raise KeyFileError(f"{path}: the share is for site {body.get('site')!r}, not {site_id!r}")
     index = sites.index(site_id) + 1
