@@ -103,7 +103,7 @@ def test_each_site_opens_its_share_and_any_t_of_them_decrypt(fed):
         assert combine_partial_decryptions(coordinator_key, picked) == plaintexts
 
 
-def test_the_coordinator_needs_only_the_public_file_and_refuses_a_small_key(fed):
+def test_a_key_under_2048_bits_is_refused_without_allow_insecure(fed):
     root, _, files = fed
     with pytest.raises(KeyFileError, match="a key of 512 bits; at least 2048"):
         load_federation_key(files[0], _manifest(root))
@@ -259,11 +259,18 @@ def test_a_key_made_for_another_manifest_is_refused(fed, other_fed, tmp_path):
     with pytest.raises(KeyFileError, match="federation key was made for another federation"):
         load_federation_key(files[0], _manifest(other_fed), allow_insecure=True)
     with pytest.raises(KeyFileError, match="share file was made for another federation manifest"):
-        load_share(files[2], _manifest(other_fed), "b", other_fed / "certs" / "b" / "key.pem",
-                   federation_key_path=files[0], allow_insecure=True)  # fmt: skip
+        load_share(
+            files[2],
+            _manifest(other_fed),
+            "b",
+            other_fed / "certs" / "b" / "key.pem",
+            federation_key_path=files[0],
+            allow_insecure=True,
+        )
     # this federation's share beside a key the other federation's site a dealt
-    theirs, _ = keys.deal(other_fed / "certs", "a", tmp_path / "theirs", bits=512,
-                          allow_insecure=True)  # fmt: skip
+    theirs, _ = keys.deal(
+        other_fed / "certs", "a", tmp_path / "theirs", bits=512, allow_insecure=True
+    )
     with pytest.raises(KeyFileError, match="federation key was made for another federation"):
         _load(root, "b", federation_key_path=tmp_path / "theirs" / "federation_key.json")
     # a share file the dealer signed for another manifest, beside this manifest's key
@@ -433,8 +440,13 @@ def test_a_share_of_an_earlier_deal_is_refused_beside_a_new_key(fed, tmp_path):
     with pytest.raises(KeyFileError, match="the share was dealt for another key than"):
         _load(root, "b", federation_key_path=tmp_path / "federation_key.json")
     keys_dir = _copy_keys(root, tmp_path / "x")
-    _resign(keys_dir / "b.share", keys_dir / "b.share", _signer(root, "a"), keys.SHARE_DOMAIN,
-            lambda b: b.update(key_fingerprint=newer.fingerprint))  # fmt: skip
+    _resign(
+        keys_dir / "b.share",
+        keys_dir / "b.share",
+        _signer(root, "a"),
+        keys.SHARE_DOMAIN,
+        lambda b: b.update(key_fingerprint=newer.fingerprint),
+    )
     with pytest.raises(KeyFileError, match=f"the share is for key '{newer.fingerprint}', not"):
         _load(root, "b", share=keys_dir / "b.share")
 
@@ -453,3 +465,16 @@ def test_a_file_with_a_field_more_or_less_is_refused_and_only_sites_load_shares(
         _load(root, "b", share=share)
     with pytest.raises(KeyFileError, match="site 'hub' is not a site of the manifest"):
         _load(root, "hub", share=files[2])
+
+
+def test_a_sealed_share_is_bound_to_its_header(fed, tmp_path):
+    """Even under the dealer's signature, the sealed part of one deal's share does not open
+    under another deal's header (HKDF info and AES-GCM associated data bind the header)."""
+    root, _, _ = fed
+    keys.deal(root / "certs", "a", tmp_path, bits=512, allow_insecure=True)
+    old = json.loads((root / "keys" / "a.share").read_bytes())
+    sealed = {k: old[k] for k in ("ephemeral_public", "nonce", "ciphertext")}
+    share = tmp_path / "a.share"
+    _resign(share, share, _signer(root, "a"), keys.SHARE_DOMAIN, lambda b: b.update(sealed))
+    with pytest.raises(KeyFileError, match="does not open with this site's key"):
+        _load(root, "a", share=share)
