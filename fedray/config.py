@@ -36,6 +36,8 @@ STRATEGIES = (
 # Strategies that must see each client's update in the clear: refused with encryption.
 PLAINTEXT_ONLY_STRATEGIES = ("median", "trimmed_mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "shards")
+MISSING_VALUES = ("error", "drop_rows")  # impute_mean needs secure aggregation: not yet
+EXTRA_COLUMNS = ("ignore", "error")
 CRYPTO = ("paillier", "none")
 OBFUSCATORS = ("fixed_base", "standard")
 CUSTODIES = ("threshold", "shared")
@@ -85,6 +87,17 @@ class DatasetConfig:
     path: str | None = None
     label: str | None = None
     test_path: str | None = None
+    # csv (and .parquet files): columns matched by name (docs/data.md). null: client 0's
+    # columns but the label, in its order; the feature matrix follows this order.
+    features: list[str] | None = None
+    # columns a file has beyond features and label: ignore (logged) or error
+    extra_columns: str = "ignore"
+    # a row with an empty cell: error, or drop_rows
+    missing: str = "error"
+    # column -> its allowed values, one-hot in this order, e.g. {sex: [F, M]}; null: none.
+    # Any, so that both dataset.categorical={sex:[F,M]} and +dataset.categorical.sex=[F,M]
+    # work on the command line (a typed dict takes only the second).
+    categorical: Any = None
     # text, text_synthetic: tokens per document (longer ones are cut); synthetic topics
     max_length: int = 32
     topic_strength: float = 0.3
@@ -118,6 +131,7 @@ class DatasetConfig:
                 )
             if not self.label:
                 raise ConfigError("dataset.label must name the label column for dataset=csv")
+        self._check_table_options()
         if self.name == "text" and (not self.path or "{client_id}" not in self.path):
             raise ConfigError(
                 "dataset.path must be set for dataset=text and contain '{client_id}', "
@@ -127,6 +141,66 @@ class DatasetConfig:
         _positive("dataset.test_samples", self.test_samples)
         if not 0.0 < self.topic_strength <= 1.0:
             raise ConfigError(f"dataset.topic_strength={self.topic_strength!r} must be in (0, 1]")
+
+    def _check_table_options(self) -> None:
+        """dataset.features / extra_columns / missing / categorical (dataset=csv)."""
+        _choice("dataset.extra_columns", self.extra_columns, EXTRA_COLUMNS)
+        if self.missing == "impute_mean":
+            raise ConfigError(
+                "dataset.missing=impute_mean is not available yet (it needs a federation-wide "
+                "mean by secure aggregation); choose one of: " + ", ".join(MISSING_VALUES)
+            )
+        _choice("dataset.missing", self.missing, MISSING_VALUES)
+        if self.name != "csv" and (self.features is not None or self.categorical):
+            which = "dataset.features" if self.features is not None else "dataset.categorical"
+            raise ConfigError(f"{which} applies to dataset=csv only (dataset={self.name})")
+        if self.features is not None:
+            names = [str(f) for f in self.features]
+            if not names or any(not n.strip() for n in names):
+                raise ConfigError(
+                    "dataset.features must be null (client 0's columns) or a list of column "
+                    "names, e.g. dataset.features=[age,bmi,sex]"
+                )
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"dataset.features names {', '.join(twice)} more than once")
+            if self.label in names:
+                raise ConfigError(
+                    f"dataset.features must not include the label column {self.label!r}"
+                )
+        if self.categorical is None:
+            return
+        if not isinstance(self.categorical, dict):
+            raise ConfigError(
+                f"dataset.categorical={self.categorical!r} must map each categorical column to "
+                "its allowed values, e.g. dataset.categorical={sex: [F, M]}"
+            )
+        declared: dict[str, list[str]] = {}
+        for col, values in self.categorical.items():
+            example = f"e.g. dataset.categorical={{{col}: [F, M]}}"
+            if not isinstance(values, list | tuple) or not values:
+                raise ConfigError(
+                    f"dataset.categorical.{col} must be a non-empty list of allowed values, "
+                    + example
+                )
+            vocab = [str(v) for v in values]
+            declared[str(col)] = vocab
+            twice = sorted({v for v in vocab if vocab.count(v) > 1})
+            if twice:
+                raise ConfigError(
+                    f"dataset.categorical.{col} lists {', '.join(twice)} more than once"
+                )
+            if col == self.label:
+                raise ConfigError(
+                    f"dataset.categorical.{col}: the label column cannot be categorical "
+                    "(labels are integer class ids 0..K-1)"
+                )
+            if self.features is not None and col not in self.features:
+                raise ConfigError(
+                    f"dataset.categorical.{col}: {col!r} is not in dataset.features "
+                    f"({', '.join(self.features)})"
+                )
+        self.categorical = declared  # values as text: a CSV cell is text
 
 
 @dataclass

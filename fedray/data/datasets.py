@@ -7,10 +7,9 @@ per site with the site's own statistics (a site cannot see another site's data).
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +18,13 @@ import numpy as np
 from fedray.config import DatasetConfig
 from fedray.data.partition import partition_indices
 from fedray.data.synthetic import synthetic_client
+from fedray.data.tables import (
+    TableSpec,
+    check_columns,
+    read_table,
+    resolve_features,
+    table_columns,
+)
 from fedray.errors import DataError
 
 log = logging.getLogger("fedray")
@@ -187,9 +193,9 @@ def load_client_data(
             )
             out[cid] = _holdout(cid, x, y, cfg.holdout_fraction, seed)
     elif cfg.name == "csv":
+        spec = job_table_spec(cfg)
         for cid in client_ids:
-            path = cfg.path.format(client_id=cid)
-            x, y = read_csv(path, cfg.label)
+            x, y = read_table(cfg.path.format(client_id=cid), spec)
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
             if cfg.standardize:
                 _standardize_site(data)
@@ -230,7 +236,7 @@ def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int):
             ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
     if cfg.name == "csv" and cfg.test_path:
-        x, y = read_csv(cfg.test_path, cfg.label)
+        x, y = read_table(cfg.test_path, job_table_spec(cfg))
         return (_standardize(x, x) if cfg.standardize else x), y
     return None, None
 
@@ -263,70 +269,52 @@ def check_site_files(path_template: str, num_clients: int) -> None:
         )
 
 
-def csv_metadata(path_template: str, label: str, client_ids: list[int]) -> tuple[int, int]:
-    """(feature count, largest label) of these sites' files: metadata only, run at the site."""
-    features, max_label = None, 0
+def check_site_tables(cfg: DatasetConfig, num_clients: int) -> list[str]:
+    """Embedded Ray, before it starts: every site's file (and the test file) has the job's
+    columns by name. Reads headers only, never a value. Returns the job's features
+    (``dataset.features``, else client 0's columns but the label, logged once)."""
+    check_site_files(cfg.path, num_clients)
+    spec = TableSpec.from_config(cfg)
+    first = cfg.path.format(client_id=0)
+    features = resolve_features(spec, first, table_columns(first))
+    spec = replace(spec, features=tuple(features))
+    paths = [cfg.path.format(client_id=cid) for cid in range(num_clients)]
+    for path in paths + ([cfg.test_path] if cfg.test_path else []):
+        check_columns(path, table_columns(path), spec)
+    return features
+
+
+def site_columns(path_template: str, client_id: int) -> list[str]:
+    """One site's column names (its header, no value): run at client 0's site to take the
+    job's features from its file when ``dataset.features`` is null."""
+    return table_columns(path_template.format(client_id=client_id))
+
+
+def job_table_spec(cfg: DatasetConfig) -> TableSpec:
+    """The spec every site's table is read with; features resolved from client 0's file
+    if the driver has not resolved them (a direct call, outside a job)."""
+    spec = TableSpec.from_config(cfg)
+    if spec.features is None:
+        first = cfg.path.format(client_id=0)
+        spec = replace(spec, features=tuple(resolve_features(spec, first, table_columns(first))))
+    return spec
+
+
+def csv_metadata(cfg: DatasetConfig, client_ids: list[int]) -> tuple[int, int]:
+    """(feature width, largest label) of these sites' tables, read and checked in full at
+    the site before any training (types, missing cells, categories): metadata only."""
+    spec = job_table_spec(cfg)
+    width, max_label = spec.width(spec.features), 0
     for cid in client_ids:
-        path = path_template.format(client_id=cid)
-        x, y = read_csv(path, label)
-        if features is not None and x.shape[1] != features:
-            raise DataError(
-                f"{path}: has {x.shape[1]} feature columns, other sites have {features}"
-            )
-        features = x.shape[1]
+        path = cfg.path.format(client_id=cid)
+        x, y = read_table(path, spec)
+        if x.shape[1] != width:  # the same spec gives the same width: a broken reader
+            raise DataError(f"{path}: has {x.shape[1]} feature columns, the job has {width}")
         max_label = max(max_label, int(y.max()))
-    return int(features or 0), max_label
+    return width, max_label
 
 
 def read_csv(path: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a numeric CSV with a header row. Errors name the file, row and column."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path}: the file is empty (expected a header row)") from None
-        header = [h.strip() for h in header]
-        if label not in header:
-            raise DataError(f"{path}: no label column {label!r}; columns are: {', '.join(header)}")
-        li = header.index(label)
-        rows_x, rows_y = [], []
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}: row {lineno} has {len(row)} cells, the header has {len(header)}"
-                )
-            values = []
-            for col, cell in zip(header, row, strict=True):
-                try:
-                    values.append(float(cell))
-                except ValueError:
-                    hint = (
-                        "; labels must be integer class ids 0..K-1 (map text labels to ids first)"
-                        if col == label
-                        else ""
-                    )
-                    raise DataError(
-                        f"{path}: row {lineno}, column {col!r}: {cell!r} is not a number{hint}"
-                    ) from None
-            y = values.pop(li)
-            if y != int(y) or y < 0:
-                raise DataError(
-                    f"{path}: row {lineno}: label {cell_repr(y)} must be an integer class id >= 0"
-                )
-            rows_x.append(values)
-            rows_y.append(int(y))
-    if not rows_y:
-        raise DataError(f"{path}: no data rows after the header")
-    x = np.asarray(rows_x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{path}: contains NaN or infinite values")
-    return x, np.asarray(rows_y, dtype=np.int64)
-
-
-def cell_repr(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
+    """Read one numeric table (CSV, or Parquet by suffix) whose features are all its
+    columns but ``label``, in the file's order. Errors name the file, row and column."""
+    return read_table(path, TableSpec(label=label))

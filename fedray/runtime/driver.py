@@ -89,11 +89,40 @@ def _get(refs: Any, timeout: float | None = None) -> Any:
         raise
 
 
-def _dataset_info(cfg: FedrayConfig, placement) -> Any:
-    """Feature width and class count; for csv, read at each site (metadata only)."""
+def _with_features(cfg: FedrayConfig, features: list[str]) -> FedrayConfig:
+    """The job's config with dataset.features fixed (every site is read with this list)."""
+    from dataclasses import replace
+
+    return replace(cfg, dataset=replace(cfg.dataset, features=list(features)))
+
+
+def _site_features(cfg: FedrayConfig, placement) -> FedrayConfig:
+    """dataset=csv without dataset.features (and not checked before Ray): take client 0's
+    columns (its header, no value) at its own site, so every site is matched to them."""
     import ray
 
-    from fedray.data.datasets import csv_metadata, dataset_info, read_csv
+    from fedray.data.datasets import site_columns
+    from fedray.data.tables import TableSpec, resolve_features
+
+    if cfg.dataset.name != "csv" or cfg.dataset.features is not None:
+        return cfg
+    if cfg.task._target_ or cfg.model.name == "hf":
+        return cfg
+    hosts = zip(placement.host_clients, placement.host_options, strict=True)
+    opts = next(o for cids, o in hosts if 0 in cids)
+    task = ray.remote(site_columns).options(**{k: v for k, v in opts.items() if k != "num_gpus"})
+    columns = _get(task.remote(cfg.dataset.path, 0), timeout=READY_TIMEOUT_S)
+    first = cfg.dataset.path.format(client_id=0)
+    return _with_features(cfg, resolve_features(TableSpec.from_config(cfg.dataset), first, columns))
+
+
+def _dataset_info(cfg: FedrayConfig, placement) -> Any:
+    """Feature width and class count; for csv, each site's table is read and checked at
+    the site before any training (only the width and the largest label leave it)."""
+    import ray
+
+    from fedray.data.datasets import csv_metadata, dataset_info, job_table_spec
+    from fedray.data.tables import read_table
 
     if cfg.task._target_ or cfg.model.name == "hf":
         return None  # the task knows its own data and model
@@ -101,9 +130,7 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
         return dataset_info(cfg.dataset)
     task = ray.remote(csv_metadata)
     refs = [
-        task.options(**{k: v for k, v in opts.items() if k != "num_gpus"}).remote(
-            cfg.dataset.path, cfg.dataset.label, cids
-        )
+        task.options(**{k: v for k, v in opts.items() if k != "num_gpus"}).remote(cfg.dataset, cids)
         for cids, opts in zip(placement.host_clients, placement.host_options, strict=True)
     ]
     metas = _get(refs, timeout=READY_TIMEOUT_S)
@@ -114,7 +141,7 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
         )
     max_label = max(m for _, m in metas)
     if cfg.dataset.test_path:
-        xt, yt = read_csv(cfg.dataset.test_path, cfg.dataset.label)
+        xt, yt = read_table(cfg.dataset.test_path, job_table_spec(cfg.dataset))
         if xt.shape[1] not in widths:
             raise DataError(
                 f"{cfg.dataset.test_path}: has {xt.shape[1]} feature columns, the sites have "
@@ -346,10 +373,13 @@ def run_experiment(
     import torch  # noqa: F401
 
     if cfg.dataset.name == "csv" and cfg.ray.address is None:
-        # Embedded Ray: every site's file is on this machine; check them all before Ray.
-        from fedray.data.datasets import check_site_files
+        # Embedded Ray: every site's file is on this machine; check them all before Ray
+        # (the built-in task's tables: each header's columns by name, no value read).
+        from fedray.data.datasets import check_site_files, check_site_tables
 
         check_site_files(cfg.dataset.path, cfg.num_clients)
+        if not (cfg.task._target_ or cfg.model.name == "hf"):
+            cfg = _with_features(cfg, check_site_tables(cfg.dataset, cfg.num_clients))
     job = _Job(cfg, output_dir, t_start, resumed=resume_state is not None, started=connect(cfg))
     try:
         # Set-up: hosts, weights and keys, the server (with the checkpoint on resume).
@@ -385,6 +415,7 @@ def _start_hosts(job: _Job, actor_cls: Any, server_cls: Any) -> None:
 
     cfg = job.cfg
     job.placement = plan_placement(cfg, ray.cluster_resources())
+    job.cfg = cfg = _site_features(cfg, job.placement)
     job.info = _dataset_info(cfg, job.placement)
     from fedray.runtime.keys import HostIdentity
 
