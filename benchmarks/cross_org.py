@@ -129,6 +129,7 @@ def main() -> None:
                 task_version="1",
                 model_fingerprint=b"m" * 32,
                 global_weights=pb.BlobRef(blob_id="w", size=0, sha256=b"0" * 32),
+                client_ids=[0],
             )
             rates, recv_growth, send_growth = [], [], []
             for r in range(1, args.repeats + 1):

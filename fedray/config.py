@@ -470,6 +470,36 @@ class CheckpointConfig:
         _positive("checkpoint.every", self.every, allow_zero=True)
 
 
+FEDERATIONS = ("none", "cross_org")
+
+
+@dataclass
+class FederationConfig:
+    """``federation=cross_org``: the coordinator's side (``python -m fedray.launch``) and a
+    site agent's (``python -m fedray.site``) of a federation of separate Ray clusters.
+
+    ``certs``: the folder of ``python -m fedray.tools.certs`` (``ca.pem``,
+    ``federation.json`` and ``<party>/cert.pem, key.pem, signing.key``); ``keys``: the
+    folder of ``python -m fedray.tools.keys deal`` (``federation_key.json`` and, at a
+    site, ``<site>.share``). ``party``: this party's id in the manifest (default: the
+    coordinator's, in the launcher). See docs/federation.md."""
+
+    name: str = "none"
+    party: str | None = None
+    certs: str | None = None
+    keys: str | None = None
+    listen: str = "127.0.0.1:7443"  # the coordinator's federation endpoint
+    connect: str | None = None  # a site: the coordinator's HOST:PORT it dials
+    policy: str | None = None  # a site: its policy file (docs/site-policy.md)
+    connect_timeout_s: float = 300.0  # how long each side waits for the other
+    task_id: str = "fedray"  # what the coordinator names; a site's policy checks it
+    task_version: str = "1"
+
+    def __post_init__(self) -> None:
+        _choice("federation", self.name, FEDERATIONS)
+        _positive("federation.connect_timeout_s", self.connect_timeout_s)
+
+
 @dataclass
 class FedrayConfig:
     """The whole job. Field names are the public override contract (see DESIGN.md)."""
@@ -485,6 +515,7 @@ class FedrayConfig:
     client: ClientResources = field(default_factory=ClientResources)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     num_clients: int = 10
     clients_per_round: int | None = None  # null: every client, each round (num_clients)

@@ -138,6 +138,7 @@ def weights_request(round_num=1, blob: ch.OutgoingBlob | None = None, **kw) -> p
         task_version="1.0",
         model_fingerprint=b"m" * 32,
         global_weights=blob.ref if blob else pb.BlobRef(blob_id="w", size=0, sha256=b"0" * 32),
+        client_ids=kw.pop("client_ids", [0, 1]),
         **kw,
     )
 

@@ -25,6 +25,7 @@ API and the checks; in short, on every connection and every frame:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -648,6 +649,14 @@ class SitePeer:
         self._fail(FederationError(f"site {self.site_id}: {reason}"))
         self._link.close()
 
+    def say_goodbye(self, reason: str) -> None:
+        """Tell the site the run is over (it stops serving instead of reconnecting), then
+        close its stream."""
+        with contextlib.suppress(Exception):  # a site already gone needs no goodbye
+            if self.error is None:
+                self._link.send("bye", pb.Bye(reason=" ".join(reason.split())[:300]))
+        self.close(reason)
+
 
 class Coordinator:
     """The coordinator's endpoint (made by :func:`listen`)."""
@@ -945,6 +954,7 @@ class Site:
         self._call = None
         self._link: _Link | None = None
         self.sessions = 0
+        self.farewell: str | None = None  # the coordinator's goodbye, once it said it
 
     def close(self) -> None:
         self._stop.set()
@@ -1074,6 +1084,16 @@ class Site:
                 log.info("site %s joined the federation at %s", self.site_id, self.target)
                 for raw in responses:
                     msg = link.receiver.feed(raw)
+                    if msg is not None and msg.kind == "bye":  # the run is over: stop
+                        log.info(
+                            "site %s: the coordinator said goodbye: %s",
+                            self.site_id,
+                            msg.body.reason,
+                        )
+                        self.farewell = msg.body.reason
+                        self._stop.set()
+                        call.cancel()
+                        return
                     if msg is not None:
                         self._answer(link, msg)
                 link.receiver.end_of_stream()

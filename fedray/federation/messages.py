@@ -24,7 +24,7 @@ import numpy as np
 from fedray.errors import FedrayError
 from fedray.federation import federation_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: cohorts, failures and timings in train messages; sums relayed
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payload bytes
 ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
 HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
@@ -126,6 +126,15 @@ def _check_update_ids(ids, what: str) -> None:
         _fail(f"{what} update ids are not sorted and distinct")
 
 
+def _check_clients(ids, what: str) -> None:
+    _check_count(ids, MAX_LIST_ITEMS, what)
+    ids = list(ids)
+    if not ids:
+        _fail(f"{what} names no client")
+    if ids != sorted(set(ids)) or ids[0] < 0:
+        _fail(f"{what} client ids are not sorted, distinct and >= 0")
+
+
 def _check_ref(ref: pb.BlobRef, what: str) -> None:
     check_id(ref.blob_id, f"{what} blob id")
     _check_len(ref.sha256, (32,), f"{what} sha256")
@@ -176,11 +185,21 @@ def check_body(env: pb.Envelope) -> str:
             if which is None or (which == "real" and not math.isfinite(number.real)):
                 _fail(f"hyper-parameter {key} is not a finite number")
         _check_ref(body.global_weights, "global weights")
+        _check_clients(body.client_ids, "train request")
     elif kind == "train_reply":
         check_id(body.update_id, "update id")
         _check_statement(body.contribution)
         _check_len(body.contribution_signature, (64,), "contribution signature")
         _check_ref(body.ciphertexts, "ciphertexts")
+        _check_count(body.failures, MAX_LIST_ITEMS, "train reply failures")
+        for failure in body.failures:
+            if failure.client_id < 0:
+                _fail(f"client id {failure.client_id} is negative")
+            _check_line(failure.reason, "failure reason")
+        for what in ("train_seconds", "encrypt_seconds"):
+            value = getattr(body, what)
+            if not math.isfinite(value) or value < 0:
+                _fail(f"{what} {value!r} is not a finite number >= 0")
     elif kind == "approve_request":
         _check_update_ids(body.update_ids, "approve request")
     elif kind == "approval":
@@ -192,7 +211,13 @@ def check_body(env: pb.Envelope) -> str:
         for approval in body.approvals:
             _check_update_ids(approval.update_ids, "approval")
             _check_len(approval.signature, (64,), "approval signature")
-        _check_ref(body.ciphertext_sum, "ciphertext sum")
+        if not len(body.contributions) == len(body.ciphertexts) == len(body.update_ids):
+            _fail("share-sum request needs one contribution and one ciphertext blob per update")
+        for signed in body.contributions:
+            _check_statement(signed.statement)
+            _check_len(signed.signature, (64,), "contribution signature")
+        for ref in body.ciphertexts:
+            _check_ref(ref, "ciphertexts")
     elif kind == "share_sum_reply":
         check_id(body.holder_id, "holder id")
         _check_ref(body.partial_decryption, "partial decryption")

@@ -136,6 +136,7 @@ class ClientHost:
         # This round's sealed updates (update id -> ciphertext bytes), for the key
         # holders' slow paths: the server keeps no update's bytes (see sealed_payload).
         self._sealed: dict[str, bytes] = {}
+        self._signed: dict[str, Any] = {}  # update id -> its SignedContribution, same round
         self._sealed_round = -1
         self._busy = False
         self._set_up_closed = False  # see _check_set_up_open
@@ -384,6 +385,7 @@ class ClientHost:
         self._set_up_closed = True
         if task.round != self._sealed_round:  # last round's updates are opened by now
             self._sealed.clear()
+            self._signed.clear()
             self._sealed_round = task.round
         with self._on_the_clock():
             return self._train_many(task, global_weights)
@@ -601,6 +603,7 @@ class ClientHost:
             model_sha256=self._model_sha256,
         )
         signed = self._identity.sign(contribution)
+        self._signed[update.update_id] = signed  # relayed to other sites' holders (cross_org)
         return [
             holder.deposit.remote(signed, shares[i] if shares else None)
             for i, holder in enumerate(self._holders)

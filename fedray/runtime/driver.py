@@ -6,6 +6,7 @@ with a config from Hydra's ``compose``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -308,6 +309,7 @@ class _Job:
     resumed: bool
     started: bool  # this call started Ray (embedded), so it shuts it down
     reservation: Any = None  # silo mode's placement group
+    hub: Any = None  # federation=cross_org: the federation endpoint's actor
     placement: Any = None
     info: Any = None
     authority: Any = None
@@ -372,7 +374,7 @@ def run_experiment(
     # reported after getcwd() fails). Importing first is cheap: the hosts need it anyway.
     import torch  # noqa: F401
 
-    if cfg.dataset.name == "csv" and cfg.ray.address is None:
+    if cfg.dataset.name == "csv" and cfg.ray.address is None and cfg.federation.name == "none":
         # Embedded Ray: every site's file is on this machine; check them all before Ray
         # (the built-in task's tables: each header's columns by name, no value read).
         from fedray.data.datasets import check_site_files, check_site_tables
@@ -383,8 +385,14 @@ def run_experiment(
     job = _Job(cfg, output_dir, t_start, resumed=resume_state is not None, started=connect(cfg))
     try:
         # Set-up: hosts, weights and keys, the server (with the checkpoint on resume).
-        _start_hosts(job, client_actor_class(host_class), server_actor_class(server_class))
-        sizes = _set_up_hosts(job)
+        if cfg.federation.name == "cross_org":  # the sites' own clusters, over the channel
+            from fedray.federation.coordinator import start_sites
+
+            start_sites(job, server_actor_class(server_class))
+            sizes: dict[int, int] = {}
+        else:
+            _start_hosts(job, client_actor_class(host_class), server_actor_class(server_class))
+            sizes = _set_up_hosts(job)
         _describe_federation(job)
         counts = _start_server(job, sizes, resume_state)
         summary = _open_outputs(job, counts)
@@ -392,6 +400,9 @@ def run_experiment(
         _run_rounds(job, summary)
         return _write_summary(job, summary)
     finally:
+        if job.hub is not None:  # cross_org: tell the sites the run is over
+            with contextlib.suppress(Exception):
+                ray.get(job.hub.close.remote(), timeout=30)
         if job.sigint is not None:
             job.sigint.__exit__()
         if job.metrics_writer is not None:

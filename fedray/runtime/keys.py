@@ -112,6 +112,18 @@ class HostIdentity:
 
         self._key = Ed25519PrivateKey.generate()
 
+    @classmethod
+    def from_private_key(cls, key: Any) -> HostIdentity:
+        """An identity with a given Ed25519 private key: across organisations, a site's
+        host signs with the site's own manifest key, which every key holder knows."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        if not isinstance(key, Ed25519PrivateKey):
+            raise TypeError(f"an Ed25519 private key is needed, not a {type(key).__name__}")
+        identity = cls.__new__(cls)
+        identity._key = key
+        return identity
+
     def __repr__(self) -> str:
         return "HostIdentity(<secret>)"
 

@@ -170,8 +170,13 @@ def make_federation(
     hosts=("localhost", "127.0.0.1"),
     days: int = 365,
     force: bool = False,
+    clients: dict[str, int] | None = None,
 ) -> Path:
-    """Write a CA, every party's certificate and keys, and the manifest; return its path."""
+    """Write a CA, every party's certificate and keys, and the manifest; return its path.
+
+    ``clients``: each site's number of clients, written to the manifest (``"clients"``):
+    every party then derives the same client ids (site k of the manifest hosts the next
+    ``clients`` ids), which the key holders check contributions against."""
     directory = Path(directory)
     parties = [_check_party(coordinator)] + [_check_party(s) for s in sites]
     if not sites:
@@ -187,6 +192,13 @@ def make_federation(
             f"{existing[0]} exists; pass --force to replace every key in {directory} "
             "(certificates made from the old CA stop working)"
         )
+    clients = dict(clients or {})
+    unknown = sorted(set(clients) - set(sites))
+    if unknown:
+        raise CertError(f"--clients names {', '.join(unknown)}, not among --sites")
+    bad = [s for s, n in clients.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+    if bad:
+        raise CertError(f"--clients: site {bad[0]} needs a whole number of clients >= 1")
     ca_pem, ca_key = make_ca(days)
     _write(directory / "ca.pem", ca_pem, secret=False)
     _write(directory / "ca.key", _key_pem(ca_key), secret=True)
@@ -203,7 +215,9 @@ def make_federation(
         "version": 1,
         "ca_sha256": fingerprint(ca_pem),
         "coordinator": {"id": coordinator, **entries[coordinator]},
-        "sites": {s: entries[s] for s in sites},
+        "sites": {
+            s: {**entries[s], **({"clients": clients[s]} if s in clients else {})} for s in sites
+        },
     }
     path = directory / MANIFEST_NAME
     _write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), secret=False)
@@ -225,13 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--days", type=int, default=365, help="validity (default 365)")
     parser.add_argument("--force", action="store_true", help="replace existing keys")
+    parser.add_argument(
+        "--clients",
+        default="",
+        help="each site's number of clients for federation=cross_org, e.g. a=4,b=3,c=3",
+    )
     args = parser.parse_args(argv)
     try:
+        counts = {}
+        for item in filter(None, (c.strip() for c in args.clients.split(","))):
+            site, _, count = item.partition("=")
+            if not count.strip().isdigit():
+                raise CertError(f"--clients {item!r}: expected SITE=N, e.g. a=4")
+            counts[site.strip()] = int(count)
         sites = [s.strip() for s in args.sites.split(",") if s.strip()]
         hosts = [h.strip() for h in args.host.split(",") if h.strip()]
         if args.days < 1:
             raise CertError("--days must be at least 1")
-        path = make_federation(args.dir, args.coordinator, sites, hosts, args.days, args.force)
+        path = make_federation(
+            args.dir, args.coordinator, sites, hosts, args.days, args.force, counts
+        )
     except (CertError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

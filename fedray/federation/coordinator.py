@@ -1,0 +1,375 @@
+"""The coordinator's side of ``federation=cross_org``: the same server and rounds, with
+each site reached through the federation channel instead of a Ray handle.
+
+The launcher's driver starts a :class:`FederationHub` actor in the coordinator's own Ray
+cluster. It serves the federation endpoint (mTLS gRPC, :mod:`fedray.federation.channel`)
+and waits for the manifest's sites to dial in. The server actor is then given one
+:class:`SiteHandle` per site as its client hosts *and* as its key holders: a handle's
+``train``, ``approve``, ``sealed_payload`` and ``partial_decrypt`` look like those of a
+:class:`~fedray.runtime.client.ClientHost` and a :class:`~fedray.runtime.keys.KeyHolder`
+(``handle.train.remote(...)`` returns an ObjectRef), and the hub turns each call into one
+typed request to that site. So a round reads the same in both deployments
+(:meth:`fedray.runtime.server.Server.run_round`): no forked round logic.
+
+What the coordinator holds: the federation's public key (``federation_key.json``, signed
+by the dealer site), the sites' ciphertexts and signed statements, and what the server
+opens. No key share, no site actor and no handle to anything inside a site: the
+coordinator's Ray cluster has the server, the hub and nothing of the sites'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fedray.config import FedrayConfig
+from fedray.errors import ClusterError, ConfigError
+
+log = logging.getLogger("fedray.coordinator")
+
+# What the server may call on a site through its handle (the closed list of requests).
+HANDLE_METHODS = frozenset(
+    {"train", "approve", "sealed_payload", "partial_decrypt", "ready", "trainable"}
+)
+
+
+class _RemoteMethod:
+    def __init__(self, hub: Any, index: int, name: str):
+        self._hub, self._index, self._name = hub, index, name
+
+    def remote(self, *args: Any) -> Any:
+        return getattr(self._hub, self._name).remote(self._index, *args)
+
+
+class SiteHandle:
+    """Site ``index`` of the manifest as the server sees it: a client host and a key
+    holder whose calls go through the hub. Picklable (a hub handle and an index)."""
+
+    def __init__(self, hub: Any, index: int, site_id: str):
+        self._hub, self._index, self.site_id = hub, int(index), site_id
+
+    def __getattr__(self, name: str) -> _RemoteMethod:
+        if name not in HANDLE_METHODS:
+            raise AttributeError(f"a site handle has no method {name!r}")
+        return _RemoteMethod(self._hub, self._index, name)
+
+    def __repr__(self) -> str:
+        return f"SiteHandle({self.site_id})"
+
+
+class FederationHub:
+    """The federation endpoint, as a Ray actor of the coordinator's cluster (threaded:
+    one call per site in flight). Every site request goes out from here."""
+
+    def __init__(self, cfg: FedrayConfig, key: Any, info: Any):
+        from fedray.federation import channel as ch
+        from fedray.federation.site import Paths
+
+        self.cfg = cfg
+        self.paths = Paths(cfg)
+        self.sites = self.paths.sites
+        self.key = key
+        self.width = key.public.ciphertext_bytes
+        self._info = info
+        self._fingerprint: bytes | None = None
+        self._sealed: dict[str, tuple[int, bytes, bytes, bytes]] = {}  # update -> round, ...
+        self.coord = ch.listen(
+            cfg.federation.listen,
+            self.paths.cert,
+            self.paths.key,
+            self.paths.ca,
+            manifest=self.paths.manifest_obj,
+            signing_key=self.paths.signing_key,
+            max_blob_bytes=1 << 30,
+        )
+
+    def port(self) -> int:
+        return int(self.coord.port)
+
+    def wait_for_sites(self, timeout: float) -> list[str]:
+        self.coord.wait_for(self.sites, timeout)
+        return self.coord.connected()
+
+    def ready(self, index: int) -> bool:
+        return self.sites[index] in self.coord.connected()
+
+    def trainable(self, index: int) -> bool:
+        """A site sets itself up again after a restart: nothing for the driver to do."""
+        return True
+
+    def close(self, reason: str = "the run is over") -> bool:
+        for site in self.coord.connected():
+            try:
+                self.coord.site(site).say_goodbye(reason)
+            except Exception as exc:  # gone already
+                log.debug("site %s: %s", site, exc)
+        self.coord.close()
+        return True
+
+    def _peer(self, index: int):
+        return self.coord.site(self.sites[index])
+
+    def _model_fingerprint(self) -> bytes:
+        """The fingerprint of the model the coordinator runs (names, dtypes, shapes of the
+        exchanged parameters): a site's policy accepts only the model it expects."""
+        if self._fingerprint is None:
+            from fedray.federation.policy import model_fingerprint
+            from fedray.tasks.base import build_task, build_task_model
+
+            model = build_task_model(build_task(self.cfg, self._info), self.cfg.seed)
+            self._fingerprint = bytes.fromhex(model_fingerprint(model, self.cfg.model.trainable))
+        return self._fingerprint
+
+    def _timeout(self) -> float:
+        return float(self.cfg.round_timeout_s or 3600.0)
+
+    # -- a site as a client host ----------------------------------------------------------
+    def train(self, index: int, task: Any, weights: Any) -> list:
+        """Ask site ``index`` to train its clients of the round; its one sealed update,
+        as the server folds it (carried by the first client's result)."""
+        import numpy as np
+
+        from fedray.crypto.secure_aggregation import EncryptedUpdate
+        from fedray.federation import channel as ch
+        from fedray.federation import federation_pb2 as pb
+        from fedray.runtime.client import ClientResult
+
+        site = self.sites[index]
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        blob = ch.OutgoingBlob.from_array(f"w{task.round}", weights)
+        hyper = {
+            k: pb.Number(real=float(v))
+            for k, v in task.options.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        request = pb.TrainRequest(
+            round=int(task.round),
+            task_id=self.cfg.federation.task_id,
+            task_version=self.cfg.federation.task_version,
+            model_fingerprint=self._model_fingerprint(),
+            hyperparameters=hyper,
+            global_weights=blob.ref,
+            client_ids=sorted(int(c) for c in task.client_ids),
+        )
+        reply = self._peer(index).call("train_request", request, [blob], self._timeout())
+        body = reply.body
+        statement = json.loads(bytes(body.contribution))
+        ids = tuple(int(c) for c in statement.get("client_ids", ()))
+        if int(body.round) != int(task.round) or statement.get("update_id") != body.update_id:
+            raise ClusterError(f"site {site} answered round {task.round} with another update")
+        data = bytes(reply.blob(body.ciphertexts).ciphertexts(self.width))
+        self._sealed[body.update_id] = (
+            int(task.round),
+            data,
+            bytes(body.contribution),
+            bytes(body.contribution_signature),
+        )
+        for old in [u for u, v in self._sealed.items() if v[0] < int(task.round) - 1]:
+            del self._sealed[old]
+        failed = {int(f.client_id): f.reason for f in body.failures}
+        results = []
+        for cid in sorted(int(c) for c in task.client_ids):
+            if cid in failed:
+                results.append(ClientResult(cid, error=failed[cid], node_id=site))
+            elif cid in ids:
+                results.append(ClientResult(cid, node_id=site))
+            else:
+                results.append(ClientResult(cid, error="not in the site's update", node_id=site))
+        carrier = next((r for r in results if r.client_id in ids), None)
+        if carrier is None:
+            raise ClusterError(f"site {site} sealed an update of none of the round's clients")
+        carrier.encrypted = EncryptedUpdate(
+            key_id=str(statement.get("key_id", "")),
+            num_values=self._num_values(),
+            ciphertexts=data,
+            count=len(ids),
+            client_ids=ids,
+            update_id=body.update_id,
+        )
+        carrier.bytes_up = len(data)
+        carrier.train_seconds = float(body.train_seconds)
+        carrier.encrypt_seconds = float(body.encrypt_seconds)
+        return results
+
+    def _num_values(self) -> int:
+        if not hasattr(self, "_values"):
+            from fedray.crypto.secure_aggregation import codec_for
+            from fedray.models import ParamView
+            from fedray.tasks.base import build_task, build_task_model
+
+            model = build_task_model(build_task(self.cfg, self._info), self.cfg.seed)
+            size = ParamView(model, self.cfg.model.trainable).size
+            self._values = codec_for(self.cfg, self.key.public, size).num_values
+        return self._values
+
+    def approve(self, index: int, round_num: int, update_ids: list[str]) -> bytes:
+        from fedray.federation import federation_pb2 as pb
+
+        ids = sorted(str(u) for u in update_ids)
+        request = pb.ApproveRequest(round=int(round_num), update_ids=ids)
+        reply = self._peer(index).call("approve_request", request, (), self._timeout())
+        if int(reply.body.round) != int(round_num) or list(reply.body.update_ids) != ids:
+            raise ClusterError(f"site {self.sites[index]} approved another sum")
+        if int(reply.body.host) != index:
+            raise ClusterError(f"site {self.sites[index]} signed as host {reply.body.host}")
+        return bytes(reply.body.signature)
+
+    def sealed_payload(self, index: int, round_num: int, update_id: str) -> bytes:
+        """The ciphertexts the site sent with its update (kept here: the coordinator
+        received them anyway; the key holders check them against the signed digest)."""
+        sealed = self._sealed.get(str(update_id))
+        if sealed is None or sealed[0] != int(round_num):
+            raise LookupError(f"round {round_num}: no update {update_id!r} from this site")
+        return sealed[1]
+
+    # -- a site as a key holder -----------------------------------------------------------
+    def partial_decrypt(
+        self,
+        index: int,
+        round_num: int,
+        update_ids: list[str],
+        approvals: dict[int, bytes],
+        payloads: list[Any],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[int]:
+        """Ask site ``index``'s key holder for its partial decryption of the product of
+        these updates: it is sent every update's ciphertexts and signed contribution and
+        every host's approval, checks them all and multiplies them itself."""
+        import ray
+
+        from fedray.crypto.paillier import from_bytes
+        from fedray.federation import channel as ch
+        from fedray.federation import federation_pb2 as pb
+
+        if start != 0 or stop is not None:
+            raise PermissionError("across organisations key holders open whole sums only")
+        payloads = [p if isinstance(p, bytes | bytearray) else ray.get(p) for p in payloads]
+        order = sorted(range(len(update_ids)), key=lambda k: str(update_ids[k]))
+        ids = [str(update_ids[k]) for k in order]
+        blobs, statements = [], []
+        for n, k in enumerate(order):
+            sealed = self._sealed.get(ids[n])
+            if sealed is None:
+                raise LookupError(f"round {round_num}: no signed contribution for {ids[n]!r}")
+            statements.append(pb.SignedStatement(statement=sealed[2], signature=sealed[3]))
+            blobs.append(ch.OutgoingBlob.from_ciphertexts(f"c{n}", payloads[k], self.width))
+        request = pb.ShareSumRequest(
+            round=int(round_num),
+            update_ids=ids,
+            approvals=[
+                pb.Approval(round=int(round_num), update_ids=ids, signature=sig, host=int(h))
+                for h, sig in sorted(approvals.items())
+            ],
+            contributions=statements,
+            ciphertexts=[b.ref for b in blobs],
+        )
+        reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
+        data = bytes(reply.blob(reply.body.partial_decryption).ciphertexts(self.width))
+        if int(reply.body.round) != int(round_num) or reply.body.holder_id != self.sites[index]:
+            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
+        return [int(x) for x in from_bytes(self.key.public, data)]
+
+
+@dataclass
+class RemoteCustody:
+    """The driver's view of key custody across organisations: the sites' holders (their
+    handles) and the public key. The driver opens no round and registers no host: each
+    site's agent is its own holder's authority."""
+
+    key: Any
+    holders: list[SiteHandle]
+    dealer_node: str | None = None  # "site:<id>" of the site that dealt the key
+    holder_nodes: list[str] | None = None
+
+    def restrict(self, first_round: int, last_round: int) -> None:
+        if first_round > 1:
+            log.warning(
+                "resuming across organisations: each site's key holder and policy ledger "
+                "decide which rounds it opens again"
+            )
+
+    def open_round(self, round_num: int) -> None:
+        return None
+
+    def re_register(self, index: int, public: bytes, from_round: int) -> None:
+        return None
+
+
+def check_coordinator_config(cfg: FedrayConfig) -> None:
+    if cfg.crypto.name != "paillier" or cfg.crypto.custody != "threshold":
+        raise ConfigError(
+            "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
+            "(the sites hold the key shares)"
+        )
+    if cfg.crypto.fast_decrypt or not cfg.crypto.host_sum:
+        raise ConfigError(
+            "federation=cross_org needs crypto.fast_decrypt=false and crypto.host_sum=true "
+            "(the federation=cross_org group sets both)"
+        )
+    if cfg.dataset.name == "csv":
+        raise ConfigError(
+            "federation=cross_org with dataset=csv is not supported yet: the coordinator "
+            "has no site file to learn the feature width from"
+        )
+    if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+        raise ConfigError(
+            "federation=cross_org supports privacy=dp with privacy.mode=client only (the "
+            "sample-level accountant needs every site's size)"
+        )
+
+
+def start_sites(job: Any, server_cls: Any) -> None:
+    """The driver's set-up across organisations: the public key, the hub, the sites
+    dialling in; then the server, wired to them through their handles."""
+    import ray
+
+    from fedray.federation.site import Paths, federation_clients
+    from fedray.runtime.cluster import Placement
+    from fedray.runtime.driver import _dataset_info, _get
+    from fedray.tools.keys import load_federation_key
+
+    cfg = job.cfg
+    check_coordinator_config(cfg)
+    paths = Paths(cfg)
+    key = load_federation_key(
+        paths.federation_key, paths.manifest, allow_insecure=cfg.crypto.allow_insecure_keys
+    )
+    clients = federation_clients(paths.manifest)
+    total = sum(len(c) for c in clients.values())
+    if cfg.num_clients != total:
+        raise ConfigError(
+            f"num_clients={cfg.num_clients}, but the manifest's sites have {total} clients"
+        )
+    job.placement = Placement(
+        "cross_org", [clients[s] for s in paths.sites], [{} for _ in paths.sites]
+    )
+    job.info = _dataset_info(cfg, job.placement)
+    hub_cls = ray.remote(num_cpus=0, max_concurrency=4 * len(paths.sites) + 4)(FederationHub)
+    job.hub = hub_cls.remote(cfg, key, job.info)
+    port = _get(job.hub.port.remote())
+    job.server = server_cls.remote(cfg, job.info)
+    if cfg.progress:
+        print(
+            f"[fedray] federation endpoint on port {port}: waiting up to "
+            f"{cfg.federation.connect_timeout_s:g} s for sites {', '.join(paths.sites)}",
+            flush=True,
+        )
+    t0 = time.monotonic()
+    _get(job.hub.wait_for_sites.remote(cfg.federation.connect_timeout_s))
+    log.info("all %d sites connected in %.1f s", len(paths.sites), time.monotonic() - t0)
+    job.hosts = [SiteHandle(job.hub, i, s) for i, s in enumerate(paths.sites)]
+    job.described = {
+        c: {"node_id": f"site:{s}", "device": "site", "gpu_ids": []}
+        for s in paths.sites
+        for c in clients[s]
+    }
+    dealer = json.loads(paths.federation_key.read_text()).get("dealer")
+    job.custody = RemoteCustody(
+        key, job.hosts, f"site:{dealer}", [f"site:{s}" for s in paths.sites]
+    )
+    job.public_key = key
+    job.weight_ref = None

@@ -1,0 +1,528 @@
+"""The site agent of a cross-organisation federation (``python -m fedray.site``).
+
+A site runs this in *its own* Ray cluster (embedded by default, or ``ray.address=`` for
+the site's own multi-node cluster). It starts the site's client host (its clients' data,
+read from the site's own paths, and its encryptor) and its key holder, then dials out to
+the coordinator over the mTLS channel (:mod:`fedray.federation.channel`); the site opens
+no inbound port. The coordinator reaches the site only through the channel's closed list
+of typed requests, and the agent decides each one itself:
+
+* ``train_request``: the round's global weights (a raw float32 array of the shape the
+  site's own model has) and the site's clients in the cohort. The agent checks the task,
+  the model and the hyper-parameters (its policy, if it has one), opens the round for its
+  key holder, and has its host train, clip, noise (its own DP settings) and encrypt one
+  sum of those clients under the federation's threshold key. The reply is that sum's
+  ciphertexts and the contribution the host signed with the site's manifest key.
+* ``approve_request``: the host signs the list of updates of the round's sum, once per
+  round (the consistency step; a second, different list is refused).
+* ``share_sum_request``: the agent's key holder checks every update's contribution
+  against its host's manifest key and every host's approval of exactly this list, checks
+  each update's ciphertexts against the digest its host signed, multiplies them itself and
+  answers its partial decryption of the product (never of a sum it was handed).
+
+The key holder's authority (round tickets, the host's configuration) is this agent's own
+key, made here: across organisations no party but the site sets up what the site runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedray.config import FedrayConfig, min_clients
+from fedray.errors import ConfigError
+from fedray.federation import channel as ch
+from fedray.federation import federation_pb2 as pb
+from fedray.runtime.client import ClientHost, RoundTask
+
+log = logging.getLogger("fedray.site")
+
+CONTRIBUTION_FIELDS = {
+    "key_id": str,
+    "round": int,
+    "update_id": str,
+    "host": int,
+    "client_ids": list,
+    "ciphertext_sha256": str,
+    "share_sha256": list,
+    "model_sha256": str,
+}
+
+
+class SiteHost(ClientHost):
+    """A site's client host: the same host as in one cluster, signing with the site's
+    manifest key (so every other site's key holder can check its contributions and
+    approvals against the manifest it holds) and depositing only with its own site's key
+    holder; the other sites' holders receive each contribution, as this host signed it,
+    with the request to open the sum."""
+
+    def __init__(self, cfg, client_ids, info, weight_ref=1.0, authority=None, identity=b""):
+        super().__init__(cfg, client_ids, info, weight_ref, authority)
+        if self._init_error is None and identity:
+            from cryptography.hazmat.primitives import serialization
+
+            from fedray.runtime.keys import CohortApprover, HostIdentity
+
+            key = serialization.load_pem_private_key(bytes(identity), None)
+            self._identity = HostIdentity.from_private_key(key)
+            self._approver = CohortApprover(self._identity)
+
+    def num_parameters(self) -> int:
+        """Values this site's model exchanges: the shape it accepts global weights in."""
+        return int(self.view.size)
+
+    def signed_contribution(self, round_num: int, update_id: str) -> tuple[bytes, bytes]:
+        """The statement this host signed for an update it sealed this round, and the
+        signature (relayed to the other sites' key holders)."""
+        signed = self._signed.get(str(update_id)) if int(round_num) == self._sealed_round else None
+        if signed is None:
+            raise LookupError(f"round {round_num}: no update {update_id!r} sealed here")
+        return signed.contribution.message(), signed.signature
+
+    def _await_deposits(self, pending: list) -> int:
+        """Only the site's own holder is on this side; the others check the signed
+        contribution when asked to open the sum. Counted as enough once it accepted."""
+        accepted = super()._await_deposits(pending)
+        return self._key.threshold if accepted == len(pending) and accepted else 0
+
+
+def contribution_from_statement(statement: bytes, signature: bytes):
+    """A relayed contribution, parsed strictly: one JSON object with exactly the fields of
+    :class:`~fedray.runtime.keys.Contribution`, of their types, in canonical form (the bytes
+    the host signed are the bytes it would sign), or PermissionError."""
+    from fedray.runtime.keys import Contribution, SignedContribution
+
+    try:
+        raw = json.loads(bytes(statement).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise PermissionError("a relayed contribution is not a JSON statement") from None
+    if not isinstance(raw, dict) or set(raw) != set(CONTRIBUTION_FIELDS):
+        raise PermissionError("a relayed contribution has other fields than a contribution")
+    for name, kind in CONTRIBUTION_FIELDS.items():
+        value = raw[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PermissionError(f"a relayed contribution's {name} is not a {kind.__name__}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in raw["client_ids"]):
+        raise PermissionError("a relayed contribution's client ids are not integers")
+    if not all(isinstance(d, str) for d in raw["share_sha256"]):
+        raise PermissionError("a relayed contribution's share digests are not strings")
+    c = Contribution(
+        raw["key_id"],
+        raw["round"],
+        raw["update_id"],
+        raw["host"],
+        tuple(raw["client_ids"]),
+        raw["ciphertext_sha256"],
+        tuple(raw["share_sha256"]),
+        raw["model_sha256"],
+    )
+    if c.message() != bytes(statement):
+        raise PermissionError("a relayed contribution is not in canonical form")
+    return SignedContribution(c, bytes(signature))
+
+
+def federation_clients(manifest_path: str | Path) -> dict[str, list[int]]:
+    """Each site's client ids, from the manifest's ``clients`` counts (every party holds
+    the same manifest): site k of the manifest hosts the next ``clients`` ids."""
+    raw = json.loads(Path(manifest_path).read_text())
+    out, next_id = {}, 0
+    for site, entry in raw["sites"].items():
+        count = entry.get("clients")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(
+                f"federation manifest {manifest_path}: site {site} has no 'clients' count "
+                "(python -m fedray.tools.certs ... --clients a=N,b=M writes them)"
+            )
+        out[site] = list(range(next_id, next_id + count))
+        next_id += count
+    return out
+
+
+class Paths:
+    """The files of a party, in the layouts of ``fedray.tools.certs`` and
+    ``fedray.tools.keys`` (see :class:`fedray.config.FederationConfig`)."""
+
+    def __init__(self, cfg: FedrayConfig, party: str | None = None):
+        fed = cfg.federation
+        if not fed.certs or not fed.keys:
+            raise ConfigError(
+                "federation=cross_org needs federation.certs (the folder of python -m "
+                "fedray.tools.certs) and federation.keys (the folder of python -m "
+                "fedray.tools.keys deal)"
+            )
+        certs, keys = Path(fed.certs), Path(fed.keys)
+        self.manifest = certs / "federation.json"
+        self.ca = certs / "ca.pem"
+        manifest = ch.Manifest.load(self.manifest)
+        self.party = party or fed.party or manifest.coordinator.id
+        self.cert = certs / self.party / "cert.pem"
+        self.key = certs / self.party / "key.pem"
+        self.signing_key = certs / self.party / "signing.key"
+        self.federation_key = keys / "federation_key.json"
+        self.share = keys / f"{self.party}.share"
+        self.sites = list(manifest.sites)
+        self.manifest_obj = manifest
+
+
+def check_site_config(cfg: FedrayConfig) -> None:
+    """What a site's job config must say (one line each)."""
+    if cfg.federation.name != "cross_org":
+        raise ConfigError("python -m fedray.site runs federation=cross_org only")
+    if not cfg.federation.party or not cfg.federation.connect:
+        raise ConfigError(
+            "a site needs federation.party (its id in the manifest) and federation.connect "
+            "(the coordinator's HOST:PORT)"
+        )
+    if cfg.crypto.name != "paillier" or cfg.crypto.custody != "threshold":
+        raise ConfigError(
+            "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
+            "(the sites hold the key shares)"
+        )
+    if cfg.dataset.weight_ref is None:
+        raise ConfigError(
+            "federation=cross_org: set dataset.weight_ref (the example count that maps to "
+            "FedAvg weight 1.0, the same at every site: sites do not share their sizes)"
+        )
+
+
+class SiteAgent:
+    """One site: its Ray cluster's host and key holder, and the handler of the channel."""
+
+    def __init__(self, cfg: FedrayConfig):
+        check_site_config(cfg)
+        self.cfg = cfg
+        self.paths = Paths(cfg, cfg.federation.party)
+        if self.paths.party not in self.paths.sites:
+            raise ConfigError(
+                f"federation.party={self.paths.party!r} is not a site of the manifest "
+                f"(sites: {', '.join(self.paths.sites)})"
+            )
+        self.site_id = self.paths.party
+        self.index = self.paths.sites.index(self.site_id)  # its host index; holder index + 1
+        clients = federation_clients(self.paths.manifest)
+        total = sum(len(c) for c in clients.values())
+        if cfg.num_clients != total:
+            raise ConfigError(
+                f"num_clients={cfg.num_clients}, but the manifest's sites have {total} clients"
+            )
+        self.client_ids = clients[self.site_id]
+        self.assignment = {c: h for h, s in enumerate(self.paths.sites) for c in clients[s]}
+        self.policy = None
+        if cfg.federation.policy:
+            from fedray.federation.policy import load_policy
+
+            self.policy = load_policy(cfg.federation.policy)
+        self.started_ray = False
+        self.channel: ch.Site | None = None
+        self._opened = 0
+        self._deposited: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the key share, start the site's Ray (its own cluster), its key holder and
+        its host, and set them up with this agent's own authority key."""
+        import ray
+
+        from fedray.runtime.client import client_actor_class
+        from fedray.runtime.keys import (
+            HostIdentity,
+            configure_message,
+            key_holder_class,
+            weight_ref_message,
+        )
+        from fedray.tools.keys import load_share
+
+        cfg, paths = self.cfg, self.paths
+        self.key, share = load_share(
+            paths.share,
+            paths.manifest,
+            self.site_id,
+            paths.key,
+            allow_insecure=cfg.crypto.allow_insecure_keys,
+        )
+        if cfg.ray.address is None:
+            ray.init(
+                address="local",
+                num_cpus=cfg.ray.num_cpus,
+                num_gpus=cfg.ray.num_gpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=tempfile.mkdtemp(prefix=f"fr-{self.site_id[:8]}-", dir="/tmp"),
+                logging_level=logging.WARNING,
+            )
+            self.started_ray = True
+        else:
+            ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+        self.authority = HostIdentity()  # this agent's; never leaves this process
+        manifest = paths.manifest_obj
+        peers = {h: manifest.sites[s].signing_key for h, s in enumerate(paths.sites)}
+        self.holder = key_holder_class().remote(
+            self.index + 1,
+            peers,
+            self.assignment,
+            min_clients(cfg),
+            self.authority.public_bytes(),
+            max_rounds=cfg.rounds,
+        )
+        ray.get(self.holder.install.remote(self.key, share))
+        del share
+        from fedray.runtime.driver import _dataset_info  # bundled/synthetic: no site call
+
+        if cfg.dataset.name == "csv":
+            from fedray.data.datasets import csv_metadata, dataset_info
+
+            features, max_label = csv_metadata(cfg.dataset.path, cfg.dataset.label, self.client_ids)
+            info = dataset_info(cfg.dataset, observed_classes=max_label + 1, num_features=features)
+        else:
+            info = _dataset_info(cfg, None)
+        identity = Path(paths.signing_key).read_bytes()
+        options = {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus}
+        self.host = (
+            client_actor_class(SiteHost)
+            .options(**options)
+            .remote(cfg, self.client_ids, info, 1.0, self.authority.public_bytes(), identity)
+        )
+        ready = ray.get(self.host.ready.remote())
+        if ready is not True:
+            raise ConfigError(f"site {self.site_id}: its client host failed: {ready}")
+        holder_ids = [self.holder._actor_id.hex()]
+        signature = self.authority.sign_bytes(
+            configure_message(self.key.fingerprint, self.index, holder_ids)
+        )
+        ray.get(self.host.configure_crypto.remote(self.key, [self.holder], self.index, signature))
+        weight_ref = float(cfg.dataset.weight_ref)
+        answer = ray.get(
+            self.host.set_weight_ref.remote(
+                weight_ref, self.authority.sign_bytes(weight_ref_message(weight_ref))
+            )
+        )
+        if answer is not True:
+            raise ConfigError(f"site {self.site_id}: {answer}")
+        self.num_values = ray.get(self.host.num_parameters.remote())
+        log.info(
+            "site %s: %d clients, key %s, holder %d of %d (any %d open a sum)",
+            self.site_id,
+            len(self.client_ids),
+            self.key.fingerprint[:16],
+            self.index + 1,
+            self.key.holders,
+            self.key.threshold,
+        )
+
+    def serve(self, max_wait_s: float | None = None) -> None:
+        """Dial the coordinator and answer until it says goodbye or :meth:`close`."""
+        paths = self.paths
+        self.channel = ch.dial(
+            self.cfg.federation.connect,
+            paths.cert,
+            paths.key,
+            paths.ca,
+            site_id=self.site_id,
+            manifest=paths.manifest_obj,
+            signing_key=paths.signing_key,
+            handler=self.handle,
+            max_blob_bytes=max(256 << 20, 4 * self._update_bytes()),
+        )
+        self.channel.run(max_wait_s=max_wait_s)
+
+    def close(self) -> None:
+        import ray
+
+        if self.channel is not None:
+            self.channel.close()
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def _update_bytes(self) -> int:
+        return 2 * self.num_values * 8 + (1 << 20)
+
+    # -- the requests ---------------------------------------------------------------------
+    def handle(self, msg: ch.Message) -> tuple:
+        """One request of the coordinator, in order (the channel calls this)."""
+        with self._lock:
+            if msg.kind == "train_request":
+                return self._train(msg)
+            if msg.kind == "approve_request":
+                return self._approve(msg)
+            if msg.kind == "share_sum_request":
+                return self._open(msg)
+        raise ch.Refused(f"{msg.kind} is not a request this site answers")
+
+    def _open_round(self, round_num: int) -> None:
+        """Let this site's holder take deposits of, and open one sum of, ``round_num``."""
+        import ray
+
+        from fedray.runtime.keys import round_ticket_message
+
+        if round_num > self._opened:
+            ticket = self.authority.sign_bytes(
+                round_ticket_message(self.key.fingerprint, round_num)
+            )
+            ray.get(self.holder.open_round.remote(round_num, ticket))
+            self._opened = round_num
+
+    def _train(self, msg: ch.Message) -> tuple:
+        import ray
+
+        body, cfg = msg.body, self.cfg
+        round_num = int(body.round)
+        if round_num < 1 or round_num > cfg.rounds:
+            raise ch.Refused(f"round {round_num} is outside this site's rounds 1..{cfg.rounds}")
+        clients = [int(c) for c in body.client_ids]
+        foreign = sorted(set(clients) - set(self.client_ids))
+        if foreign:
+            raise ch.Refused(f"round {round_num}: clients {foreign[:5]} are not this site's")
+        fed = cfg.federation
+        if self.policy is not None:
+            from fedray.federation.policy import TrainRequest
+
+            self.policy.check_request(
+                TrainRequest(
+                    round_num,
+                    body.task_id,
+                    body.task_version,
+                    bytes(body.model_fingerprint),
+                    {
+                        k: (v.real if v.WhichOneof("value") == "real" else v.integer)
+                        for k, v in body.hyperparameters.items()
+                    },
+                )
+            )
+        elif (body.task_id, body.task_version) != (fed.task_id, fed.task_version):
+            raise ch.Refused(
+                f"task {body.task_id}@{body.task_version} is not this site's "
+                f"({fed.task_id}@{fed.task_version})"
+            )
+        options = self._options(body)
+        weights = np.array(
+            msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
+        )
+        self._open_round(round_num)
+        results = ray.get(self.host.train.remote(RoundTask(round_num, clients, options), weights))
+        carrier = next((r for r in results if r.encrypted is not None), None)
+        failures = [
+            pb.ClientFailure(client_id=r.client_id, reason=" ".join(str(r.error).split())[:300])
+            for r in results
+            if r.error
+        ]
+        if carrier is None:
+            reasons = "; ".join(f"client {f.client_id}: {f.reason}" for f in failures[:3])
+            raise ch.Refused(f"round {round_num}: no update was sealed ({reasons or 'no client'})")
+        update = carrier.encrypted
+        statement, signature = ray.get(
+            self.host.signed_contribution.remote(round_num, update.update_id)
+        )
+        self._deposited.add(update.update_id)
+        if self.policy is not None:
+            self.policy.check_upload(len(update.ciphertexts), round_num)
+        out = ch.OutgoingBlob.from_ciphertexts(
+            f"u{round_num}", update.ciphertexts, self.key.public.ciphertext_bytes
+        )
+        reply = pb.TrainReply(
+            round=round_num,
+            update_id=update.update_id,
+            contribution=statement,
+            contribution_signature=signature,
+            ciphertexts=out.ref,
+            failures=failures,
+            train_seconds=float(sum(r.train_seconds for r in results)),
+            encrypt_seconds=float(sum(r.encrypt_seconds for r in results)),
+        )
+        return "train_reply", reply, [out]
+
+    def _options(self, body) -> dict[str, Any]:
+        """The strategy's client options the coordinator may set (FedProx's mu), within
+        the site's policy when it has one; anything else is refused."""
+        options: dict[str, Any] = {}
+        for key, number in body.hyperparameters.items():
+            value = number.real if number.WhichOneof("value") == "real" else number.integer
+            if key != "proximal_mu" or not math.isfinite(value) or value < 0:
+                raise ch.Refused(f"hyper-parameter {key}={value!r} is not one this site takes")
+            options[key] = float(value)
+        return options
+
+    def _approve(self, msg: ch.Message) -> tuple:
+        import ray
+
+        body = msg.body
+        round_num, ids = int(body.round), list(body.update_ids)
+        if self.policy is not None:
+            self.policy.record_release(round_num, ids, self.key.fingerprint)
+        signature = ray.get(self.host.approve.remote(round_num, ids))
+        approval = pb.Approval(round=round_num, update_ids=ids, signature=signature)
+        approval.host = self.index
+        return "approval", approval
+
+    def _open(self, msg: ch.Message) -> tuple:
+        import ray
+
+        from fedray.crypto.paillier import to_bytes
+
+        body = msg.body
+        round_num, ids = int(body.round), list(body.update_ids)
+        width = self.key.public.ciphertext_bytes
+        signed, payloads = [], []
+        for statement, ref, uid in zip(body.contributions, body.ciphertexts, ids, strict=True):
+            contribution = contribution_from_statement(statement.statement, statement.signature)
+            if contribution.contribution.update_id != uid:
+                raise ch.Refused(f"round {round_num}: contributions are not in the sum's order")
+            signed.append(contribution)
+            payloads.append(bytes(msg.blob(ref).ciphertexts(width)))
+        approvals = {}
+        for a in body.approvals:
+            if int(a.round) != round_num or list(a.update_ids) != ids:
+                raise ch.Refused(f"round {round_num}: an approval is of another sum")
+            approvals[int(a.host)] = bytes(a.signature)
+        if self.policy is not None:
+            clients = [c for s in signed for c in s.contribution.client_ids]
+            hosts = {s.contribution.host for s in signed}
+            own = sum(1 for c in clients if c in set(self.client_ids))
+            self.policy.check_sum(round_num, len(clients), len(hosts), own)
+        self._open_round(round_num)
+        for s in signed:  # the others' contributions, checked by the holder on deposit
+            uid = s.contribution.update_id
+            if uid not in self._deposited:
+                ray.get(self.holder.deposit.remote(s, None))
+                self._deposited.add(uid)
+        partials = ray.get(self.holder.partial_decrypt.remote(round_num, ids, approvals, payloads))
+        out = ch.OutgoingBlob.from_ciphertexts(
+            f"p{round_num}", to_bytes(self.key.public, partials), width
+        )
+        reply = pb.ShareSumReply(
+            round=round_num, holder_id=self.site_id, partial_decryption=out.ref
+        )
+        return "share_sum_reply", reply, [out]
+
+
+def run_site(cfg: FedrayConfig) -> None:
+    """Start the site and serve until the coordinator is done or Ctrl-C."""
+    agent = SiteAgent(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # Ctrl-C / SIGTERM: close the channel, stop Ray
+        stop.set()
+        agent.close()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        agent.start()
+        print(
+            f"[fedray.site] site {agent.site_id}: {len(agent.client_ids)} clients ready; "
+            f"dialling the coordinator at {cfg.federation.connect}",
+            flush=True,
+        )
+        agent.serve(max_wait_s=cfg.federation.connect_timeout_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.close()
+        signal.signal(signal.SIGTERM, previous)
