@@ -110,6 +110,14 @@ def test_sites_are_loaded_in_client_0s_column_order_whatever_their_own(tmp_path,
         np.testing.assert_array_equal(got[cid].y_val, want[cid].y_val)
 
 
+def test_an_excel_export_with_a_byte_order_mark_matches_by_name(tmp_path):
+    data = _rows(10, 4)
+    plain = _write_csv(tmp_path / "plain.csv", data, COLUMNS)
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8": a BOM before the first name
+    excel.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    np.testing.assert_array_equal(read_table(str(excel), SPEC)[0], read_table(plain, SPEC)[0])
+
+
 def test_one_hot_columns_follow_the_declared_vocabulary(tmp_path):
     path = _write_csv(tmp_path / "s.csv", _rows(20, 1), COLUMNS)
     fm, _ = read_table(path, SPEC)
@@ -263,7 +271,7 @@ def test_categorical_takes_both_command_line_spellings():
 # ----------------------------------------------------------------------- real jobs
 
 
-def _job(tmp_path, name: str, orders: list[list[str]], extra_at: int | None):
+def _job(tmp_path, name: str, orders: list[list[str]], extra_at: int | None, *more: str):
     folder = tmp_path / name
     folder.mkdir()
     for cid in range(3):
@@ -283,18 +291,25 @@ def _job(tmp_path, name: str, orders: list[list[str]], extra_at: int | None):
             "cluster.num_actors=1",
             "checkpoint.every=0",
             "progress=false",
+            *more,
         ]
     )
 
 
-def test_a_job_on_shuffled_columns_ends_with_the_same_weights(ray_2cpus, tmp_path):
+def test_a_job_on_shuffled_columns_ends_with_the_same_weights(ray_2cpus, tmp_path, caplog):
+    """The one-order job runs as embedded (tables checked before Ray); the shuffled one as
+    on a cluster (ray.address set): client 0's header is read at its site, and each
+    site's table at set-up."""
     from fedray.runtime.driver import run_experiment
     from fedray.runtime.outputs import load_checkpoint
 
-    same = _job(tmp_path, "same", [COLUMNS] * 3, extra_at=None)
-    mixed = _job(tmp_path, "mixed", ORDERS, extra_at=1)
+    same = _job(tmp_path, "same", [COLUMNS] * 3, None)
+    mixed = _job(tmp_path, "mixed", ORDERS, 1, f"ray.address={ray_2cpus}")
     a = run_experiment(same, tmp_path / "out_same")
-    b = run_experiment(mixed, tmp_path / "out_mixed")
+    with caplog.at_level(logging.INFO, logger="fedray"):
+        b = run_experiment(mixed, tmp_path / "out_mixed")
+    shown = [r.getMessage() for r in caplog.records if "features (from" in r.getMessage()]
+    assert shown == ["features (from client 0's file): age, bmi, sex, dose"]
     assert a["rounds_completed"] == b["rounds_completed"] == 2
     wa = load_checkpoint(tmp_path / "out_same" / "checkpoints")["weights"]
     wb = load_checkpoint(tmp_path / "out_mixed" / "checkpoints")["weights"]
@@ -313,7 +328,7 @@ def test_a_bad_table_fails_before_ray_and_keeps_the_run_directory(tmp_path, monk
     import fedray.runtime.cluster
     from fedray.runtime.driver import run_experiment
 
-    cfg = _job(tmp_path, "data", ORDERS, extra_at=None)
+    cfg = _job(tmp_path, "data", ORDERS, None)
     (tmp_path / "data" / "site_2.csv").write_text("age,bmi,dose,label\n1,2,3,0\n")
     run = tmp_path / "run"
     (run / "checkpoints" / "round_00002").mkdir(parents=True)

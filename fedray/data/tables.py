@@ -102,7 +102,7 @@ def table_columns(path: str) -> list[str]:
         except Exception as exc:  # pyarrow's ArrowInvalid / OSError: one line
             raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
         return [str(n).strip() for n in names]
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
             header = next(csv.reader(fh))
         except StopIteration:
@@ -292,7 +292,7 @@ def _diagnose_csv(path, columns, numeric, label) -> None:
     numeric column that is not a number. Returns if it finds neither."""
     nulls = _null_markers()
     index = {c: i for i, c in enumerate(columns)}
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         next(reader, None)
         for lineno, row in enumerate(reader, start=2):
@@ -416,7 +416,7 @@ def _row(path: str, index: int) -> str:
     if is_parquet(path):
         return f"row {index + 1}"
     # pyarrow skips blank lines; count them back in (errors only: one pass over the file).
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         next(reader, None)
         seen = -1
