@@ -173,3 +173,138 @@ def test_three_site_clusters_train_the_single_cluster_model(
     for proc, site in zip(procs, SITES, strict=True):  # the goodbye stops every site
         assert proc.wait(timeout=60) == 0, (logs / f"{site}.log").read_text()[-2000:]
         assert "said goodbye" in (logs / f"{site}.log").read_text()
+
+
+# --- a hostile coordinator against one live site --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """This test as the coordinator (its certificate and signing key, the real protocol)
+    and site a (3 of the federation's 6 clients) dialling it from its own Ray cluster."""
+    from fedray.federation import channel as ch
+    from fedray.tools.certs import make_federation
+    from fedray.tools.keys import deal
+
+    w = tmp_path_factory.mktemp("hostile")
+    certs = w / "certs"
+    make_federation(certs, "hub", list(SITES), clients={"a": 3, "b": 2, "c": 1})
+    deal(certs, "a", w / "keys", bits=512, allow_insecure=True)
+    coord = ch.listen(
+        "127.0.0.1:0",
+        certs / "hub/cert.pem",
+        certs / "hub/key.pem",
+        certs / "ca.pem",
+        manifest=certs / "federation.json",
+        signing_key=certs / "hub/signing.key",
+    )
+    site = _start_site(w, "a", coord.port, w / "a.log")
+    try:
+        peer = coord.wait_for(["a"], 120)["a"]
+        yield w, peer, site
+    finally:
+        coord.close()
+        _stop([site])
+
+
+def _global_weights() -> np.ndarray:
+    from fedray.data.datasets import dataset_info
+    from fedray.models import ParamView
+    from fedray.tasks.base import build_task, build_task_model
+
+    cfg = compose(JOB)
+    model = build_task_model(build_task(cfg, dataset_info(cfg.dataset)), cfg.seed)
+    return ParamView(model, None).get()
+
+
+def _train_request(round_num, clients, weights, **kw):
+    from fedray.federation import channel as ch
+    from fedray.federation import federation_pb2 as pb
+
+    blob = ch.OutgoingBlob.from_array(f"w{round_num}", weights)
+    request = pb.TrainRequest(
+        round=round_num,
+        task_id=kw.pop("task_id", "fedray"),
+        task_version="1",
+        model_fingerprint=b"m" * 32,
+        global_weights=blob.ref,
+        client_ids=clients,
+        **kw,
+    )
+    return request, [blob]
+
+
+def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
+    """Every request outside what the site runs is refused with one line, nothing of the
+    site leaving: others' clients, another task, a hyper-parameter it does not take,
+    weights of another shape; a second list to approve in a round; a sum it cannot check
+    (forged approval, ciphertexts that are not the signed ones, a second sum of a round).
+    What does leave for a good request is ciphertexts and statements signed with the
+    site's manifest key."""
+    from fedray.crypto.paillier import to_bytes  # noqa: F401 - the width below
+    from fedray.federation import channel as ch
+    from fedray.federation import federation_pb2 as pb
+    from fedray.runtime.keys import cohort_message, verify
+    from fedray.tools.keys import load_federation_key
+
+    w, peer, site = hostile
+    key = load_federation_key(
+        w / "keys/federation_key.json", w / "certs/federation.json", allow_insecure=True
+    )
+    site_key = ch.Manifest.load(w / "certs/federation.json").sites["a"].signing_key
+    weights = _global_weights()
+
+    def refused(kind, body, blobs=(), match=""):
+        with pytest.raises(ch.PeerRefused, match=match):
+            peer.call(kind, body, blobs, timeout=120)
+
+    refused("train_request", *_train_request(1, [0, 3], weights), match="not this site's")
+    refused("train_request", *_train_request(1, [0], weights, task_id="other"), match="task")
+    bad_hp = _train_request(1, [0], weights, hyperparameters={"lr": pb.Number(real=5.0)})
+    refused("train_request", *bad_hp, match="hyper-parameter lr")
+    refused("train_request", *_train_request(1, [0], weights[:-1]), match="shape")
+
+    reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights), timeout=300)
+    body = reply.body
+    statement = json.loads(body.contribution)
+    assert statement["client_ids"] == [0, 1, 2] and statement["host"] == 0
+    assert verify(site_key, bytes(body.contribution_signature), bytes(body.contribution))
+    cts = bytes(reply.blob(body.ciphertexts).ciphertexts(key.public.ciphertext_bytes))
+    uid = body.update_id
+
+    approval = peer.call(
+        "approve_request", pb.ApproveRequest(round=1, update_ids=[uid]), timeout=60
+    ).body
+    assert approval.host == 0
+    assert verify(site_key, bytes(approval.signature), cohort_message(key.fingerprint, 1, [uid]))
+    refused(
+        "approve_request",
+        pb.ApproveRequest(round=1, update_ids=sorted([uid, "zz"])),
+        match="already approved a different sum",
+    )
+
+    def open_request(approval_sig, payload, ids=(uid,)):
+        blob = ch.OutgoingBlob.from_ciphertexts("c0", payload, key.public.ciphertext_bytes)
+        request = pb.ShareSumRequest(
+            round=1,
+            update_ids=list(ids),
+            approvals=[pb.Approval(round=1, update_ids=list(ids), signature=approval_sig, host=0)],
+            contributions=[
+                pb.SignedStatement(
+                    statement=body.contribution, signature=body.contribution_signature
+                )
+            ],
+            ciphertexts=[blob.ref],
+        )
+        return request, [blob]
+
+    from fedray.runtime.keys import HostIdentity
+
+    forged = HostIdentity().sign_bytes(cohort_message(key.fingerprint, 1, [uid]))
+    refused("share_sum_request", *open_request(forged, cts), match="did not approve")
+    flipped = cts[:-1] + bytes([cts[-1] ^ 1])
+    refused("share_sum_request", *open_request(approval.signature, flipped), match="digest")
+    answer = peer.call("share_sum_request", *open_request(approval.signature, cts), timeout=120)
+    partial = answer.blob(answer.body.partial_decryption).ciphertexts(key.public.ciphertext_bytes)
+    assert len(partial) == len(cts) // key.public.ciphertext_bytes  # one per ciphertext
+    assert site.poll() is None  # refusals are answers: the site is still serving

@@ -347,15 +347,25 @@ class SiteAgent:
 
     # -- the requests ---------------------------------------------------------------------
     def handle(self, msg: ch.Message) -> tuple:
-        """One request of the coordinator, in order (the channel calls this)."""
+        """One request of the coordinator, in order (the channel calls this). What the
+        site's host or key holder refuses (a second list in a round, a sum it cannot
+        check) goes back as the refusal's one line."""
+        import ray
+
+        answer = {"train_request": self._train, "approve_request": self._approve}
+        answer["share_sum_request"] = self._open
+        if msg.kind not in answer:
+            raise ch.Refused(f"{msg.kind} is not a request this site answers")
         with self._lock:
-            if msg.kind == "train_request":
-                return self._train(msg)
-            if msg.kind == "approve_request":
-                return self._approve(msg)
-            if msg.kind == "share_sum_request":
-                return self._open(msg)
-        raise ch.Refused(f"{msg.kind} is not a request this site answers")
+            try:
+                return answer[msg.kind](msg)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, PermissionError | LookupError | ValueError):
+                    raise ch.Refused(_one_line(cause)) from None
+                raise
+            except (PermissionError, LookupError) as exc:
+                raise ch.Refused(_one_line(exc)) from None
 
     def _open_round(self, round_num: int) -> None:
         """Let this site's holder take deposits of, and open one sum of, ``round_num``."""
@@ -501,6 +511,10 @@ class SiteAgent:
             round=round_num, holder_id=self.site_id, partial_decryption=out.ref
         )
         return "share_sum_reply", reply, [out]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def run_site(cfg: FedrayConfig) -> None:
