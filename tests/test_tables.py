@@ -14,7 +14,7 @@ from fedray.config import DatasetConfig
 from fedray.data.datasets import check_site_tables, load_client_data
 from fedray.data.tables import TableSpec, read_table
 from fedray.errors import ConfigError, DataError
-from tests.conftest import compose, run_cli
+from tests.conftest import compose
 
 COLUMNS = ["age", "bmi", "sex", "dose", "label"]
 ORDERS = [  # the same columns, three orders
@@ -325,6 +325,8 @@ def _snapshot(folder):
 
 
 def test_a_bad_table_fails_before_ray_and_keeps_the_run_directory(tmp_path, monkeypatch):
+    """The launcher prints this DataError as its one `fedray: error:` line, exit 2 (the
+    same block as the file check that tests/test_config.py runs through the CLI)."""
     import fedray.runtime.cluster
     from fedray.runtime.driver import run_experiment
 
@@ -348,29 +350,3 @@ def test_a_bad_table_fails_before_ray_and_keeps_the_run_directory(tmp_path, monk
         "columns are: age, bmi, dose, label"
     )
     assert _snapshot(run) == before
-
-
-def test_cli_bad_table_is_one_line_before_ray(tmp_path):
-    cfg_dir = tmp_path / "data"
-    cfg_dir.mkdir()
-    for cid in range(2):
-        _write_csv(cfg_dir / f"site_{cid}.csv", _rows(5, cid), ORDERS[cid])
-    (cfg_dir / "site_1.csv").write_text("age,bmi,sex,dose\n1,2,F,1\n")
-    res = run_cli(
-        [
-            "dataset=csv",
-            f"dataset.path={cfg_dir}/site_{{client_id}}.csv",
-            "dataset.label=label",
-            "num_clients=2",
-            "crypto=none",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        timeout=120,
-    )
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert lines == [
-        f"fedray: error: {cfg_dir}/site_1.csv: no label column 'label' (dataset.label); "
-        "columns are: age, bmi, sex, dose"
-    ]
-    assert "Started a local Ray instance" not in res.stdout + res.stderr
