@@ -280,7 +280,7 @@ class SiteAgent:
         if cfg.dataset.name == "csv":
             from fedray.data.datasets import csv_metadata, dataset_info
 
-            features, max_label = csv_metadata(cfg.dataset.path, cfg.dataset.label, self.client_ids)
+            features, max_label = csv_metadata(cfg.dataset, self.client_ids)
             info = dataset_info(cfg.dataset, observed_classes=max_label + 1, num_features=features)
         else:
             info = _dataset_info(cfg, None)
