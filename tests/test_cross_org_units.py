@@ -1,0 +1,550 @@
+"""Unit tests of the cross-organisation pieces that need no Ray and no network: the strict
+parser of a relayed contribution, the client ids every party derives from the manifest,
+the certs tool's ``--clients``, the v2 message schema, the coordinator's site handle and
+the configuration checks of a site and of the coordinator.
+
+Every refusal is matched on its own reason, so a test goes red when the line that guards
+it is broken (not merely when some later check happens to refuse the same input).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from fedray.errors import ConfigError
+from fedray.federation import federation_pb2 as pb
+from fedray.federation import messages as m
+from fedray.federation.coordinator import (
+    HANDLE_METHODS,
+    SiteHandle,
+    check_coordinator_config,
+)
+from fedray.federation.site import (
+    CONTRIBUTION_FIELDS,
+    check_site_config,
+    contribution_from_statement,
+    federation_clients,
+)
+from fedray.runtime.keys import Contribution, HostIdentity, SignedContribution, verify
+from fedray.tools import certs
+from tests.conftest import compose
+
+# --- contribution_from_statement -------------------------------------------------------
+
+
+def _contribution(**kw) -> Contribution:
+    fields = dict(
+        key_id="k" * 16,
+        round=3,
+        update_id="u3-a",
+        host=1,
+        client_ids=(2, 3),
+        ciphertext_sha256="c" * 64,
+        share_sha256=(),
+        model_sha256="m" * 64,
+    )
+    fields.update(kw)
+    return Contribution(**fields)
+
+
+@pytest.fixture(scope="module")
+def signed() -> tuple[HostIdentity, Contribution, bytes, bytes]:
+    identity = HostIdentity()
+    c = _contribution()
+    s = identity.sign(c)
+    return identity, c, c.message(), s.signature
+
+
+def _fields(statement: bytes) -> dict:
+    return json.loads(statement)
+
+
+def _canonical(fields: dict) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_a_signed_canonical_statement_round_trips(signed):
+    identity, c, statement, signature = signed
+    out = contribution_from_statement(statement, signature)
+    assert out == SignedContribution(c, signature)
+    assert isinstance(out.contribution.client_ids, tuple)
+    assert out.contribution.message() == statement
+    assert verify(identity.public_bytes(), out.signature, out.contribution.message())
+    # and with share digests too (a tuple of strings after parsing)
+    with_shares = _contribution(share_sha256=("a" * 64, "b" * 64))
+    sig = identity.sign(with_shares).signature
+    assert contribution_from_statement(with_shares.message(), sig).contribution == with_shares
+
+
+def test_the_parser_knows_exactly_the_fields_of_a_contribution():
+    assert set(CONTRIBUTION_FIELDS) == set(Contribution.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    "statement, reason",
+    [
+        (b"not json at all", "not a JSON statement"),
+        (b"\xff\xfe{}", "not a JSON statement"),
+        (pickle.dumps({"round": 1}), "not a JSON statement"),
+        (b"[1, 2, 3]", "other fields"),
+        (b'"a string"', "other fields"),
+    ],
+    ids=["text", "not-utf8", "pickle", "json-list", "json-string"],
+)
+def test_a_statement_that_is_not_one_json_object_is_refused(signed, statement, reason):
+    with pytest.raises(PermissionError, match=reason):
+        contribution_from_statement(statement, signed[3])
+
+
+def test_a_json_list_of_exactly_the_field_names_is_refused(signed):
+    statement = json.dumps(sorted(CONTRIBUTION_FIELDS)).encode()
+    with pytest.raises(PermissionError, match="other fields"):
+        contribution_from_statement(statement, signed[3])
+
+
+def test_a_statement_with_an_extra_field_is_refused(signed):
+    fields = _fields(signed[2]) | {"class": "os.system"}
+    with pytest.raises(PermissionError, match="other fields"):
+        contribution_from_statement(_canonical(fields), signed[3])
+
+
+@pytest.mark.parametrize("missing", sorted(CONTRIBUTION_FIELDS))
+def test_a_statement_with_a_missing_field_is_refused(signed, missing):
+    fields = _fields(signed[2])
+    del fields[missing]
+    with pytest.raises(PermissionError, match="other fields"):
+        contribution_from_statement(_canonical(fields), signed[3])
+
+
+@pytest.mark.parametrize(
+    "name, value, reason",
+    [
+        ("host", True, "host is not a int"),
+        ("round", True, "round is not a int"),
+        ("round", "3", "round is not a int"),
+        ("round", 3.0, "round is not a int"),
+        ("update_id", 7, "update_id is not a str"),
+        ("client_ids", "2,3", "client_ids is not a list"),
+        ("client_ids", [2.0, 3], "client ids are not integers"),
+        ("client_ids", [True, 3], "client ids are not integers"),
+        ("client_ids", ["2", 3], "client ids are not integers"),
+        ("share_sha256", [1], "share digests are not strings"),
+        ("ciphertext_sha256", None, "ciphertext_sha256 is not a str"),
+    ],
+    ids=[
+        "bool-host",
+        "bool-round",
+        "str-round",
+        "float-round",
+        "int-update-id",
+        "str-client-ids",
+        "float-client-id",
+        "bool-client-id",
+        "str-client-id",
+        "int-share-digest",
+        "null-digest",
+    ],
+)
+def test_a_statement_with_a_field_of_the_wrong_type_is_refused(signed, name, value, reason):
+    fields = _fields(signed[2]) | {name: value}
+    with pytest.raises(PermissionError, match=reason):
+        contribution_from_statement(_canonical(fields), signed[3])
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda f: json.dumps(f, sort_keys=True).encode(),  # spaces after , and :
+        lambda f: json.dumps(dict(reversed(list(f.items()))), separators=(",", ":")).encode(),
+        lambda f: _canonical(f) + b"\n",
+        lambda f: b" " + _canonical(f),
+        # the same key twice: json.loads keeps the last, the host never signed this
+        lambda f: _canonical(f).replace(b'{"ciphertext_sha256"', b'{"round":9,"ciphertext_sha256"'),
+    ],
+    ids=["spaces", "reordered-keys", "trailing-newline", "leading-space", "duplicate-key"],
+)
+def test_non_canonical_bytes_of_the_same_content_are_refused(signed, encode):
+    statement = encode(_fields(signed[2]))
+    assert statement != signed[2]
+    assert json.loads(statement) == _fields(signed[2])
+    with pytest.raises(PermissionError, match="not in canonical form"):
+        contribution_from_statement(statement, signed[3])
+
+
+# --- federation_clients ----------------------------------------------------------------
+
+
+def _manifest(tmp_path, sites: dict) -> str:
+    path = tmp_path / "federation.json"
+    path.write_text(json.dumps({"format": "fedray-federation-manifest", "sites": sites}))
+    return str(path)
+
+
+def test_client_ids_are_contiguous_in_manifest_order(tmp_path):
+    # the file's order, not the alphabet: site z comes first here
+    path = _manifest(tmp_path, {"z": {"clients": 2}, "a": {"clients": 3}, "m": {"clients": 1}})
+    assert federation_clients(path) == {"z": [0, 1], "a": [2, 3, 4], "m": [5]}
+
+
+def test_client_ids_of_a_manifest_the_certs_tool_wrote(tmp_path):
+    certs.make_federation(tmp_path / "c", "hub", ["a", "b", "c"], clients={"a": 2, "b": 2, "c": 3})
+    got = federation_clients(tmp_path / "c" / "federation.json")
+    assert got == {"a": [0, 1], "b": [2, 3], "c": [4, 5, 6]}
+
+
+@pytest.mark.parametrize(
+    "entry", [{}, {"clients": 0}, {"clients": True}, {"clients": "2"}, {"clients": 2.0}]
+)
+def test_a_site_without_a_client_count_is_one_config_error_naming_the_option(tmp_path, entry):
+    path = _manifest(tmp_path, {"a": {"clients": 2}, "b": entry})
+    with pytest.raises(ConfigError) as err:
+        federation_clients(path)
+    text = str(err.value)
+    assert "\n" not in text
+    assert "site b" in text and "--clients" in text and path in text
+
+
+# --- certs --clients -------------------------------------------------------------------
+
+
+def _certs(tmp_path, clients: str, sites="a,b,c") -> int:
+    argv = [str(tmp_path / "c"), "--coordinator", "hub", "--sites", sites]
+    return certs.main([*argv, "--clients", clients])
+
+
+def test_certs_writes_each_sites_client_count_to_the_manifest(tmp_path, capsys):
+    assert _certs(tmp_path, "a=2, b=3,c=1") == 0
+    manifest = json.loads((tmp_path / "c" / "federation.json").read_text())
+    assert {s: e["clients"] for s, e in manifest["sites"].items()} == {"a": 2, "b": 3, "c": 1}
+    assert "clients" not in manifest["coordinator"]
+    # a site left out of --clients has no count (and federation_clients then refuses it)
+    assert certs.main([str(tmp_path / "d"), "--coordinator", "hub", "--sites", "a,b"]) == 0
+    manifest = json.loads((tmp_path / "d" / "federation.json").read_text())
+    assert all("clients" not in e for e in manifest["sites"].values())
+
+
+@pytest.mark.parametrize(
+    "clients, reason",
+    [
+        ("a=2,z=1", "--clients names z, not among --sites"),
+        ("a=0", "site a needs a whole number of clients >= 1"),
+        ("a=two", "expected SITE=N"),
+        ("a=1.5", "expected SITE=N"),
+        ("a=-1", "expected SITE=N"),
+        ("a", "expected SITE=N"),
+    ],
+    ids=["unknown-site", "zero", "word", "float", "negative", "no-count"],
+)
+def test_certs_refuses_a_bad_client_count_in_one_line(tmp_path, capsys, clients, reason):
+    assert _certs(tmp_path, clients) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and reason in err
+    assert not (tmp_path / "c" / "ca.key").exists()  # refused before anything is written
+
+
+def test_make_federation_refuses_bad_counts_as_cert_errors(tmp_path):
+    for clients in ({"a": 0}, {"a": True}, {"a": 2.0}, {"x": 1}):
+        with pytest.raises(certs.CertError):
+            certs.make_federation(tmp_path / "c", "hub", ["a"], clients=clients)
+    assert not (tmp_path / "c" / "ca.key").exists()
+
+
+# --- the v2 message schema -------------------------------------------------------------
+
+SIG = b"s" * 64
+DIGEST = b"d" * 32
+
+
+def _ref(blob_id="b1") -> pb.BlobRef:
+    return pb.BlobRef(blob_id=blob_id, size=64, sha256=DIGEST)
+
+
+def _envelope(protocol=m.PROTOCOL_VERSION, **body) -> pb.Envelope:
+    return pb.Envelope(protocol=protocol, sender="hub", recipient="a", seq=1, **body)
+
+
+def _train_request(**kw) -> pb.Envelope:
+    fields = dict(
+        round=1,
+        task_id="fedray",
+        task_version="1",
+        model_fingerprint=b"m" * 32,
+        global_weights=_ref("w1"),
+        client_ids=[0, 1],
+    )
+    fields.update(kw)
+    return _envelope(request_id=1, train_request=pb.TrainRequest(**fields))
+
+
+def _train_reply(**kw) -> pb.Envelope:
+    fields = dict(
+        round=1,
+        update_id="u1",
+        contribution=_contribution().message(),
+        contribution_signature=SIG,
+        ciphertexts=_ref(),
+        train_seconds=1.5,
+        encrypt_seconds=0.5,
+    )
+    fields.update(kw)
+    return _envelope(in_reply_to=1, train_reply=pb.TrainReply(**fields))
+
+
+def _share_sum_request(n_contributions=2, n_ciphertexts=2, statement=None) -> pb.Envelope:
+    ids = ["u1", "u2"]
+    statements = [
+        pb.SignedStatement(
+            statement=statement or _contribution(update_id=u).message(), signature=SIG
+        )
+        for u in ids
+    ]
+    return _envelope(
+        request_id=3,
+        share_sum_request=pb.ShareSumRequest(
+            round=1,
+            update_ids=ids,
+            approvals=[pb.Approval(round=1, update_ids=ids, signature=SIG, host=h) for h in (0, 1)],
+            contributions=statements[:n_contributions],
+            ciphertexts=[_ref(f"c{k}") for k in range(n_ciphertexts)],
+        ),
+    )
+
+
+def test_valid_v2_messages_pass_the_schema():
+    assert m.PROTOCOL_VERSION == 2
+    assert m.check_envelope(_train_request()) == "train_request"
+    assert m.check_envelope(_train_request(client_ids=[0])) == "train_request"
+    failures = [pb.ClientFailure(client_id=3, reason="out of memory on cuda:0")]
+    assert m.check_envelope(_train_reply(failures=failures)) == "train_reply"
+    assert m.check_envelope(_train_reply(train_seconds=0.0)) == "train_reply"
+    assert m.check_envelope(_share_sum_request()) == "share_sum_request"
+    approval = pb.Approval(round=1, update_ids=["u1"], signature=SIG, host=2)
+    assert m.check_envelope(_envelope(in_reply_to=2, approval=approval)) == "approval"
+
+
+def test_a_v1_envelope_is_refused():
+    env = _train_request()
+    env.protocol = 1
+    with pytest.raises(m.ProtocolError, match="protocol version 1"):
+        m.check_envelope(env)
+
+
+@pytest.mark.parametrize(
+    "client_ids, reason",
+    [
+        ([], "names no client"),
+        ([2, 1], "not sorted, distinct"),
+        ([1, 1], "not sorted, distinct"),
+        ([-1, 2], "not sorted, distinct and >= 0"),
+        (list(range(m.MAX_LIST_ITEMS + 1)), "more than"),
+    ],
+    ids=["none", "unsorted", "duplicate", "negative", "too-many"],
+)
+def test_a_train_request_with_bad_client_ids_is_refused(client_ids, reason):
+    with pytest.raises(m.ProtocolError, match=reason):
+        m.check_body(_train_request(client_ids=client_ids))
+
+
+@pytest.mark.parametrize(
+    "reason_text",
+    ["two\nlines", "tab\there", "bell\x07", "x" * (m.MAX_REASON_CHARS + 1)],
+    ids=["newline", "tab", "control", "too-long"],
+)
+def test_a_train_reply_failure_reason_must_be_one_printable_line(reason_text):
+    env = _train_reply(failures=[pb.ClientFailure(client_id=1, reason=reason_text)])
+    with pytest.raises(m.ProtocolError, match="failure reason is not one printable line"):
+        m.check_body(env)
+
+
+def test_a_train_reply_failure_of_a_negative_client_is_refused():
+    env = _train_reply(failures=[pb.ClientFailure(client_id=-1, reason="x")])
+    with pytest.raises(m.ProtocolError, match="client id -1 is negative"):
+        m.check_body(env)
+
+
+@pytest.mark.parametrize("what", ["train_seconds", "encrypt_seconds"])
+@pytest.mark.parametrize(
+    "value", [-0.5, float("nan"), float("inf"), float("-inf")], ids=["neg", "nan", "inf", "-inf"]
+)
+def test_a_train_reply_with_a_bad_timing_is_refused(what, value):
+    with pytest.raises(m.ProtocolError, match=f"{what} .* is not a finite number >= 0"):
+        m.check_body(_train_reply(**{what: value}))
+
+
+@pytest.mark.parametrize("n_contributions, n_ciphertexts", [(1, 2), (2, 1), (3, 2), (2, 3), (0, 0)])
+def test_a_share_sum_request_needs_one_contribution_and_blob_per_update(
+    n_contributions, n_ciphertexts
+):
+    env = _share_sum_request(n_contributions, n_ciphertexts)
+    if n_contributions > 2:
+        env.share_sum_request.contributions.append(env.share_sum_request.contributions[0])
+    with pytest.raises(m.ProtocolError, match="one contribution and one ciphertext blob per"):
+        m.check_body(env)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [pickle.dumps({"round": 1}), b"{" + pickle.dumps({"round": 1}), b"[1]"],
+    ids=["pickle", "pickle-behind-brace", "json-list"],
+)
+def test_a_share_sum_request_with_a_pickled_statement_is_refused(statement):
+    with pytest.raises(m.ProtocolError, match="not a signed JSON statement"):
+        m.check_body(_share_sum_request(statement=statement))
+
+
+def test_a_share_sum_request_with_a_short_contribution_signature_is_refused():
+    env = _share_sum_request()
+    env.share_sum_request.contributions[1].signature = b"s" * 63
+    with pytest.raises(m.ProtocolError, match="contribution signature has 63 bytes"):
+        m.check_body(env)
+
+
+def test_v1s_ciphertext_sum_is_gone_from_the_share_sum_request():
+    assert "ciphertext_sum" not in pb.ShareSumRequest.DESCRIPTOR.fields_by_name
+    assert 4 not in pb.ShareSumRequest.DESCRIPTOR.fields_by_number
+
+
+# --- SiteHandle --------------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def remote(self, *args):
+        self.calls.append((self.name, args))
+        return f"ref-of-{self.name}"
+
+
+class FakeHub:
+    """Records what a handle forwards; picklable (module level, plain attributes)."""
+
+    def __init__(self):
+        self.calls: list = []
+        for name in HANDLE_METHODS:
+            setattr(self, name, _Recorder(name, self.calls))
+
+
+def test_a_handle_forwards_each_call_to_the_hub_with_its_site_index():
+    hub = FakeHub()
+    handle = SiteHandle(hub, 2, "c")
+    assert handle.train.remote("task", "weights") == "ref-of-train"
+    assert handle.approve.remote(4, ["u1", "u2"]) == "ref-of-approve"
+    handle.partial_decrypt.remote(4, ["u1"], {0: b"s"}, [b"p"])
+    handle.sealed_payload.remote(4, "u1")
+    assert hub.calls == [
+        ("train", (2, "task", "weights")),
+        ("approve", (2, 4, ["u1", "u2"])),
+        ("partial_decrypt", (2, 4, ["u1"], {0: b"s"}, [b"p"])),
+        ("sealed_payload", (2, 4, "u1")),
+    ]
+    assert repr(handle) == "SiteHandle(c)"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "__ray_call__",
+        "__ray_terminate__",
+        "configure_crypto",
+        "install",
+        "deposit",
+        "open_round",
+        "share_sum",
+        "register",
+        "set_weight_ref",
+        "close",
+        "wait_for_sites",
+        "_index_",
+    ],
+)
+def test_a_handle_has_no_method_outside_the_closed_list(name):
+    assert name not in HANDLE_METHODS
+    handle = SiteHandle(FakeHub(), 0, "a")
+    with pytest.raises(AttributeError, match=f"no method '{name}'"):
+        getattr(handle, name)
+    assert not hasattr(handle, name)
+
+
+def test_the_closed_list_is_what_a_round_needs():
+    assert {
+        "train",
+        "approve",
+        "sealed_payload",
+        "partial_decrypt",
+        "ready",
+        "trainable",
+    } == HANDLE_METHODS
+
+
+def test_a_handle_pickles_with_its_hub_and_index():
+    handle = SiteHandle(FakeHub(), 1, "b")
+    copy = pickle.loads(pickle.dumps(handle))
+    assert isinstance(copy, SiteHandle) and copy.site_id == "b"
+    copy.ready.remote()
+    copy.train.remote("t", "w")
+    assert copy._hub.calls == [("ready", (1,)), ("train", (1, "t", "w"))]
+    assert handle._hub.calls == []  # the copy's hub is its own
+
+
+# --- the site's and the coordinator's configuration --------------------------------------
+
+SITE = [
+    "federation=cross_org",
+    "federation.party=a",
+    "federation.connect=127.0.0.1:7443",
+    "dataset.weight_ref=100",
+]
+COORDINATOR = ["federation=cross_org", "dataset.weight_ref=100"]
+
+
+def _one_line_error(check, overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as err:
+        check(compose(overrides))
+    text = str(err.value)
+    assert text and "\n" not in text
+    return text
+
+
+def test_a_good_site_and_coordinator_config_pass():
+    check_site_config(compose(SITE))
+    check_coordinator_config(compose(COORDINATOR))
+    check_coordinator_config(compose([*COORDINATOR, "privacy=dp"]))  # client-level DP
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["federation=none"], "runs federation=cross_org only"),
+        (["federation.party=null"], "needs federation.party"),
+        (["federation.connect=null"], "federation.connect"),
+        (["crypto=none"], "needs crypto=paillier with crypto.custody=threshold"),
+        (["crypto.custody=shared"], "needs crypto=paillier with crypto.custody=threshold"),
+        (["dataset.weight_ref=null"], "set dataset.weight_ref"),
+    ],
+    ids=["not-cross-org", "no-party", "no-connect", "crypto-none", "shared-custody", "no-ref"],
+)
+def test_a_bad_site_config_is_one_config_error(overrides, says):
+    assert says in _one_line_error(check_site_config, [*SITE, *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["crypto=none"], "needs crypto=paillier with crypto.custody=threshold"),
+        (["crypto.custody=shared"], "needs crypto=paillier with crypto.custody=threshold"),
+        (["crypto.fast_decrypt=true"], "crypto.fast_decrypt=false and crypto.host_sum=true"),
+        (["crypto.host_sum=false"], "crypto.fast_decrypt=false and crypto.host_sum=true"),
+        (
+            ["dataset=csv", "dataset.path='t/site_{client_id}.csv'", "dataset.label=y"],
+            "dataset=csv is not supported yet",
+        ),
+        (["privacy=dp", "privacy.mode=sample"], "privacy.mode=client only"),
+    ],
+    ids=["crypto-none", "shared-custody", "fast-decrypt", "no-host-sum", "csv", "sample-dp"],
+)
+def test_a_bad_coordinator_config_is_one_config_error(overrides, says):
+    assert says in _one_line_error(check_coordinator_config, [*COORDINATOR, *overrides])
