@@ -283,16 +283,14 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
         match="already approved a different sum",
     )
 
-    def open_request(approval_sig, payload, ids=(uid,)):
+    def open_request(approval_sig, payload, ids=(uid,), statement=body.contribution):
         blob = ch.OutgoingBlob.from_ciphertexts("c0", payload, key.public.ciphertext_bytes)
         request = pb.ShareSumRequest(
             round=1,
             update_ids=list(ids),
             approvals=[pb.Approval(round=1, update_ids=list(ids), signature=approval_sig, host=0)],
             contributions=[
-                pb.SignedStatement(
-                    statement=body.contribution, signature=body.contribution_signature
-                )
+                pb.SignedStatement(statement=statement, signature=body.contribution_signature)
             ],
             ciphertexts=[blob.ref],
         )
@@ -304,6 +302,15 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     refused("share_sum_request", *open_request(forged, cts), match="did not approve")
     flipped = cts[:-1] + bytes([cts[-1] ^ 1])
     refused("share_sum_request", *open_request(approval.signature, flipped), match="digest")
+    # Its own statement with more clients in it (a policy counts clients from statements):
+    # checked against the site's manifest key before anything counts it.
+    more = dict(statement, client_ids=[0, 1, 2, 3, 4, 5])
+    inflated = json.dumps(more, sort_keys=True, separators=(",", ":")).encode()
+    refused(
+        "share_sum_request",
+        *open_request(approval.signature, cts, statement=inflated),
+        match="not signed by its host's manifest key",
+    )
     answer = peer.call("share_sum_request", *open_request(approval.signature, cts), timeout=120)
     partial = answer.blob(answer.body.partial_decryption).ciphertexts(key.public.ciphertext_bytes)
     assert len(partial) == len(cts) // key.public.ciphertext_bytes  # one per ciphertext

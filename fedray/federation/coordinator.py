@@ -76,6 +76,7 @@ class FederationHub:
         self._info = info
         self._fingerprint: bytes | None = None
         self._sealed: dict[str, tuple[int, bytes, bytes, bytes]] = {}  # update -> round, ...
+        self._closing = False
         self.coord = ch.listen(
             cfg.federation.listen,
             self.paths.cert,
@@ -101,6 +102,7 @@ class FederationHub:
         return True
 
     def close(self, reason: str = "the run is over") -> bool:
+        self._closing = True  # a call still in flight (a holder asked past the t-th) ends quietly
         for site in self.coord.connected():
             try:
                 self.coord.site(site).say_goodbye(reason)
@@ -267,7 +269,12 @@ class FederationHub:
             contributions=statements,
             ciphertexts=[b.ref for b in blobs],
         )
-        reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
+        try:
+            reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
+        except Exception:
+            if self._closing:  # asked past the t-th holder and the run ended meanwhile
+                return []
+            raise
         data = bytes(reply.blob(reply.body.partial_decryption).ciphertexts(self.width))
         if int(reply.body.round) != int(round_num) or reply.body.holder_id != self.sites[index]:
             raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
@@ -327,7 +334,7 @@ def start_sites(job: Any, server_cls: Any) -> None:
     dialling in; then the server, wired to them through their handles."""
     import ray
 
-    from fedray.federation.site import Paths, federation_clients
+    from fedray.federation.site import Paths, check_key_size, federation_clients
     from fedray.runtime.cluster import Placement
     from fedray.runtime.driver import _dataset_info, _get
     from fedray.tools.keys import load_federation_key
@@ -338,6 +345,7 @@ def start_sites(job: Any, server_cls: Any) -> None:
     key = load_federation_key(
         paths.federation_key, paths.manifest, allow_insecure=cfg.crypto.allow_insecure_keys
     )
+    check_key_size(cfg, key)
     clients = federation_clients(paths.manifest)
     total = sum(len(c) for c in clients.values())
     if cfg.num_clients != total:

@@ -191,6 +191,26 @@ def check_site_config(cfg: FedrayConfig) -> None:
             "federation=cross_org: set dataset.weight_ref (the example count that maps to "
             "FedAvg weight 1.0, the same at every site: sites do not share their sizes)"
         )
+    if cfg.crypto.fast_decrypt or not cfg.crypto.host_sum:
+        raise ConfigError(
+            "federation=cross_org needs crypto.fast_decrypt=false and crypto.host_sum=true "
+            "(the federation=cross_org group sets both)"
+        )
+    if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
+        raise ConfigError(
+            "federation=cross_org supports privacy=dp with privacy.mode=client only (the "
+            "sample-level accountant needs every site's size)"
+        )
+
+
+def check_key_size(cfg: FedrayConfig, key: Any) -> None:
+    """The dealt key is the one the job says (summary.json reports crypto.key_bits)."""
+    bits = int(key.public.n).bit_length()
+    if bits != cfg.crypto.key_bits:
+        raise ConfigError(
+            f"crypto.key_bits={cfg.crypto.key_bits}, but the federation key has {bits} bits: "
+            f"set crypto.key_bits={bits}"
+        )
 
 
 class SiteAgent:
@@ -249,6 +269,7 @@ class SiteAgent:
             paths.key,
             allow_insecure=cfg.crypto.allow_insecure_keys,
         )
+        check_key_size(cfg, self.key)
         if cfg.ray.address is None:
             ray.init(
                 address="local",
@@ -472,6 +493,31 @@ class SiteAgent:
         approval.host = self.index
         return "approval", approval
 
+    def _check_statement(self, signed: Any, round_num: int, update_id: str) -> None:
+        """A relayed contribution is checked here, before anything counts it (the site's
+        policy counts clients from these): signed by its host's manifest key, of this
+        key, this round and this place in the sum. The key holder checks it again."""
+        from fedray.runtime.keys import verify
+
+        c = signed.contribution
+        if c.update_id != update_id:
+            raise ch.Refused(f"round {round_num}: contributions are not in the sum's order")
+        if c.key_id != self.key.fingerprint or int(c.round) != round_num:
+            raise ch.Refused(
+                f"round {round_num}: contribution {c.update_id!r} is of another key or round"
+            )
+        sites = self.paths.sites
+        host_key = (
+            self.paths.manifest_obj.sites[sites[c.host]].signing_key
+            if 0 <= c.host < len(sites)
+            else None
+        )
+        if host_key is None or not verify(host_key, signed.signature, c.message()):
+            raise ch.Refused(
+                f"round {round_num}: contribution {c.update_id!r} is not signed by its host's "
+                "manifest key"
+            )
+
     def _open(self, msg: ch.Message) -> tuple:
         import ray
 
@@ -483,8 +529,7 @@ class SiteAgent:
         signed, payloads = [], []
         for statement, ref, uid in zip(body.contributions, body.ciphertexts, ids, strict=True):
             contribution = contribution_from_statement(statement.statement, statement.signature)
-            if contribution.contribution.update_id != uid:
-                raise ch.Refused(f"round {round_num}: contributions are not in the sum's order")
+            self._check_statement(contribution, round_num, uid)
             signed.append(contribution)
             payloads.append(bytes(msg.blob(ref).ciphertexts(width)))
         approvals = {}

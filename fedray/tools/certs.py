@@ -249,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         counts = {}
         for item in filter(None, (c.strip() for c in args.clients.split(","))):
             site, _, count = item.partition("=")
-            if not count.strip().isdigit():
+            count = count.strip()
+            if not (count.isascii() and count.isdigit()):
                 raise CertError(f"--clients {item!r}: expected SITE=N, e.g. a=4")
+            if site.strip() in counts:
+                raise CertError(f"--clients names site {site.strip()} twice")
             counts[site.strip()] = int(count)
         sites = [s.strip() for s in args.sites.split(",") if s.strip()]
         hosts = [h.strip() for h in args.host.split(",") if h.strip()]
