@@ -6,6 +6,9 @@ tests/data/kuberay/; nothing is downloaded here), with unknown fields refused as
 ``kubectl apply --validate=strict`` would. Then what the deployment promises: only the
 federation port is exposed, and only by the coordinator; a site has no Service and no
 inbound port; Ray's token auth is on, its token from a Secret; no secret value inline.
+And that the entrypoints run as written: every override is a fedray config key (or a
+config group's option, or a Hydra key), the composed config passes the party's own
+checks, and the mounts give the files where ``fedray.federation.site.Paths`` reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -22,6 +26,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "jobs" / "k8s"
+CONF = ROOT / "conf"
 SCHEMAS = Path(__file__).parent / "data" / "kuberay"
 FEDERATION_PORT = 50051
 KUBERAY_RELEASE = "v1.7.0"
@@ -76,6 +81,49 @@ def pod_templates(rayjob: dict) -> list[dict]:
 
 def containers(rayjob: dict) -> list[dict]:
     return [c for t in pod_templates(rayjob) for c in t["spec"]["containers"]]
+
+
+def entrypoint(rayjob: dict) -> tuple[str, dict[str, str]]:
+    """The entrypoint's module and its overrides, ``{name: value}``."""
+    words = rayjob["spec"]["entrypoint"].split()
+    assert words[:2] == ["python", "-m"], words
+    args = words[3:]
+    assert all("=" in a for a in args), args
+    overrides = dict(a.split("=", 1) for a in args)
+    assert len(overrides) == len(args), "an override given twice"
+    return words[2], overrides
+
+
+def volume_files(template: dict, container: dict) -> tuple[dict, dict]:
+    """What a container's mounts put where: ``{file: (kind, name, key, mode)}`` for the
+    items of configMap, secret and projected volumes, ``{dir: (claim, read_only)}`` for
+    persistent volume claims."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    files: dict[str, tuple] = {}
+    claims: dict[str, tuple] = {}
+    for mount in container.get("volumeMounts", []):
+        volume, root = volumes[mount["name"]], mount["mountPath"].rstrip("/")
+        sources = []
+        if "projected" in volume:
+            default = volume["projected"].get("defaultMode", 0o644)
+            sources = [(*next(iter(s.items())), default) for s in volume["projected"]["sources"]]
+        for kind in ("configMap", "secret"):
+            if kind in volume:
+                sources.append((kind, volume[kind], volume[kind].get("defaultMode", 0o644)))
+        for kind, ref, default in sources:
+            name = ref.get("name", ref.get("secretName"))
+            assert "items" in ref, f"{kind} {name}: list its items, so the layout is known"
+            for item in ref["items"]:
+                files[f"{root}/{item['path']}"] = (
+                    kind,
+                    name,
+                    item["key"],
+                    item.get("mode", default),
+                )
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]
+            claims[root] = (claim["claimName"], mount.get("readOnly") or claim.get("readOnly"))
+    return files, claims
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +253,12 @@ def test_no_secret_value_inline(name):
             for e in c.get("env", []):
                 if SECRET_NAME.search(e["name"]):
                     assert "value" not in e and "secretKeyRef" in e["valueFrom"], e["name"]
-        tls = [v for t in pod_templates(job) for v in t["spec"].get("volumes", [])
-               if v["name"] == "tls"]  # fmt: skip
-        assert tls and all("secret" in v for v in tls)
+        certs = [v for t in pod_templates(job) for v in t["spec"].get("volumes", [])
+                 if v["name"] == "certs"]  # fmt: skip
+        assert certs
+        for v in certs:  # the identity comes from a Secret, the manifest from a ConfigMap
+            kinds = [next(iter(s)) for s in v["projected"]["sources"]]
+            assert sorted(kinds) == ["configMap", "secret"], kinds
 
 
 # -- a site: dials out, nothing in -------------------------------------------------------------
@@ -215,14 +266,12 @@ def test_no_secret_value_inline(name):
 
 def test_site_runs_the_agent_with_its_own_policy(site):
     job = one(site, "RayJob")
-    entry = job["spec"]["entrypoint"].split()
-    assert entry[:3] == ["python", "-m", "fedray.site"]
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in head["volumes"]}
-    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
-    assert "configMap" in volumes["policy"] and "secret" in volumes["tls"]
-    policy_arg = next(a for a in entry if a.startswith("site.policy="))
-    assert policy_arg.split("=", 1)[1].startswith(mounts["policy"] + "/")
+    module, args = entrypoint(job)
+    assert module == "fedray.site"
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    files, _ = volume_files(head, head["spec"]["containers"][0])
+    kind, name, key, _mode = files[args["federation.policy"]]
+    assert (kind, name, key) == ("configMap", "fedray-site-policy", "policy.yaml")
 
 
 def test_site_has_no_service_and_no_inbound_port(site):
@@ -270,3 +319,142 @@ def test_pods_run_unprivileged_without_a_service_account_token(name):
 def test_readme_says_network_policies_need_an_enforcing_cni():
     text = " ".join((K8S / "README.md").read_text().split())
     assert "enforces NetworkPolicy" in text
+
+
+# -- the entrypoints run as written ----------------------------------------------------------
+
+
+def _hydra_key(key: str) -> bool:
+    from hydra.conf import HydraConf
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(HydraConf)
+    for part in key.split("."):
+        # keys(), not `in node`: a MISSING value (run.dir) is not "in" a DictConfig
+        if not OmegaConf.is_dict(node) or part not in node.keys():  # noqa: SIM118
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def override_problem(name: str, value: str) -> str | None:
+    """Why ``name=value`` is not an override fedray's launcher takes, or None."""
+    from fedray.config import check_override_key
+
+    if name.startswith("hydra."):
+        return None if _hydra_key(name[len("hydra.") :]) else f"unknown Hydra key {name!r}"
+    if "." not in name and (CONF / name).is_dir():  # a group selection: federation=cross_org
+        if not (CONF / name / f"{value}.yaml").is_file():
+            return f"{name}={value}: conf/{name}/ has no {value}.yaml"
+        return None
+    return check_override_key(name)
+
+
+def test_the_override_check_can_fail():
+    """Controls: the old, never-built names and near misses are refused."""
+    for name, value in [
+        ("federation.manifest", "/x"),
+        ("federation.identity", "/x"),
+        ("site.id", "a"),
+        ("site.coordinator", "h:1"),
+        ("datset", "csv"),
+        ("dataset", "cvs"),
+        ("hydra.run.dri", "/x"),
+    ]:
+        assert override_problem(name, value), name
+    for name, value in [("federation", "cross_org"), ("rounds", "5"), ("hydra.run.dir", "/x")]:
+        assert override_problem(name, value) is None, name
+
+
+@pytest.mark.parametrize("name", ["coordinator.yaml", "site.yaml"])
+def test_entrypoint_overrides_are_real_config_keys(name):
+    _, args = entrypoint(one(docs(name), "RayJob"))
+    problems = [p for k, v in args.items() if (p := override_problem(k, v))]
+    assert problems == []
+    for key in ("federation.party", "federation.certs", "federation.keys", "ray.address"):
+        assert key in args, key
+    assert args["ray.address"] == "auto"  # the driver joins the RayJob's own cluster
+
+
+@pytest.mark.parametrize("name", ["coordinator.yaml", "site.yaml"])
+def test_entrypoint_config_passes_the_partys_checks(name):
+    """The overrides compose (as the launcher and the site agent compose them) into a
+    config that the coordinator's or the site's own start-up checks accept."""
+    from fedray.federation.coordinator import check_coordinator_config
+    from fedray.federation.site import check_site_config
+    from fedray.launch import prepare_overrides
+    from tests.conftest import compose
+
+    module, args = entrypoint(one(docs(name), "RayJob"))
+    overrides = [a for a in prepare_overrides([f"{k}={v}" for k, v in args.items()])
+                 if not a.startswith("hydra.")]  # fmt: skip
+    if module == "fedray.site":
+        cfg = compose(["federation=cross_org", *overrides])  # what fedray.site adds
+        check_site_config(cfg)
+    else:
+        assert module == "fedray.launch"
+        cfg = compose(overrides)
+        assert cfg.federation.name == "cross_org"
+        check_coordinator_config(cfg)
+    assert cfg.crypto.custody == "threshold"
+
+
+def _paths(args: dict[str, str], monkeypatch):
+    """fedray's own Paths for this entrypoint's party (the manifest is not read)."""
+    from fedray.federation import site as site_mod
+
+    manifest = SimpleNamespace(coordinator=SimpleNamespace(id="coordinator"), sites={})
+    monkeypatch.setattr(site_mod.ch.Manifest, "load", staticmethod(lambda path: manifest))
+    fed = SimpleNamespace(
+        certs=args["federation.certs"], keys=args["federation.keys"],
+        party=args["federation.party"],
+    )  # fmt: skip
+    return site_mod.Paths(SimpleNamespace(federation=fed))
+
+
+@pytest.mark.parametrize("name", ["coordinator.yaml", "site.yaml"])
+def test_mounts_give_the_paths_layout(name, monkeypatch):
+    """/etc/fedray/certs holds federation.json, ca.pem and PARTY/{cert.pem, key.pem,
+    signing.key} from the manifest ConfigMap and the party's TLS Secret, the private files
+    0400; federation.keys holds federation_key.json (and at a site its share, on the state
+    volume that survives restarts)."""
+    items = docs(name)
+    job = one(items, "RayJob")
+    module, args = entrypoint(job)
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    files, claims = volume_files(head, head["spec"]["containers"][0])
+    paths = _paths(args, monkeypatch)
+    assert paths.party == args["federation.party"]
+
+    assert files[str(paths.manifest)][:3] == ("configMap", "fedray-federation", "federation.json")
+    tls = {files[str(p)][1] for p in (paths.ca, paths.cert, paths.key, paths.signing_key)}
+    assert len(tls) == 1, "one Secret: the party's TLS identity"
+    for path, key, mode in [
+        (paths.ca, "ca.pem", None),
+        (paths.cert, "cert.pem", None),
+        (paths.key, "key.pem", 0o400),
+        (paths.signing_key, "signing.key", 0o400),
+    ]:
+        kind, _, got_key, got_mode = files[str(path)]
+        assert (kind, got_key) == ("secret", key), path
+        if mode is not None:
+            assert got_mode == mode, f"{path}: mode {oct(got_mode)}"
+    # 0400 files are root's: fsGroup makes them readable by the pod's non-root user.
+    assert (
+        head["spec"]["securityContext"]["fsGroup"] == head["spec"]["securityContext"]["runAsGroup"]
+    )
+
+    def on_state_volume(path) -> bool:
+        pvcs = {d["metadata"]["name"] for d in items if d["kind"] == "PersistentVolumeClaim"}
+        return any(
+            str(path).startswith(root + "/") and claim in pvcs and not read_only
+            for root, (claim, read_only) in claims.items()
+        )
+
+    if module == "fedray.site":
+        assert on_state_volume(paths.federation_key) and on_state_volume(paths.share)
+        assert str(paths.share) not in files  # the share is not in a ConfigMap or Secret
+    else:
+        kind, _, key, _ = files[str(paths.federation_key)]
+        assert (kind, key) == ("configMap", "federation_key.json")
+        assert not on_state_volume(paths.share) and str(paths.share) not in files
