@@ -492,12 +492,20 @@ class FederationConfig:
     connect: str | None = None  # a site: the coordinator's HOST:PORT it dials
     policy: str | None = None  # a site: its policy file (docs/site-policy.md)
     connect_timeout_s: float = 300.0  # how long each side waits for the other
+    # Sites assumed to collude with the coordinator: a site signs and opens only sums of
+    # at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones.
+    max_colluding_sites: int = 0
     task_id: str = "fedray"  # what the coordinator names; a site's policy checks it
     task_version: str = "1"
 
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
+        if not isinstance(self.max_colluding_sites, int) or self.max_colluding_sites < 0:
+            raise ConfigError(
+                f"federation.max_colluding_sites={self.max_colluding_sites!r} must be an "
+                "integer >= 0"
+            )
 
 
 @dataclass

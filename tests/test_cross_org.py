@@ -272,33 +272,78 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     cts = bytes(reply.blob(body.ciphertexts).ciphertexts(key.public.ciphertext_bytes))
     uid = body.update_id
 
-    approval = peer.call(
-        "approve_request", pb.ApproveRequest(round=1, update_ids=[uid]), timeout=60
-    ).body
-    assert approval.host == 0
-    assert verify(site_key, bytes(approval.signature), cohort_message(key.fingerprint, 1, [uid]))
-    refused(
-        "approve_request",
-        pb.ApproveRequest(round=1, update_ids=sorted([uid, "zz"])),
-        match="already approved a different sum",
-    )
+    # Site b's update (this test holds every party's files, so it can play a colluding
+    # site b): any valid ciphertexts of the right length under b's signature.
+    from cryptography.hazmat.primitives import serialization
 
-    def open_request(approval_sig, payload, ids=(uid,), statement=body.contribution):
-        blob = ch.OutgoingBlob.from_ciphertexts("c0", payload, key.public.ciphertext_bytes)
+    from fedray.runtime.keys import Contribution, HostIdentity, digest
+
+    b_key = serialization.load_pem_private_key((w / "certs/b/signing.key").read_bytes(), None)
+    b_identity = HostIdentity.from_private_key(b_key)
+    ub = "b" * 32
+    b_signed = b_identity.sign(
+        Contribution(key.fingerprint, 1, ub, 1, (3, 4), digest(cts), (), statement["model_sha256"])
+    )
+    statements = {
+        uid: (bytes(body.contribution), bytes(body.contribution_signature)),
+        ub: (b_signed.contribution.message(), b_signed.signature),
+    }
+
+    def signed_list(ids, override=None):
+        chosen = {**statements, **(override or {})}
+        return [pb.SignedStatement(statement=chosen[u][0], signature=chosen[u][1]) for u in ids]
+
+    def approve_request(ids, round_num=1):
+        ids = sorted(ids)
+        return pb.ApproveRequest(round=round_num, update_ids=ids, contributions=signed_list(ids))
+
+    refused("approve_request", approve_request([uid], round_num=2**40), match="trained round 1")
+    # The coordinator alone would have one site's update opened: a sum of one site is not
+    # signed, nor opened (below), by any site.
+    refused("approve_request", approve_request([uid]), match="at least 2 sites")
+    both = sorted([uid, ub])
+    approval = peer.call("approve_request", approve_request(both), timeout=60).body
+    assert approval.host == 0
+    assert verify(site_key, bytes(approval.signature), cohort_message(key.fingerprint, 1, both))
+    other = sorted([uid, "c" * 32])
+    statements["c" * 32] = (
+        b_identity.sign(
+            Contribution(key.fingerprint, 1, "c" * 32, 1, (5,), digest(cts), (), "")
+        ).contribution.message(),
+        statements[ub][1],
+    )
+    refused("approve_request", approve_request(other), match="not signed by its host")
+    b_again = b_identity.sign(
+        Contribution(
+            key.fingerprint, 1, "c" * 32, 1, (5,), digest(cts), (), statement["model_sha256"]
+        )
+    )
+    statements["c" * 32] = (b_again.contribution.message(), b_again.signature)
+    refused("approve_request", approve_request(other), match="already approved a different sum")
+
+    b_approval = b_identity.sign_bytes(cohort_message(key.fingerprint, 1, both))
+
+    def open_request(a_sig, payload, ids=both, override=None):
+        blobs = [
+            ch.OutgoingBlob.from_ciphertexts(f"c{i}", payload, key.public.ciphertext_bytes)
+            for i in range(len(ids))
+        ]
+        approvals = [pb.Approval(round=1, update_ids=list(ids), signature=a_sig, host=0)]
+        if ub in ids:
+            approvals.append(
+                pb.Approval(round=1, update_ids=list(ids), signature=b_approval, host=1)
+            )
         request = pb.ShareSumRequest(
             round=1,
             update_ids=list(ids),
-            approvals=[pb.Approval(round=1, update_ids=list(ids), signature=approval_sig, host=0)],
-            contributions=[
-                pb.SignedStatement(statement=statement, signature=body.contribution_signature)
-            ],
-            ciphertexts=[blob.ref],
+            approvals=approvals,
+            contributions=signed_list(ids, override),
+            ciphertexts=[b.ref for b in blobs],
         )
-        return request, [blob]
+        return request, blobs
 
-    from fedray.runtime.keys import HostIdentity
-
-    forged = HostIdentity().sign_bytes(cohort_message(key.fingerprint, 1, [uid]))
+    refused("share_sum_request", *open_request(approval.signature, cts, [uid]), match="2 sites")
+    forged = HostIdentity().sign_bytes(cohort_message(key.fingerprint, 1, both))
     refused("share_sum_request", *open_request(forged, cts), match="did not approve")
     flipped = cts[:-1] + bytes([cts[-1] ^ 1])
     refused("share_sum_request", *open_request(approval.signature, flipped), match="digest")
@@ -308,7 +353,7 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     inflated = json.dumps(more, sort_keys=True, separators=(",", ":")).encode()
     refused(
         "share_sum_request",
-        *open_request(approval.signature, cts, statement=inflated),
+        *open_request(approval.signature, cts, override={uid: (inflated, statements[uid][1])}),
         match="not signed by its host's manifest key",
     )
     answer = peer.call("share_sum_request", *open_request(approval.signature, cts), timeout=120)

@@ -211,7 +211,13 @@ class FederationHub:
         from fedray.federation import federation_pb2 as pb
 
         ids = sorted(str(u) for u in update_ids)
-        request = pb.ApproveRequest(round=int(round_num), update_ids=ids)
+        statements = []
+        for uid in ids:
+            sealed = self._sealed.get(uid)
+            if sealed is None:
+                raise ClusterError(f"round {round_num}: no signed contribution for {uid!r}")
+            statements.append(pb.SignedStatement(statement=sealed[2], signature=sealed[3]))
+        request = pb.ApproveRequest(round=int(round_num), update_ids=ids, contributions=statements)
         reply = self._peer(index).call("approve_request", request, (), self._timeout())
         if int(reply.body.round) != int(round_num) or list(reply.body.update_ids) != ids:
             raise ClusterError(f"site {self.sites[index]} approved another sum")

@@ -202,6 +202,11 @@ def check_body(env: pb.Envelope) -> str:
                 _fail(f"{what} {value!r} is not a finite number >= 0")
     elif kind == "approve_request":
         _check_update_ids(body.update_ids, "approve request")
+        if len(body.contributions) != len(body.update_ids):
+            _fail("approve request needs one contribution per update")
+        for signed in body.contributions:
+            _check_statement(signed.statement)
+            _check_len(signed.signature, (64,), "contribution signature")
     elif kind == "approval":
         _check_update_ids(body.update_ids, "approval")
         _check_len(body.signature, (64,), "approval signature")

@@ -243,6 +243,7 @@ class SiteAgent:
         self.started_ray = False
         self.channel: ch.Site | None = None
         self._opened = 0
+        self._trained = 0  # the round this site last sealed an update of
         self._deposited: set[str] = set()
         self._lock = threading.Lock()
 
@@ -453,6 +454,7 @@ class SiteAgent:
             self.host.signed_contribution.remote(round_num, update.update_id)
         )
         self._deposited.add(update.update_id)
+        self._trained = round_num
         if self.policy is not None:
             self.policy.check_upload(len(update.ciphertexts), round_num)
         out = ch.OutgoingBlob.from_ciphertexts(
@@ -482,16 +484,46 @@ class SiteAgent:
         return options
 
     def _approve(self, msg: ch.Message) -> tuple:
+        """Sign the round's list of updates, once per round, only for a sum this site can
+        check: every contribution signed by its host's manifest key, this site's own
+        update in it, at least ``max_colluding_sites + 2`` sites, and (with a policy) its
+        ``min_sum`` and own-clients rule. The release is in the ledger before the
+        signature leaves."""
         import ray
 
         body = msg.body
         round_num, ids = int(body.round), list(body.update_ids)
+        if round_num != self._trained:
+            raise ch.Refused(
+                f"round {round_num}: this site trained round {self._trained or 'none'} last; "
+                "it approves a sum of that round only"
+            )
+        signed = [contribution_from_statement(s.statement, s.signature) for s in body.contributions]
+        for contribution, uid in zip(signed, ids, strict=True):
+            self._check_statement(contribution, round_num, uid)
+        self._check_sum(round_num, signed)
+        signature = ray.get(self.host.approve.remote(round_num, ids))
         if self.policy is not None:
             self.policy.record_release(round_num, ids, self.key.fingerprint)
-        signature = ray.get(self.host.approve.remote(round_num, ids))
         approval = pb.Approval(round=round_num, update_ids=ids, signature=signature)
         approval.host = self.index
         return "approval", approval
+
+    def _check_sum(self, round_num: int, signed: list) -> None:
+        """Refuse a sum of too few sites (the coordinator alone, or with the sites it
+        colludes with, would have one site's update opened), or one the policy refuses."""
+        hosts = {s.contribution.host for s in signed}
+        need = self.cfg.federation.max_colluding_sites + 2
+        if len(hosts) < need:
+            raise ch.Refused(
+                f"round {round_num}: a sum of {len(hosts)} site(s); this site helps open only "
+                f"sums of at least {need} sites (federation.max_colluding_sites="
+                f"{self.cfg.federation.max_colluding_sites} + 2)"
+            )
+        if self.policy is not None:
+            clients = [c for s in signed for c in s.contribution.client_ids]
+            own = sum(1 for c in clients if c in set(self.client_ids))
+            self.policy.check_sum(round_num, len(clients), len(hosts), own)
 
     def _check_statement(self, signed: Any, round_num: int, update_id: str) -> None:
         """A relayed contribution is checked here, before anything counts it (the site's
@@ -532,16 +564,12 @@ class SiteAgent:
             self._check_statement(contribution, round_num, uid)
             signed.append(contribution)
             payloads.append(bytes(msg.blob(ref).ciphertexts(width)))
+        self._check_sum(round_num, signed)
         approvals = {}
         for a in body.approvals:
             if int(a.round) != round_num or list(a.update_ids) != ids:
                 raise ch.Refused(f"round {round_num}: an approval is of another sum")
             approvals[int(a.host)] = bytes(a.signature)
-        if self.policy is not None:
-            clients = [c for s in signed for c in s.contribution.client_ids]
-            hosts = {s.contribution.host for s in signed}
-            own = sum(1 for c in clients if c in set(self.client_ids))
-            self.policy.check_sum(round_num, len(clients), len(hosts), own)
         self._open_round(round_num)
         for s in signed:  # the others' contributions, checked by the holder on deposit
             uid = s.contribution.update_id
