@@ -31,6 +31,8 @@ JOB = [
     "crypto.allow_insecure_keys=true",
     "dataset.weight_ref=80",
     "checkpoint.every=0",
+    "privacy=dp",
+    "privacy.reproducible_noise=true",
 ]
 
 
@@ -134,9 +136,9 @@ def _listing_server(record: Path):
 def test_three_site_clusters_train_the_single_cluster_model(
     ray_2cpus, federation_dir, three_sites, tmp_path
 ):
-    """Bit-identical final weights to the same job in one cluster (DP off: the sums are
-    exact integers whoever adds them), with the key held by the sites (2 of 3 open a
-    sum), every site reached only through the channel, and the sites stopping when the
+    """Bit-identical final weights to the same job in one cluster (client-level DP on with
+    reproducible noise: the sums are exact integers whoever adds them), with the key held
+    by the sites (2 of 3 open a sum), every site reached only through the channel, and the sites stopping when the
     coordinator says the run is over."""
     from fedray.runtime.driver import run_experiment
 
@@ -155,6 +157,11 @@ def test_three_site_clusters_train_the_single_cluster_model(
     assert summary["mode"] == "cross_org"
     assert summary["key_holder_nodes"] == ["site:a", "site:b", "site:c"]
     assert summary["key_dealer_node"] == "site:a" and summary["threshold"] == 2
+    # Client-level DP on: each site's host adds its noise share (seeded here, so the two
+    # deployments can be compared bit for bit), the coordinator's accountant counts.
+    # (Seeded noise protects nothing against the server: epsilon_vs_server is reported inf.)
+    assert summary["privacy"] == "dp" and 0 < summary["epsilon"] < float("inf")
+    assert summary["epsilon_vs_server"] == float("inf")
 
     single = compose([*JOB, "cluster.num_actors=3", "client.num_cpus=0.5", "checkpoint.every=1"])
     run_experiment(single, tmp_path / "single")
