@@ -313,25 +313,13 @@ class RemoteCustody:
 
 
 def check_coordinator_config(cfg: FedrayConfig) -> None:
-    if cfg.crypto.name != "paillier" or cfg.crypto.custody != "threshold":
-        raise ConfigError(
-            "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
-            "(the sites hold the key shares)"
-        )
-    if cfg.crypto.fast_decrypt or not cfg.crypto.host_sum:
-        raise ConfigError(
-            "federation=cross_org needs crypto.fast_decrypt=false and crypto.host_sum=true "
-            "(the federation=cross_org group sets both)"
-        )
+    from fedray.federation.site import check_cross_org_job
+
+    check_cross_org_job(cfg)
     if cfg.dataset.name == "csv":
         raise ConfigError(
             "federation=cross_org with dataset=csv is not supported yet: the coordinator "
             "has no site file to learn the feature width from"
-        )
-    if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
-        raise ConfigError(
-            "federation=cross_org supports privacy=dp with privacy.mode=client only (the "
-            "sample-level accountant needs every site's size)"
         )
 
 

@@ -181,15 +181,20 @@ def check_site_config(cfg: FedrayConfig) -> None:
             "a site needs federation.party (its id in the manifest) and federation.connect "
             "(the coordinator's HOST:PORT)"
         )
-    if cfg.crypto.name != "paillier" or cfg.crypto.custody != "threshold":
-        raise ConfigError(
-            "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
-            "(the sites hold the key shares)"
-        )
+    check_cross_org_job(cfg)
     if cfg.dataset.weight_ref is None:
         raise ConfigError(
             "federation=cross_org: set dataset.weight_ref (the example count that maps to "
             "FedAvg weight 1.0, the same at every site: sites do not share their sizes)"
+        )
+
+
+def check_cross_org_job(cfg: FedrayConfig) -> None:
+    """What the coordinator and every site need alike across organisations."""
+    if cfg.crypto.name != "paillier" or cfg.crypto.custody != "threshold":
+        raise ConfigError(
+            "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
+            "(the sites hold the key shares)"
         )
     if cfg.crypto.fast_decrypt or not cfg.crypto.host_sum:
         raise ConfigError(

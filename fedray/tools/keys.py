@@ -233,17 +233,20 @@ def key_digest(body: dict) -> str:
     return hashlib.sha256(KEY_DOMAIN + _canonical(body)).hexdigest()
 
 
-def _load_key(path, loaded_manifest, allow_insecure: bool):
+def _dealer_signed(path, loaded_manifest, what: str, fmt: str, fields, domain: bytes):
+    """A key or share file's body and its dealer: a site of the manifest, whose Ed25519
+    manifest key signed ``domain`` + the canonical body."""
     manifest, manifest_sha, sites = loaded_manifest
-    body, sig = _signed_json(path, "federation key", KEY_FORMAT, KEY_FIELDS)
-    dealer = _check_dealer(path, body, manifest, manifest_sha, sites, "federation key")
-    _verify(
-        path,
-        manifest.sites[dealer].signing_key,
-        sig,
-        KEY_DOMAIN + _canonical(body),
-        dealer,
-        "federation key",
+    body, sig = _signed_json(path, what, fmt, fields)
+    dealer = _check_dealer(path, body, manifest, manifest_sha, sites, what)
+    _verify(path, manifest.sites[dealer].signing_key, sig, domain + _canonical(body), dealer, what)
+    return body, dealer
+
+
+def _load_key(path, loaded_manifest, allow_insecure: bool):
+    manifest, _, sites = loaded_manifest
+    body, dealer = _dealer_signed(
+        path, loaded_manifest, "federation key", KEY_FORMAT, KEY_FIELDS, KEY_DOMAIN
     )
     if body.get("holders") != sites:
         raise KeyFileError(
@@ -427,18 +430,11 @@ def load_share(
     key_path = (
         Path(path).with_name(KEY_NAME) if federation_key_path is None else federation_key_path
     )
-    manifest, manifest_sha, sites = loaded = _manifest(manifest_path)
+    manifest, _, sites = loaded = _manifest(manifest_path)
     if site_id not in manifest.sites:
         raise KeyFileError(f"site {site_id!r} is not a site of the manifest ({', '.join(sites)})")
-    body, sig = _signed_json(path, "share file", SHARE_FORMAT, SHARE_FIELDS)
-    dealer = _check_dealer(path, body, manifest, manifest_sha, sites, "share file")
-    _verify(
-        path,
-        manifest.sites[dealer].signing_key,
-        sig,
-        SHARE_DOMAIN + _canonical(body),
-        dealer,
-        "share file",
+    body, dealer = _dealer_signed(
+        path, loaded, "share file", SHARE_FORMAT, SHARE_FIELDS, SHARE_DOMAIN
     )
     key, key_body, _, _, partials = _load_key(key_path, loaded, allow_insecure)
     if body.get("site") != site_id:
