@@ -74,7 +74,7 @@ class FederationHub:
         self.key = key
         self.width = key.public.ciphertext_bytes
         self._info = info
-        self._fingerprint: bytes | None = None
+        self._model_facts: tuple[bytes, int] | None = None  # see _model
         self._sealed: dict[str, tuple[int, bytes, bytes, bytes]] = {}  # update -> round, ...
         self._closing = False
         self.coord = ch.listen(
@@ -114,16 +114,23 @@ class FederationHub:
     def _peer(self, index: int):
         return self.coord.site(self.sites[index])
 
-    def _model_fingerprint(self) -> bytes:
+    def _model(self) -> tuple[bytes, int]:
         """The fingerprint of the model the coordinator runs (names, dtypes, shapes of the
-        exchanged parameters): a site's policy accepts only the model it expects."""
-        if self._fingerprint is None:
+        exchanged parameters: a site's policy accepts only the model it expects) and the
+        number of values its updates pack; the model is built once, on first use."""
+        if self._model_facts is None:
+            from fedray.crypto.secure_aggregation import codec_for
             from fedray.federation.policy import model_fingerprint
+            from fedray.models import ParamView
             from fedray.tasks.base import build_task, build_task_model
 
             model = build_task_model(build_task(self.cfg, self._info), self.cfg.seed)
-            self._fingerprint = bytes.fromhex(model_fingerprint(model, self.cfg.model.trainable))
-        return self._fingerprint
+            size = ParamView(model, self.cfg.model.trainable).size
+            self._model_facts = (
+                bytes.fromhex(model_fingerprint(model, self.cfg.model.trainable)),
+                codec_for(self.cfg, self.key.public, size).num_values,
+            )
+        return self._model_facts
 
     def _timeout(self) -> float:
         return float(self.cfg.round_timeout_s or 3600.0)
@@ -151,7 +158,7 @@ class FederationHub:
             round=int(task.round),
             task_id=self.cfg.federation.task_id,
             task_version=self.cfg.federation.task_version,
-            model_fingerprint=self._model_fingerprint(),
+            model_fingerprint=self._model()[0],
             hyperparameters=hyper,
             global_weights=blob.ref,
             client_ids=sorted(int(c) for c in task.client_ids),
@@ -185,7 +192,7 @@ class FederationHub:
             raise ClusterError(f"site {site} sealed an update of none of the round's clients")
         carrier.encrypted = EncryptedUpdate(
             key_id=str(statement.get("key_id", "")),
-            num_values=self._num_values(),
+            num_values=self._model()[1],
             ciphertexts=data,
             count=len(ids),
             client_ids=ids,
@@ -195,17 +202,6 @@ class FederationHub:
         carrier.train_seconds = float(body.train_seconds)
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
-
-    def _num_values(self) -> int:
-        if not hasattr(self, "_values"):
-            from fedray.crypto.secure_aggregation import codec_for
-            from fedray.models import ParamView
-            from fedray.tasks.base import build_task, build_task_model
-
-            model = build_task_model(build_task(self.cfg, self._info), self.cfg.seed)
-            size = ParamView(model, self.cfg.model.trainable).size
-            self._values = codec_for(self.cfg, self.key.public, size).num_values
-        return self._values
 
     def approve(self, index: int, round_num: int, update_ids: list[str]) -> bytes:
         from fedray.federation import federation_pb2 as pb
