@@ -11,6 +11,7 @@ import ray
 from hydra import compose, initialize_config_dir
 
 from fedray.config import register_configs, to_config
+from fedray.runtime.cluster import loopback_node_ip
 from fedray.runtime.driver import run_experiment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -27,13 +28,14 @@ DIGITS_SKEW = [
 
 @contextlib.contextmanager
 def embedded_ray(num_cpus: int = 2):
-    """A fresh local Ray on loopback (address="local": never a stale `ray start`)."""
+    """A fresh local Ray on loopback (address="local": never a stale `ray start`; not
+    127.0.0.1, which Ray turns into this machine's reachable address)."""
     register_configs()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=loopback_node_ip(),
         log_to_driver=False,
     )
     try:

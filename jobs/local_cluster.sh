@@ -10,7 +10,9 @@
 #                                              # process ever holds the private key)
 #   bash jobs/local_cluster.sh rounds=5        # extra Hydra overrides go to the job
 #
-# Everything listens on 127.0.0.1 (free ports unless PORT / DASH are set). Ray 2.60 turns
+# Everything runs on loopback (free ports unless PORT / DASH are set): the nodes' IP is
+# $IP, 127.0.0.2 on Linux (fedray.runtime.cluster.loopback_node_ip), since Ray 2.60 turns
+# a node IP or address of 127.0.0.1 into this machine's reachable address. Ray also turns
 # on token authentication for `ray start --head`: every node, driver and `ray job submit`
 # below runs with RAY_AUTH_MODE=token and reads ~/.ray/auth_token, created here if missing.
 # The nodes run as `ray start --block` in their own sessions with their own temp dir and
@@ -24,6 +26,7 @@ ROOT=$PWD
 export PATH="$ROOT/.venv/bin:$PATH"   # the job's `python` is this venv's
 export RAY_AUTH_MODE=token
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+IP=$(python -c 'from fedray.runtime.cluster import loopback_node_ip as f; print(f())')
 PORT=${PORT:-$(free_port)}
 DASH=${DASH:-$(free_port)}
 RUN_DIR=${RUN_DIR:-$ROOT/outputs/cluster-job-$(date +%Y%m%d-%H%M%S)}
@@ -53,15 +56,15 @@ if [ ! -s "$HOME/.ray/auth_token" ]; then
   ray get-auth-token --generate >/dev/null
 fi
 
-echo "== starting the head node (site_a) on 127.0.0.1:$PORT"
-setsid ray start --block --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=1 \
+echo "== starting the head node (site_a) on $IP:$PORT"
+setsid ray start --block --head --node-ip-address="$IP" --port="$PORT" --num-cpus=1 \
   --temp-dir="$WORK/ray" --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
   --resources='{"site_a": 1}' --include-dashboard=true \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" >"$WORK/head.log" 2>&1 &
+  --dashboard-host="$IP" --dashboard-port="$DASH" >"$WORK/head.log" 2>&1 &
 PIDS+=($!)
 disown  # no "Killed" notice from bash when it is stopped
 for i in $(seq 180); do  # the job server answers once the head is up
-  python -c "import socket; socket.create_connection(('127.0.0.1', $DASH), 1)" 2>/dev/null && break
+  python -c "import socket; socket.create_connection(('$IP', $DASH), 1)" 2>/dev/null && break
   kill -0 "${PIDS[0]}" 2>/dev/null || fail "the Ray head exited" "$WORK/head.log"
   [ "$i" = 180 ] && fail "the Ray head did not come up within 90 s" "$WORK/head.log"
   sleep 0.5
@@ -71,18 +74,18 @@ echo "== starting a worker node (site_b)"
 # Its own --temp-dir: two nodes on one machine would otherwise share the head's session
 # folder, and the worker's runtime-env agent then unpacks and garbage-collects the job's
 # working_dir under the running driver (ModuleNotFoundError for a module imported late).
-setsid ray start --block --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+setsid ray start --block --address="$IP:$PORT" --node-ip-address="$IP" \
   --temp-dir="$WORK/ray_b" --num-cpus=1 --disable-usage-stats --dashboard-agent-listen-port="$(free_port)" \
   --resources='{"site_b": 1}' >"$WORK/worker.log" 2>&1 &
 PIDS+=($!)
 disown
 for i in $(seq 90); do  # wait until the worker has registered
-  ray status --address="127.0.0.1:$PORT" 2>/dev/null | grep -q site_b && break
+  ray status --address="$IP:$PORT" 2>/dev/null | grep -q site_b && break
   kill -0 "${PIDS[1]}" 2>/dev/null || fail "the Ray worker exited" "$WORK/worker.log"
   [ "$i" = 90 ] && fail "the worker did not join within 90 s" "$WORK/worker.log"
   sleep 1
 done
-ray status --address="127.0.0.1:$PORT" | sed -n '/Resources/,/Demands/p' | grep -E "CPU|site_"
+ray status --address="$IP:$PORT" | sed -n '/Resources/,/Demands/p' | grep -E "CPU|site_"
 
 ARGS=(cluster=remote "hydra.run.dir=$RUN_DIR")
 if [ "${SITES:-0}" = 1 ]; then
@@ -93,7 +96,7 @@ for i in $(seq 45); do
   # The head's job agent registers a little after its job server answers; until then a
   # submission is refused before anything starts, so it is safe to submit again.
   rc=0
-  ray job submit --address "http://127.0.0.1:$DASH" --working-dir . -- \
+  ray job submit --address "http://$IP:$DASH" --working-dir . -- \
     python -m fedray.launch "${ARGS[@]}" "$@" 2>&1 | tee "$WORK/submit.log" || rc=$?
   grep -q "No available agent" "$WORK/submit.log" && [ "$i" != 45 ] || break
   sleep 2

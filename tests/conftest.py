@@ -14,8 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from fedray.runtime.cluster import loopback_node_ip
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# Tests send traffic to loopback only: every Ray started here gets loopback_node_ip() as
+# its node IP (Ray turns 127.0.0.1 into this machine's reachable address), and none of
+# them, nor any in a process a test starts, reports usage stats (ray.init() turns them off
+# itself, but a `Cluster` head's dashboard would send them).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 # One embedded Ray serves every test file that asks for ``ray_2cpus`` (starting one costs
@@ -60,7 +68,7 @@ def ray_2cpus():
             address="local",  # a new instance, whatever `ray start` left in /tmp/ray
             num_cpus=LOCAL_RAY_CPUS,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+            _node_ip_address=loopback_node_ip(),
             logging_level="ERROR",
             log_to_driver=False,
         )
@@ -82,11 +90,17 @@ def two_node_cluster():
     from ray.cluster_utils import Cluster
 
     _release_local_ray()
+    ip = loopback_node_ip()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "num_gpus": 1, "resources": {"site_a": 1}},
+        head_node_args={
+            "node_ip_address": ip,
+            "num_cpus": 1,
+            "num_gpus": 1,
+            "resources": {"site_a": 1},
+        },
     )
-    cluster.add_node(num_cpus=1, num_gpus=1, resources={"site_b": 1})
+    cluster.add_node(node_ip_address=ip, num_cpus=1, num_gpus=1, resources={"site_b": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     yield cluster
@@ -170,6 +184,10 @@ def start_ray_node(args: list[str], env: dict[str, str], log: Path) -> subproces
     Its output goes to ``log`` (see :func:`node_failed`). Its GCS, raylet and workers
     share the session's process group, so :func:`stop_ray_nodes` stops exactly them;
     `ray stop` would stop every Ray here.
+
+    Its node IP is :func:`loopback_node_ip`: a worker's ``--address=HOST:PORT`` and every
+    client of the node name that host, not 127.0.0.1 (which Ray turns into this machine's
+    reachable address).
     """
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -177,7 +195,7 @@ def start_ray_node(args: list[str], env: dict[str, str], log: Path) -> subproces
                 str(Path(sys.executable).with_name("ray")),
                 "start",
                 "--block",
-                "--node-ip-address=127.0.0.1",
+                f"--node-ip-address={loopback_node_ip()}",
                 "--disable-usage-stats",
                 *args,
             ],

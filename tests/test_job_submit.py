@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedray.runtime.cluster import loopback_node_ip
 from tests.conftest import free_port, isolated_home, node_failed, start_ray_node, stop_ray_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def fresh_cluster(tmp_path_factory):
     # import a module it imported late (ModuleNotFoundError, one run in two or three).
     temp = Path(tempfile.mkdtemp(prefix="frjs", dir="/tmp"))
     port, dash = free_port(), free_port()
+    ip = loopback_node_ip()  # the nodes' IP: GCS, job server and every client use it
     head = start_ray_node(
         [
             "--head",
@@ -46,7 +48,7 @@ def fresh_cluster(tmp_path_factory):
             "--num-cpus=1",
             '--resources={"site_a": 1}',
             "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
+            f"--dashboard-host={ip}",
             f"--dashboard-port={dash}",
             # Not the default 52365: another Ray here may hold it, and the head's job
             # server then has no agent ("No available agent to submit job").
@@ -61,7 +63,7 @@ def fresh_cluster(tmp_path_factory):
         deadline = time.monotonic() + 90
         while True:  # the job server answers once the head is up
             try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                socket.create_connection((ip, dash), timeout=1).close()
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
@@ -69,7 +71,7 @@ def fresh_cluster(tmp_path_factory):
                 time.sleep(0.5)
         worker = start_ray_node(
             [
-                f"--address=127.0.0.1:{port}",
+                f"--address={ip}:{port}",
                 "--num-cpus=1",
                 '--resources={"site_b": 1}',
                 f"--dashboard-agent-listen-port={free_port()}",
@@ -82,7 +84,7 @@ def fresh_cluster(tmp_path_factory):
         while (
             "site_b"
             not in subprocess.run(
-                [RAY, "status", f"--address=127.0.0.1:{port}"],
+                [RAY, "status", f"--address={ip}:{port}"],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -91,7 +93,7 @@ def fresh_cluster(tmp_path_factory):
             if time.monotonic() > deadline:
                 node_failed("the worker node did not join within 90 s", worker, worker_log)
             time.sleep(1)
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://{ip}:{dash}", env
     finally:
         stop_ray_nodes(nodes, port)
         shutil.rmtree(temp, ignore_errors=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedray.runtime.cluster import loopback_node_ip
 from tests.conftest import (
     free_port,
     isolated_home,
@@ -63,9 +64,10 @@ def _tls_handshake(port: int, ca: Path) -> str:
     """The TLS version the port negotiates, verifying its certificate against ``ca``."""
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.set_alpn_protocols(["h2"])  # gRPC
+    ip = loopback_node_ip()
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        socket.create_connection((ip, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=ip) as tls,
     ):
         return tls.version()
 
@@ -73,11 +75,11 @@ def _tls_handshake(port: int, ca: Path) -> str:
 @pytest.fixture(scope="module")
 def tls_head(tmp_path_factory):
     """A `ray start --head` on loopback with RAY_USE_TLS and token auth, in its own session."""
-    import ray.util
-
     directory = tmp_path_factory.mktemp("tls")
-    # Ray also dials the machine's own address, so the certificate names it too.
-    cert, key = _self_signed(directory, ["127.0.0.1", ray.util.get_node_ip_address()])
+    # The node's IP (Ray would turn 127.0.0.1 into this machine's reachable address), and
+    # 127.0.0.1, which some of its local clients dial. Not the machine's own address: a
+    # TLS connection to it would fail here, as no traffic may leave loopback.
+    cert, key = _self_signed(directory, sorted({"127.0.0.1", loopback_node_ip()}))
     env = {
         **isolated_home(directory),  # its own HOME and token
         "RAY_USE_TLS": "1",
@@ -118,12 +120,17 @@ def test_encrypted_job_runs_on_a_tls_cluster_that_speaks_only_tls(tls_head, tmp_
     # The GCS port completes a TLS 1.3 handshake against our CA, and drops a plaintext
     # HTTP/2 (gRPC) preface without answering.
     assert _tls_handshake(port, cert) == "TLSv1.3"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+    with socket.create_connection((loopback_node_ip(), port), timeout=5) as raw:
         raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         raw.settimeout(10)
         assert raw.recv(100) == b""
     proc = run_cli(
-        [f"ray.address=127.0.0.1:{port}", "rounds=2", *SMALL_KEY, f"hydra.run.dir={tmp_path}"],
+        [
+            f"ray.address={loopback_node_ip()}:{port}",
+            "rounds=2",
+            *SMALL_KEY,
+            f"hydra.run.dir={tmp_path}",
+        ],
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

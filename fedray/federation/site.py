@@ -259,6 +259,7 @@ class SiteAgent:
         import ray
 
         from fedray.runtime.client import client_actor_class
+        from fedray.runtime.cluster import loopback_node_ip
         from fedray.runtime.keys import (
             HostIdentity,
             configure_message,
@@ -282,7 +283,7 @@ class SiteAgent:
                 num_cpus=cfg.ray.num_cpus,
                 num_gpus=cfg.ray.num_gpus,
                 include_dashboard=False,
-                _node_ip_address="127.0.0.1",
+                _node_ip_address=loopback_node_ip(),  # not 127.0.0.1: see there
                 _temp_dir=tempfile.mkdtemp(prefix=f"fr-{self.site_id[:8]}-", dir="/tmp"),
                 logging_level=logging.WARNING,
             )

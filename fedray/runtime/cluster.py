@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,30 @@ log = logging.getLogger("fedray.cluster")
 
 def _drop_token_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
+def loopback_node_ip() -> str:
+    """The node IP for a Ray that only this machine uses: loopback, and kept as given.
+
+    Ray 2.60 rewrites a node IP or address of 127.0.0.1/localhost to the host's reachable
+    address (``services.resolve_ip_for_localhost``) where it runs clusters, so its GCS,
+    raylets and workers would advertise and dial e.g. 192.0.2.2. It keeps other 127/8
+    addresses, and Linux routes all of 127/8 to ``lo``: 127.0.0.2 there, so an embedded
+    Ray talks only over loopback and tells no one the host's address (its gRPC servers
+    still bind all interfaces, which Ray does not let us change). Elsewhere (macOS,
+    Windows) Ray keeps 127.0.0.1 unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is set, and
+    127.0.0.2 may not exist there.
+    """
+    try:
+        from ray._private.ray_constants import ENABLE_RAY_CLUSTER as rewrites
+    except ImportError:  # moved: Ray 2.60's rule
+        flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        rewrites = (
+            sys.platform not in ("darwin", "win32")
+            if flag is None
+            else flag.lower() in ("1", "true")
+        )
+    return "127.0.0.2" if rewrites and sys.platform.startswith("linux") else "127.0.0.1"
 
 
 def connect(cfg: FedrayConfig) -> bool:
@@ -34,7 +59,7 @@ def connect(cfg: FedrayConfig) -> bool:
             include_dashboard=cfg.ray.include_dashboard,
             object_store_memory=cfg.ray.object_store_memory,
             # An embedded Ray serves only this machine: keep its traffic on loopback.
-            _node_ip_address="127.0.0.1",
+            _node_ip_address=loopback_node_ip(),
         )
         # Ray 2.60 turns token auth on for a new local cluster (creating ~/.ray/auth_token
         # if missing) and says so on every run; the embedded instance is fedray's own, so
