@@ -36,11 +36,11 @@ class CrashingHost(ClientHost):
 
 
 class SlowHost(ClientHost):
-    """Host 0 stalls for 3 s in round 2 (a straggler)."""
+    """Host 0 stalls for 8 s in round 2 (a straggler, well past a 4 s deadline)."""
 
     def train(self, task, global_weights):
         if task.round == 2 and 0 in self.client_ids:
-            time.sleep(3.0)
+            time.sleep(8.0)
         return super().train(task, global_weights)
 
 
