@@ -425,10 +425,15 @@ class ClusterConfig:
     num_actors: int | None = None
     # Per-client placement, e.g. {"0": {"site_a": 1}, "1": {"site_b": 1}} (silo mode).
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Hosts check each global model against the opened sums before they train (see
+    # fedray/runtime/lineage.py): auto (on wherever the job is verifiable), true, false.
+    verify_models: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("cluster", self.name, CLUSTERS)
         _choice("cluster.mode", self.mode, CLUSTER_MODES)
+        self.verify_models = str(self.verify_models).lower()
+        _choice("cluster.verify_models", self.verify_models, ("auto", "true", "false"))
         if self.num_actors is not None:
             _positive("cluster.num_actors", self.num_actors)
 
@@ -777,6 +782,15 @@ def validate(cfg: FedrayConfig) -> None:
             f"compression={cfg.compression.name} cannot be used with privacy=dp (it would "
             "change the clipped update the accountant relies on); use compression=none"
         )
+    if cfg.cluster.verify_models == "true":
+        from fedray.runtime.lineage import why_not_verifiable
+
+        why = why_not_verifiable(cfg)
+        if why:
+            raise ConfigError(
+                f"cluster.verify_models=true cannot check this job's models: {why}; or set "
+                "cluster.verify_models=auto|false"
+            )
     if cfg.model.name == "cnn" and cfg.dataset.name != "digits":
         raise ConfigError("model=cnn is the 8x8 image CNN and needs dataset=digits")
     if cfg.ray.address not in (None, "auto", "local") and ":" not in str(cfg.ray.address):

@@ -149,7 +149,7 @@ def deposits_of_a_fresh_round(server, per_client: bool = True) -> dict[str, Any]
 
     server.round += 1
     refs = [
-        h.train.remote(RoundTask(server.round, cids, {}), server.weights)
+        h.train.remote(RoundTask(server.round, cids, {}, server.releases), server.weights)
         for h, cids in _host_clients(server).items()
     ]
     updates = []
@@ -168,7 +168,7 @@ def second_update_of(server, client_id: int) -> Any:
     from fedray.runtime.client import RoundTask
 
     host = server.hosts[server.assignment[client_id]]
-    task = RoundTask(server.round, [client_id], {})
+    task = RoundTask(server.round, [client_id], {}, server.releases)
     (result,) = ray.get(host.train.remote(task, server.weights))
     return result.encrypted
 

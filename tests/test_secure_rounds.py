@@ -52,9 +52,16 @@ def test_every_decryption_path_gives_the_same_model(ray_2cpus, tmp_path):
 
     fast, fast_by, fast_w = run("fast")
     assert fast_by == {"share_sums"}
+    assert fast["models_checked"]  # hosts recomputed each model from attested sums
     for name, extra, host_class, expected in [
         ("off", ["crypto.fast_decrypt=false"], None, {"partial_decryption"}),
-        ("wrong-shares", [], faulty.WrongSharesHost, {"partial_decryption"}),
+        # (models checked against attested sums need the share sums: off here)
+        (
+            "wrong-shares",
+            ["cluster.verify_models=false"],
+            faulty.WrongSharesHost,
+            {"partial_decryption"},
+        ),
         # per-client sealing, each host encrypting over a 2-process pool
         ("per-client", ["crypto.host_sum=false", "crypto.processes=2"], None, {"share_sums"}),
         # shared custody, and its last key holder killed as round 2 starts: the other
@@ -63,6 +70,8 @@ def test_every_decryption_path_gives_the_same_model(ray_2cpus, tmp_path):
     ]:
         summary, by, weights = run(name, extra, host_class)
         assert by == expected, name
+        # checked or not (no share sums to check with), the very same model
+        assert summary["models_checked"] == (name in ("per-client", "shared")), name
         np.testing.assert_array_equal(weights, fast_w)
         assert summary["final_accuracy"] == fast["final_accuracy"]
         if name == "per-client":  # one update per client per round

@@ -9,6 +9,7 @@ The class is plain Python (testable without Ray); :data:`ClientActor` is its Ray
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -21,8 +22,11 @@ import numpy as np
 from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo
 from fedray.privacy.mechanisms import count_clipped
+from fedray.runtime.lineage import model_digest  # noqa: F401 - signed with each update
 from fedray.runtime.round_stats import client_statistics, metrics_released
 from fedray.tasks.base import client_seed
+
+log = logging.getLogger("fedray.client")
 
 DEPOSIT_TIMEOUT_S = 30.0
 
@@ -34,6 +38,9 @@ class RoundTask:
     round: int
     client_ids: list[int]
     options: dict[str, Any] = field(default_factory=dict)
+    # With model checks: the opened sums since the chain's start (fedray.runtime.lineage
+    # Release records; an ObjectRef to their list, put once per round).
+    releases: Any = None
 
 
 @dataclass
@@ -126,6 +133,9 @@ class ClientHost:
         self.data = {cid: self.task.load_data(cid, cfg.num_clients) for cid in self.client_ids}
         self.model = build_task_model(self.task, cfg.seed)
         self.view = ParamView(self.model, cfg.model.trainable)
+        # The chain of global models starts here: this site's own build of the model.
+        self._initial_weights = self.view.get().copy()
+        self._lineage = None
         self._encryptor = None
         self._private = None
         self._key = None
@@ -190,22 +200,43 @@ class ClientHost:
         return True
 
     def configure_crypto(
-        self, key: Any, holders: list[Any], host_index: int, signature: bytes
+        self,
+        key: Any,
+        holders: list[Any],
+        host_index: int,
+        signature: bytes,
+        holder_keys: dict[int, bytes] | None = None,
+        root: dict[str, Any] | None = None,
     ) -> bool:
         """Take the public key and the key holders to deposit with, as the driver signed.
 
         Unsigned (or signed for other holders) it is refused: a host must never give its
-        exponent shares to holders the server picked.
+        exponent shares to holders the server picked. With model checks
+        (``cluster.verify_models``), ``holder_keys`` are the holders' attestation keys and
+        ``root`` where this host's chain of models starts (see :mod:`fedray.runtime.lineage`),
+        signed with the rest.
         """
         from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout, codec_for
         from fedray.runtime.keys import configure_message, verify
+        from fedray.runtime.lineage import root_message, verifies_models
 
         if self._identity is None or self._authority is None:
             raise PermissionError("this host was started without crypto")
         holder_ids = [h._actor_id.hex() for h in holders]
-        message = configure_message(key.fingerprint, int(host_index), holder_ids)
+        message = configure_message(
+            key.fingerprint,
+            int(host_index),
+            holder_ids,
+            holder_keys,
+            None if holder_keys is None else root_message(key.fingerprint, host_index, root),
+        )
         if not verify(self._authority, signature, message):
             raise PermissionError("crypto configuration not signed by the job's set-up key")
+        if verifies_models(self.cfg) and holder_keys is None:
+            raise PermissionError(
+                "this site checks global models (cluster.verify_models) and was given no "
+                "key holders' attestation keys"
+            )
         if self._encryptor is not None:
             raise PermissionError("this host's crypto is already configured")
         private = self._private
@@ -215,6 +246,12 @@ class ClientHost:
         self._set_up_closed = True  # the server may exist from here on
         self.codec = codec_for(self.cfg, key.public, self.view.size)
         self.layout = UpdateLayout.for_key(key.public, self.codec)
+        if holder_keys is not None:
+            from fedray.runtime.lineage import Lineage
+
+            self._lineage = Lineage(
+                self.cfg, key, self.layout, holder_keys, self._initial_weights, root
+            )
         processes = crypto_processes(self.cfg, self.layout.num_ciphertexts)
         if processes > 1:
             from fedray.crypto.paillier import window_for
@@ -380,6 +417,8 @@ class ClientHost:
                 "this host was restarted and has no weight_ref yet; it trains again once "
                 "the driver has set it up"
             )
+        if self._lineage is not None:
+            self._check_lineage(task, global_weights)
         # Signed with each update: key holders sum only updates of the same model.
         self._model_sha256 = model_digest(global_weights)
         self._set_up_closed = True
@@ -389,6 +428,29 @@ class ClientHost:
             self._sealed_round = task.round
         with self._on_the_clock():
             return self._train_many(task, global_weights)
+
+    def _check_lineage(self, task: RoundTask, global_weights: np.ndarray) -> None:
+        """Refuse, before training, a global model that is not the next link of the chain
+        this host recomputes (one log line here names the round and the check)."""
+        from fedray.runtime.lineage import LineageError
+
+        releases = task.releases
+        if releases is not None and not isinstance(releases, list | tuple):
+            import ray
+
+            releases = ray.get(releases)
+        try:
+            self._lineage.check(int(task.round), global_weights, list(releases or []))
+        except LineageError as exc:
+            log.error("refusing to train: %s", exc)
+            raise
+        except Exception as exc:  # malformed records: refused the same way
+            log.error(
+                "refusing to train: round %d: lineage records unreadable: %s", task.round, exc
+            )
+            raise LineageError(
+                f"round {task.round}: lineage check failed: unreadable records ({exc})"
+            ) from None
 
     def approve(self, round_num: int, update_ids: list[str]) -> bytes:
         """Sign the list of updates of the sum the server will have opened this round.
@@ -621,18 +683,6 @@ class ClientHost:
             except Exception:
                 continue
         return accepted
-
-
-def model_digest(weights: np.ndarray) -> str:
-    """SHA-256 of the exact global weights a host trains from (dtype, shape and bytes as
-    received, nothing converted): signed with each update, so key holders sum only
-    updates trained from one model."""
-    import hashlib
-
-    arr = np.ascontiguousarray(weights)
-    h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def client_actor_class(host_class: type | None = None):

@@ -53,6 +53,11 @@ class KeyCustody:
     identities: list[bytes]
     holder_nodes: list[str] = field(default_factory=list)
     epochs: dict[int, int] = field(default_factory=dict)  # per host: its registrations
+    # Model checks (cluster.verify_models): the holders' attestation keys, by holder
+    # index, and where each host's chain starts (None: its own initial model; on resume,
+    # the checkpoint the driver vouches for: round, weights, strategy state).
+    holder_keys: dict[int, bytes] | None = None
+    lineage_root: dict[str, Any] | None = None
 
     def restrict(self, first_round: int, last_round: int) -> None:
         """Narrow the rounds every key holder opens (see ``KeyHolder.restrict``)."""
@@ -77,12 +82,23 @@ class KeyCustody:
 
     def configure_host(self, index: int) -> Any:
         from fedray.runtime.keys import configure_message
+        from fedray.runtime.lineage import root_message
 
         holder_ids = [h._actor_id.hex() for h in self.holders]
+        if self.holder_keys is None:
+            signature = self.authority.sign_bytes(
+                configure_message(self.key.fingerprint, index, holder_ids)
+            )
+            return self.hosts[index].configure_crypto.remote(
+                self.key, self.holders, index, signature
+            )
+        root = root_message(self.key.fingerprint, index, self.lineage_root)
         signature = self.authority.sign_bytes(
-            configure_message(self.key.fingerprint, index, holder_ids)
+            configure_message(self.key.fingerprint, index, holder_ids, self.holder_keys, root)
         )
-        return self.hosts[index].configure_crypto.remote(self.key, self.holders, index, signature)
+        return self.hosts[index].configure_crypto.remote(
+            self.key, self.holders, index, signature, self.holder_keys, self.lineage_root
+        )
 
     def re_register(self, index: int, public: bytes, from_round: int) -> None:
         """Set up host ``index`` again after Ray restarted it: register its new identity
@@ -111,8 +127,15 @@ class KeyCustody:
         self.identities[index] = public
 
 
-def set_up_keys(cfg: FedrayConfig, hosts: list[Any], assignment: dict[int, int], authority):
-    """Key holders on the hosts' nodes, the dealer's shares, signed host configuration."""
+def set_up_keys(
+    cfg: FedrayConfig,
+    hosts: list[Any],
+    assignment: dict[int, int],
+    authority,
+    lineage_root: dict[str, Any] | None = None,
+):
+    """Key holders on the hosts' nodes, the dealer's shares, signed host configuration
+    (with model checks: the holders' attestation keys and ``lineage_root``)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -156,5 +179,11 @@ def set_up_keys(cfg: FedrayConfig, hosts: list[Any], assignment: dict[int, int],
         ray.kill(dealer)  # the dealer's process, and whatever it held of p and q, ends here
     custody = KeyCustody(key, holders, hosts, authority, dealer_node, identities)
     custody.holder_nodes = ray.get([h.node_id.remote() for h in holders])
+    from fedray.runtime.lineage import verifies_models
+
+    if verifies_models(cfg):
+        keys = ray.get([h.attestation_key.remote() for h in holders])
+        custody.holder_keys = {j: k for j, k in enumerate(keys, start=1)}
+        custody.lineage_root = lineage_root
     ray.get([custody.configure_host(i) for i in range(len(hosts))])
     return custody

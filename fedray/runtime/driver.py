@@ -392,7 +392,7 @@ def run_experiment(
             sizes: dict[int, int] = {}
         else:
             _start_hosts(job, client_actor_class(host_class), server_actor_class(server_class))
-            sizes = _set_up_hosts(job)
+            sizes = _set_up_hosts(job, _lineage_root(resume_state))
         _describe_federation(job)
         counts = _start_server(job, sizes, resume_state)
         summary = _open_outputs(job, counts)
@@ -447,7 +447,19 @@ def _start_hosts(job: _Job, actor_cls: Any, server_cls: Any) -> None:
         job.described.update(answer)
 
 
-def _set_up_hosts(job: _Job) -> dict[int, int]:
+def _lineage_root(resume_state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the hosts' model checks start on a resume: the checkpoint's round, weights
+    and strategy state, vouched for by the driver (None: each host's own initial model)."""
+    if resume_state is None:
+        return None
+    return {
+        "round": int(resume_state["round"]),
+        "weights": resume_state["weights"],
+        "strategy": resume_state["strategy"],
+    }
+
+
+def _set_up_hosts(job: _Job, lineage_root: dict[str, Any] | None = None) -> dict[int, int]:
     """Close the hosts' set-up: weight_ref, then (with crypto) the keys. Returns the
     site sizes that sample-level DP's accountant needs ({} otherwise)."""
     import ray
@@ -484,7 +496,7 @@ def _set_up_hosts(job: _Job) -> dict[int, int]:
     if cfg.crypto.name == "paillier":
         from fedray.runtime.custody import set_up_keys
 
-        job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority)
+        job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority, lineage_root)
     job.public_key = job.custody.key if job.custody else None
     for answer in ray.get(
         [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
@@ -662,6 +674,8 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
         "threshold": custody.key.threshold if custody else None,
         "key_holders": len(custody.holders) if custody else None,
         "key_holder_nodes": custody.holder_nodes if custody else None,
+        # Hosts checked every global model against attested sums (cluster.verify_models)
+        "models_checked": getattr(custody, "holder_keys", None) is not None,
         "values_per_ciphertext": values_per_ct or None,
         "client_failures": 0,
         "clients_rejected": 0,

@@ -187,11 +187,21 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     return True
 
 
-def configure_message(key_id: str, host: int, holder_ids: list[str]) -> bytes:
-    """What the driver signs so a host accepts its key and key holders (and no others)."""
-    return json.dumps(
-        {"key": key_id, "host": host, "holders": list(holder_ids)}, sort_keys=True
-    ).encode()
+def configure_message(
+    key_id: str,
+    host: int,
+    holder_ids: list[str],
+    holder_keys: dict[int, bytes] | None = None,
+    root: bytes | None = None,
+) -> bytes:
+    """What the driver signs so a host accepts its key and key holders (and no others);
+    with model checks, also the holders' attestation keys and the chain's start
+    (:func:`fedray.runtime.lineage.root_message`)."""
+    body: dict[str, Any] = {"key": key_id, "host": host, "holders": list(holder_ids)}
+    if holder_keys is not None:
+        body["attest"] = {str(j): bytes(k).hex() for j, k in sorted(holder_keys.items())}
+        body["root"] = hashlib.sha256(root or b"").hexdigest()
+    return json.dumps(body, sort_keys=True).encode()
 
 
 def weight_ref_message(weight_ref: float) -> bytes:
@@ -287,9 +297,15 @@ class KeyHolder:
         self._deposits: dict[str, _Deposit] = {}
         self._released: dict[int, tuple[str, ...]] = {}
         self._last_round = 0
+        # Signs attestations of opened sums (see attest); only its public half leaves.
+        self._identity = HostIdentity()
 
     def __repr__(self) -> str:
         return f"KeyHolder(index={self.index})"
+
+    def attestation_key(self) -> bytes:
+        """The public key hosts check this holder's attestations of opened sums with."""
+        return self._identity.public_bytes()
 
     # -- set-up -------------------------------------------------------------------------
     def install(self, key: ThresholdPublicKey, secret: DecryptionShare | PrivateKey) -> bool:
@@ -518,6 +534,69 @@ class KeyHolder:
         from fedray.crypto.paillier import Decryptor
 
         return Decryptor(self._secret).decrypt_many(product)
+
+    def attest(
+        self,
+        round_num: int,
+        update_ids: list[str],
+        approvals: dict[int, bytes],
+        payloads: list[Any],
+        plaintexts: bytes,
+        exponents: list[int] | None = None,
+    ) -> bytes:
+        """Check that ``plaintexts`` open the product of this sum's deposited updates, and
+        sign that (:func:`fedray.runtime.lineage.release_message`); PermissionError if not.
+
+        The holder multiplies the updates itself (each checked against its signed digest).
+        Threshold custody: ``exponents`` are the summed obfuscator exponents X the server
+        interpolated, and each ciphertext must equal ``(1 + M n) hs^X mod n^2``: for a
+        claimed ``M`` off by anything mod n no X makes that hold (the quotient would be an
+        n-th residue equal to a power of ``1 + n``). Shared custody: the holder decrypts.
+        Attesting counts as this round's release of this sum (no other sum of the round
+        is opened or attested after it)."""
+        from fedray.crypto.threshold import Unmasker, ints_from_bytes
+        from fedray.runtime.lineage import plaintext_width, release_message
+
+        if self._secret is None:
+            raise PermissionError("this key holder holds no key material")
+        deposits = self._authorize(round_num, update_ids, approvals)
+        if len(payloads) != len(deposits):
+            raise PermissionError("one ciphertext payload per update is needed")
+        product = self._product(int(round_num), deposits, payloads, 0, None)
+        claimed = ints_from_bytes(bytes(plaintexts), plaintext_width(self.key.public.n))
+        if len(claimed) != len(product):
+            raise PermissionError(
+                f"round {round_num}: the opened sum has {len(claimed)} plaintexts, the "
+                f"deposited updates {len(product)} ciphertexts"
+            )
+        if isinstance(self._secret, DecryptionShare):
+            if exponents is None or len(exponents) != len(product):
+                raise PermissionError(
+                    f"round {round_num}: no summed exponents to check the opened sum with"
+                )
+            bound = len(deposits) << self.key.exponent_bits
+            if not all(isinstance(x, int) and 0 <= x < bound for x in exponents):
+                raise PermissionError(f"round {round_num}: summed exponents out of range")
+            opened = Unmasker(self.key, len(deposits)).unmask(product, list(exponents))
+        else:
+            from fedray.crypto.paillier import Decryptor
+
+            opened = Decryptor(self._secret).decrypt_many(product)
+        if opened is None or [int(m) for m in opened] != claimed:
+            raise PermissionError(
+                f"round {round_num}: the opened sum is not the decryption of the deposited updates"
+            )
+        self._release(round_num, update_ids)
+        count = sum(len(d.client_ids) for d in deposits)
+        return self._identity.sign_bytes(
+            release_message(
+                self.key.fingerprint,
+                int(round_num),
+                deposits[0].model_sha256,
+                count,
+                digest(bytes(plaintexts)),
+            )
+        )
 
     def _product(self, round_num: int, deposits: list[_Deposit], payloads, start, stop) -> list:
         """Ciphertexts ``start:stop`` of the product of the payloads, each checked against

@@ -113,6 +113,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
+def _refused_the_model(exc: BaseException) -> bool:
+    """A host call that failed because the host refused the global model (lineage)."""
+    from fedray.runtime.lineage import LineageError
+
+    return (
+        isinstance(exc, LineageError)
+        or "lineage check failed" in str(exc)
+        or ("attestation check failed" in str(exc))
+    )
+
+
 def _drop_ciphertexts(res: ClientResult) -> None:
     """Forget a result's ciphertext bytes once folded (or rejected): the sum has them, and
     the slow paths fetch them again from the host (``bytes_up`` stays for the metrics)."""
@@ -181,6 +192,12 @@ class Server:
         self._hosts_failed = False
         self._open_round: dict[str, Any] | None = None  # a round being retried
         self.codec = self.layout = self._unmasker = None
+        # Model checks (cluster.verify_models): the opened sums the hosts recompute each
+        # global model from (fedray.runtime.lineage), since this run's start.
+        self.releases: list[Any] = []
+        self._verify = False
+        self._round_model_sha256 = ""
+        self._exponents: list[int] | None = None
         self._is_set_up = False
         if hosts is not None:
             self.set_up(hosts, assignment or {}, key, privacy, key_holders)
@@ -219,6 +236,10 @@ class Server:
                 self._unmasker = self._make_unmasker(key)
         if privacy is not None:
             privacy.client_plan(self.codec)  # fixes the grid step the accountant uses
+        if key is not None:
+            from fedray.runtime.lineage import verifies_models
+
+            self._verify = verifies_models(self.cfg)
         self._is_set_up = True
         return True
 
@@ -424,6 +445,11 @@ class Server:
     def _dispatch(self, ray, cohort: list[int]) -> dict[Any, list[int]]:
         """Start the hosts' training calls; returns each call's ref and its clients."""
         weights_ref = ray.put(self.weights)  # one broadcast per round
+        # With model checks, the opened sums the hosts recompute this model from.
+        releases_ref = ray.put(self.releases) if self._verify else None
+        from fedray.runtime.lineage import model_digest
+
+        self._round_model_sha256 = model_digest(self.weights)
         # Sites take their DP plan and FedProx mu from their own config, not from here.
         options: dict[str, Any] = dict(self.strategy.client_options())
         by_host: dict[int, list[int]] = {}
@@ -440,7 +466,7 @@ class Server:
             for i in range(0, len(cids), size):
                 chunk = cids[i : i + size]
                 ref = self.hosts[host].train.remote(
-                    RoundTask(self.round, chunk, options), weights_ref
+                    RoundTask(self.round, chunk, options, releases_ref), weights_ref
                 )
                 pending[ref] = chunk
         return pending
@@ -464,6 +490,12 @@ class Server:
             try:
                 batch = self._fetch(ref)
             except Exception as exc:  # actor died or the call failed: those clients failed
+                if _refused_the_model(exc):  # an honest host would have trained it
+                    raise ClusterError(
+                        f"round {self.round}: a client host refused the global model: "
+                        f"{_first_line(exc)}; the run stops (completed rounds are in "
+                        "metrics.csv and checkpoints/)"
+                    ) from None
                 got.failed += len(chunk)
                 self._hosts_failed = True
                 log.warning(
@@ -511,6 +543,7 @@ class Server:
         if self.codec is not None:
             t0 = time.perf_counter()
             plaintexts, decrypted_by = self._decrypt(acc)
+            attestations = self._attest(acc, plaintexts) if self._verify else {}
             total, stats = self.layout.decode_sum(plaintexts, acc.count)
             decrypt_s = time.perf_counter() - t0
         else:
@@ -518,21 +551,62 @@ class Server:
             total = None if acc.keep_all else acc.total
         t0 = time.perf_counter()
         if total is not None:
+            from fedray.runtime.lineage import step
+
             if self.privacy is not None:
                 total = self.privacy.server_noise(total, self.noise_rng)
-            if self.privacy is not None and self.privacy.denominator:
-                delta = total / self.privacy.denominator  # fixed: qN, not the count
-            else:
-                delta = total / stats["weight"]
+            # DP: a fixed denominator qN, not the count (hosts checking models use theirs)
+            denominator = self.privacy.denominator if self.privacy is not None else None
+            self.weights = step(self.strategy, self.weights, total, stats["weight"], denominator)
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
-        self.weights = self.strategy.apply(self.weights, delta)
+            self.weights = self.strategy.apply(self.weights, delta)
+        if self._verify:
+            self._record_release(acc, plaintexts, attestations)
         metrics.update(
             aggregate_seconds=time.perf_counter() - t0,
             decrypt_seconds=decrypt_s,
             decrypted_by=decrypted_by,
         )
         return stats
+
+    def _attest(self, acc, plaintexts: list[int]) -> dict[int, bytes]:
+        """t key holders' signatures that ``plaintexts`` open this round's deposited
+        updates (see ``KeyHolder.attest``); ClusterError if fewer attest it."""
+        from fedray.crypto.threshold import ints_to_bytes
+        from fedray.runtime.lineage import plaintext_width
+
+        self._opened_bytes = ints_to_bytes(plaintexts, plaintext_width(self.key.public.n))
+        exponents, self._exponents = self._exponents, None
+        if exponents is None and self.key.threshold >= 2:
+            raise ClusterError(
+                f"round {self.round}: the sum was opened by partial decryptions, which key "
+                "holders cannot check yet, and the hosts check every model against an "
+                "attested sum (cluster.verify_models): the run stops; completed rounds are "
+                "in metrics.csv and checkpoints/ (resume=true, or cluster.verify_models=false)"
+            )
+        return self._ask_holders(
+            "attest",
+            acc.update_ids,
+            getattr(acc, "approvals", {}),
+            self._payload_refs(acc),
+            self._opened_bytes,
+            exponents,
+            need=self.key.threshold,
+        )
+
+    def _record_release(self, acc, plaintexts: list[int], attestations: dict[int, bytes]):
+        from fedray.runtime.lineage import Release
+
+        self.releases.append(
+            Release(
+                self.round,
+                self._round_model_sha256,
+                int(acc.count),
+                self._opened_bytes,
+                dict(attestations),
+            )
+        )
 
     def _decompress(self, batch: list[ClientResult]) -> None:
         """Dense deltas from compressed plaintext updates (``compression=int8|topk``)."""
@@ -611,6 +685,7 @@ class Server:
         shares) or else ``partial_decryption`` (t holders' ``c^(s_j)``). Shared custody:
         ``private_key`` (holders decrypt ranges of the sum).
         """
+        self._exponents = None
         if self._unmasker is not None and all(acc.update_ids):
             try:
                 return self._open_with_share_sums(acc), "share_sums"
@@ -705,6 +780,7 @@ class Server:
         plaintexts = self._unmasker.unmask(acc.ciphertexts(), exponents)
         if plaintexts is None or not self.layout.fits(plaintexts):
             raise ValueError("the summed exponents do not open the summed ciphertexts")
+        self._exponents = exponents  # key holders check the opened sum with them
         return plaintexts
 
     def _combine_partials(self, acc) -> list[int]:

@@ -1,0 +1,216 @@
+"""Model lineage: a host trains only on the model it recomputes from attested sums.
+
+The key holder's attestation and the host's chain are tested on the plain classes with a
+real (small) threshold key; then each crafted model is played from inside a real server
+actor of a real federation (tests/crafting_server.py), with exactly the server's reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+
+import tests.crafting_server as crafting
+from fedray.crypto.threshold import Unmasker, ints_to_bytes
+from fedray.errors import ClusterError
+from fedray.runtime.driver import run_experiment
+from fedray.runtime.keys import HostIdentity, digest, round_ticket_message, verify
+from fedray.runtime.lineage import (
+    Lineage,
+    LineageError,
+    Release,
+    model_digest,
+    plaintext_width,
+    release_message,
+    step,
+    why_not_verifiable,
+)
+from fedray.strategies import build_strategy
+from tests.conftest import compose
+from tests.test_custody import _ApprovedHolder, _Site
+
+ray.cloudpickle.register_pickle_by_value(crafting)
+
+SMALL_KEY = ["crypto=paillier", "crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
+W0 = np.zeros(8, dtype=np.float32)
+
+
+@pytest.fixture
+def opened(threshold_key):
+    """Round 1 of a 2-site federation opened by the fast path: the holders (1, 2 of 3,
+    any 2 decrypt), the sum's update ids, payloads, exponents X and plaintexts M."""
+    key, shares = threshold_key
+    sites = [_Site(key, 0), _Site(key, 1)]
+    authority = HostIdentity()
+    holders = []
+    for j in (1, 2):
+        h = _ApprovedHolder(
+            j,
+            {s.index: s.identity.public_bytes() for s in sites},
+            {c: c // 3 for c in range(6)},
+            min_clients=3,
+            authority=authority.public_bytes(),
+            max_rounds=5,
+        )
+        assert h.install(key, shares[j - 1])
+        h.sites = sites
+        assert h.open_round(1, authority.sign_bytes(round_ticket_message(key.fingerprint, 1)))
+        holders.append(h)
+    model = model_digest(W0)
+    payloads, ids = [], []
+    for site, clients, uid in [(sites[0], (0, 1, 2), "a"), (sites[1], (3, 4, 5), "b")]:
+        signed, blobs, update = site.contribute(1, clients, uid, model)
+        for h in holders:
+            assert h.deposit(signed, blobs[h.index - 1])
+        payloads.append(update.ciphertexts)
+        ids.append(uid)
+    sums = {h.index: h.share_sum(1, ids) for h in holders}
+    unmasker = Unmasker(key, 2)
+    exponents = unmasker.exponents(sums, 2)
+    product = holders[0]._product(1, [holders[0]._deposits[u] for u in ids], payloads, 0, None)
+    plaintexts = unmasker.unmask(product, exponents)
+    assert plaintexts is not None
+    return key, holders, ids, payloads, exponents, plaintexts, sites[0].layout
+
+
+def _attest(holder, ids, payloads, plaintexts, exponents, key):
+    approvals = holder._approvals(1, ids)
+    data = ints_to_bytes(plaintexts, plaintext_width(key.public.n))
+    return holder.attest(1, ids, approvals, payloads, data, exponents)
+
+
+def test_key_holders_attest_only_the_true_opening(opened):
+    key, holders, ids, payloads, exponents, plaintexts, _ = opened
+    holder = holders[0]
+    forged = [plaintexts[0] + 1, *plaintexts[1:]]  # one slot, one unit
+    with pytest.raises(PermissionError, match="not the decryption"):
+        _attest(holder, ids, payloads, forged, exponents, key)
+    with pytest.raises(PermissionError, match="not the decryption"):  # X moved to match
+        _attest(holder, ids, payloads, plaintexts, [exponents[0] + 1, *exponents[1:]], key)
+    with pytest.raises(PermissionError, match="no summed exponents"):
+        _attest(holder, ids, payloads, plaintexts, None, key)
+    with pytest.raises(PermissionError, match="signed digest"):  # a payload swapped
+        _attest(holder, ids, [payloads[1], payloads[0]], plaintexts, exponents, key)
+    sig = _attest(holder, ids, payloads, plaintexts, exponents, key)
+    data = ints_to_bytes(plaintexts, plaintext_width(key.public.n))
+    message = release_message(key.fingerprint, 1, model_digest(W0), 6, digest(data))
+    assert verify(holder.attestation_key(), sig, message)
+    assert not verify(holders[1].attestation_key(), sig, message)  # its own key only
+
+
+def _release(opened, plaintexts=None, signers=(0, 1), model=None, count=6):
+    key, holders, ids, payloads, exponents, true_plaintexts, _ = opened
+    plaintexts = true_plaintexts if plaintexts is None else plaintexts
+    data = ints_to_bytes(plaintexts, plaintext_width(key.public.n))
+    sigs = {}
+    for i in signers:
+        sigs[holders[i].index] = _attest(holders[i], ids, payloads, true_plaintexts, exponents, key)
+    return Release(1, model or model_digest(W0), count, data, sigs)
+
+
+def _lineage(opened):
+    key, holders, *_, layout = opened
+    cfg = compose(SMALL_KEY)
+    keys = {h.index: h.attestation_key() for h in holders}
+    return Lineage(cfg, key, layout, keys, W0), cfg
+
+
+def _next_model(opened, cfg):
+    *_, plaintexts, layout = opened
+    total, stats = layout.decode_sum(plaintexts, 6)
+    return step(build_strategy(cfg.strategy), W0, total, stats["weight"], None)
+
+
+def test_a_host_trains_only_the_model_it_recomputes(opened):
+    lineage, cfg = _lineage(opened)
+    w1 = _next_model(opened, cfg)
+    assert np.any(w1 != W0)
+    lineage.check(1, W0, [])  # round 1 starts from the host's own initial model
+    with pytest.raises(LineageError, match="round 1: lineage check failed"):
+        lineage.check(1, W0 + np.float32(1e-3), [])
+    release = _release(opened)
+    for crafted in [
+        np.nextafter(w1, np.float32(np.inf)),  # every value one ulp off
+        np.where(np.arange(8) == 7, np.float32("nan"), w1),  # the NaN trap
+        w1.astype(np.float64),  # the same values, another dtype
+    ]:
+        fresh, _ = _lineage(opened)
+        with pytest.raises(LineageError, match="round 2: lineage check failed"):
+            fresh.check(2, crafted, [release])
+    nudged = w1.copy()
+    nudged[3] = np.nextafter(nudged[3], np.float32(np.inf))  # one value, one ulp
+    with pytest.raises(LineageError, match="bit for bit"):
+        lineage.check(2, nudged, [release])
+    lineage.check(2, w1, [release])  # the true model, bit for bit
+    lineage.check(2, w1, [release])  # again (a second call of the same round)
+    assert lineage.round == 1
+
+
+def test_a_host_refuses_a_sum_too_few_key_holders_attest(opened):
+    key, holders, *_ = opened
+    plaintexts = opened[5]
+    lineage, cfg = _lineage(opened)
+    w1 = _next_model(opened, cfg)
+    with pytest.raises(LineageError, match="1 key holders attest"):
+        lineage.check(2, w1, [_release(opened, signers=(0,))])
+    # Both attest the true sum; the server hands on another one with their signatures.
+    forged = [plaintexts[0] + (1 << 20), *plaintexts[1:]]
+    with pytest.raises(LineageError, match="0 key holders attest"):
+        lineage.check(2, w1, [_release(opened, plaintexts=forged)])
+    true = _release(opened)
+    doubled = dataclasses.replace(
+        true, attestations={1: true.attestations[1], 3: true.attestations[1]}
+    )
+    with pytest.raises(LineageError, match="1 key holders attest"):  # one holder, twice
+        lineage.check(2, w1, [doubled])
+    with pytest.raises(LineageError, match="0 key holders attest"):  # count changed
+        lineage.check(2, w1, [dataclasses.replace(true, count=5)])
+    with pytest.raises(LineageError, match="another model"):
+        lineage.check(2, w1, [_release(opened, model=model_digest(W0 + 1))])
+    with pytest.raises(LineageError, match="missing"):
+        lineage.check(3, w1, [dataclasses.replace(true, round=2)])
+    assert lineage.round == 0
+
+
+def test_models_are_verifiable_only_where_a_sum_can_be_checked():
+    assert why_not_verifiable(compose(SMALL_KEY)) is None
+    assert why_not_verifiable(compose([*SMALL_KEY, "crypto.custody=shared"])) is None
+    assert "crypto=none" in why_not_verifiable(compose(["crypto=none"]))
+    assert "fast_decrypt" in why_not_verifiable(compose([*SMALL_KEY, "crypto.fast_decrypt=false"]))
+    from fedray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cluster.verify_models=true cannot check"):
+        compose(["crypto=none", "cluster.verify_models=true"])
+    with pytest.raises(ConfigError, match="choose one of: auto, true, false"):
+        compose([*SMALL_KEY, "cluster.verify_models=maybe"])
+
+
+# -- crafted models from inside a real server actor -----------------------------------------
+@pytest.mark.parametrize(
+    ("server_class", "refusal", "completed"),
+    [
+        (crafting.NaNTrapServer, r"round 1: a client host refused.*round 1: lineage check", 0),
+        (crafting.NudgingServer, r"round 2: a client host refused.*round 2: lineage check", 1),
+        (crafting.TrapLayerServer, r"round 2: a client host refused.*round 2: lineage check", 1),
+        (
+            crafting.ForgedReleaseServer,
+            r"round 2: a client host refused.*round 1: attestation check failed",
+            1,
+        ),
+        (crafting.FabricatedSumServer, r"round 1: .*not the decryption of the deposited", 0),
+    ],
+    ids=["nan-trap-initial", "one-ulp", "trap-layer", "forged-release", "fabricated-sum"],
+)
+def test_every_crafted_model_is_refused_before_training(
+    ray_2cpus, tmp_path, server_class, refusal, completed
+):
+    """Every host refuses (before training) a model that is not the next link of its
+    chain; the run stops with the host's line; the rounds before stay in metrics.csv."""
+    cfg = compose([*SMALL_KEY, "rounds=3", "checkpoint.every=0"])
+    with pytest.raises(ClusterError, match=refusal):
+        run_experiment(cfg, tmp_path, server_class=server_class)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) - 1 == completed  # the rounds before the crafted one, none after
