@@ -214,3 +214,26 @@ def test_every_crafted_model_is_refused_before_training(
         run_experiment(cfg, tmp_path, server_class=server_class)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) - 1 == completed  # the rounds before the crafted one, none after
+
+
+def test_a_holder_pushed_to_round_a_billion_still_serves_the_next_real_round(opened):
+    """Round numbers are no lever: a holder takes deposits of, opens and attests only
+    rounds the driver opened (signed tickets) inside the job's window, so a server (or a
+    colluding host, which can sign a deposit) that names round 10**9 is refused, leaves
+    nothing behind, and the real round is still served."""
+    key, holders, ids, payloads, exponents, plaintexts, _ = opened
+    holder = holders[1]
+    site = holder.sites[0]
+    kept = dict(holder._deposits)
+    signed, blobs, _ = site.contribute(10**9, (0, 1, 2), "far", model_digest(W0))
+    with pytest.raises(PermissionError, match="outside this job's rounds"):
+        holder.deposit(signed, blobs[holder.index - 1])
+    with pytest.raises(PermissionError, match="not signed by the job's set-up key"):
+        holder.open_round(10**9, b"\0" * 64)
+    with pytest.raises(PermissionError, match="outside this job's rounds"):
+        holder.share_sum(10**9, ids)
+    with pytest.raises(PermissionError, match="outside this job's rounds"):
+        holder.attest(10**9, ids, {}, payloads, b"", exponents)
+    assert holder._deposits == kept and holder._last_round == 1
+    signature = _attest(holder, ids, payloads, plaintexts, exponents, key)  # round 1 still
+    assert isinstance(signature, bytes) and len(signature) == 64
