@@ -452,9 +452,11 @@ def _lineage_root(resume_state: dict[str, Any] | None) -> dict[str, Any] | None:
     and strategy state, vouched for by the driver (None: each host's own initial model)."""
     if resume_state is None:
         return None
+    import numpy as np
+
     return {
         "round": int(resume_state["round"]),
-        "weights": resume_state["weights"],
+        "weights": np.asarray(resume_state["weights"], dtype=np.float32),  # as the server
         "strategy": resume_state["strategy"],
     }
 
