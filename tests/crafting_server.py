@@ -73,3 +73,15 @@ class ForgedReleaseServer(Server):
     def _dispatch(self, ray, cohort):
         self.previous = self.weights.copy()
         return super()._dispatch(ray, cohort)
+
+
+class LyingStateServer(Server):
+    """Rounds are honest, but the state it hands the driver to checkpoint after round 2
+    carries a trap (a resume's hosts would start from it)."""
+
+    def state_dict(self):
+        state = super().state_dict()
+        if state["round"] == 2:
+            state["weights"] = state["weights"].copy()
+            state["weights"][-1] = np.float32("nan")
+        return state

@@ -237,3 +237,18 @@ def test_a_holder_pushed_to_round_a_billion_still_serves_the_next_real_round(ope
     assert holder._deposits == kept and holder._last_round == 1
     signature = _attest(holder, ids, payloads, plaintexts, exponents, key)  # round 1 still
     assert isinstance(signature, bytes) and len(signature) == 64
+
+
+def test_the_driver_checkpoints_only_the_model_the_attested_sums_give(ray_2cpus, tmp_path):
+    """A resume's hosts start from the checkpoint: the driver checks the server's state
+    against its own chain before writing it, and writes nothing crafted."""
+    cfg = compose([*SMALL_KEY, "rounds=3", "checkpoint.every=1"])
+    with pytest.raises(
+        ClusterError,
+        match="not the model the attested sums give.*round 2's opened sum.*no checkpoint written",
+    ):
+        run_experiment(cfg, tmp_path, server_class=crafting.LyingStateServer)
+    from fedray.runtime.outputs import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "checkpoints")
+    assert saved["round"] == 1 and np.all(np.isfinite(saved["weights"]))

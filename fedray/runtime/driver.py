@@ -321,6 +321,7 @@ class _Job:
     server: Any = None
     first_round: int = 1
     last_round: int = 0  # the last round the key holders open (set up with the server)
+    lineage: Any = None  # with model checks: the driver's own chain (see _checked_state)
     # (weight_ref, the driver's signature of it): given back to restarted hosts
     weight_ref: tuple[float, bytes] | None = None
     metrics_writer: MetricsWriter | None = None
@@ -587,7 +588,54 @@ def _start_server(
         )
     )
     _key_holders_window(job, saved, counts[0])
+    if job.custody is not None and job.custody.holder_keys is not None:
+        job.lineage = _driver_lineage(job, counts[0], resume_state)
     return counts
+
+
+def _driver_lineage(job: _Job, num_values: int, resume_state: dict[str, Any] | None):
+    """The driver's own copy of the hosts' chain of models: what it checkpoints (and a
+    resume's hosts start from) is checked against it, never taken from the server."""
+    from fedray.crypto.secure_aggregation import UpdateLayout, codec_for
+    from fedray.models import ParamView
+    from fedray.runtime.lineage import Lineage
+    from fedray.tasks.base import build_task, build_task_model
+
+    cfg, key = job.cfg, job.custody.key
+    task = build_task(cfg, job.info)
+    initial = ParamView(build_task_model(task, cfg.seed), cfg.model.trainable).get()
+    layout = UpdateLayout.for_key(key.public, codec_for(cfg, key.public, num_values))
+    return Lineage(cfg, key, layout, job.custody.holder_keys, initial, _lineage_root(resume_state))
+
+
+def _checked_state(job: _Job) -> dict[str, Any]:
+    """The server's state to checkpoint; with model checks, only if its weights and
+    strategy state are, bit for bit, what the attested sums give (the driver's own
+    chain), else ClusterError: a resume's hosts start from what is written here."""
+    import numpy as np
+    import ray
+
+    from fedray.runtime.lineage import LineageError
+
+    state = ray.get(job.server.state_dict.remote())
+    if job.lineage is None:
+        return state
+    r = int(state["round"])
+    try:
+        releases = ray.get(job.server.releases_since.remote(job.lineage.round))
+        job.lineage.check(r + 1, np.asarray(state["weights"]), releases)
+        ours = job.lineage.strategy.state_dict()
+        theirs = state["strategy"]
+        if sorted(ours) != sorted(theirs) or any(
+            np.asarray(ours[k]).tobytes() != np.asarray(theirs[k]).tobytes() for k in ours
+        ):
+            raise LineageError(f"round {r}: lineage check failed: the strategy state differs")
+    except LineageError as exc:
+        raise ClusterError(
+            f"the server's state is not the model the attested sums give ({exc}); no "
+            "checkpoint written"
+        ) from None
+    return state
 
 
 def _key_holders_window(job: _Job, saved: dict[str, Any] | None, num_values: int) -> None:
@@ -700,7 +748,6 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
     early at privacy.target_epsilon or target_accuracy. Checkpoint every
     checkpoint.every rounds and after the last. Ctrl-C: finish the round in flight,
     checkpoint it, then raise Interrupted (the launcher prints the resume command)."""
-    import ray
 
     cfg, server = job.cfg, job.server
     last_round = saved_round = job.first_round - 1
@@ -738,7 +785,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             and m["test_accuracy"] >= cfg.target_accuracy
         )
         if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
-            save_checkpoint(job.checkpoint_dir, ray.get(server.state_dict.remote()))
+            save_checkpoint(job.checkpoint_dir, _checked_state(job))
             saved_round = last_round
         write_json(job.output_dir / "summary.json", summary)
         if m["clients_failed"]:
@@ -753,7 +800,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             )
             break
     if last_round > saved_round:
-        save_checkpoint(job.checkpoint_dir, ray.get(server.state_dict.remote()))
+        save_checkpoint(job.checkpoint_dir, _checked_state(job))
     if stop.requested:  # Ctrl-C: the launcher prints the command that resumes
         summary["interrupted"] = True
         write_json(job.output_dir / "summary.json", summary)

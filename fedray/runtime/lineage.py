@@ -211,7 +211,17 @@ class Lineage:
             raise LineageError(f"round {r}: attestation check failed: count {release.count}")
         plaintexts = ints_from_bytes(release.plaintexts, plaintext_width(self.key.public.n))
         total, stats = self.layout.decode_sum(plaintexts, int(release.count))
-        self.weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
+        if not self.denominator and not stats["weight"] > 0:
+            # Honest weights are in (0, 1] per client; a colluding client's crafted
+            # ciphertexts can wrap the summed weight to 0 (an inf/NaN model, attested).
+            raise LineageError(
+                f"round {r}: sum check failed: the summed weight {stats['weight']:g} is not "
+                "positive"
+            )
+        weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
+        if not np.all(np.isfinite(weights)):
+            raise LineageError(f"round {r}: sum check failed: the next model is not finite")
+        self.weights = weights
         self.round = r
 
     def check(self, round_num: int, weights: np.ndarray, releases: list[Release]) -> None:

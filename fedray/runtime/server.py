@@ -198,6 +198,7 @@ class Server:
         self._verify = False
         self._round_model_sha256 = ""
         self._exponents: list[int] | None = None
+        self._holder_keys: dict[int, bytes] | None = None  # attestation keys (public)
         self._is_set_up = False
         if hosts is not None:
             self.set_up(hosts, assignment or {}, key, privacy, key_holders)
@@ -280,6 +281,11 @@ class Server:
 
     def values_per_ciphertext(self) -> int:
         return self.codec.slots_per_ciphertext if self.codec else 0
+
+    def releases_since(self, round_num: int) -> list[Any]:
+        """The opened sums (with their attestations) of the rounds after ``round_num``:
+        the driver checks the state it checkpoints against them."""
+        return [r for r in self.releases if r.round > int(round_num)]
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -585,6 +591,27 @@ class Server:
                 "attested sum (cluster.verify_models): the run stops; completed rounds are "
                 "in metrics.csv and checkpoints/ (resume=true, or cluster.verify_models=false)"
             )
+        from fedray.runtime.keys import digest, verify
+        from fedray.runtime.lineage import release_message
+
+        if self._holder_keys is None:  # public keys, fetched once
+            import ray
+
+            keys = ray.get([h.attestation_key.remote() for h in self.key_holders])
+            self._holder_keys = dict(enumerate(keys, start=1))
+        message = release_message(
+            self.key.fingerprint,
+            self.round,
+            self._round_model_sha256,
+            acc.count,
+            digest(self._opened_bytes),
+        )
+
+        def valid(j: int, signature: Any) -> str | None:
+            """A garbage answer (first, as it skips the work) must not take a place."""
+            ok = isinstance(signature, bytes) and verify(self._holder_keys[j], signature, message)
+            return None if ok else "its attestation does not verify"
+
         return self._ask_holders(
             "attest",
             acc.update_ids,
@@ -593,6 +620,7 @@ class Server:
             self._opened_bytes,
             exponents,
             need=self.key.threshold,
+            check=valid,
         )
 
     def _record_release(self, acc, plaintexts: list[int], attestations: dict[int, bytes]):
@@ -745,8 +773,9 @@ class Server:
                 ) from None
         return approvals
 
-    def _ask_holders(self, method: str, *args, need: int) -> dict[int, Any]:
-        """Call ``method`` on every key holder; the first ``need`` answers, by holder index."""
+    def _ask_holders(self, method: str, *args, need: int, check=None) -> dict[int, Any]:
+        """Call ``method`` on every key holder; the first ``need`` answers, by holder index
+        (with ``check``: answers it finds no fault with, ``check(j, answer)`` -> why not)."""
         import ray
 
         pending = {
@@ -759,9 +788,15 @@ class Server:
             done, _ = ray.wait(list(pending), num_returns=1)
             j = pending.pop(done[0])
             try:
-                answers[j] = self._fetch(done[0])
+                answer = self._fetch(done[0])
             except Exception as exc:  # a dead holder, or one that refuses: ask the others
                 refusals.append(f"holder {j}: {_first_line(exc)}")
+                continue
+            fault = check(j, answer) if check is not None else None
+            if fault:
+                refusals.append(f"holder {j}: {fault}")
+            else:
+                answers[j] = answer
         for ref in pending:  # answers past the t-th are not needed
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
