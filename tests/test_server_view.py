@@ -62,6 +62,7 @@ class RecordingServer(Server):
                 "num_values": self.view.size,
                 "host_of": dict(assignment),
                 "identities": [ray.get(h.identity.remote())[0] for h in hosts],
+                "attestation_keys": ray.get([h.attestation_key.remote() for h in key_holders]),
             }
             (Path(self.record_dir) / "facts.pkl").write_bytes(pickle.dumps(facts))
         return done
@@ -76,9 +77,25 @@ class RecordingServer(Server):
         self._approving = (list(acc.update_ids), iter(sorted(set(acc.sources))))
         return super()._approvals(acc)
 
-    def _ask_holders(self, method, *args, need):
-        self._asked = (method, len(args[0]))
-        return super()._ask_holders(method, *args, need=need)
+    def _ask_holders(self, method, *args, need, check=None):
+        self._asked = (method, len(args[0]), None)
+        if method == "attest":  # the message an attestation signs: what the server holds
+            from fedray.runtime.keys import digest
+            from fedray.runtime.lineage import release_message
+
+            message = release_message(
+                self.key.fingerprint,
+                self.round,
+                self._round_model_sha256,
+                self._count,
+                digest(self._opened_bytes),
+            )
+            self._asked = (method, len(args[0]), message)
+        return super()._ask_holders(method, *args, need=need, check=check)
+
+    def _attest(self, acc, plaintexts):
+        self._count = acc.count
+        return super()._attest(acc, plaintexts)
 
     def _fetch(self, ref):
         obj = super()._fetch(ref)
@@ -254,8 +271,19 @@ def _holder_answer_problems(rec, facts, where) -> list[str]:
     """A key holder's answer: about the sum only, and of the size the key fixes."""
     key, obj, num = facts["key"], rec["obj"], facts["num_ciphertexts"]
     n2 = key.n * key.n
+    if rec["channel"] == "_attest":  # a key holder's attestation key: 32 public bytes
+        if type(obj) is bytes and len(obj) == 32:
+            return []
+        return [f"{where}: an attestation key that is a {type(obj).__name__}"]
     if rec["channel"] == "_ask_holders":
-        method, updates = rec["asked"]
+        method, updates, message = rec["asked"]
+        if method == "attest":  # an Ed25519 signature of the release (deterministic)
+            from fedray.runtime.keys import verify
+
+            keys = facts.get("attestation_keys", [])
+            if type(obj) is bytes and any(verify(k, obj, message) for k in keys):
+                return []
+            return [f"{where}: attest answered something other than a holder's signature"]
         allowed = {  # per method, what its answer may be
             # its share of the summed exponents of the sum, of the width the key fixes
             "share_sum": type(obj) is bytes and len(obj) == num * key.share_width(updates),
@@ -298,7 +326,7 @@ def server_view_problems(cfg, received, facts, nodes) -> list[str]:
             problems += _train_call_problems(rec, nodes, facts, cfg, where)
         elif rec["channel"] == "_approvals":
             problems += _approval_problems(rec, facts, where)
-        elif rec["channel"] in ("_ask_holders", "_decrypt_with_private_key"):
+        elif rec["channel"] in ("_ask_holders", "_decrypt_with_private_key", "_attest"):
             problems += _holder_answer_problems(rec, facts, where)
             if rec["channel"] == "_decrypt_with_private_key" and type(rec["obj"]) is list:
                 ranges[rec["round"]] = ranges.get(rec["round"], 0) + len(rec["obj"])
