@@ -299,6 +299,7 @@ class KeyHolder:
         self._last_round = 0
         # Signs attestations of opened sums (see attest); only its public half leaves.
         self._identity = HostIdentity()
+        self._unmaskers: dict[int, Any] = {}  # by updates in a sum (attest's fast check)
 
     def __repr__(self) -> str:
         return f"KeyHolder(index={self.index})"
@@ -577,7 +578,10 @@ class KeyHolder:
             bound = len(deposits) << self.key.exponent_bits
             if not all(isinstance(x, int) and 0 <= x < bound for x in exponents):
                 raise PermissionError(f"round {round_num}: summed exponents out of range")
-            opened = Unmasker(self.key, len(deposits)).unmask(product, list(exponents))
+            unmasker = self._unmaskers.get(len(deposits))
+            if unmasker is None:  # its table of hs^-1 powers is built once, then kept
+                unmasker = self._unmaskers[len(deposits)] = Unmasker(self.key, len(deposits))
+            opened = unmasker.unmask(product, list(exponents))
         else:
             from fedray.crypto.paillier import Decryptor
 
