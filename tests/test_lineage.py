@@ -252,3 +252,67 @@ def test_the_driver_checkpoints_only_the_model_the_attested_sums_give(ray_2cpus,
 
     saved = load_checkpoint(tmp_path / "checkpoints")
     assert saved["round"] == 1 and np.all(np.isfinite(saved["weights"]))
+
+
+def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
+    """A colluding host deposits valid ciphertexts of out-of-range plaintexts (its right:
+    no range proofs) that wrap the summed weight to 0; honest holders attest the true
+    opening, but the step would give an infinite model: every host refuses it (found by
+    the colluding-site review)."""
+    from fedray.crypto.paillier import to_bytes
+    from fedray.crypto.threshold import PublicEncryptor, share_exponents
+    from fedray.runtime.keys import Contribution
+
+    key, shares = threshold_key
+    honest, colluding = _Site(key, 0), _Site(key, 1)
+    authority = HostIdentity()
+    holders = []
+    for j in (1, 2):
+        h = _ApprovedHolder(
+            j,
+            {s.index: s.identity.public_bytes() for s in (honest, colluding)},
+            {c: c // 3 for c in range(6)},
+            min_clients=3,
+            authority=authority.public_bytes(),
+            max_rounds=5,
+        )
+        assert h.install(key, shares[j - 1])
+        h.sites = [honest, colluding]
+        assert h.open_round(1, authority.sign_bytes(round_ticket_message(key.fingerprint, 1)))
+        holders.append(h)
+    layout, model = honest.layout, model_digest(W0)
+    signed, blobs, update = honest.contribute(1, (0, 1, 2), "a", model)  # weight 1.0 each
+    for h in holders:
+        assert h.deposit(signed, blobs[h.index - 1])
+    stats = layout.stats
+    wrap = (1 << stats.slot_bits) - (3 << stats.frac_bits)  # + the honest 3.0 = 0 mod 2^bits
+    crafted = (
+        layout.codec.encode_sum([(np.zeros(8), None)] * 3)
+        + [wrap]
+        + [0] * (stats.num_ciphertexts - 1)
+    )
+    cts, xs = PublicEncryptor(key).encrypt_many(crafted)
+    payload, crafted_blobs = to_bytes(key.public, cts), share_exponents(key, xs)
+    c = Contribution(
+        key.fingerprint, 1, "c", 1, (3, 4, 5), digest(payload),
+        tuple(digest(b) for b in crafted_blobs), model_sha256=model,
+    )  # fmt: skip
+    for h in holders:
+        assert h.deposit(colluding.identity.sign(c), crafted_blobs[h.index - 1])
+    ids, payloads = ["a", "c"], [update.ciphertexts, payload]
+    sums = {h.index: h.share_sum(1, ids) for h in holders}
+    unmasker = Unmasker(key, 2)
+    exponents = unmasker.exponents(sums, 2)
+    product = holders[0]._product(1, [holders[0]._deposits[u] for u in ids], payloads, 0, None)
+    plaintexts = unmasker.unmask(product, exponents)
+    data = ints_to_bytes(plaintexts, plaintext_width(key.public.n))
+    sigs = {
+        h.index: h.attest(1, ids, h._approvals(1, ids), payloads, data, exponents) for h in holders
+    }
+    assert layout.decode_sum(plaintexts, 6)[1]["weight"] == 0.0  # the wrap worked
+    lineage = Lineage(
+        compose(SMALL_KEY), key, layout, {h.index: h.attestation_key() for h in holders}, W0
+    )
+    with pytest.raises(LineageError, match="round 1: sum check failed: the summed weight 0"):
+        lineage.check(2, W0, [Release(1, model, 6, data, sigs)])
+    assert lineage.round == 0

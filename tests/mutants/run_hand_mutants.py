@@ -1610,6 +1610,15 @@ MUTANTS = [
         "a host takes an opened sum trained from another model than its verified one",
         "too_few",
     ),
+    Mutant(
+        "lineage-weight-unchecked",
+        "fedray/runtime/lineage.py",
+        '        if not self.denominator and not stats["weight"] > 0:',
+        "        if False:",
+        ("tests/test_lineage.py",),
+        "a host steps on an attested sum whose weight colluding clients wrapped to 0",
+        "weight_zero",
+    ),
 ]
 
 
