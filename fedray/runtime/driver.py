@@ -588,7 +588,7 @@ def _start_server(
         )
     )
     _key_holders_window(job, saved, counts[0])
-    if job.custody is not None and job.custody.holder_keys is not None:
+    if getattr(job.custody, "holder_keys", None) is not None:  # RemoteCustody: none
         job.lineage = _driver_lineage(job, counts[0], resume_state)
     return counts
 
