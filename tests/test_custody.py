@@ -88,22 +88,29 @@ class _ApprovedHolder(KeyHolder):
         return super().partial_decrypt(round_num, update_ids, approvals, payloads, start, stop)
 
 
-@pytest.fixture
-def ledger(threshold_key):
-    """Holder 1 of 3 (any 2 decrypt), min 3 clients; sites 0 (clients 0-2) and 1 (3-5)."""
-    key, shares = threshold_key
-    sites = [_Site(key, 0), _Site(key, 1)]
-    authority = HostIdentity()
+def _approved_holder(key, shares, index, sites, authority) -> _ApprovedHolder:
+    """Holder ``index`` of the test key (its share installed), min 3 clients, rounds 1..5;
+    ``sites`` 0 (clients 0-2) and 1 (3-5) approve its sums."""
     holder = _ApprovedHolder(
-        1,
+        index,
         {s.index: s.identity.public_bytes() for s in sites},
         {c: c // 3 for c in range(6)},
         min_clients=3,
         authority=authority.public_bytes(),
         max_rounds=5,
     )
-    assert holder.install(key, shares[0])
+    assert holder.install(key, shares[index - 1])
     holder.sites = sites
+    return holder
+
+
+@pytest.fixture
+def ledger(threshold_key):
+    """Holder 1 of 3 (any 2 decrypt), min 3 clients; sites 0 (clients 0-2) and 1 (3-5)."""
+    key, shares = threshold_key
+    sites = [_Site(key, 0), _Site(key, 1)]
+    authority = HostIdentity()
+    holder = _approved_holder(key, shares, 1, sites, authority)
     # The test plays the driver: it opens the job's rounds (tickets: tests/test_collusion.py).
     assert holder.open_round(5, authority.sign_bytes(round_ticket_message(key.fingerprint, 5)))
     return holder, sites, authority, key, shares

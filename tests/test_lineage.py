@@ -30,12 +30,21 @@ from fedray.runtime.lineage import (
 )
 from fedray.strategies import build_strategy
 from tests.conftest import compose
-from tests.test_custody import _ApprovedHolder, _Site
+from tests.test_custody import _approved_holder, _Site
 
 ray.cloudpickle.register_pickle_by_value(crafting)
 
 SMALL_KEY = ["crypto=paillier", "crypto.key_bits=512", "crypto.allow_insecure_keys=true"]
 W0 = np.zeros(8, dtype=np.float32)
+
+
+def _holders_of_round_1(key, shares, sites):
+    """Holders 1 and 2 of the test key (any 2 decrypt), round 1 opened by the driver."""
+    authority = HostIdentity()
+    holders = [_approved_holder(key, shares, j, sites, authority) for j in (1, 2)]
+    for h in holders:
+        assert h.open_round(1, authority.sign_bytes(round_ticket_message(key.fingerprint, 1)))
+    return holders
 
 
 @pytest.fixture
@@ -44,21 +53,7 @@ def opened(threshold_key):
     any 2 decrypt), the sum's update ids, payloads, exponents X and plaintexts M."""
     key, shares = threshold_key
     sites = [_Site(key, 0), _Site(key, 1)]
-    authority = HostIdentity()
-    holders = []
-    for j in (1, 2):
-        h = _ApprovedHolder(
-            j,
-            {s.index: s.identity.public_bytes() for s in sites},
-            {c: c // 3 for c in range(6)},
-            min_clients=3,
-            authority=authority.public_bytes(),
-            max_rounds=5,
-        )
-        assert h.install(key, shares[j - 1])
-        h.sites = sites
-        assert h.open_round(1, authority.sign_bytes(round_ticket_message(key.fingerprint, 1)))
-        holders.append(h)
+    holders = _holders_of_round_1(key, shares, sites)
     model = model_digest(W0)
     payloads, ids = [], []
     for site, clients, uid in [(sites[0], (0, 1, 2), "a"), (sites[1], (3, 4, 5), "b")]:
@@ -265,21 +260,7 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
 
     key, shares = threshold_key
     honest, colluding = _Site(key, 0), _Site(key, 1)
-    authority = HostIdentity()
-    holders = []
-    for j in (1, 2):
-        h = _ApprovedHolder(
-            j,
-            {s.index: s.identity.public_bytes() for s in (honest, colluding)},
-            {c: c // 3 for c in range(6)},
-            min_clients=3,
-            authority=authority.public_bytes(),
-            max_rounds=5,
-        )
-        assert h.install(key, shares[j - 1])
-        h.sites = [honest, colluding]
-        assert h.open_round(1, authority.sign_bytes(round_ticket_message(key.fingerprint, 1)))
-        holders.append(h)
+    holders = _holders_of_round_1(key, shares, [honest, colluding])
     layout, model = honest.layout, model_digest(W0)
     signed, blobs, update = honest.contribute(1, (0, 1, 2), "a", model)  # weight 1.0 each
     for h in holders:
