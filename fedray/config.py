@@ -70,44 +70,74 @@ class DatasetConfig:
     """Where clients' data comes from and how bundled data is split among clients."""
 
     name: str = "breast_cancer"
+    """The data set (the ``dataset`` group's option): ``breast_cancer``, ``digits``, ``wine``
+    (scikit-learn's bundled sets, split among the clients), ``synthetic`` (FedProx
+    Synthetic), ``csv`` (each site's own table), ``text`` (each site's JSON-lines file) or
+    ``text_synthetic`` (generated topic documents); the last two need ``model=hf``."""
     partition: str = "iid"
+    """How a bundled set is split among the clients: ``iid``, ``dirichlet`` (label skew,
+    ``dataset.dirichlet_alpha``) or ``shards`` (``dataset.shards_per_client`` label-sorted
+    shards each)."""
     dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet label (``partition=dirichlet``) or topic
+    (``text_synthetic``) mix; smaller is more skewed."""
     shards_per_client: int = 2
+    """``partition=shards``: label-sorted shards each client gets."""
     test_fraction: float = 0.2
+    """Share of a bundled set kept out of the clients' data as the server's central test
+    set, in [0, 1)."""
     holdout_fraction: float = 0.2
+    """Share of each client's examples held out as its validation split (federated
+    evaluation), in [0, 1)."""
     standardize: bool = True
-    # FedProx Synthetic(alpha, beta)
+    """Standardise features per site with the site's own statistics (not applied to
+    ``digits``)."""
     alpha: float = 0.5
+    """FedProx Synthetic(alpha, beta): how much the clients' labelling models differ."""
     beta: float = 0.5
+    """FedProx Synthetic(alpha, beta): how much the clients' feature distributions differ."""
     samples_per_client: int = 100
+    """Examples generated per client (``synthetic``, ``text_synthetic``)."""
     num_features: int = 60
+    """Feature width of ``synthetic``."""
     num_classes: int = 10
+    """Classes of ``synthetic`` (topics of ``text_synthetic``)."""
     test_samples_per_client: int = 10
-    # csv: one file per client, opened only inside that client's actor
+    """``synthetic``: fresh test rows drawn per sampled client's distribution for the
+    server's test set (at most 2,000 rows in all)."""
     path: str | None = None
+    """``csv``, ``text``: each client's own file, a pattern with ``{client_id}`` (e.g.
+    ``data/site_{client_id}.csv``), opened only inside that client's actor; ``.parquet``
+    and ``.pq`` files are read as Parquet."""
     label: str | None = None
+    """``csv``: the label column (integer class ids)."""
     test_path: str | None = None
-    # csv (and .parquet files): columns matched by name (docs/data.md). null: client 0's
-    # columns but the label, in its order; the feature matrix follows this order.
+    """``csv``, ``text``: an optional central test file for the server."""
     features: list[str] | None = None
-    # columns a file has beyond features and label: ignore (logged) or error
+    """``csv``: the feature columns, matched by name (docs/data.md); null: client 0's
+    columns but the label, in its order. The feature matrix follows this order."""
     extra_columns: str = "ignore"
-    # a row with an empty cell: error, or drop_rows
+    """``csv``: columns a file has beyond the features and the label: ``ignore`` (logged)
+    or ``error``."""
     missing: str = "error"
-    # column -> its allowed values, one-hot in this order, e.g. {sex: [F, M]}; null: none.
-    # Any, so that both dataset.categorical={sex:[F,M]} and +dataset.categorical.sex=[F,M]
-    # work on the command line (a typed dict takes only the second).
+    """``csv``: a row with an empty cell is an ``error``, or dropped (``drop_rows``)."""
     categorical: Any = None
-    # text, text_synthetic: tokens per document (longer ones are cut); synthetic topics
+    """``csv``: column -> its allowed values, one-hot in this order, e.g. ``{sex: [F, M]}``;
+    null: none. Typed Any, so that both ``dataset.categorical={sex:[F,M]}`` and
+    ``+dataset.categorical.sex=[F,M]`` work on the command line (a typed dict takes only the
+    second)."""
     max_length: int = 32
+    """``text``, ``text_synthetic``: tokens per document (longer ones are cut)."""
     topic_strength: float = 0.3
+    """``text_synthetic``: share of a document's words drawn from its topic, in (0, 1]."""
     test_samples: int = 1000
-    # Per-site metadata stays on the site unless the user opts in: with true, each
-    # site's example count and label histogram go to the driver (log, clients.json).
+    """``text_synthetic``: documents in the server's test set."""
     share_label_counts: bool = False
-    # Public example count that maps to FedAvg weight 1.0; null: the largest site's
-    # count, computed by the hosts along a chain (the driver learns only that maximum).
+    """Per-site metadata stays on the site unless the user opts in: with true, each site's
+    example count and label histogram go to the driver (log, ``clients.json``)."""
     weight_ref: float | None = None
+    """Public example count that maps to FedAvg weight 1.0; null: the largest site's count,
+    computed by the hosts along a chain (the driver learns only that maximum)."""
 
     def __post_init__(self) -> None:
         _choice("dataset", self.name, DATASETS)
@@ -208,10 +238,14 @@ class LoraSettings:
     """LoRA adapters through peft (Hu et al., ICLR 2022); ``r: 0`` = full fine-tuning."""
 
     r: int = 8
+    """LoRA rank; 0: no adapters, every parameter is fine-tuned and exchanged."""
     alpha: float = 16.0
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.0
-    # null: peft's default for the architecture (query and value for BERT)
+    """Dropout on the LoRA layers' input, in [0, 1)."""
     target_modules: list[str] | None = None
+    """Modules that get adapters; null: peft's default for the architecture (query and value
+    for BERT)."""
 
     def __post_init__(self) -> None:
         _positive("model.lora.r", self.r, allow_zero=True)
@@ -225,17 +259,27 @@ class ModelConfig:
     """The model every client trains. ``_target_`` selects any torch ``nn.Module`` class."""
 
     name: str = "mlp"
+    """The model (the ``model`` group's option): ``mlp`` (one hidden layer), ``logreg``,
+    ``cnn`` (the 8x8 image CNN, ``dataset=digits`` only), ``custom`` (``model._target_``) or
+    ``hf`` (a local Hugging Face checkpoint, ``model.path``)."""
     hidden: int = 128
+    """``mlp``: width of the hidden layer."""
     _target_: str | None = None
+    """``custom``: the ``torch.nn.Module`` class to build, ``package.module.Class``; it gets
+    ``num_features``, ``num_classes`` and ``model.kwargs``."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # Names (or prefixes) of the parameters that are trained and exchanged; null = those
-    # with requires_grad (all, or adapters and head under LoRA).
+    """``custom``: extra keyword arguments for the model class (an open mapping:
+    ``+model.kwargs.width=64``)."""
     trainable: list[str] | None = None
-    # model=hf: a local AutoModelForSequenceClassification directory (config, weights,
-    # tokenizer); nothing is downloaded.
+    """Names (or prefixes) of the parameters that are trained and exchanged; null: those
+    with requires_grad (all, or adapters and head under LoRA)."""
     path: str | None = None
+    """``hf``: a local AutoModelForSequenceClassification directory (config, weights,
+    tokenizer); nothing is downloaded."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """``hf``: the LoRA adapters (see ``model.lora``)."""
     precision: str = "fp32"
+    """``hf``: ``fp32``, or ``bf16`` (autocast on the actor's device)."""
 
     def __post_init__(self) -> None:
         _choice("model", self.name, MODELS)
@@ -256,7 +300,11 @@ class TaskConfig:
     ``model``); ``kwargs`` go to its constructor."""
 
     _target_: str | None = None
+    """Your task class, ``package.module.Class`` (a subclass of ``fedray.tasks.Task``);
+    null: the built-in task for ``model`` (tabular classification, or text for ``hf``)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the task's constructor (an open mapping:
+    ``+task.kwargs.NAME=VALUE``)."""
 
 
 @dataclass
@@ -264,15 +312,32 @@ class StrategyConfig:
     """Server aggregation and optimizer; see :mod:`fedray.strategies` for the papers."""
 
     name: str = "fedavg"
+    """The server's aggregation (the ``strategy`` group's option). ``median``,
+    ``trimmed_mean`` and ``krum`` need each update in the clear: refused with
+    ``crypto=paillier``."""
     server_lr: float = 1.0
+    """Server learning rate: the step taken along the aggregated update."""
     server_momentum: float = 0.9
+    """``fedavgm``: server momentum beta (m <- beta m + delta), in [0, 1)."""
     beta1: float = 0.9
+    """``fedadam``, ``fedyogi``, ``fedadagrad``: first-moment decay, in [0, 1)."""
     beta2: float = 0.99
+    """``fedadam``, ``fedyogi``: second-moment decay, in [0, 1)."""
     tau: float = 1e-3
+    """``fedadam``, ``fedyogi``, ``fedadagrad``: adaptivity (the step's denominator is
+    sqrt(v) + tau)."""
     proximal_mu: float = 0.0
+    """FedProx: clients add (mu/2)||w - w_global||^2 to their loss (``strategy=fedprox``
+    uses 0.01 when this is 0)."""
     trim_fraction: float = 0.1
+    """``trimmed_mean``: share of the largest and of the smallest values dropped per
+    coordinate, in [0, 0.5)."""
     krum_byzantine: int = 1
+    """``krum``: f, the Byzantine clients tolerated (a round needs more than f + 2
+    updates)."""
     krum_select: int = 1
+    """``krum``: updates averaged, those with the lowest Krum scores (1: Krum, more:
+    Multi-Krum)."""
 
     def __post_init__(self) -> None:
         _choice("strategy", self.name, STRATEGIES)
@@ -294,19 +359,42 @@ class CryptoConfig:
     """Packed Paillier secure aggregation (``paillier``) or plaintext updates (``none``)."""
 
     name: str = "paillier"
+    """``paillier``: the server sees only ciphertexts and the opened sum; ``none``:
+    plaintext updates."""
     key_bits: int = 2048
+    """Paillier modulus size in bits, a multiple of 8; below 2048 is refused unless
+    ``crypto.allow_insecure_keys=true``."""
     allow_insecure_keys: bool = False
+    """Allow keys below 2048 bits (tests only: such moduli are factorable)."""
     quant_bits: int = 16
+    """BatchCrypt quantization width r: each clipped value becomes an r-bit signed integer
+    slot, in [2, 32]."""
     clip: float = 1.0
+    """Each weighted update value is clipped to +-clip before quantizing (counted as
+    ``values_clipped``)."""
     obfuscator: str = "fixed_base"
+    """Shared custody's CRT obfuscators: ``fixed_base`` (fast) or ``standard``."""
     host_sum: bool = True
+    """A host with many simulated clients encrypts their sum once (the server still sees
+    no single client); false: one update per client."""
     fast_decrypt: bool = True
+    """Threshold custody: hosts give each key holder a share of their obfuscator exponents,
+    so opening a sum is one fixed-base power per ciphertext, not t partial decryptions
+    (which remain the fallback)."""
     dealer_site: str | None = None
+    """A custom resource (e.g. ``site_a``): run the one-shot key dealer on the node that
+    offers it; null: where Ray puts it."""
     processes: int | None = None
-    # threshold: no process holds the private key after set-up; t of the key holders
-    # (one per client actor, at its site) decrypt a sum. shared: every host holds it.
+    """Processes per host for one update's encryption (and the server's for opening a
+    sum); null: as many as ``client.num_cpus`` (the server: its machine's CPUs) once an
+    update has 1,000 ciphertexts or more."""
     custody: str = "threshold"
-    threshold: int | None = None  # null: a majority of the key holders
+    """``threshold``: no process holds the private key after set-up; t of the key holders
+    (one per client actor, at its site) decrypt a sum. ``shared``: every host holds the
+    whole key (weaker: one client colluding with the server reads every update)."""
+    threshold: int | None = None
+    """t, the key holders needed to open a sum (more than half of them, at least 2);
+    null: a majority of the key holders."""
 
     def __post_init__(self) -> None:
         _choice("crypto", self.name, CRYPTO)
@@ -346,27 +434,42 @@ class PrivacyConfig:
     """Client-level differential privacy (DP-FedAvg) and its accountant."""
 
     name: str = "none"
+    """``dp``: differential privacy on (the ``privacy`` group's option); ``none``: off."""
     noise_multiplier: float = 1.0
+    """sigma: the Gaussian noise's standard deviation in units of the clip norm C."""
     clip_norm: float = 1.0
+    """C: the L2 norm each client's update (``mode=client``) or each example's gradient
+    (``mode=sample``) is clipped to."""
     delta: float = 1e-5
+    """The delta at which epsilon is reported, in (0, 1)."""
     noise: str = "auto"
+    """Where the noise is added: ``distributed`` (each client adds a share before
+    encrypting; needs ``crypto=paillier``), ``central`` (the server adds it; needs
+    ``crypto=none``) or ``auto`` (distributed with encryption, central without)."""
     target_epsilon: float | None = None
-    # Stop before any client's epsilon against the server (no sampling amplification)
-    # could pass this. Needs DP against the server: refused with central or seeded noise.
+    """Stop before the round that would take epsilon past this (sigma is not
+    recalibrated); null: no target."""
     target_epsilon_vs_server: float | None = None
-    # Seeded noise (numpy / torch generators from the job seed): runs replay exactly, and
-    # anyone who knows the seed, the server included, can subtract the noise. Research
-    # only; summary.json records it. Default: noise from the OS CSPRNG.
+    """Stop before any client's epsilon against the server (no sampling amplification)
+    could pass this; the key holders enforce it. Needs DP against the server: refused
+    with central or seeded noise."""
     reproducible_noise: bool = False
-    # Deprecated alias, kept for old configs: secure_rng=false means
-    # reproducible_noise=true, secure_rng=true the default. null: not given.
+    """Seeded noise (numpy / torch generators from the job seed): runs replay exactly, and
+    anyone who knows the seed, the server included, can subtract the noise. Research
+    only; summary.json records it. Default: noise from the OS CSPRNG."""
     secure_rng: bool | None = None
+    """Deprecated alias, kept for old configs: secure_rng=false means
+    reproducible_noise=true, secure_rng=true the default. null: not given."""
     mode: str = "client"
+    """``client``: client-level DP-FedAvg (protects a whole site); ``sample``: DP-SGD inside
+    each client with Opacus (protects each example)."""
     accountant: str = "rdp"
-    # Clients of a round that may collude with the server (each knows, and can subtract,
-    # its own noise share): distributed shares are sized so that the other
-    # min_clients_per_round - k clients' shares alone carry sigma C. 0 <= k < m_min.
+    """The ``dp-accounting`` accountant: ``rdp`` (Renyi DP) or ``pld`` (privacy loss
+    distributions)."""
     max_colluding_clients: int = 0
+    """k, the clients of a round that may collude with the server (each knows, and can
+    subtract, its own noise share): distributed shares are sized so that the other
+    min_clients_per_round - k clients' shares alone carry sigma C. 0 <= k < m_min."""
 
     @property
     def seeded_noise(self) -> bool:
@@ -407,7 +510,10 @@ class CompressionConfig:
     """Compression of plaintext updates (:mod:`fedray.compression`)."""
 
     name: str = "none"
+    """``int8`` (one byte per value plus a scale), ``topk`` (the largest values as
+    (index, value) pairs) or ``none``; plaintext updates only (``crypto=none``, no DP)."""
     topk_fraction: float = 0.01
+    """``topk``: the share of values (largest magnitude) that travel, in (0, 1]."""
 
     def __post_init__(self) -> None:
         _choice("compression", self.name, COMPRESSIONS)
@@ -420,14 +526,22 @@ class ClusterConfig:
     """How clients map onto Ray actors and nodes."""
 
     name: str = "local"
-    # auto: one actor per client when they fit on the CPUs, else a pool (simulation).
+    """``local``: an embedded Ray started by the launcher; ``remote``: join a running
+    cluster (sets ``ray.address=auto``)."""
     mode: str = "auto"
+    """``silo``: one actor per client; ``simulation``: a pool of actors, each hosting many
+    virtual clients; ``auto``: silo when the clients fit on the CPUs (or
+    ``cluster.sites`` is set), else simulation."""
     num_actors: int | None = None
-    # Per-client placement, e.g. {"0": {"site_a": 1}, "1": {"site_b": 1}} (silo mode).
+    """Simulation mode: the size of the actor pool; null: as many as fit (at most
+    ``num_clients``)."""
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Hosts check each global model against the opened sums before they train (see
-    # fedray/runtime/lineage.py): auto (on wherever the job is verifiable), true, false.
+    """Per-client placement by custom resource, e.g. ``{"0": {"site_a": 1}, "1":
+    {"site_b": 1}}`` (silo mode; ``+cluster.sites.0.site_a=1`` on the command line)."""
     verify_models: str = "auto"
+    """Hosts check each global model against the opened sums before they train (see
+    fedray/runtime/lineage.py): ``auto`` (on wherever the job is verifiable), ``true``
+    (refuse a job that is not), ``false``."""
 
     def __post_init__(self) -> None:
         _choice("cluster", self.name, CLUSTERS)
@@ -443,10 +557,15 @@ class RayConfig:
     """``address: null`` starts an embedded local Ray; ``auto`` or HOST:PORT joins one."""
 
     address: str | None = None
+    """null: start an embedded local Ray; ``auto`` or HOST:PORT: join a running cluster."""
     num_cpus: int | None = None
+    """Embedded Ray: the CPUs it offers; null: the machine's."""
     num_gpus: int | None = None
+    """Embedded Ray: the GPUs it offers; null: Ray detects them."""
     object_store_memory: int | None = None
+    """Embedded Ray: its object store's size in bytes; null: Ray's default."""
     include_dashboard: bool = False
+    """Embedded Ray: start Ray's dashboard."""
 
 
 @dataclass
@@ -454,8 +573,13 @@ class ClientResources:
     """Resources each client actor asks Ray for (fractions allowed)."""
 
     num_cpus: float = 1.0
+    """CPUs each client actor asks for (fractions allowed)."""
     num_gpus: float = 0.0
+    """GPUs each client actor asks for (e.g. 0.5: half a GPU); with one, it trains on
+    CUDA."""
     resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each client actor asks for, e.g. ``{site_a: 1}`` (an open
+    mapping)."""
 
     def __post_init__(self) -> None:
         _positive("client.num_cpus", self.num_cpus, allow_zero=True)
@@ -469,7 +593,11 @@ class CheckpointConfig:
     """``every: N`` writes a checkpoint every N rounds (0: only after the last round)."""
 
     every: int = 5
+    """Write a checkpoint every N rounds (and after the last); 0: only after the last."""
     path: str | None = None
+    """The checkpoints folder; null: ``checkpoints/`` in the run directory. With
+    ``resume=true`` it may name an old run's checkpoints folder, its ``latest`` or one
+    ``round_NNNNN`` folder."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every", self.every, allow_zero=True)
@@ -490,18 +618,31 @@ class FederationConfig:
     coordinator's, in the launcher). See docs/federation.md."""
 
     name: str = "none"
+    """``none``: one Ray cluster; ``cross_org``: separate Ray clusters per organisation,
+    joined by the federation channel (docs/federation.md)."""
     party: str | None = None
+    """This party's id in the manifest (null in the launcher: the coordinator's)."""
     certs: str | None = None
+    """The folder of ``python -m fedray.tools.certs`` (``ca.pem``, ``federation.json``,
+    ``<party>/``)."""
     keys: str | None = None
-    listen: str = "127.0.0.1:7443"  # the coordinator's federation endpoint
-    connect: str | None = None  # a site: the coordinator's HOST:PORT it dials
-    policy: str | None = None  # a site: its policy file (docs/site-policy.md)
-    connect_timeout_s: float = 300.0  # how long each side waits for the other
-    # Sites assumed to collude with the coordinator: a site signs and opens only sums of
-    # at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones.
+    """The folder of ``python -m fedray.tools.keys deal`` (``federation_key.json`` and, at
+    a site, ``<site>.share``)."""
+    listen: str = "127.0.0.1:7443"
+    """The coordinator's federation endpoint, HOST:PORT (mutual-TLS gRPC)."""
+    connect: str | None = None
+    """A site: the coordinator's HOST:PORT it dials."""
+    policy: str | None = None
+    """A site: its policy file (docs/site-policy.md)."""
+    connect_timeout_s: float = 300.0
+    """How long each side waits for the other, in seconds."""
     max_colluding_sites: int = 0
-    task_id: str = "fedray"  # what the coordinator names; a site's policy checks it
+    """Sites assumed to collude with the coordinator: a site signs and opens only sums of
+    at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones."""
+    task_id: str = "fedray"
+    """The task id the coordinator names; a site's policy checks it."""
     task_version: str = "1"
+    """The task version the coordinator names; a site's policy checks it."""
 
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
@@ -518,33 +659,68 @@ class FedrayConfig:
     """The whole job. Field names are the public override contract (see DESIGN.md)."""
 
     dataset: DatasetConfig = MISSING
+    """Where the clients' data comes from (a config group: ``dataset=NAME``)."""
     model: ModelConfig = MISSING
+    """The model every client trains (a config group: ``model=NAME``)."""
     strategy: StrategyConfig = MISSING
+    """The server's aggregation and optimizer (a config group: ``strategy=NAME``)."""
     crypto: CryptoConfig = MISSING
+    """Secure aggregation (a config group: ``crypto=paillier|none``)."""
     privacy: PrivacyConfig = MISSING
+    """Differential privacy (a config group: ``privacy=dp|none``)."""
     cluster: ClusterConfig = MISSING
+    """Placement of clients on Ray (a config group: ``cluster=local|remote``)."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Compression of plaintext updates (a config group: ``compression=NAME``)."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """Which Ray to run on, and the embedded one's size."""
     client: ClientResources = field(default_factory=ClientResources)
+    """What each client actor asks Ray for."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """How often and where checkpoints are written."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """The task (data loading, model, training step) clients run."""
     federation: FederationConfig = field(default_factory=FederationConfig)
+    """Across organisations (a config group: ``federation=none|cross_org``)."""
 
     num_clients: int = 10
-    clients_per_round: int | None = None  # null: every client, each round (num_clients)
+    """Clients in the federation (ids 0 .. num_clients - 1)."""
+    clients_per_round: int | None = None
+    """Clients sampled each round (the expected number under client-level DP's Poisson
+    sampling); null: every client, each round (num_clients)."""
     min_clients_per_round: int | None = None
+    """Fewest finished clients a round accepts, else it is retried; null: half the cohort,
+    at least 1 (at least 2 with encryption)."""
     rounds: int = 20
+    """Rounds to run (a resume may raise it to extend a finished run)."""
     local_epochs: int = 1
+    """Epochs each sampled client trains on its data per round."""
     batch_size: int = 32
+    """Local training batch size."""
     lr: float = 0.1
+    """Local (client) learning rate."""
     momentum: float = 0.0
+    """Local SGD momentum of the tabular task, in [0, 1)."""
     seed: int = 0
+    """Fixes the partition, the initial model, the cohorts and every client's batches (not
+    the DP noise, which comes from the OS unless ``privacy.reproducible_noise``)."""
     target_accuracy: float | None = None
+    """Stop once the central test accuracy reaches this, in (0, 1]; null: run every
+    round."""
     round_timeout_s: float | None = None
+    """Per-round deadline in seconds; late updates are dropped and counted
+    (``clients_late``); null: wait for every client."""
     max_round_retries: int = 3
+    """Retries of a round that got fewer than ``min_clients_per_round`` updates before the
+    run stops."""
     federated_eval: bool = True
+    """Clients evaluate the global model on their validation split (``fed_val_loss``,
+    ``fed_val_accuracy``; not sent under DP)."""
     resume: bool = False
+    """Continue a run from its checkpoint (``hydra.run.dir=OLD resume=true``, or
+    ``checkpoint.path``), with the run's own saved config."""
     progress: bool = True
+    """Print the set-up line and one progress line per round."""
 
     def __post_init__(self) -> None:
         if self.clients_per_round is None:
