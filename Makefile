@@ -17,7 +17,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # file's Ray jobs already keep both cores busy. More cores: TEST_WORKERS=N runs N at once.
 TEST_WORKERS ?= 0
 
-.PHONY: run test lint bench mutants clean
+.PHONY: run test lint bench mutants clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,17 @@ lint: $(STAMP)
 # It edits the working tree while it runs: commit first, and run nothing else meanwhile.
 mutants: $(STAMP)
 	$(VENV)/bin/mutmut run; $(VENV)/bin/mutmut results; $(PY) tests/mutants/run_hand_mutants.py
+
+# The documentation site (mkdocs.yml, docs/). `make docs` builds it into site/ in strict
+# mode: a broken link or anchor, or a configuration key without a docstring, fails it
+# (tests/test_docs.py runs the same build). `make docs-serve` serves it on
+# http://127.0.0.1:8000 and rebuilds on every change. NO_MKDOCS_2_WARNING: Material's
+# banner about its successor, printed on every build otherwise.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf $(VENV) outputs multirun mutants
