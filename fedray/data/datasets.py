@@ -71,6 +71,18 @@ def _bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, bunch.target.astype(np.int64)
 
 
+def bundled_feature_names(name: str) -> list[str]:
+    """A bundled dataset's column names (scikit-learn's), in the model's input order."""
+    from sklearn import datasets
+
+    loader = {
+        "breast_cancer": datasets.load_breast_cancer,
+        "digits": datasets.load_digits,
+        "wine": datasets.load_wine,
+    }[name]
+    return [str(n) for n in loader().feature_names]
+
+
 SPLIT_CACHE_FORMAT = 1  # bump when _bundled or the split changes what it returns
 
 

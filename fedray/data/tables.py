@@ -117,7 +117,9 @@ def _listed(names: Sequence[str], limit: int = 40) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_columns(path: str, columns: Sequence[str], spec: TableSpec) -> list[str]:
+def check_columns(
+    path: str, columns: Sequence[str], spec: TableSpec, *, labelled: bool = True
+) -> list[str]:
     """Check a file's columns against the spec by name; return its feature names.
 
     Missing label or feature columns, a repeated column name, and (under
@@ -130,7 +132,7 @@ def check_columns(path: str, columns: Sequence[str], spec: TableSpec) -> list[st
         if c in seen:
             raise DataError(f"{path}: column {c!r} appears twice in the header; columns are: {has}")
         seen.add(c)
-    if spec.label not in seen:
+    if labelled and spec.label not in seen:
         raise DataError(
             f"{path}: no label column {spec.label!r} (dataset.label); columns are: {has}"
         )
@@ -179,15 +181,17 @@ def resolve_features(spec: TableSpec, path: str, columns: Sequence[str]) -> list
 # ----------------------------------------------------------------------------- values
 
 
-def read_table(path: str, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
+def read_table(path: str, spec: TableSpec, *, labelled: bool = True) -> tuple[np.ndarray, Any]:
     """Read a site's table: ``(x float32 [rows, width], y int64 [rows])``.
 
     Features in ``spec.features`` order whatever the file's column order; extra columns
     are never converted. Errors name the file, row, column, value and the fixing option.
+    ``labelled=False``: the file need not have the label column, and ``y`` is None (new
+    rows to predict, :mod:`fedray.predict`).
     """
     columns = table_columns(path)
-    features = check_columns(path, columns, spec)
-    wanted = [*features, spec.label]
+    features = check_columns(path, columns, spec, labelled=labelled)
+    wanted = [*features, spec.label] if labelled else list(features)
     categorical = {f: spec.categorical[f] for f in features if f in spec.categorical}
     table = (
         _read_parquet(path, columns, wanted)
@@ -238,7 +242,9 @@ def read_table(path: str, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
         if bad.any():
             i = _original_index(keep, int(np.argmax(bad)))
             raise DataError(f"{path}: {_row(path, i)}, column {name!r}: {v[bad][0]} is not finite")
-    y = values.pop(spec.label)
+    y = values.pop(spec.label) if labelled else None
+    if y is None:
+        return _matrix(features, categorical, values, codes, rows, spec), None
     whole = (y == np.floor(y)) & (y >= 0)
     if not whole.all():
         i = int(np.argmin(whole))
@@ -246,6 +252,11 @@ def read_table(path: str, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: {_row(path, _original_index(keep, i))}: label {_cell(y[i])} must be an "
             "integer class id >= 0"
         )
+    return _matrix(features, categorical, values, codes, rows, spec), y.astype(np.int64)
+
+
+def _matrix(features, categorical, values, codes, rows: int, spec: TableSpec) -> np.ndarray:
+    """The float32 feature matrix: numeric columns as they are, categories one-hot."""
     x = np.empty((rows, spec.width(features)), dtype=np.float32)
     j = 0
     for name in features:
@@ -256,7 +267,7 @@ def read_table(path: str, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
         else:
             x[:, j] = values[name]
             j += 1
-    return x, y.astype(np.int64)
+    return x
 
 
 def _read_csv(path, columns, wanted, categorical, label):

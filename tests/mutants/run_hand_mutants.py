@@ -1619,6 +1619,24 @@ MUTANTS = [
         "a host steps on an attested sum whose weight colluding clients wrapped to 0",
         "weight_zero",
     ),
+    Mutant(
+        "predict-no-scaling",
+        "fedray/predict.py",
+        '        if scaling["mode"] == "per_table":',
+        '        if scaling["mode"] == "never":',
+        ("tests/test_export.py",),
+        "an exported model predicts on unscaled features (trained on z-scored ones)",
+        "default_model",
+    ),
+    Mutant(
+        "predict-file-order",
+        "fedray/predict.py",
+        '            features=tuple(self.spec["features"]),',
+        "            features=None,",
+        ("tests/test_export.py",),
+        "a table to predict is read in its own column order, not by the model's names",
+        "csv_model",
+    ),
 ]
 
 

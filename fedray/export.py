@@ -1,0 +1,189 @@
+"""``python -m fedray.export RUN_DIR OUT``: a finished run's model, ready to predict.
+
+A checkpoint is one flat float32 vector of the exchanged weights; this turns it into what
+a user loads without fedray's training stack or Ray:
+
+* ``OUT/model.safetensors``: the model's ``state_dict`` (safetensors, no pickle);
+* ``OUT/fedray_model.json``: how to rebuild the module (``model.name``, its sizes) and
+  how to prepare a table for it: the feature names in the model's input order, the
+  declared categories (one-hot, in this order), the label column, the class ids, and the
+  scaling the run trained with (see :data:`SCALING`).
+
+:mod:`fedray.predict` reads both (``python -m fedray.predict OUT data.csv``).
+
+Built-in task and models only (``model=mlp|logreg|cnn`` on the bundled, synthetic or
+csv/parquet data). ``model=hf`` and a user's own ``task._target_`` are refused with one
+line: their models are the task's own (a LoRA run's adapters are not exported yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedray.errors import ConfigError, DataError, FedrayError
+
+FORMAT = 1
+MODEL_FILE = "model.safetensors"
+SPEC_FILE = "fedray_model.json"
+# How a run scaled its features (``scaling.mode`` in the spec file):
+#   none       the values as the table holds them (dataset.standardize=false, synthetic)
+#   per_table  each table z-scored with its own mean and deviation: every site's clients
+#              and the server's test set were, in training (dataset.standardize=true, the
+#              default); so a table to predict is scaled with its own statistics too and
+#              needs at least 2 rows
+#   divide     a fixed divisor (digits: pixel intensities 0..16 divided by 16)
+SCALING = ("none", "per_table", "divide")
+
+
+def _saved_config(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    from fedray.config import register_configs, to_config
+
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir}: no .hydra/config.yaml (export needs a run directory written by "
+            "`python -m fedray.launch`, e.g. outputs/DATE/TIME)"
+        )
+    register_configs()
+    return to_config(OmegaConf.load(path))
+
+
+def _features(cfg: Any, summary: dict[str, Any]) -> list[str]:
+    """The model's input columns by name, in order (one-hot columns as ``col=value``)."""
+    from fedray.data.datasets import BUNDLED, bundled_feature_names
+
+    ds = cfg.dataset
+    if ds.name in BUNDLED:
+        return bundled_feature_names(ds.name)
+    if ds.name == "synthetic":
+        return [f"x{i}" for i in range(ds.num_features)]
+    features = summary.get("features") or ds.features
+    if not features:
+        raise DataError(
+            "the run recorded no feature names (summary.json 'features': runs of fedray "
+            "before export existed); rerun with dataset.features=[...] set"
+        )
+    return list(features)
+
+
+def _scaling(cfg: Any) -> dict[str, Any]:
+    ds = cfg.dataset
+    if ds.name == "digits":
+        return {"mode": "divide", "divisor": 16.0}
+    if ds.name == "synthetic" or not ds.standardize:
+        return {"mode": "none"}
+    return {"mode": "per_table", "min_std": 1e-8}
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write ``OUT/model.safetensors`` and ``OUT/fedray_model.json`` from ``run_dir``'s
+    latest checkpoint; return the spec written."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from fedray.data.datasets import DatasetInfo
+    from fedray.models import ParamView, build_model
+    from fedray.runtime.outputs import load_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = _saved_config(run_dir)
+    if cfg.task._target_ or cfg.model.name not in ("mlp", "logreg", "cnn"):
+        raise ConfigError(
+            f"export supports the built-in task's models (model=mlp|logreg|cnn); this run "
+            f"has model={cfg.model.name}"
+            + (f", task._target_={cfg.task._target_}" if cfg.task._target_ else "")
+            + " (model=hf: its adapters are not exported yet)"
+        )
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    checkpoints = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "checkpoints"
+    try:
+        state = load_checkpoint(checkpoints)
+    except FileNotFoundError:
+        raise DataError(
+            f"{run_dir}: no checkpoint in {checkpoints} (the run wrote none, or it is not a "
+            "finished run's directory)"
+        ) from None
+    from fedray.data.tables import TableSpec
+
+    names = _features(cfg, summary)
+    spec = TableSpec(
+        label="", categorical={k: tuple(v) for k, v in (cfg.dataset.categorical or {}).items()}
+    )
+    width = spec.width(names)
+    num_classes = summary.get("num_classes")
+    if num_classes is None:
+        from fedray.data.datasets import dataset_info
+
+        num_classes = dataset_info(cfg.dataset).num_classes
+    info = DatasetInfo(width, int(num_classes))
+    model = build_model(cfg.model, info, cfg.seed)
+    params = ParamView(model, cfg.model.trainable)
+    weights = np.asarray(state["weights"], dtype=np.float32)
+    if weights.shape != (params.size,):
+        raise DataError(
+            f"{run_dir}: the checkpoint holds {weights.size} values, model={cfg.model.name} "
+            f"for {width} features and {num_classes} classes has {params.size}"
+        )
+    params.set(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / MODEL_FILE), metadata={"format": "fedray-model-1"})
+    written = {
+        "format": FORMAT,
+        "model": {
+            "name": cfg.model.name,
+            "hidden": cfg.model.hidden if cfg.model.name == "mlp" else None,
+            "num_features": width,
+            "num_classes": int(num_classes),
+        },
+        "features": names,
+        "categorical": {k: list(v) for k, v in spec.categorical.items()},
+        "label": cfg.dataset.label if cfg.dataset.name == "csv" else "target",
+        "classes": list(range(int(num_classes))),
+        "scaling": _scaling(cfg),
+        "source": {
+            "run_dir": str(run_dir.resolve()),
+            "round": int(state["round"]),
+            "dataset": cfg.dataset.name,
+            "final_accuracy": summary.get("final_accuracy"),
+            "privacy": cfg.privacy.name,
+            "epsilon": summary.get("epsilon"),
+            "delta": summary.get("delta"),
+        },
+    }
+    (out / SPEC_FILE).write_text(json.dumps(written, indent=2) + "\n")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m fedray.export",
+        description="Write a finished run's model (safetensors) and its preprocessing "
+        "(fedray_model.json) into OUT, for python -m fedray.predict.",
+    )
+    ap.add_argument("run_dir", help="the run directory (outputs/DATE/TIME)")
+    ap.add_argument("out", help="the folder to write (created if missing)")
+    args = ap.parse_args(argv)
+    try:
+        spec = export_run(args.run_dir, args.out)
+    except FedrayError as exc:
+        print(f"fedray: error: {exc}", file=sys.stderr)
+        return 2
+    src = spec["source"]
+    print(
+        f"exported round {src['round']} of {args.run_dir} (model={spec['model']['name']}, "
+        f"{spec['model']['num_features']} features, {spec['model']['num_classes']} classes, "
+        f"scaling {spec['scaling']['mode']}) to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
