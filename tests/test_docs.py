@@ -145,6 +145,8 @@ def test_the_cli_reference_holds_each_tools_own_help(site):
         "usage: python -m fedray.tools.certs",
         "usage: python -m fedray.tools.keys deal",
         "usage: python -m fedray.tools.tiny_model",
+        "usage: python -m fedray.export",
+        "usage: python -m fedray.predict",
     ):
         assert usage in page
     for flag in (
