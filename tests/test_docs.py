@@ -194,6 +194,8 @@ def _documented(section: str) -> dict[str, str]:
     text = (DOCS / "reference" / "outputs.md").read_text()
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `([^`]+)` \| (.*) \|$", body, flags=re.M)
+    names = [name for name, _ in rows]
+    assert len(set(names)) == len(names), f"{section}: a field documented twice: {names}"
     return dict(rows)
 
 
