@@ -50,6 +50,7 @@ class Key:
     doc: str  # the attribute docstring ("" when there is none)
     choices: tuple[str, ...] | None  # the values __post_init__ allows, if it checks a tuple
     nested: type | None  # the dataclass this key holds (a section of its own)
+    open: bool = False  # a mapping that takes keys of the user's own (+KEY.NAME=VALUE)
 
 
 def attribute_docs(source: str) -> dict[str, dict[str, str]]:
@@ -120,10 +121,10 @@ def walk(cls: type, source: str, module: Any) -> list[Key]:
     """Every key of ``cls`` (a dataclass of ``module``, whose source is ``source``) and of
     the dataclasses it nests, depth first."""
     facts = (attribute_docs(source), annotations(source), checked_choices(source, module))
-    return _walk(cls, facts, "")
+    return _walk(cls, facts, "", getattr(module, "_is_open", lambda hint: False))
 
 
-def _walk(cls: type, facts: tuple[dict, dict, dict], prefix: str) -> list[Key]:
+def _walk(cls: type, facts: tuple[dict, dict, dict], prefix: str, is_open) -> list[Key]:
     docs, types, choices = facts
     hints = typing.get_type_hints(cls)
     keys: list[Key] = []
@@ -146,10 +147,11 @@ def _walk(cls: type, facts: tuple[dict, dict, dict], prefix: str) -> list[Key]:
                 doc=docs.get(cls.__name__, {}).get(f.name, ""),
                 choices=choices.get(cls.__name__, {}).get(f.name),
                 nested=nested,
+                open=nested is None and is_open(hint),
             )
         )
         if nested is not None:
-            keys.extend(_walk(nested, facts, path + "."))
+            keys.extend(_walk(nested, facts, path + ".", is_open))
     return keys
 
 
@@ -338,9 +340,10 @@ def render() -> tuple[str, list[str]]:
         "**default** is what the default job (`conf/config.yaml`, no override) composes "
         "to; where a config file changes the dataclass's own default, that one is shown "
         "as *schema*. A group option (e.g. `model=hf`) may set other values: see "
-        "[Config groups](#config-groups). *Open mappings* (`model.kwargs`, `task.kwargs`, "
-        "`cluster.sites`, `client.resources`) take keys of your own with `+`, e.g. "
-        "`+cluster.sites.0.site_a=1`.",
+        "[Config groups](#config-groups). *Open mappings* ("
+        + ", ".join(f"`{k.path}`" for k in keys if k.open)
+        + ") take keys of your own with `+`, e.g. `+cluster.sites.0.site_a=1`; the "
+        "launcher refuses any other key that is not in the schema.",
         "",
         "## Top-level keys",
         "",
