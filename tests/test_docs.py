@@ -140,7 +140,17 @@ def test_every_configuration_key_and_option_is_in_the_reference(site):
 
 
 def test_the_cli_reference_holds_each_tools_own_help(site):
-    page = _text(_page(site, "reference/cli.md"))
+    built = _page(site, "reference/cli.md")
+    page = _text(built)
+    commands = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "fedray").rglob("*.py")
+        if 'if __name__ == "__main__":' in path.read_text()
+    )
+    assert "fedray.launch" in commands and "fedray.tools.certs" in commands
+    sections = re.findall(r'<h2 id="[^"]*"><code>python -m ([\w.]+)</code>', built)
+    missing = [c for c in commands if c not in sections]
+    assert not missing, f"commands without a section in the CLI reference: {missing}"
     for usage in (
         "usage: python -m fedray.tools.certs",
         "usage: python -m fedray.tools.keys deal",
