@@ -11,9 +11,9 @@ a user loads without fedray's training stack or Ray:
 
 :mod:`fedray.predict` reads both (``python -m fedray.predict OUT data.csv``).
 
-Built-in task and models only (``model=mlp|logreg|cnn`` on the bundled, synthetic or
-csv/parquet data). ``model=hf`` and a user's own ``task._target_`` are refused with one
-line: their models are the task's own (a LoRA run's adapters are not exported yet).
+``model=hf`` (a local Hugging Face checkpoint, LoRA or full fine-tuning): a folder that
+``transformers``/``peft`` load directly, see :func:`_export_hf`. A user's own
+``task._target_`` is refused with one line: its model is the task's own.
 """
 
 from __future__ import annotations
@@ -81,9 +81,10 @@ def _scaling(cfg: Any) -> dict[str, Any]:
     return {"mode": "per_table", "min_std": 1e-8}
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dict[str, Any]:
     """Write ``OUT/model.safetensors`` and ``OUT/fedray_model.json`` from ``run_dir``'s
-    latest checkpoint; return the spec written."""
+    latest checkpoint; return the spec written. ``model=hf``: a Hugging Face folder
+    instead (see :func:`_export_hf`)."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -93,12 +94,15 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = _saved_config(run_dir)
-    if cfg.task._target_ or cfg.model.name not in ("mlp", "logreg", "cnn"):
+    if cfg.task._target_ or cfg.model.name not in ("mlp", "logreg", "cnn", "hf"):
         raise ConfigError(
-            f"export supports the built-in task's models (model=mlp|logreg|cnn); this run "
+            f"export supports the built-in tasks' models (model=mlp|logreg|cnn|hf); this run "
             f"has model={cfg.model.name}"
-            + (f", task._target_={cfg.task._target_}" if cfg.task._target_ else "")
-            + " (model=hf: its adapters are not exported yet)"
+            + (
+                f", task._target_={cfg.task._target_} (a task of your own saves its own model)"
+                if cfg.task._target_
+                else ""
+            )
         )
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -110,6 +114,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
             f"{run_dir}: no checkpoint in {checkpoints} (the run wrote none, or it is not a "
             "finished run's directory)"
         ) from None
+    if cfg.model.name == "hf":
+        return _export_hf(cfg, run_dir, state, summary, out, merge)
     from fedray.data.tables import TableSpec
 
     names = _features(cfg, summary)
@@ -148,15 +154,73 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         "label": cfg.dataset.label if cfg.dataset.name == "csv" else "target",
         "classes": list(range(int(num_classes))),
         "scaling": _scaling(cfg),
-        "source": {
-            "run_dir": str(run_dir.resolve()),
-            "round": int(state["round"]),
-            "dataset": cfg.dataset.name,
-            "final_accuracy": summary.get("final_accuracy"),
-            "privacy": cfg.privacy.name,
-            "epsilon": summary.get("epsilon"),
-            "delta": summary.get("delta"),
+        "source": _source(cfg, run_dir, state, summary),
+    }
+    (out / SPEC_FILE).write_text(json.dumps(written, indent=2) + "\n")
+    return written
+
+
+def _source(cfg: Any, run_dir: Path, state: dict[str, Any], summary: dict[str, Any]) -> dict:
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "round": int(state["round"]),
+        "dataset": cfg.dataset.name,
+        "final_accuracy": summary.get("final_accuracy"),
+        "privacy": cfg.privacy.name,
+        "epsilon": summary.get("epsilon"),
+        "delta": summary.get("delta"),
+    }
+
+
+def _export_hf(cfg, run_dir: Path, state, summary, out: Path, merge: bool) -> dict[str, Any]:
+    """``model=hf``: the task's own model with the run's trained values, saved the way
+    ``transformers``/``peft`` load it.
+
+    With LoRA (``model.lora.r > 0``) ``OUT`` is a peft adapter folder
+    (``adapter_config.json``, ``adapter_model.safetensors``: the adapters and the trained
+    classification head), loaded with ``PeftModel.from_pretrained(base, OUT)`` on the base
+    checkpoint at ``model.path``; with ``merge=True`` also ``OUT/merged``, the adapters
+    merged into the base weights, a full ``AutoModelForSequenceClassification`` folder with
+    its tokenizer. Full fine-tuning (``r=0``): ``OUT`` is that full folder.
+    """
+    import numpy as np
+
+    from fedray.models import ParamView
+    from fedray.tasks.base import build_task, build_task_model
+
+    task = build_task(cfg)
+    model = build_task_model(task, cfg.seed)  # the same initial values as every party's
+    params = ParamView(model, cfg.model.trainable)
+    weights = np.asarray(state["weights"], dtype=np.float32)
+    if weights.shape != (params.size,):
+        raise DataError(
+            f"{run_dir}: the checkpoint holds {weights.size} values; the model at "
+            f"model.path={cfg.model.path} with model.lora.r={cfg.model.lora.r} trains "
+            f"{params.size} (the checkpoint at model.path changed since the run?)"
+        )
+    params.set(weights)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    lora = cfg.model.lora.r > 0
+    if lora:
+        model.save_pretrained(str(out))
+    if merge or not lora:
+        full = out / "merged" if lora else out
+        merged = model.merge_and_unload() if lora else model
+        merged.save_pretrained(str(full))
+        task.tokenizer.save_pretrained(str(full))
+    written = {
+        "format": FORMAT,
+        "model": {
+            "name": "hf",
+            "base": str(Path(cfg.model.path).resolve()),
+            "lora_r": cfg.model.lora.r,
+            "adapter": "." if lora else None,
+            "merged": ("merged" if lora else ".") if (merge or not lora) else None,
+            "num_classes": task.num_labels,
+            "max_length": cfg.dataset.max_length,
         },
+        "source": _source(cfg, run_dir, state, summary),
     }
     (out / SPEC_FILE).write_text(json.dumps(written, indent=2) + "\n")
     return written
@@ -170,17 +234,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("run_dir", help="the run directory (outputs/DATE/TIME)")
     ap.add_argument("out", help="the folder to write (created if missing)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="model=hf with LoRA: also write OUT/merged, the adapters merged into the base "
+        "weights (a full Hugging Face folder with its tokenizer)",
+    )
     args = ap.parse_args(argv)
     try:
-        spec = export_run(args.run_dir, args.out)
+        spec = export_run(args.run_dir, args.out, merge=args.merge)
     except FedrayError as exc:
         print(f"fedray: error: {exc}", file=sys.stderr)
         return 2
-    src = spec["source"]
+    src, m = spec["source"], spec["model"]
+    if m["name"] == "hf":
+        what = (
+            f"LoRA r={m['lora_r']} adapters on {m['base']}" if m["lora_r"] else "full model"
+        ) + (", merged copy in merged/" if m["lora_r"] and m["merged"] else "")
+    else:
+        what = (
+            f"{m['num_features']} features, {m['num_classes']} classes, "
+            f"scaling {spec['scaling']['mode']}"
+        )
     print(
-        f"exported round {src['round']} of {args.run_dir} (model={spec['model']['name']}, "
-        f"{spec['model']['num_features']} features, {spec['model']['num_classes']} classes, "
-        f"scaling {spec['scaling']['mode']}) to {args.out}"
+        f"exported round {src['round']} of {args.run_dir} (model={m['name']}, {what}) to {args.out}"
     )
     return 0
 

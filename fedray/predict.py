@@ -128,6 +128,11 @@ def load_model(directory: str | Path) -> ExportedModel:
     from fedray.config import ModelConfig
 
     m = spec["model"]
+    if m["name"] == "hf":
+        raise DataError(
+            f"{directory}: a Hugging Face export (model=hf): load it with transformers/peft "
+            "(docs/how-to/export-and-predict.md), not fedray.predict"
+        )
     cfg = ModelConfig(name=m["name"], **({"hidden": m["hidden"]} if m.get("hidden") else {}))
     module = build_model(cfg, DatasetInfo(m["num_features"], m["num_classes"]), seed=0)
     module.load_state_dict(load_file(str(weights_path)), strict=True)
