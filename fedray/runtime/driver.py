@@ -50,14 +50,41 @@ def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
     )
     train_loss = m["train_loss"]  # NaN under DP: withheld (the driver said so once)
     train = "withheld" if math.isnan(train_loss) else f"{train_loss:.4f}"
+    failed = f"{m['clients_failed']} failed" if m["clients_failed"] else ""
+    if _poisson_cohorts(cfg):  # the cohort's size varies around clients_per_round
+        expected = "; ".join(x for x in (f"{cfg.clients_per_round} expected", failed) if x)
+        clients = f"clients {m['clients_ok']} ({expected})"
+    else:
+        clients = f"clients {m['clients_ok']}/{cfg.clients_per_round}"
+        clients += f" ({failed})" if failed else ""
     print(
         f"[fedray] round {m['round']:>3}/{cfg.rounds} | train_loss {train} | "
-        f"test_loss {m['test_loss']:.4f} | test_acc {m['test_accuracy']:.4f} | "
-        f"clients {m['clients_ok']}/{cfg.clients_per_round}"
-        + (f" ({m['clients_failed']} failed)" if m["clients_failed"] else "")
-        + f"{eps}{crypto} | {m['seconds']:.2f}s",
+        f"{_accuracy_shown(cfg, m)} | {clients}{eps}{crypto} | {m['seconds']:.2f}s",
         flush=True,
     )
+
+
+def _poisson_cohorts(cfg: FedrayConfig) -> bool:
+    """Client-level DP samples each client with probability clients_per_round/num_clients
+    (see ClientLevelDP.sample_cohort), so a round has about, not exactly, that many."""
+    return cfg.privacy.name == "dp" and cfg.privacy.mode == "client"
+
+
+def _no_number(value: Any) -> bool:
+    return value is None or math.isnan(value)
+
+
+def _accuracy_shown(cfg: FedrayConfig, m: dict[str, Any]) -> str:
+    """The server's test figures; without a server test set (NaN: a csv job with no
+    dataset.test_path), the clients' validation accuracy of the model they received at
+    the start of the round (fed_val_accuracy), or why there is none."""
+    if not _no_number(m["test_accuracy"]):
+        return f"test_loss {m['test_loss']:.4f} | test_acc {m['test_accuracy']:.4f}"
+    val = m.get("fed_val_accuracy")
+    if not _no_number(val):
+        return f"val_acc {val:.4f} (clients' validation, start of round; no server test set)"
+    why = "withheld under DP" if not metrics_released(cfg) else "none"
+    return f"no server test set; clients' validation {why}"
 
 
 def _wait_ready(hosts: list[Any], timeout: float) -> None:
@@ -916,10 +943,18 @@ def _write_summary(job: _Job, summary: dict[str, Any]) -> dict[str, Any]:
     summary["total_seconds"] = time.perf_counter() - job.t_start
     write_json(job.output_dir / "summary.json", summary)
     if job.cfg.progress:
-        acc = summary["final_accuracy"]
+        acc, val = summary["final_accuracy"], summary.get("final_fed_val_accuracy")
+        if not _no_number(acc) or summary["rounds_completed"] == 0:
+            shown = f"final test accuracy {acc if acc is None else round(acc, 4)}"
+        elif not _no_number(val):  # no server test set (dataset.test_path)
+            shown = (
+                f"no server test set; clients' validation accuracy {round(val, 4)} "
+                f"(of the model they received in round {summary['rounds_completed']})"
+            )
+        else:
+            shown = "no server test set (dataset.test_path) and no clients' validation"
         print(
-            f"[fedray] done: {summary['rounds_completed']} rounds, final test accuracy "
-            f"{acc if acc is None else round(acc, 4)}, "
+            f"[fedray] done: {summary['rounds_completed']} rounds, {shown}, "
             f"{summary['total_seconds']:.1f}s; outputs in {job.output_dir}",
             file=sys.stdout,
             flush=True,
