@@ -242,6 +242,9 @@ def main(raw: DictConfig) -> float | None:
             raw = _resume_config(raw, run_dir, list(hc.overrides.task), own_record)
             checkpoint_path = raw.checkpoint.path
         cfg = to_config(raw)  # checked before Ray starts
+        from fedray.runtime.cluster import check_address
+
+        check_address(cfg)  # a silent ray.address: one line in seconds, before torch loads
         from fedray.runtime.driver import run_experiment
 
         summary = run_experiment(cfg, run_dir)

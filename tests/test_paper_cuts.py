@@ -7,12 +7,20 @@ loopback_node_ip() (which Ray keeps as given, unlike 127.0.0.1), and nothing dia
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from fedray.errors import ClusterError
 from fedray.runtime import driver
-from tests.conftest import compose
+from fedray.runtime.cluster import PROBE_TIMEOUT_S, _check_reachable, loopback_node_ip
+from tests.conftest import compose, free_port, run_cli
 
 NAN = float("nan")
 
@@ -102,3 +110,130 @@ def test_fixed_cohorts_keep_ok_over_asked(capsys):
     # Sample-level DP (DP-SGD inside each site) draws a fixed-size cohort of sites.
     sample = [*POISSON[:1], "privacy.mode=sample", *fixed]
     assert "| clients 5/5 |" in _progress_line(sample, capsys)
+
+
+# -- 3. a ray.address that accepts and never answers -----------------------------------
+
+
+@contextlib.contextmanager
+def _listener(answer: bytes | None, close: bool = False):
+    """A TCP server on loopback that accepts, then sends ``answer`` (None: nothing) and
+    closes at once when ``close``, else holds the connection open without a word."""
+    server = socket.socket()
+    server.bind((loopback_node_ip(), 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            if answer:
+                conn.sendall(answer)
+            if close:
+                conn.close()
+            else:
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"{loopback_node_ip()}:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def _refusal(address: str, timeout: float = 1.0) -> tuple[str, float]:
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        _check_reachable(address, timeout)
+    return str(err.value), time.monotonic() - t0
+
+
+def test_silent_address_is_refused_within_the_timeout():
+    with _listener(None) as address:
+        message, seconds = _refusal(address)
+    assert message.startswith(f"cannot reach the Ray cluster at ray.address='{address}': ")
+    assert "accepted the connection but did not answer within 1 s" in message
+    assert seconds < 2.5
+
+
+def test_closing_or_foreign_addresses_are_refused_at_once():
+    with _listener(None, close=True) as address:
+        message, seconds = _refusal(address, timeout=3)
+    assert "closed the connection without answering" in message and seconds < 2
+    http1 = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+    with _listener(http1, close=True) as address:
+        message, seconds = _refusal(address, timeout=3)
+    assert "it answered, but not as a Ray head" in message and seconds < 2
+    message, _ = _refusal(f"{loopback_node_ip()}:{free_port()}")
+    assert "Connection refused" in message
+
+
+def test_under_tls_a_silent_address_is_refused_and_a_handshake_passes(tmp_path, monkeypatch):
+    import ssl
+
+    from tests.test_tls import _self_signed
+
+    monkeypatch.setenv("RAY_USE_TLS", "1")
+    with _listener(None) as address:
+        message, seconds = _refusal(address)
+    assert "did not answer within 1 s" in message and seconds < 2.5
+    # A TLS server that completes the handshake (and says nothing more) passes: Ray
+    # itself checks its certificate and speaks gRPC over it.
+    cert, key = _self_signed(tmp_path, [loopback_node_ip()])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.socket()
+    server.bind((loopback_node_ip(), 0))
+    server.listen(1)
+
+    def handshake():
+        conn, _ = server.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=handshake, daemon=True)
+    thread.start()
+    try:
+        _check_reachable(f"{loopback_node_ip()}:{server.getsockname()[1]}", timeout=5)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+
+
+def test_a_live_ray_head_passes_the_probe(ray_2cpus):
+    _check_reachable(ray_2cpus, timeout=PROBE_TIMEOUT_S)  # the tests' own GCS
+
+
+def test_silent_ray_address_is_one_line_within_seconds(tmp_path):
+    run_dir = tmp_path / "run"
+    # Python lists each import on stderr: the probe must come before torch's seconds.
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    with _listener(None) as address:
+        t0 = time.monotonic()
+        res = run_cli(
+            [f"ray.address={address}", "crypto=none", f"hydra.run.dir={run_dir}"],
+            env=env,
+            timeout=60,
+        )
+        seconds = time.monotonic() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    imported = [ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if "|" in ln]
+    assert "torch" not in imported and "ray" not in imported
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "|" not in ln]
+    assert len(lines) == 1, res.stderr[-2000:]  # none of Ray's retry lines
+    assert lines[0].startswith(
+        f"fedray: error: cannot reach the Ray cluster at ray.address='{address}': it accepted "
+        f"the connection but did not answer within {PROBE_TIMEOUT_S:g} s"
+    )
+    # Start-up plus the probe (it took 23-25 s, or minutes, inside Ray's retries before).
+    assert seconds < PROBE_TIMEOUT_S + 8, seconds

@@ -3,6 +3,7 @@ or simulation mode (a pool of actors, each hosting many virtual clients)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,8 +72,7 @@ def connect(cfg: FedrayConfig) -> bool:
         # named in /tmp/ray/ray_current_cluster, which a killed `ray start` leaves behind.
         ray.init(address="local", **kwargs)
         return True
-    if address != "auto":
-        _check_reachable(address)
+    check_address(cfg)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
@@ -85,21 +85,114 @@ def connect(cfg: FedrayConfig) -> bool:
     return False
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when nothing listens at HOST:PORT (Ray retries long)."""
-    import socket
+# How long a Ray head may take to answer: it answers in milliseconds; with start-up, the
+# launcher's one line comes within about 5 s (README's promise).
+PROBE_TIMEOUT_S = 4.0
 
+
+def check_address(cfg: FedrayConfig) -> None:
+    """With ray.address=HOST:PORT (or auto with RAY_ADDRESS set), fail within
+    PROBE_TIMEOUT_S, in one line, unless a Ray head answers there (see
+    :func:`_check_reachable`). Cheap: the launcher calls it before the job's heavy imports,
+    :func:`connect` again before Ray."""
+    address = cfg.ray.address
+    if address in (None, "local"):
+        return
+    target = address
+    if address == "auto":  # Ray takes RAY_ADDRESS first, else the last `ray start` here
+        target = os.environ.get("RAY_ADDRESS", "").strip()
+    if target and (target.startswith("ray://") or "://" not in target):
+        _check_reachable(target, PROBE_TIMEOUT_S, shown=address)
+
+
+# A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS = 0x4  # an HTTP/2 frame type
+
+
+def _check_reachable(
+    address: str, timeout: float = PROBE_TIMEOUT_S, shown: str | None = None
+) -> None:
+    """Fail within ``timeout`` seconds, in one line, unless a Ray head answers at HOST:PORT.
+
+    Ray retries a silent address for minutes, printing its own retry lines. Its GCS (and
+    the Ray Client server, ``ray://``) speak gRPC: with plaintext the server sends its
+    HTTP/2 SETTINGS frame as soon as it accepts a connection; with TLS (RAY_USE_TLS=1) it
+    answers the TLS handshake. Something that accepts and stays silent, closes at once or
+    answers another protocol is not a Ray head. ``shown``: the ray.address the user gave
+    (``auto`` resolved to RAY_ADDRESS)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    where = f"cannot reach the Ray cluster at ray.address={(shown or address)!r}"
+    if shown is not None and shown != address:
+        where += f" (RAY_ADDRESS={address!r})"
+    fix = (
+        "check the host and port (the head's --port, 6379 by default; ray://HOST:10001 for "
+        "Ray Client), or use ray.address=null for an embedded local Ray"
+    )
     host, _, port = address.rpartition(":")
     host = host.removeprefix("ray://").strip("[]")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
     except (OSError, ValueError) as exc:
+        raise ClusterError(f"{where} ({exc}); start one with `ray start --head`, {fix}") from None
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+    try:
+        with sock:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            if tls:
+                _tls_handshake(sock, host)
+                return
+            sock.sendall(_HTTP2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                chunk = sock.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except TimeoutError:
         raise ClusterError(
-            f"cannot reach the Ray cluster at ray.address={address!r} ({exc}); start one with "
-            "`ray start --head`, check the host and port, or use ray.address=null for an "
-            "embedded local Ray"
+            f"{where}: it accepted the connection but did not answer within {timeout:g} s "
+            f"(a Ray head answers at once), so it is not a Ray head; {fix}"
         ) from None
+    except OSError as exc:
+        if tls:  # the handshake failed, but something answered: Ray says what is wrong
+            log.debug("TLS probe of %s: %s", address, exc)
+            return
+        header = b""
+    if len(header) < 9:
+        raise ClusterError(
+            f"{where}: it closed the connection without answering, so it is not a Ray head "
+            "(a cluster with TLS needs RAY_USE_TLS=1 and its certificates here); " + fix
+        )
+    if header[3] != _SETTINGS:
+        raise ClusterError(
+            f"{where}: it answered, but not as a Ray head (no gRPC greeting; the dashboard's "
+            f"port, 8265 by default, is not the head's); {fix}"
+        )
+
+
+def _tls_handshake(sock: Any, host: str) -> None:
+    """A TLS handshake on ``sock`` (its timeout set): only whether the peer answers it, so
+    the certificate is not checked here (Ray checks it); the node's own certificate is
+    offered where set, as Ray's clients offer it."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    cert, key = os.environ.get("RAY_TLS_SERVER_CERT"), os.environ.get("RAY_TLS_SERVER_KEY")
+    if cert and key:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            context.load_cert_chain(cert, key)
+    with context.wrap_socket(
+        sock, server_hostname=host or None, do_handshake_on_connect=False
+    ) as tls:
+        tls.do_handshake()
 
 
 @dataclass
