@@ -8,13 +8,21 @@ fedray) found them; set HYDRA_FULL_ERROR=1 to see the traceback instead.
 ``OLD/.hydra/config.yaml``. Overrides that would change what its checkpoint means are
 refused; Hydra is told not to rewrite OLD's ``.hydra/`` record. Ctrl-C finishes the round
 in flight, writes a checkpoint, and prints one line with the command that resumes.
+
+What the job prints (progress lines, errors, its clients' forwarded output) also goes into
+Hydra's job log in the run directory (``launch.log``), beside its log records. A run that
+fails before writing anything of its own there (only Hydra's ``.hydra/`` record and that
+log) leaves no run directory behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -229,12 +237,119 @@ def _interrupted(run_dir: Path, checkpoint_path: str | None, again: list[str] = 
     sys.exit(EXIT_INTERRUPTED)
 
 
+# Ray colours its forwarded lines ("(ClientHost pid=...)"); the log file keeps the text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Tee:
+    """A console stream (sys.stdout or sys.stderr) that also writes into the job log,
+    through its handler's stream and lock, so printed lines and log records stay in order.
+    Writing the log never fails the console."""
+
+    def __init__(self, console, handler: logging.FileHandler) -> None:
+        self._console, self._handler = console, handler
+
+    def write(self, text: str) -> int:
+        written = self._console.write(text)
+        self._handler.acquire()
+        try:
+            if self._handler.stream is not None:
+                self._handler.stream.write(_ANSI.sub("", text))
+                self._handler.stream.flush()
+        except (OSError, ValueError):
+            pass  # the file is gone or closed: the console still has it
+        finally:
+            self._handler.release()
+        return written
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._console.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._console, name)
+
+
+def _job_log(run_dir: Path) -> logging.FileHandler | None:
+    """Hydra's job log in ``run_dir`` (``launch.log``), if its logging config has one
+    (``hydra/job_logging=stdout`` or ``disabled`` has none)."""
+    here = run_dir.resolve()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == here:
+            return handler
+    return None
+
+
+@contextlib.contextmanager
+def _console_into(handler: logging.FileHandler | None):
+    """While the job runs, what it prints also goes into the job log."""
+    if handler is None:
+        yield
+        return
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(stdout, handler), _Tee(stderr, handler)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+# What Hydra writes into a run directory before the job starts.
+_HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def _remove_unused_run_dir(run_dir: Path, hc, handler: logging.FileHandler | None) -> bool:
+    """Remove ``run_dir`` after a failed start: only when Hydra made its record there for
+    this command and it holds nothing else but the job log (a checkpoint, metrics, or any
+    file of the user's keep it, as does a resume into an old run); never the directory
+    the command was started in, nor one above it. Returns whether it was removed."""
+    if hc.output_subdir is None:  # resume into hydra.run.dir=OLD: the old run's directory
+        return False
+    record = run_dir / str(hc.output_subdir)
+    log_name = Path(handler.baseFilename).name if handler is not None else f"{hc.job.name}.log"
+    try:
+        here, started_in = run_dir.resolve(), Path(hc.runtime.cwd).resolve()
+        if here == started_in or here in started_in.parents or not record.is_dir():
+            return False
+        if {p.name for p in run_dir.iterdir()} - {record.name, log_name}:
+            return False
+        if (
+            any(p.is_dir() for p in record.iterdir())
+            or {p.name for p in record.iterdir()} - _HYDRA_RECORD
+        ):
+            return False
+    except OSError:
+        return False
+    if handler is not None:  # Hydra's handler would write into the removed file
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float | None:
     """Hydra entry point; returns the final accuracy (for sweepers)."""
     logging.getLogger("fedray").setLevel(logging.INFO)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    handler = _job_log(run_dir)
+    finished = False
+    try:
+        with _console_into(handler):
+            accuracy = _run(raw, hc, run_dir)
+        finished = True
+        return accuracy
+    finally:
+        if not finished:
+            _remove_unused_run_dir(run_dir, hc, handler)
+
+
+def _run(raw: DictConfig, hc, run_dir: Path) -> float | None:
+    """The job in ``run_dir``; a user's error is one line and exit 2, Ctrl-C exit 130."""
     checkpoint_path = raw.checkpoint.path
     try:
         if raw.resume:

@@ -8,16 +8,20 @@ loopback_node_ip() (which Ray keeps as given, unlike 127.0.0.1), and nothing dia
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import socket
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from fedray.errors import ClusterError
+from fedray.launch import _remove_unused_run_dir
 from fedray.runtime import driver
 from fedray.runtime.cluster import PROBE_TIMEOUT_S, _check_reachable, loopback_node_ip
 from tests.conftest import compose, free_port, run_cli
@@ -214,7 +218,7 @@ def test_a_live_ray_head_passes_the_probe(ray_2cpus):
     _check_reachable(ray_2cpus, timeout=PROBE_TIMEOUT_S)  # the tests' own GCS
 
 
-def test_silent_ray_address_is_one_line_within_seconds(tmp_path):
+def test_silent_ray_address_is_one_line_within_seconds_and_no_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     # Python lists each import on stderr: the probe must come before torch's seconds.
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
@@ -237,3 +241,117 @@ def test_silent_ray_address_is_one_line_within_seconds(tmp_path):
     )
     # Start-up plus the probe (it took 23-25 s, or minutes, inside Ray's retries before).
     assert seconds < PROBE_TIMEOUT_S + 8, seconds
+    assert not run_dir.exists()  # 5: a failed start leaves no run folder
+
+
+# -- 5. a failed start leaves no run folder --------------------------------------------
+
+BAD_CSV = ["dataset=csv", "dataset.path='/nonexistent/site_{client_id}.csv'", "dataset.label=y"]
+
+
+def test_failed_start_removes_its_run_folder_but_keeps_a_users_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli([*BAD_CSV, "crypto=none", f"hydra.run.dir={run_dir}"])
+    assert res.returncode == 2 and res.stderr.startswith("fedray: error: data file not found")
+    assert not run_dir.exists()
+    # A folder with anything else in it stays as it was (Hydra's record and log added).
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    res = run_cli([*BAD_CSV, "crypto=none", f"hydra.run.dir={kept}"])
+    assert res.returncode == 2
+    assert (kept / "notes.txt").read_text() == "mine"
+    assert (kept / ".hydra" / "config.yaml").is_file()
+    assert "fedray: error: data file not found" in (kept / "launch.log").read_text()
+
+
+def _hydra_run_dir(path: Path, *others: str) -> Path:
+    (path / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (path / ".hydra" / name).write_text("x: 1\n")
+    (path / "launch.log").write_text("fedray: error: ...\n")
+    for other in others:
+        target = path / other
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("kept")
+    return path
+
+
+def _hc(cwd: Path, output_subdir: str | None = ".hydra"):
+    return SimpleNamespace(
+        output_subdir=output_subdir,
+        job=SimpleNamespace(name="launch"),
+        runtime=SimpleNamespace(cwd=str(cwd)),
+    )
+
+
+@pytest.mark.parametrize(
+    "others",
+    [("metrics.csv",), ("checkpoints/latest",), ("summary.json",), (".hydra/multirun.yaml",)],
+    ids=["metrics", "checkpoint", "summary", "foreign-record"],
+)
+def test_a_run_folder_with_anything_of_its_own_is_never_removed(tmp_path, others):
+    run_dir = _hydra_run_dir(tmp_path / "run", *others)
+    assert not _remove_unused_run_dir(run_dir, _hc(tmp_path), None)
+    assert all((run_dir / o).exists() for o in others)
+
+
+def test_only_a_fresh_empty_run_folder_is_removed(tmp_path):
+    run_dir = _hydra_run_dir(tmp_path / "a" / "run")
+    # A resume into the old run (Hydra told not to write its record): never.
+    assert not _remove_unused_run_dir(run_dir, _hc(tmp_path, output_subdir=None), None)
+    # The directory the command was started in, or one above it: never.
+    assert not _remove_unused_run_dir(run_dir, _hc(run_dir), None)
+    assert not _remove_unused_run_dir(run_dir, _hc(run_dir / "sub"), None)
+    assert run_dir.exists()
+    assert _remove_unused_run_dir(run_dir, _hc(tmp_path), None)
+    assert not run_dir.exists() and run_dir.parent.exists()
+
+
+# -- 2 and 4 and 1, end to end: a csv job joins a running cluster ----------------------
+
+
+def _sites(directory: Path, count: int) -> str:
+    rng = np.random.default_rng(0)
+    for site in range(count):
+        x = rng.normal(size=(40, 2))
+        rows = "".join(f"{a:.4f},{b:.4f},{int(a > 0)}\n" for a, b in x)
+        (directory / f"site_{site}.csv").write_text("a,b,y\n" + rows)
+    return f"dataset.path='{directory}/site_{{client_id}}.csv'"
+
+
+def test_joined_cluster_is_named_and_the_run_folder_keeps_the_console(ray_2cpus, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        [
+            "dataset=csv",
+            _sites(tmp_path, 2),
+            "dataset.label=y",  # no dataset.test_path: no server test set
+            "num_clients=2",
+            "crypto=none",
+            "rounds=1",
+            f"ray.address={ray_2cpus}",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ip = loopback_node_ip()
+    # 2: the address joined and the cluster's nodes, once.
+    joined = [ln for ln in res.stdout.splitlines() if "joined the Ray cluster" in ln]
+    assert len(joined) == 1, res.stdout
+    assert joined[0].endswith(f"joined the Ray cluster at {ray_2cpus}: 1 node: {ip} (head, CPU 2)")
+    # 1: no nan; the clients' validation figure, said to be theirs.
+    assert "nan" not in res.stdout
+    (progress,) = [ln for ln in res.stdout.splitlines() if ln.startswith("[fedray] round ")]
+    assert re.search(
+        r"\| val_acc \d\.\d{4} \(clients' validation, start of round; no server", progress
+    )
+    (done,) = [ln for ln in res.stdout.splitlines() if ln.startswith("[fedray] done: ")]
+    assert "no server test set; clients' validation accuracy " in done
+    # 4: what the console showed is in the run folder's log, in order.
+    log = (run_dir / "launch.log").read_text()
+    shown = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert shown and all(ln in log for ln in shown), log
+    positions = [log.index(ln) for ln in shown]
+    assert positions == sorted(positions)
+    assert not math.isnan(float(progress.split("val_acc ")[1].split()[0]))

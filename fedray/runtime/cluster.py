@@ -74,7 +74,7 @@ def connect(cfg: FedrayConfig) -> bool:
         return True
     check_address(cfg)
     try:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(
@@ -82,6 +82,11 @@ def connect(cfg: FedrayConfig) -> bool:
             "`ray start --head` (with RAY_AUTH_MODE=token, export its token), or use "
             "ray.address=null for an embedded local Ray"
         ) from None
+    try:
+        joined = joined_cluster_line(address, context)
+    except Exception as exc:  # saying which cluster must never stop the job
+        joined = f"joined the Ray cluster at ray.address={address} (nodes not listed: {exc})"
+    log.info("%s", joined)
     return False
 
 
@@ -103,6 +108,43 @@ def check_address(cfg: FedrayConfig) -> None:
         target = os.environ.get("RAY_ADDRESS", "").strip()
     if target and (target.startswith("ray://") or "://" not in target):
         _check_reachable(target, PROBE_TIMEOUT_S, shown=address)
+
+
+def joined_cluster_line(address: str, context: Any = None) -> str:
+    """One line naming the cluster a job joined: the GCS address and its alive nodes
+    (IP, head, CPUs, GPUs, custom resources), so a user sees at once whose cluster it is."""
+    import ray
+
+    info = getattr(context, "address_info", None) or {}
+    joined = info.get("gcs_address") or address
+    nodes = sorted(
+        (n for n in ray.nodes() if n.get("Alive")),
+        key=lambda n: ("node:__internal_head__" not in n["Resources"], n["NodeManagerAddress"]),
+    )
+    shown = [_node_summary(n) for n in nodes[:_NODES_SHOWN]]
+    if len(nodes) > _NODES_SHOWN:
+        shown.append(f"... {len(nodes) - _NODES_SHOWN} more")
+    asked = f" (ray.address={address})" if str(address) != str(joined) else ""
+    return (
+        f"joined the Ray cluster at {joined}{asked}: {len(nodes)} node"
+        f"{'' if len(nodes) == 1 else 's'}: " + "; ".join(shown)
+    )
+
+
+_NODES_SHOWN = 8
+_NOT_SHOWN = ("memory", "object_store_memory")
+
+
+def _node_summary(node: dict[str, Any]) -> str:
+    res = node["Resources"]
+    parts = [f"{k} {v:g}" for k, v in (("CPU", res.get("CPU", 0)), ("GPU", res.get("GPU", 0))) if v]
+    parts += [
+        f"{k} {v:g}"
+        for k, v in sorted(res.items())
+        if k not in ("CPU", "GPU", *_NOT_SHOWN) and not k.startswith(("node:", "accelerator_type:"))
+    ]
+    head = "head, " if "node:__internal_head__" in res else ""
+    return f"{node['NodeManagerAddress']} ({head}{', '.join(parts) or 'no CPUs'})"
 
 
 # A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4).
