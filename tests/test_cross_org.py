@@ -191,6 +191,7 @@ def test_three_site_clusters_train_the_single_cluster_model(
     assert summary["epsilon_vs_server"] == float("inf")
 
     assert _opened_by(tmp_path / "cross") == ["share_sums", "share_sums"]
+    assert summary["bytes_to_key_holders"] > 0  # the sealed shares the coordinator relayed
     cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
     one = single_cluster_weights
     assert cross.dtype == one.dtype and np.array_equal(cross, one)
@@ -232,6 +233,7 @@ def test_partial_decryptions_across_organisations_give_the_same_model(
         )
         summary = run_experiment(cfg, tmp_path / "cross")
         assert summary["rounds_completed"] == 2
+        assert summary["bytes_to_key_holders"] == 0  # no exponent share made or relayed
         for proc in procs:
             assert proc.wait(timeout=60) == 0
     assert _opened_by(tmp_path / "cross") == ["partial_decryption", "partial_decryption"]

@@ -218,6 +218,7 @@ class FederationHub:
             update_id=body.update_id,
         )
         carrier.bytes_up = len(data)
+        carrier.bytes_to_key_holders = sum(len(v[2]) for v in shares.values())  # sealed, relayed
         carrier.train_seconds = float(body.train_seconds)
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
