@@ -10,6 +10,9 @@ a live site.
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,18 +94,40 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def three_sites(federation_dir, tmp_path_factory):
+@contextlib.contextmanager
+def _sites(w: Path, logs: Path, extra=()):
     """Sites a, b and c, each in its own process and Ray cluster, dialling one port."""
-    logs = tmp_path_factory.mktemp("sites")
     port = free_port()
     procs = []
     try:
         for site in SITES:
-            procs.append(_start_site(federation_dir, site, port, logs / f"{site}.log"))
+            procs.append(_start_site(w, site, port, logs / f"{site}.log", extra))
         yield port, procs, logs
     finally:
         _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def three_sites(federation_dir, tmp_path_factory):
+    """The three sites with the job's defaults (the fast path: sealed exponent shares)."""
+    with _sites(federation_dir, tmp_path_factory.mktemp("sites")) as sites:
+        yield sites
+
+
+@pytest.fixture(scope="module")
+def single_cluster_weights(ray_2cpus, tmp_path_factory) -> np.ndarray:
+    """The job's final weights in one Ray cluster (3 hosts of 2 clients, the fast path)."""
+    from fedray.runtime.driver import run_experiment
+
+    out = tmp_path_factory.mktemp("single")
+    single = compose([*JOB, "cluster.num_actors=3", "client.num_cpus=0.5", "checkpoint.every=1"])
+    run_experiment(single, out)
+    return np.load(out / "checkpoints/round_00002/arrays.npz")["weights"]
+
+
+def _opened_by(run_dir: Path) -> list[str]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [row["decrypted_by"] for row in csv.DictReader(f)]
 
 
 def _listing_server(record: Path):
@@ -134,12 +159,14 @@ def _listing_server(record: Path):
 
 
 def test_three_site_clusters_train_the_single_cluster_model(
-    ray_2cpus, federation_dir, three_sites, tmp_path
+    ray_2cpus, federation_dir, single_cluster_weights, three_sites, tmp_path
 ):
     """Bit-identical final weights to the same job in one cluster (client-level DP on with
     reproducible noise: the sums are exact integers whoever adds them), with the key held
-    by the sites (2 of 3 open a sum), every site reached only through the channel, and the sites stopping when the
-    coordinator says the run is over."""
+    by the sites (2 of 3 open a sum) and every sum opened by the fast path (each site's
+    exponent shares sealed to the other sites' holders, relayed by the coordinator; the
+    holders answer share sums), every site reached only through the channel, and the
+    sites stopping when the coordinator says the run is over."""
     from fedray.runtime.driver import run_experiment
 
     port, procs, logs = three_sites
@@ -163,10 +190,10 @@ def test_three_site_clusters_train_the_single_cluster_model(
     assert summary["privacy"] == "dp" and 0 < summary["epsilon"] < float("inf")
     assert summary["epsilon_vs_server"] == float("inf")
 
-    single = compose([*JOB, "cluster.num_actors=3", "client.num_cpus=0.5", "checkpoint.every=1"])
-    run_experiment(single, tmp_path / "single")
+    assert _opened_by(tmp_path / "cross") == ["share_sums", "share_sums"]
+    assert summary["bytes_to_key_holders"] > 0  # the sealed shares the coordinator relayed
     cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
-    one = np.load(tmp_path / "single/checkpoints/round_00002/arrays.npz")["weights"]
+    one = single_cluster_weights
     assert cross.dtype == one.dtype and np.array_equal(cross, one)
 
     # The coordinator's cluster ran the server and the hub, no site actor; the server's
@@ -180,6 +207,38 @@ def test_three_site_clusters_train_the_single_cluster_model(
     for proc, site in zip(procs, SITES, strict=True):  # the goodbye stops every site
         assert proc.wait(timeout=60) == 0, (logs / f"{site}.log").read_text()[-2000:]
         assert "said goodbye" in (logs / f"{site}.log").read_text()
+
+
+def test_partial_decryptions_across_organisations_give_the_same_model(
+    ray_2cpus, federation_dir, single_cluster_weights, tmp_path
+):
+    """crypto.fast_decrypt=false at the coordinator and the sites: no exponent share is
+    made or relayed, each holder multiplies the ciphertexts and answers its partial
+    decryption; the final weights are bit for bit those of the fast path's run (above)
+    and of one cluster."""
+    from fedray.runtime.driver import run_experiment
+
+    slow = ["crypto.fast_decrypt=false"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _sites(federation_dir, logs, slow) as (port, procs, _):
+        cfg = compose(
+            [
+                "federation=cross_org",
+                *JOB,
+                *slow,
+                *_files(federation_dir),
+                f"federation.listen=127.0.0.1:{port}",
+            ]
+        )
+        summary = run_experiment(cfg, tmp_path / "cross")
+        assert summary["rounds_completed"] == 2
+        assert summary["bytes_to_key_holders"] == 0  # no exponent share made or relayed
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    assert _opened_by(tmp_path / "cross") == ["partial_decryption", "partial_decryption"]
+    cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
+    assert np.array_equal(cross, single_cluster_weights)
 
 
 # --- a hostile coordinator against one live site --------------------------------------
@@ -224,7 +283,7 @@ def _global_weights() -> np.ndarray:
     return ParamView(model, None).get()
 
 
-def _train_request(round_num, clients, weights, **kw):
+def _train_request(round_num, clients, weights, certificates=None, **kw):
     from fedray.federation import channel as ch
     from fedray.federation import federation_pb2 as pb
 
@@ -236,18 +295,39 @@ def _train_request(round_num, clients, weights, **kw):
         model_fingerprint=b"m" * 32,
         global_weights=blob.ref,
         client_ids=clients,
+        site_certificates=certificates or {},
         **kw,
     )
     return request, [blob]
 
 
+def _share_context(w: Path, key, sender: str, recipient: str, update_id: str, round_num=1):
+    from fedray.federation.channel import Manifest
+    from fedray.federation.shares import ShareContext, manifest_sha256
+
+    manifest = Manifest.load(w / "certs/federation.json")
+    return ShareContext(
+        key.fingerprint,
+        manifest_sha256(w / "certs/federation.json"),
+        round_num,
+        update_id,
+        sender,
+        recipient,
+        SITES.index(recipient) + 1,
+        manifest.sites[recipient].cert_sha256,
+    )
+
+
 def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     """Every request outside what the site runs is refused with one line, nothing of the
     site leaving: others' clients, another task, a hyper-parameter it does not take,
-    weights of another shape; a second list to approve in a round; a sum it cannot check
-    (forged approval, ciphertexts that are not the signed ones, a second sum of a round).
-    What does leave for a good request is ciphertexts and statements signed with the
-    site's manifest key."""
+    weights of another shape, no (or another site's) certificate to seal the other sites'
+    exponent shares to; a second list to approve in a round; a sum it cannot check
+    (forged approval, ciphertexts that are not the signed ones, a second sum of a round;
+    on the fast path an exponent share for another holder, sealed for another update,
+    missing, or not the one its host signed). What does leave for a good request is
+    ciphertexts, statements signed with the site's manifest key and exponent shares each
+    sealed to its site (the coordinator cannot open one)."""
     from fedray.crypto.paillier import to_bytes  # noqa: F401 - the width below
     from fedray.federation import channel as ch
     from fedray.federation import federation_pb2 as pb
@@ -270,14 +350,40 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     bad_hp = _train_request(1, [0], weights, hyperparameters={"lr": pb.Number(real=5.0)})
     refused("train_request", *bad_hp, match="hyper-parameter lr")
     refused("train_request", *_train_request(1, [0], weights[:-1]), match="shape")
+    pems = {s: (w / "certs" / s / "cert.pem").read_bytes() for s in SITES}
+    no_cert = _train_request(1, [0], weights, {"a": pems["a"], "c": pems["c"]})
+    refused("train_request", *no_cert, match="no certificate of site b")
+    swapped_cert = _train_request(1, [0], weights, {**pems, "b": pems["c"]})
+    refused("train_request", *swapped_cert, match="not site b's certificate of the manifest")
 
-    reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights), timeout=300)
+    reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights, pems), timeout=300)
     body = reply.body
     statement = json.loads(body.contribution)
     assert statement["client_ids"] == [0, 1, 2] and statement["host"] == 0
     assert verify(site_key, bytes(body.contribution_signature), bytes(body.contribution))
     cts = bytes(reply.blob(body.ciphertexts).ciphertexts(key.public.ciphertext_bytes))
     uid = body.update_id
+
+    # The exponent shares for holders 2 and 3, each sealed to its site: b opens its own,
+    # whose digest is the one a signed for holder 2; the coordinator (this test's hub key)
+    # opens neither.
+    from fedray.federation.shares import SealedShare, ShareSealError, open_share, seal_share
+    from fedray.federation.shares import recipient_key as _recipient
+    from fedray.runtime.keys import digest as _digest
+    from fedray.tools.keys import _site_private_key
+
+    assert sorted(s.holder for s in body.sealed_shares) == [2, 3]
+    num_cts = len(cts) // key.public.ciphertext_bytes
+    share_bytes = num_cts * key.share_width()
+    for s in body.sealed_shares:
+        to = SITES[s.holder - 1]
+        data = bytes(reply.blob(s.sealed).array(np.uint8, (share_bytes + 16,)))
+        sealed = SealedShare(s.holder, bytes(s.ephemeral_public), bytes(s.nonce), data)
+        context = _share_context(w, key, "a", to, uid)
+        opened = open_share(_site_private_key(w / "certs" / to / "key.pem"), context, sealed)
+        assert _digest(opened) == statement["share_sha256"][s.holder - 1]
+        with pytest.raises(ShareSealError, match="does not open"):
+            open_share(_site_private_key(w / "certs/hub/key.pem"), context, sealed)
 
     # Site b's update (this test holds every party's files, so it can play a colluding
     # site b): any valid ciphertexts of the right length under b's signature.
@@ -288,8 +394,18 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     b_key = serialization.load_pem_private_key((w / "certs/b/signing.key").read_bytes(), None)
     b_identity = HostIdentity.from_private_key(b_key)
     ub = "b" * 32
+    b_shares = [os.urandom(share_bytes) for _ in SITES]  # b's shares for holders 1, 2, 3
     b_signed = b_identity.sign(
-        Contribution(key.fingerprint, 1, ub, 1, (3, 4), digest(cts), (), statement["model_sha256"])
+        Contribution(
+            key.fingerprint,
+            1,
+            ub,
+            1,
+            (3, 4),
+            digest(cts),
+            tuple(digest(x) for x in b_shares),
+            statement["model_sha256"],
+        )
     )
     statements = {
         uid: (bytes(body.contribution), bytes(body.contribution_signature)),
@@ -329,6 +445,58 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     refused("approve_request", approve_request(other), match="already approved a different sum")
 
     b_approval = b_identity.sign_bytes(cohort_message(key.fingerprint, 1, both))
+    both_approvals = [
+        pb.Approval(round=1, update_ids=both, signature=approval.signature, host=0),
+        pb.Approval(round=1, update_ids=both, signature=b_approval, host=1),
+    ]
+
+    # The fast path: b's exponent share for holder 1, sealed to site a, relayed.
+    a_public = _recipient(
+        pems["a"], "a", ch.Manifest.load(w / "certs/federation.json").sites["a"].cert_sha256
+    )
+
+    def b_share(share=b_shares[0], update_id=ub, holder=1):
+        ctx = _share_context(w, key, "b", "a", update_id)
+        return seal_share(a_public, dataclasses.replace(ctx, holder=holder), share)
+
+    def fast_request(sealed_list):
+        blobs, shares = [], []
+        for n, (update_id, sealed) in enumerate(sealed_list):
+            blob = ch.OutgoingBlob.from_array(f"s{n}", np.frombuffer(sealed.sealed, np.uint8))
+            blobs.append(blob)
+            shares.append(
+                pb.SealedShare(
+                    update_id=update_id,
+                    holder=sealed.holder,
+                    ephemeral_public=sealed.ephemeral_public,
+                    nonce=sealed.nonce,
+                    sealed=blob.ref,
+                )
+            )
+        request = pb.ShareSumRequest(
+            round=1,
+            update_ids=both,
+            approvals=both_approvals,
+            contributions=signed_list(both),
+            opening=pb.OPENING_SHARE_SUM,
+            sealed_shares=shares,
+        )
+        return request, blobs
+
+    refused("share_sum_request", *fast_request([]), match="no exponent share of update")
+    refused(
+        "share_sum_request",
+        *fast_request([(ub, b_share(holder=2))]),
+        match="an exponent share for holder 2; this site's key holder is holder 1",
+    )
+    moved = b_share(update_id="c" * 32)  # sealed for another update, relayed under ub
+    refused("share_sum_request", *fast_request([(ub, moved)]), match="does not open")
+    other = b_share(share=b_shares[1])  # sealed right, but not the share b signed for 1
+    refused("share_sum_request", *fast_request([(ub, other)]), match="do not match the signed")
+    answer = peer.call("share_sum_request", *fast_request([(ub, b_share())]), timeout=120)
+    assert answer.body.WhichOneof("answer") == "exponent_share_sum"
+    total = answer.blob(answer.body.exponent_share_sum).ciphertexts(key.share_width(2))
+    assert len(total) == num_cts  # one share sum per ciphertext; no partial decryption
 
     def open_request(a_sig, payload, ids=both, override=None):
         blobs = [

@@ -1,7 +1,8 @@
 """Unit tests of the cross-organisation pieces that need no Ray and no network: the strict
 parser of a relayed contribution, the client ids every party derives from the manifest,
-the certs tool's ``--clients``, the v2 message schema, the coordinator's site handle and
-the configuration checks of a site and of the coordinator.
+the certs tool's ``--clients``, the v3 message schema, the coordinator's site handle, the
+configuration checks of a site and of the coordinator, and the fast path's exponent shares
+sealed to the receiving site (who can open one, and what its key holder refuses).
 
 Every refusal is matched on its own reason, so a test goes red when the line that guards
 it is broken (not merely when some later check happens to refuse the same input).
@@ -28,7 +29,7 @@ from fedray.federation.site import (
     contribution_from_statement,
     federation_clients,
 )
-from fedray.runtime.keys import Contribution, HostIdentity, SignedContribution, verify
+from fedray.runtime.keys import Contribution, HostIdentity, SignedContribution, digest, verify
 from fedray.tools import certs
 from tests.conftest import compose
 
@@ -252,7 +253,7 @@ def test_make_federation_refuses_bad_counts_as_cert_errors(tmp_path):
     assert not (tmp_path / "c" / "ca.key").exists()
 
 
-# --- the v2 message schema -------------------------------------------------------------
+# --- the v3 message schema -------------------------------------------------------------
 
 SIG = b"s" * 64
 DIGEST = b"d" * 32
@@ -313,9 +314,40 @@ def _share_sum_request(n_contributions=2, n_ciphertexts=2, statement=None) -> pb
     )
 
 
-def test_valid_v2_messages_pass_the_schema():
-    assert m.PROTOCOL_VERSION == 2
+def _sealed_share(update_id="u1", holder=2, **kw) -> pb.SealedShare:
+    fields = dict(
+        update_id=update_id,
+        holder=holder,
+        ephemeral_public=b"e" * 65,
+        nonce=b"n" * 12,
+        sealed=_ref(f"s{update_id}{holder}"),
+    )
+    fields.update(kw)
+    return pb.SealedShare(**fields)
+
+
+def _share_sum_fast(sealed=None, ciphertexts=0) -> pb.Envelope:
+    env = _share_sum_request(2, ciphertexts)
+    body = env.share_sum_request
+    body.opening = pb.OPENING_SHARE_SUM
+    body.sealed_shares.extend(sealed if sealed is not None else [_sealed_share("u2", 1)])
+    return env
+
+
+def test_valid_v3_messages_pass_the_schema():
+    assert m.PROTOCOL_VERSION == 3
     assert m.check_envelope(_train_request()) == "train_request"
+    pem = {"a": b"-----BEGIN CERTIFICATE-----", "b": b"x"}
+    assert m.check_envelope(_train_request(site_certificates=pem)) == "train_request"
+    shares = [_sealed_share("u1", 2), _sealed_share("u1", 3)]
+    assert m.check_envelope(_train_reply(sealed_shares=shares)) == "train_reply"
+    assert m.check_envelope(_share_sum_fast()) == "share_sum_request"
+    assert m.check_envelope(_share_sum_fast(sealed=[])) == "share_sum_request"
+    for answer in ("partial_decryption", "exponent_share_sum"):
+        reply = pb.ShareSumReply(round=1, holder_id="a", **{answer: _ref("x")})
+        assert m.check_envelope(_envelope(in_reply_to=3, share_sum_reply=reply)) == (
+            "share_sum_reply"
+        )
     assert m.check_envelope(_train_request(client_ids=[0])) == "train_request"
     failures = [pb.ClientFailure(client_id=3, reason="out of memory on cuda:0")]
     assert m.check_envelope(_train_reply(failures=failures)) == "train_reply"
@@ -402,6 +434,69 @@ def test_a_share_sum_request_with_a_short_contribution_signature_is_refused():
         m.check_body(env)
 
 
+def test_a_share_sum_request_for_share_sums_carries_no_ciphertexts():
+    with pytest.raises(m.ProtocolError, match="one contribution per update, no ciphertexts"):
+        m.check_body(_share_sum_fast(ciphertexts=2))
+
+
+def test_a_partial_decryption_request_carries_no_sealed_shares():
+    env = _share_sum_request()
+    env.share_sum_request.sealed_shares.append(_sealed_share("u2", 1))
+    with pytest.raises(m.ProtocolError, match="for partial decryptions carries sealed shares"):
+        m.check_body(env)
+
+
+def test_a_share_sum_request_of_an_unknown_opening_is_refused():
+    env = _share_sum_request()
+    env.share_sum_request.opening = 7
+    with pytest.raises(m.ProtocolError, match="unknown opening 7"):
+        m.check_body(env)
+
+
+@pytest.mark.parametrize(
+    "sealed, reason",
+    [
+        ([_sealed_share("u3", 1)], "sealed share of update 'u3' it does not name"),
+        ([_sealed_share("u2", 0)], "for holder 0"),
+        ([_sealed_share("u2", 1), _sealed_share("u2", 1)], "two sealed shares of one update"),
+        ([_sealed_share("u2", 1, ephemeral_public=b"e" * 33)], "ephemeral key has 33 bytes"),
+        ([_sealed_share("u2", 1, nonce=b"n" * 16)], "nonce has 16 bytes"),
+        ([_sealed_share("u2", 1, sealed=pb.BlobRef(blob_id="x", size=1))], "sha256 has 0"),
+        ([_sealed_share("u.2", 1)], "not an identifier"),
+    ],
+    ids=["unnamed-update", "holder-0", "twice", "short-point", "long-nonce", "no-digest", "dot"],
+)
+def test_a_bad_sealed_share_is_refused_by_the_schema(sealed, reason):
+    with pytest.raises(m.ProtocolError, match=reason):
+        m.check_body(_share_sum_fast(sealed=sealed))
+
+
+def test_a_train_reply_may_seal_shares_of_its_own_update_only():
+    env = _train_reply(sealed_shares=[_sealed_share("u2", 2)])
+    with pytest.raises(m.ProtocolError, match="train reply: a sealed share of update 'u2'"):
+        m.check_body(env)
+
+
+@pytest.mark.parametrize(
+    "certificates, reason",
+    [
+        ({"b": b""}, "certificate is empty or over"),
+        ({"b": b"x" * (m.MAX_CERTIFICATE_BYTES + 1)}, "certificate is empty or over"),
+        ({"a.b": b"x"}, "certificate's site id"),
+    ],
+    ids=["empty", "oversized", "dotted-id"],
+)
+def test_a_train_request_with_a_bad_certificate_entry_is_refused(certificates, reason):
+    with pytest.raises(m.ProtocolError, match=reason):
+        m.check_body(_train_request(site_certificates=certificates))
+
+
+def test_a_share_sum_reply_without_an_answer_is_refused():
+    env = _envelope(in_reply_to=3, share_sum_reply=pb.ShareSumReply(round=1, holder_id="a"))
+    with pytest.raises(m.ProtocolError, match="carries no answer"):
+        m.check_body(env)
+
+
 def test_v1s_ciphertext_sum_is_gone_from_the_share_sum_request():
     assert "ciphertext_sum" not in pb.ShareSumRequest.DESCRIPTOR.fields_by_name
     assert 4 not in pb.ShareSumRequest.DESCRIPTOR.fields_by_number
@@ -435,11 +530,13 @@ def test_a_handle_forwards_each_call_to_the_hub_with_its_site_index():
     assert handle.approve.remote(4, ["u1", "u2"]) == "ref-of-approve"
     handle.partial_decrypt.remote(4, ["u1"], {0: b"s"}, [b"p"])
     handle.sealed_payload.remote(4, "u1")
+    handle.share_sum.remote(4, ["u1", "u2"], {0: b"s"})
     assert hub.calls == [
         ("train", (2, "task", "weights")),
         ("approve", (2, 4, ["u1", "u2"])),
         ("partial_decrypt", (2, 4, ["u1"], {0: b"s"}, [b"p"])),
         ("sealed_payload", (2, 4, "u1")),
+        ("share_sum", (2, 4, ["u1", "u2"], {0: b"s"})),
     ]
     assert repr(handle) == "SiteHandle(c)"
 
@@ -453,7 +550,6 @@ def test_a_handle_forwards_each_call_to_the_hub_with_its_site_index():
         "install",
         "deposit",
         "open_round",
-        "share_sum",
         "register",
         "set_weight_ref",
         "close",
@@ -475,6 +571,7 @@ def test_the_closed_list_is_what_a_round_needs():
         "approve",
         "sealed_payload",
         "partial_decrypt",
+        "share_sum",
         "ready",
         "trainable",
     } == HANDLE_METHODS
@@ -515,6 +612,14 @@ def test_a_good_site_and_coordinator_config_pass():
     check_coordinator_config(compose([*COORDINATOR, "privacy=dp"]))  # client-level DP
 
 
+def test_cross_org_opens_sums_by_the_fast_path_by_default_and_partial_decryption_on_request():
+    cfg = compose(COORDINATOR)
+    assert cfg.crypto.fast_decrypt is True and cfg.crypto.host_sum is True
+    assert compose(SITE).crypto.fast_decrypt is True
+    check_coordinator_config(compose([*COORDINATOR, "crypto.fast_decrypt=false"]))
+    check_site_config(compose([*SITE, "crypto.fast_decrypt=false"]))
+
+
 @pytest.mark.parametrize(
     "overrides, says",
     [
@@ -536,15 +641,219 @@ def test_a_bad_site_config_is_one_config_error(overrides, says):
     [
         (["crypto=none"], "needs crypto=paillier with crypto.custody=threshold"),
         (["crypto.custody=shared"], "needs crypto=paillier with crypto.custody=threshold"),
-        (["crypto.fast_decrypt=true"], "crypto.fast_decrypt=false and crypto.host_sum=true"),
-        (["crypto.host_sum=false"], "crypto.fast_decrypt=false and crypto.host_sum=true"),
+        (["crypto.host_sum=false"], "needs crypto.host_sum=true"),
         (
             ["dataset=csv", "dataset.path='t/site_{client_id}.csv'", "dataset.label=y"],
             "dataset=csv is not supported yet",
         ),
         (["privacy=dp", "privacy.mode=sample"], "privacy.mode=client only"),
     ],
-    ids=["crypto-none", "shared-custody", "fast-decrypt", "no-host-sum", "csv", "sample-dp"],
+    ids=["crypto-none", "shared-custody", "no-host-sum", "csv", "sample-dp"],
 )
 def test_a_bad_coordinator_config_is_one_config_error(overrides, says):
     assert says in _one_line_error(check_coordinator_config, [*COORDINATOR, *overrides])
+
+
+# --- the fast path: exponent shares sealed to the receiving site ---------------------------
+
+FED_SITES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def share_fed(tmp_path_factory, threshold_key):
+    """A federation of hub and sites a, b, c (the certs tool's files), the test key (2 of
+    3), and site a's update of round 1 with one exponent-share blob per holder, signed
+    with a's manifest key as its host signs it (``share_sha256``: one digest per holder)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedray.crypto.codec import PackedPaillierCodec
+    from fedray.crypto.secure_aggregation import ClientEncryptor, UpdateLayout
+
+    certs_dir = tmp_path_factory.mktemp("shares") / "certs"
+    certs.make_federation(certs_dir, "hub", FED_SITES, clients={s: 2 for s in FED_SITES})
+    key, shares = threshold_key
+    codec = PackedPaillierCodec.for_key(key.public, num_values=8, max_summands=6)
+    encryptor = ClientEncryptor(key, UpdateLayout.for_key(key.public, codec))
+    a_key = serialization.load_pem_private_key((certs_dir / "a/signing.key").read_bytes(), None)
+    a_host = HostIdentity.from_private_key(a_key)
+
+    def update(round_num: int, update_id: str):
+        import numpy as np
+
+        enc, blobs = encryptor.encrypt_sum([(np.full(8, 0.1), 1.0, None, {})] * 2)
+        c = Contribution(
+            key.fingerprint,
+            round_num,
+            update_id,
+            0,
+            (0, 1),
+            digest(enc.ciphertexts),
+            tuple(digest(b) for b in blobs),
+            "m" * 64,
+        )
+        return a_host.sign(c), blobs
+
+    return certs_dir, key, shares, update
+
+
+def _context(certs_dir, key, recipient="b", **kw):
+    from fedray.federation.channel import Manifest
+    from fedray.federation.shares import ShareContext, manifest_sha256
+
+    manifest = Manifest.load(certs_dir / "federation.json")
+    fields = dict(
+        key_fingerprint=key.fingerprint,
+        manifest_sha256=manifest_sha256(certs_dir / "federation.json"),
+        round=1,
+        update_id="u1",
+        sender="a",
+        recipient=recipient,
+        holder=FED_SITES.index(recipient) + 1,
+        recipient_cert_sha256=manifest.sites[recipient].cert_sha256,
+    )
+    fields.update(kw)
+    return ShareContext(**fields)
+
+
+def _seal_to(certs_dir, key, share: bytes, recipient="b", **kw):
+    from fedray.federation.channel import Manifest
+    from fedray.federation.shares import recipient_key, seal_share
+
+    expected = Manifest.load(certs_dir / "federation.json").sites[recipient].cert_sha256
+    public = recipient_key((certs_dir / recipient / "cert.pem").read_bytes(), recipient, expected)
+    return seal_share(public, _context(certs_dir, key, recipient, **kw), share)
+
+
+def _tls_key(certs_dir, party):
+    from fedray.tools.keys import _site_private_key
+
+    return _site_private_key(certs_dir / party / "key.pem")
+
+
+def test_a_share_sealed_to_site_b_opens_at_b_only(share_fed):
+    """Site b opens it with its own TLS key; site c (with its own key and its own holder's
+    context) and the coordinator (its own key) cannot, and the sealed bytes do not hold
+    the share."""
+    from fedray.federation.shares import ShareSealError, open_share
+
+    certs_dir, key, _, update = share_fed
+    signed, blobs = update(1, "u1")
+    sealed = _seal_to(certs_dir, key, blobs[1])
+    assert sealed.holder == 2 and blobs[1] not in sealed.sealed
+    assert len(sealed.sealed) == len(blobs[1]) + 16
+    context = _context(certs_dir, key)
+    assert open_share(_tls_key(certs_dir, "b"), context, sealed, len(blobs[1])) == blobs[1]
+    for party, ctx in [
+        ("c", context),
+        ("c", _context(certs_dir, key, "c", holder=2)),
+        ("hub", context),
+    ]:
+        with pytest.raises(ShareSealError, match="does not open with this site's key"):
+            open_share(_tls_key(certs_dir, party), ctx, sealed)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"update_id": "u2"},
+        {"round": 2},
+        {"sender": "c"},
+        {"key_fingerprint": "f" * 16},
+        {"manifest_sha256": "0" * 64},
+    ],
+    ids=["other-update", "other-round", "other-sender", "other-key", "other-manifest"],
+)
+def test_a_sealed_share_moved_to_another_update_round_or_sender_does_not_open(share_fed, change):
+    """The coordinator relays a share as it was sealed: what b expects (from the signed
+    contribution it is deposited with, and its own files) is bound into the seal."""
+    from fedray.federation.shares import ShareSealError, open_share
+
+    certs_dir, key, _, update = share_fed
+    _, blobs = update(1, "u1")
+    sealed = _seal_to(certs_dir, key, blobs[1])
+    with pytest.raises(ShareSealError, match="does not open with this site's key"):
+        open_share(_tls_key(certs_dir, "b"), _context(certs_dir, key, **change), sealed)
+
+
+def test_a_share_for_another_holder_index_is_refused(share_fed):
+    """Holder 3's share (sealed to site c) presented to holder 2: refused on its index
+    before anything is opened."""
+    from fedray.federation.shares import ShareSealError, open_share
+
+    certs_dir, key, _, update = share_fed
+    _, blobs = update(1, "u1")
+    sealed = _seal_to(certs_dir, key, blobs[2], recipient="c")
+    with pytest.raises(ShareSealError, match="is for holder 3, not 2"):
+        open_share(_tls_key(certs_dir, "b"), _context(certs_dir, key), sealed)
+
+
+def test_a_sealed_share_of_another_size_is_refused_before_it_is_opened(share_fed):
+    from fedray.federation.shares import ShareSealError, open_share
+
+    certs_dir, key, _, update = share_fed
+    _, blobs = update(1, "u1")
+    sealed = _seal_to(certs_dir, key, blobs[1] + b"\0")
+    with pytest.raises(ShareSealError, match="not the .* of a share of this update"):
+        open_share(_tls_key(certs_dir, "b"), _context(certs_dir, key), sealed, len(blobs[1]))
+
+
+def test_a_relayed_certificate_that_is_not_the_manifests_is_refused(share_fed):
+    """A site seals only to the certificate the manifest names for the recipient."""
+    from fedray.federation.channel import Manifest
+    from fedray.federation.shares import ShareSealError, recipient_key
+
+    certs_dir = share_fed[0]
+    expected = Manifest.load(certs_dir / "federation.json").sites["b"].cert_sha256
+    for pem in [(certs_dir / "c/cert.pem").read_bytes(), b"not a certificate"]:
+        with pytest.raises(ShareSealError, match="not site b's certificate|not a PEM"):
+            recipient_key(pem, "b", expected)
+
+
+@pytest.fixture
+def holder_b(share_fed):
+    """Site b's key holder (holder 2 of 3): the manifest's site keys as its peers, a's
+    clients 0-1, b's 2-3, c's 4-5; round 1 opened by b's agent."""
+    from fedray.federation.channel import Manifest
+    from fedray.runtime.keys import KeyHolder, round_ticket_message
+
+    certs_dir, key, shares, _ = share_fed
+    manifest = Manifest.load(certs_dir / "federation.json")
+    agent = HostIdentity()
+    holder = KeyHolder(
+        2,
+        {h: manifest.sites[s].signing_key for h, s in enumerate(FED_SITES)},
+        {c: c // 2 for c in range(6)},
+        2,
+        agent.public_bytes(),
+        max_rounds=3,
+    )
+    holder.install(key, shares[1])
+    for r in (1, 2):
+        holder.open_round(r, agent.sign_bytes(round_ticket_message(key.fingerprint, r)))
+    return holder
+
+
+def _flip(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize("which", ["swapped", "altered", "replayed", "holder-1", "holder-3"])
+def test_the_holder_refuses_a_share_that_is_not_the_one_signed_for_it(share_fed, holder_b, which):
+    """What the opened share is checked against is the digest a's host signed for holder 2
+    in the contribution: another update's share (swapped), a changed byte (altered), the
+    share of an earlier round's update (replayed), or another holder's share are refused,
+    and the update is not deposited (its right share is then taken)."""
+    _, _, _, update = share_fed
+    signed, blobs = update(2, "u2")
+    other, other_blobs = update(2, "u3")
+    earlier, earlier_blobs = update(1, "u0")
+    wrong = {
+        "swapped": other_blobs[1],
+        "altered": _flip(blobs[1]),
+        "replayed": earlier_blobs[1],
+        "holder-1": blobs[0],
+        "holder-3": blobs[2],
+    }[which]
+    with pytest.raises(PermissionError, match="exponent shares do not match the signed digest"):
+        holder_b.deposit(signed, wrong)
+    assert holder_b.deposit(signed, blobs[1])

@@ -677,6 +677,9 @@ class Coordinator:
         self._policy_fingerprint = policy_fingerprint
         self._sites: dict[str, SitePeer] = {}
         self._handshaking: dict[str, object] = {}  # site -> its one handshake in flight
+        # site -> the PEM certificate its TLS handshake showed (pinned by the manifest's
+        # SHA-256): relayed to the other sites, which seal exponent shares to its key.
+        self._certificates: dict[str, bytes] = {}
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
 
@@ -708,6 +711,12 @@ class Coordinator:
                 self._cond.wait(left)
             return {s: self._sites[s] for s in wanted}
 
+    def certificates(self) -> dict[str, bytes]:
+        """The PEM certificates of the sites that have connected (each one's SHA-256 is
+        its manifest entry's ``cert_sha256``: the TLS handshake was pinned to it)."""
+        with self._cond:
+            return dict(self._certificates)
+
     def connected_unlocked(self) -> list[str]:
         return [s for s, p in self._sites.items() if p.connected]
 
@@ -738,6 +747,8 @@ class Coordinator:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"site {party.id} is not allowed in this run"
             )
+        with self._cond:
+            self._certificates[party.id] = bytes(pems[0])
         return party
 
     def _connect(self, request_iterator, context):

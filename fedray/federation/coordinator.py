@@ -5,15 +5,17 @@ The launcher's driver starts a :class:`FederationHub` actor in the coordinator's
 cluster. It serves the federation endpoint (mTLS gRPC, :mod:`fedray.federation.channel`)
 and waits for the manifest's sites to dial in. The server actor is then given one
 :class:`SiteHandle` per site as its client hosts *and* as its key holders: a handle's
-``train``, ``approve``, ``sealed_payload`` and ``partial_decrypt`` look like those of a
-:class:`~fedray.runtime.client.ClientHost` and a :class:`~fedray.runtime.keys.KeyHolder`
+``train``, ``approve``, ``sealed_payload``, ``partial_decrypt`` and ``share_sum`` look like
+those of a :class:`~fedray.runtime.client.ClientHost` and a
+:class:`~fedray.runtime.keys.KeyHolder`
 (``handle.train.remote(...)`` returns an ObjectRef), and the hub turns each call into one
 typed request to that site. So a round reads the same in both deployments
 (:meth:`fedray.runtime.server.Server.run_round`): no forked round logic.
 
 What the coordinator holds: the federation's public key (``federation_key.json``, signed
-by the dealer site), the sites' ciphertexts and signed statements, and what the server
-opens. No key share, no site actor and no handle to anything inside a site: the
+by the dealer site), the sites' ciphertexts and signed statements, the exponent shares the
+sites sealed to each other (relayed unopened: it cannot open one), the holders' share sums
+and what the server opens. No key share, no site actor and no handle to anything inside a site: the
 coordinator's Ray cluster has the server, the hub and nothing of the sites'.
 """
 
@@ -32,7 +34,7 @@ log = logging.getLogger("fedray.coordinator")
 
 # What the server may call on a site through its handle (the closed list of requests).
 HANDLE_METHODS = frozenset(
-    {"train", "approve", "sealed_payload", "partial_decrypt", "ready", "trainable"}
+    {"train", "approve", "sealed_payload", "partial_decrypt", "share_sum", "ready", "trainable"}
 )
 
 
@@ -76,6 +78,9 @@ class FederationHub:
         self._info = info
         self._model_facts: tuple[bytes, int] | None = None  # see _model
         self._sealed: dict[str, tuple[int, bytes, bytes, bytes]] = {}  # update -> round, ...
+        # update -> holder index -> its exponent share, sealed to that holder's site (the
+        # fast path): relayed unopened, the coordinator cannot open one
+        self._shares: dict[str, dict[int, tuple[bytes, bytes, bytes]]] = {}
         self._closing = False
         self.coord = ch.listen(
             cfg.federation.listen,
@@ -162,6 +167,7 @@ class FederationHub:
             hyperparameters=hyper,
             global_weights=blob.ref,
             client_ids=sorted(int(c) for c in task.client_ids),
+            site_certificates=self.coord.certificates(),
         )
         reply = self._peer(index).call("train_request", request, [blob], self._timeout())
         body = reply.body
@@ -170,14 +176,27 @@ class FederationHub:
         if int(body.round) != int(task.round) or statement.get("update_id") != body.update_id:
             raise ClusterError(f"site {site} answered round {task.round} with another update")
         data = bytes(reply.blob(body.ciphertexts).ciphertexts(self.width))
+        shares = {}
+        for share in body.sealed_shares:
+            holder = int(share.holder)
+            if not 1 <= holder <= len(self.sites) or holder == index + 1:
+                raise ClusterError(f"site {site} sealed an exponent share for holder {holder}")
+            sealed = reply.blob(share.sealed)
+            shares[holder] = (
+                bytes(share.ephemeral_public),
+                bytes(share.nonce),
+                bytes(sealed.array(np.uint8, (sealed.header.total_size,))),
+            )
         self._sealed[body.update_id] = (
             int(task.round),
             data,
             bytes(body.contribution),
             bytes(body.contribution_signature),
         )
+        self._shares[body.update_id] = shares
         for old in [u for u, v in self._sealed.items() if v[0] < int(task.round) - 1]:
             del self._sealed[old]
+            self._shares.pop(old, None)
         failed = {int(f.client_id): f.reason for f in body.failures}
         results = []
         for cid in sorted(int(c) for c in task.client_ids):
@@ -199,6 +218,7 @@ class FederationHub:
             update_id=body.update_id,
         )
         carrier.bytes_up = len(data)
+        carrier.bytes_to_key_holders = sum(len(v[2]) for v in shares.values())  # sealed, relayed
         carrier.train_seconds = float(body.train_seconds)
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
@@ -277,10 +297,83 @@ class FederationHub:
             if self._closing:  # asked past the t-th holder and the run ended meanwhile
                 return []
             raise
+        if reply.body.WhichOneof("answer") != "partial_decryption":
+            raise ClusterError(f"site {self.sites[index]} answered no partial decryption")
         data = bytes(reply.blob(reply.body.partial_decryption).ciphertexts(self.width))
         if int(reply.body.round) != int(round_num) or reply.body.holder_id != self.sites[index]:
             raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
         return [int(x) for x in from_bytes(self.key.public, data)]
+
+    def share_sum(
+        self, index: int, round_num: int, update_ids: list[str], approvals: dict[int, bytes]
+    ) -> bytes:
+        """The fast path: site ``index``'s key holder's share of the summed obfuscator
+        exponents of these updates. It is sent every update's signed contribution, every
+        host's approval and, for each other site's update, the exponent share that site
+        sealed to it (no ciphertexts); it opens the shares, checks each against the digest
+        its host signed and answers under its holder's rules. The server interpolates X
+        from ``t`` answers and strips ``hs^X`` itself, as in one cluster."""
+        from fedray.federation import federation_pb2 as pb
+
+        holder = index + 1
+        ids = sorted(str(u) for u in update_ids)
+        statements, sealed, blobs = [], [], []
+        for n, uid in enumerate(ids):
+            entry = self._sealed.get(uid)
+            if entry is None or entry[0] != int(round_num):
+                raise LookupError(f"round {round_num}: no signed contribution for {uid!r}")
+            statements.append(pb.SignedStatement(statement=entry[2], signature=entry[3]))
+            if int(json.loads(entry[2]).get("host", -1)) == index:
+                continue  # the site's own update: its share is at home
+            share = self._shares.get(uid, {}).get(holder)
+            if share is None:
+                raise LookupError(
+                    f"round {round_num}: update {uid!r} came with no exponent share for "
+                    f"site {self.sites[index]}'s key holder"
+                )
+            blob = self._share_blob(f"s{n}", share[2])
+            blobs.append(blob)
+            sealed.append(
+                pb.SealedShare(
+                    update_id=uid,
+                    holder=holder,
+                    ephemeral_public=share[0],
+                    nonce=share[1],
+                    sealed=blob.ref,
+                )
+            )
+        request = pb.ShareSumRequest(
+            round=int(round_num),
+            update_ids=ids,
+            approvals=[
+                pb.Approval(round=int(round_num), update_ids=ids, signature=sig, host=int(h))
+                for h, sig in sorted(approvals.items())
+            ],
+            contributions=statements,
+            opening=pb.OPENING_SHARE_SUM,
+            sealed_shares=sealed,
+        )
+        try:
+            reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
+        except Exception:
+            if self._closing:  # asked past the t-th holder and the run ended meanwhile
+                return b""
+            raise
+        body = reply.body
+        if int(body.round) != int(round_num) or body.holder_id != self.sites[index]:
+            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
+        if body.WhichOneof("answer") != "exponent_share_sum":
+            raise ClusterError(f"site {self.sites[index]} answered no exponent share sum")
+        width = self.key.share_width(len(ids))
+        return bytes(reply.blob(body.exponent_share_sum).ciphertexts(width))
+
+    @staticmethod
+    def _share_blob(blob_id: str, data: bytes):
+        import numpy as np
+
+        from fedray.federation import channel as ch
+
+        return ch.OutgoingBlob.from_array(blob_id, np.frombuffer(data, dtype=np.uint8))
 
 
 @dataclass

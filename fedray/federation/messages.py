@@ -24,13 +24,16 @@ import numpy as np
 from fedray.errors import FedrayError
 from fedray.federation import federation_pb2 as pb
 
-PROTOCOL_VERSION = 2  # 2: cohorts, failures and timings in train messages; sums relayed
+# 2: cohorts, failures and timings in train messages; sums relayed. 3: the fast path
+# (sealed exponent shares relayed, share sums answered, the sites' certificates sent).
+PROTOCOL_VERSION = 3
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payload bytes
 ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
 HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
 SESSION_DOMAIN = b"fedray-session-v1\x00"
 MAX_CONTRIBUTION_BYTES = 32 * 1024  # a signed JSON statement, well inside one envelope
 MAX_REASON_CHARS = 300
+MAX_CERTIFICATE_BYTES = 16 * 1024  # one PEM certificate relayed in a train request
 # Caps on what one signed envelope may make the receiver parse and hold (L2): the whole
 # serialized envelope (checked before its signature, so before parsing), the entries of
 # its map and the items of each repeated field.
@@ -158,6 +161,26 @@ def _check_statement(contribution: bytes) -> None:
         _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
 
 
+def _check_sealed_shares(shares, update_ids, what: str) -> None:
+    """Sealed exponent shares: each of an update the message names, for a holder index
+    >= 1, with a 65-byte ephemeral point, a 12-byte nonce and a blob; one per (update,
+    holder)."""
+    _check_count(shares, MAX_LIST_ITEMS, what)
+    seen = set()
+    for share in shares:
+        check_id(share.update_id, "sealed share update id")
+        if share.update_id not in update_ids:
+            _fail(f"{what}: a sealed share of update {share.update_id!r} it does not name")
+        if share.holder < 1:
+            _fail(f"{what}: a sealed share for holder {share.holder} (holders count from 1)")
+        if (share.update_id, share.holder) in seen:
+            _fail(f"{what}: two sealed shares of one update for one holder")
+        seen.add((share.update_id, share.holder))
+        _check_len(share.ephemeral_public, (65,), "sealed share ephemeral key")
+        _check_len(share.nonce, (12,), "sealed share nonce")
+        _check_ref(share.sealed, "sealed share")
+
+
 def check_body(env: pb.Envelope) -> str:
     """The schema rules of the envelope's body; returns its kind (the oneof field name)."""
     kind = env.WhichOneof("body")
@@ -186,6 +209,11 @@ def check_body(env: pb.Envelope) -> str:
                 _fail(f"hyper-parameter {key} is not a finite number")
         _check_ref(body.global_weights, "global weights")
         _check_clients(body.client_ids, "train request")
+        _check_count(body.site_certificates, MAX_LIST_ITEMS, "site certificates")
+        for site, pem in body.site_certificates.items():
+            check_id(site, "certificate's site id")
+            if not 0 < len(pem) <= MAX_CERTIFICATE_BYTES:
+                _fail(f"site {site}'s certificate is empty or over {MAX_CERTIFICATE_BYTES} bytes")
     elif kind == "train_reply":
         check_id(body.update_id, "update id")
         _check_statement(body.contribution)
@@ -200,6 +228,7 @@ def check_body(env: pb.Envelope) -> str:
             value = getattr(body, what)
             if not math.isfinite(value) or value < 0:
                 _fail(f"{what} {value!r} is not a finite number >= 0")
+        _check_sealed_shares(body.sealed_shares, {body.update_id}, "train reply")
     elif kind == "approve_request":
         _check_update_ids(body.update_ids, "approve request")
         if len(body.contributions) != len(body.update_ids):
@@ -216,8 +245,20 @@ def check_body(env: pb.Envelope) -> str:
         for approval in body.approvals:
             _check_update_ids(approval.update_ids, "approval")
             _check_len(approval.signature, (64,), "approval signature")
-        if not len(body.contributions) == len(body.ciphertexts) == len(body.update_ids):
-            _fail("share-sum request needs one contribution and one ciphertext blob per update")
+        if body.opening == pb.OPENING_SHARE_SUM:
+            if len(body.contributions) != len(body.update_ids) or body.ciphertexts:
+                _fail(
+                    "share-sum request for share sums needs one contribution per update, "
+                    "no ciphertexts"
+                )
+            _check_sealed_shares(body.sealed_shares, set(body.update_ids), "share-sum request")
+        elif body.opening == pb.OPENING_PARTIAL_DECRYPTION:
+            if not len(body.contributions) == len(body.ciphertexts) == len(body.update_ids):
+                _fail("share-sum request needs one contribution and one ciphertext blob per update")
+            if body.sealed_shares:
+                _fail("share-sum request for partial decryptions carries sealed shares")
+        else:
+            _fail(f"share-sum request of unknown opening {body.opening}")
         for signed in body.contributions:
             _check_statement(signed.statement)
             _check_len(signed.signature, (64,), "contribution signature")
@@ -225,7 +266,10 @@ def check_body(env: pb.Envelope) -> str:
             _check_ref(ref, "ciphertexts")
     elif kind == "share_sum_reply":
         check_id(body.holder_id, "holder id")
-        _check_ref(body.partial_decryption, "partial decryption")
+        answer = body.WhichOneof("answer")
+        if answer is None:
+            _fail("share-sum reply carries no answer")
+        _check_ref(getattr(body, answer), answer.replace("_", " "))
     elif kind in ("refusal", "bye"):
         _check_line(body.reason, kind)
     elif kind == "blob_header":

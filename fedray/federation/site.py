@@ -12,13 +12,20 @@ of typed requests, and the agent decides each one itself:
   the model and the hyper-parameters (its policy, if it has one), opens the round for its
   key holder, and has its host train, clip, noise (its own DP settings) and encrypt one
   sum of those clients under the federation's threshold key. The reply is that sum's
-  ciphertexts and the contribution the host signed with the site's manifest key.
+  ciphertexts and the contribution the host signed with the site's manifest key, and with
+  the fast path (``crypto.fast_decrypt``) the update's exponent shares for the other
+  sites' key holders, each sealed to that site's certificate key (checked against the
+  manifest) by the host (:mod:`fedray.federation.shares`).
 * ``approve_request``: the host signs the list of updates of the round's sum, once per
   round (the consistency step; a second, different list is refused).
 * ``share_sum_request``: the agent's key holder checks every update's contribution
-  against its host's manifest key and every host's approval of exactly this list, checks
-  each update's ciphertexts against the digest its host signed, multiplies them itself and
-  answers its partial decryption of the product (never of a sum it was handed).
+  against its host's manifest key and every host's approval of exactly this list. The fast
+  path (``OPENING_SHARE_SUM``): the agent opens each other site's exponent share sealed to
+  this site (bound to the round, the update, the sender and this holder), the holder
+  checks it against the digest the sender's host signed, and answers its share sum. Else
+  (``OPENING_PARTIAL_DECRYPTION``) the holder checks each update's ciphertexts against the
+  digest its host signed, multiplies them itself and answers its partial decryption of
+  the product (never of a sum it was handed).
 
 The key holder's authority (round tickets, the host's configuration) is this agent's own
 key, made here: across organisations no party but the site sets up what the site runs.
@@ -74,10 +81,72 @@ class SiteHost(ClientHost):
             key = serialization.load_pem_private_key(bytes(identity), None)
             self._identity = HostIdentity.from_private_key(key)
             self._approver = CohortApprover(self._identity)
+        # update id -> (round, every holder's exponent-share blob): the fast path's shares
+        # for the other sites' holders, sealed to them on the agent's request (this round's)
+        self._shares: dict[str, tuple[int, list[bytes]]] = {}
 
     def num_parameters(self) -> int:
         """Values this site's model exchanges: the shape it accepts global weights in."""
         return int(self.view.size)
+
+    def num_ciphertexts(self) -> int:
+        """Ciphertexts per update (and exponent shares per holder, the fast path)."""
+        return int(self.layout.num_ciphertexts)
+
+    def _holder_share(self, i: int, shares: list[bytes] | None) -> bytes | None:
+        """Its one holder is its own site's, holder ``host index + 1``: that one's share."""
+        return shares[self._host_index] if shares else None
+
+    def _deposit(self, round_num: int, update: Any, shares: list[bytes] | None) -> list:
+        pending = super()._deposit(round_num, update, shares)
+        for old in [u for u, (r, _) in self._shares.items() if r != int(round_num)]:
+            del self._shares[old]
+        if shares:
+            self._shares[update.update_id] = (int(round_num), list(shares))
+        return pending
+
+    def sealed_shares(
+        self,
+        round_num: int,
+        update_id: str,
+        recipients: dict[int, tuple[str, bytes, str]],
+        manifest_sha256: str,
+        sender: str,
+    ) -> list:
+        """The exponent shares of an update this host sealed this round, one for each
+        other site's key holder, each sealed to that site's certificate key and bound to
+        the round, the update and the holder (:mod:`fedray.federation.shares`).
+
+        ``recipients``: holder index -> (site id, its PEM certificate, the manifest's
+        SHA-256 of it); every holder but this site's own must be named."""
+        from fedray.federation.shares import ShareContext, recipient_key, seal_share
+
+        entry = self._shares.get(str(update_id))
+        if entry is None or entry[0] != int(round_num):
+            raise LookupError(f"round {round_num}: no exponent shares of update {update_id!r}")
+        shares = entry[1]
+        own = self._host_index + 1
+        wanted = {j for j in range(1, len(shares) + 1) if j != own}
+        if set(recipients) != wanted:
+            raise LookupError(
+                f"round {round_num}: exponent shares go to holders {sorted(wanted)}, not "
+                f"{sorted(recipients)}"
+            )
+        out = []
+        for j in sorted(wanted):
+            site, pem, cert_sha256 = recipients[j]
+            context = ShareContext(
+                self._key.fingerprint,
+                manifest_sha256,
+                int(round_num),
+                str(update_id),
+                sender,
+                site,
+                j,
+                cert_sha256,
+            )
+            out.append(seal_share(recipient_key(pem, site, cert_sha256), context, shares[j - 1]))
+        return out
 
     def signed_contribution(self, round_num: int, update_id: str) -> tuple[bytes, bytes]:
         """The statement this host signed for an update it sealed this round, and the
@@ -196,10 +265,10 @@ def check_cross_org_job(cfg: FedrayConfig) -> None:
             "federation=cross_org needs crypto=paillier with crypto.custody=threshold "
             "(the sites hold the key shares)"
         )
-    if cfg.crypto.fast_decrypt or not cfg.crypto.host_sum:
+    if not cfg.crypto.host_sum:
         raise ConfigError(
-            "federation=cross_org needs crypto.fast_decrypt=false and crypto.host_sum=true "
-            "(the federation=cross_org group sets both)"
+            "federation=cross_org needs crypto.host_sum=true (one update per site and round; "
+            "the federation=cross_org group sets it)"
         )
     if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
         raise ConfigError(
@@ -336,6 +405,16 @@ class SiteAgent:
         if answer is not True:
             raise ConfigError(f"site {self.site_id}: {answer}")
         self.num_values = ray.get(self.host.num_parameters.remote())
+        # The fast path: what this site seals its exponent shares to (the other sites'
+        # certificates, relayed by the coordinator and checked against the manifest) and
+        # opens the others' with (its TLS key, as the dealer's share file).
+        from fedray.federation.shares import manifest_sha256
+        from fedray.tools.keys import _site_private_key
+
+        self.manifest_sha256 = manifest_sha256(paths.manifest)
+        self.share_bytes = ray.get(self.host.num_ciphertexts.remote()) * self.key.share_width()
+        self._tls_key = _site_private_key(paths.key)
+        self._certificates: dict[str, bytes] = {}
         log.info(
             "site %s: %d clients, key %s, holder %d of %d (any %d open a sum)",
             self.site_id,
@@ -444,6 +523,7 @@ class SiteAgent:
         weights = np.array(
             msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
         )
+        recipients = self._recipients(round_num, body) if cfg.crypto.fast_decrypt else None
         self._open_round(round_num)
         results = ray.get(self.host.train.remote(RoundTask(round_num, clients, options), weights))
         carrier = next((r for r in results if r.encrypted is not None), None)
@@ -466,6 +546,27 @@ class SiteAgent:
         out = ch.OutgoingBlob.from_ciphertexts(
             f"u{round_num}", update.ciphertexts, self.key.public.ciphertext_bytes
         )
+        blobs, sealed_shares = [out], []
+        if recipients is not None:
+            sealed = ray.get(
+                self.host.sealed_shares.remote(
+                    round_num, update.update_id, recipients, self.manifest_sha256, self.site_id
+                )
+            )
+            for share in sealed:
+                blob = ch.OutgoingBlob.from_array(
+                    f"s{round_num}-{share.holder}", np.frombuffer(share.sealed, dtype=np.uint8)
+                )
+                blobs.append(blob)
+                sealed_shares.append(
+                    pb.SealedShare(
+                        update_id=update.update_id,
+                        holder=share.holder,
+                        ephemeral_public=share.ephemeral_public,
+                        nonce=share.nonce,
+                        sealed=blob.ref,
+                    )
+                )
         reply = pb.TrainReply(
             round=round_num,
             update_id=update.update_id,
@@ -475,8 +576,37 @@ class SiteAgent:
             failures=failures,
             train_seconds=float(sum(r.train_seconds for r in results)),
             encrypt_seconds=float(sum(r.encrypt_seconds for r in results)),
+            sealed_shares=sealed_shares,
         )
-        return "train_reply", reply, [out]
+        return "train_reply", reply, blobs
+
+    def _recipients(self, round_num: int, body) -> dict[int, tuple[str, bytes, str]]:
+        """Every other site's key holder (by index) with its site's certificate, relayed by
+        the coordinator (or relayed before) and checked against the manifest's SHA-256:
+        what this site seals its update's exponent shares to. Checked before training, so
+        nothing leaves for a request this site cannot seal for."""
+        from fedray.federation.shares import ShareSealError, recipient_key
+
+        manifest = self.paths.manifest_obj
+        relayed = dict(body.site_certificates)
+        out = {}
+        for j, site in enumerate(self.paths.sites, start=1):
+            if site == self.site_id:
+                continue
+            pem = relayed.get(site, self._certificates.get(site))
+            if pem is None:
+                raise ch.Refused(
+                    f"round {round_num}: no certificate of site {site} to seal its key "
+                    "holder's exponent shares to"
+                )
+            expected = manifest.sites[site].cert_sha256
+            try:
+                recipient_key(pem, site, expected)
+            except ShareSealError as exc:
+                raise ch.Refused(f"round {round_num}: {exc}") from None
+            self._certificates[site] = bytes(pem)
+            out[j] = (site, bytes(pem), expected)
+        return out
 
     def _options(self, body) -> dict[str, Any]:
         """The strategy's client options the coordinator may set (FedProx's mu), within
@@ -564,12 +694,14 @@ class SiteAgent:
         body = msg.body
         round_num, ids = int(body.round), list(body.update_ids)
         width = self.key.public.ciphertext_bytes
+        fast = body.opening == pb.OPENING_SHARE_SUM
         signed, payloads = [], []
-        for statement, ref, uid in zip(body.contributions, body.ciphertexts, ids, strict=True):
+        for k, (statement, uid) in enumerate(zip(body.contributions, ids, strict=True)):
             contribution = contribution_from_statement(statement.statement, statement.signature)
             self._check_statement(contribution, round_num, uid)
             signed.append(contribution)
-            payloads.append(bytes(msg.blob(ref).ciphertexts(width)))
+            if not fast:
+                payloads.append(bytes(msg.blob(body.ciphertexts[k]).ciphertexts(width)))
         self._check_sum(round_num, signed)
         approvals = {}
         for a in body.approvals:
@@ -577,6 +709,8 @@ class SiteAgent:
                 raise ch.Refused(f"round {round_num}: an approval is of another sum")
             approvals[int(a.host)] = bytes(a.signature)
         self._open_round(round_num)
+        if fast:
+            return self._open_share_sum(msg, round_num, ids, signed, approvals)
         for s in signed:  # the others' contributions, checked by the holder on deposit
             uid = s.contribution.update_id
             if uid not in self._deposited:
@@ -588,6 +722,67 @@ class SiteAgent:
         )
         reply = pb.ShareSumReply(
             round=round_num, holder_id=self.site_id, partial_decryption=out.ref
+        )
+        return "share_sum_reply", reply, [out]
+
+    def _open_share_sum(self, msg: ch.Message, round_num: int, ids, signed, approvals) -> tuple:
+        """The fast path: open each other site's exponent share sealed to this site's
+        holder (bound to the round, the update and the holder, from the contribution its
+        host signed), deposit it with the contribution (the holder checks its digest
+        against the signed ``share_sha256``), and answer the holder's share sum. The
+        holder's rules are those of any sum: one per round, distinct clients, approvals,
+        its window."""
+        import ray
+
+        from fedray.federation.shares import TAG_BYTES, SealedShare, ShareContext, open_share
+
+        own = self.index + 1
+        sealed = {}
+        for share in msg.body.sealed_shares:
+            if int(share.holder) != own:
+                raise ch.Refused(
+                    f"round {round_num}: an exponent share for holder {share.holder}; this "
+                    f"site's key holder is holder {own}"
+                )
+            sealed[share.update_id] = share
+        manifest, sites = self.paths.manifest_obj, self.paths.sites
+        for s in signed:
+            c = s.contribution
+            if c.update_id in self._deposited:
+                continue  # its share is with the holder already (this site's own, or asked before)
+            share = sealed.get(c.update_id)
+            if share is None:
+                raise ch.Refused(
+                    f"round {round_num}: no exponent share of update {c.update_id!r} for this "
+                    "site's key holder"
+                )
+            context = ShareContext(
+                self.key.fingerprint,
+                self.manifest_sha256,
+                round_num,
+                c.update_id,
+                sites[c.host],
+                self.site_id,
+                own,
+                manifest.sites[self.site_id].cert_sha256,
+            )
+            data = msg.blob(share.sealed).array(np.uint8, (self.share_bytes + TAG_BYTES,))
+            opened = open_share(
+                self._tls_key,
+                context,
+                SealedShare(
+                    share.holder, bytes(share.ephemeral_public), bytes(share.nonce), bytes(data)
+                ),
+                self.share_bytes,
+            )
+            ray.get(self.holder.deposit.remote(s, opened))
+            self._deposited.add(c.update_id)
+        total = ray.get(self.holder.share_sum.remote(round_num, ids, approvals))
+        out = ch.OutgoingBlob.from_ciphertexts(
+            f"x{round_num}", total, self.key.share_width(len(ids))
+        )
+        reply = pb.ShareSumReply(
+            round=round_num, holder_id=self.site_id, exponent_share_sum=out.ref
         )
         return "share_sum_reply", reply, [out]
 

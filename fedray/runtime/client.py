@@ -667,9 +667,13 @@ class ClientHost:
         signed = self._identity.sign(contribution)
         self._signed[update.update_id] = signed  # relayed to other sites' holders (cross_org)
         return [
-            holder.deposit.remote(signed, shares[i] if shares else None)
+            holder.deposit.remote(signed, self._holder_share(i, shares))
             for i, holder in enumerate(self._holders)
         ]
+
+    def _holder_share(self, i: int, shares: list[bytes] | None) -> bytes | None:
+        """The exponent shares for ``self._holders[i]`` (holder ``i + 1``)."""
+        return shares[i] if shares else None
 
     def _await_deposits(self, pending: list) -> int:
         """How many key holders accepted; waits, so the deposits are in before the server

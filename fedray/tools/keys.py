@@ -358,21 +358,27 @@ def _point(public_key) -> bytes:
     )
 
 
-def _seal(recipient_public, body: dict, plaintext: bytes) -> dict:
-    """ECIES to a P-256 key: ephemeral ECDH + HKDF-SHA256 + AES-256-GCM (AAD = binding)."""
+def _seal(recipient_public, body: dict, plaintext: bytes, binding_of=_binding) -> dict:
+    """ECIES to a P-256 key: ephemeral ECDH + HKDF-SHA256 + AES-256-GCM (AAD = binding).
+
+    ``binding_of(body)`` is the HKDF info and the AEAD's associated data (a share file's
+    :func:`_binding` by default; a relayed exponent share has its own,
+    :mod:`fedray.federation.shares`)."""
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     ephemeral = ec.generate_private_key(ec.SECP256R1())
     body = dict(body, ephemeral_public=_point(ephemeral.public_key()).hex())
-    binding = _binding(body)
+    binding = binding_of(body)
     key = _aes_key(ephemeral.exchange(ec.ECDH(), recipient_public), binding)
     nonce = os.urandom(12)
     sealed = AESGCM(key).encrypt(nonce, plaintext, binding)
     return dict(body, nonce=nonce.hex(), ciphertext=sealed.hex())
 
 
-def _open(path, site_key, body: dict) -> bytes:
+def _open(path, site_key, body: dict, binding_of=_binding) -> bytes:
+    """The plaintext :func:`_seal` sealed, if ``body`` (with the binding ``binding_of``
+    makes of it) is exactly what it was sealed under and ``site_key`` the recipient's."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -385,7 +391,7 @@ def _open(path, site_key, body: dict) -> bytes:
         sealed = bytes.fromhex(body["ciphertext"])
     except (KeyError, TypeError, ValueError):
         raise KeyFileError(f"{path}: the sealed share is malformed") from None
-    binding = _binding(body)
+    binding = binding_of(body)
     try:
         key = _aes_key(site_key.exchange(ec.ECDH(), ephemeral), binding)
         return AESGCM(key).decrypt(nonce, sealed, binding)
@@ -479,12 +485,18 @@ def load_share(
 
 def _site_public_key(cert_path: Path, site: str, expected_sha256: str):
     """The P-256 public key of ``site``'s certificate, once it is the manifest's."""
+    pem = _read(cert_path, f"certificate of site {site}")
+    return certificate_public_key(pem, site, expected_sha256, cert_path)
+
+
+def certificate_public_key(pem: bytes, site: str, expected_sha256: str, cert_path="certificate"):
+    """The P-256 public key of ``site``'s PEM certificate, once its SHA-256 is the
+    manifest's ``expected_sha256`` (what a share is sealed to); KeyFileError if not."""
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from fedray.tools.certs import fingerprint
 
-    pem = _read(cert_path, f"certificate of site {site}")
     try:
         fp = fingerprint(pem)
         cert = x509.load_pem_x509_certificate(pem)
