@@ -355,3 +355,23 @@ def test_joined_cluster_is_named_and_the_run_folder_keeps_the_console(ray_2cpus,
     positions = [log.index(ln) for ln in shown]
     assert positions == sorted(positions)
     assert not math.isnan(float(progress.split("val_acc ")[1].split()[0]))
+
+
+def test_output_json_never_holds_nan(tmp_path):
+    """summary.json and friends are strict JSON: a NaN anywhere (a job without a test
+    set, a nested list) is written as null, never as the non-JSON token NaN."""
+    import json
+
+    import numpy as np
+
+    from fedray.runtime.outputs import write_json
+
+    path = tmp_path / "summary.json"
+    nan = float("nan")
+    write_json(path, {"final_accuracy": nan, "round_seconds": [1.0, nan], "x": {"y": np.nan}})
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data == {"final_accuracy": None, "round_seconds": [1.0, None], "x": {"y": None}}

@@ -48,10 +48,15 @@ METRIC_COLUMNS = [
 
 
 def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null (also inside lists and dicts)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, np.generic):
         return _clean(value.item())
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -97,7 +102,8 @@ class MetricsWriter:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in data.items()}, indent=2, default=_clean))
+    # allow_nan=False: a NaN that slipped past _clean fails here, never as invalid JSON
+    tmp.write_text(json.dumps(_clean(data), indent=2, default=_clean, allow_nan=False))
     os.replace(tmp, path)
 
 
