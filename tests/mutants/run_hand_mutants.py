@@ -1728,6 +1728,33 @@ MUTANTS = [
         "a table to predict is read in its own column order, not by the model's names",
         "csv_model",
     ),
+    Mutant(
+        "probe-any-answer",
+        "fedray/runtime/cluster.py",
+        "    if header[3] != _SETTINGS:",
+        "    if False:",
+        ("tests/test_paper_cuts.py",),
+        "an address that answers in another protocol passes as a Ray head",
+        "closing_or_foreign",
+    ),
+    Mutant(
+        "progress-poisson-as-fixed",
+        "fedray/runtime/driver.py",
+        "    if _poisson_cohorts(cfg):  # the cohort's size varies around clients_per_round",
+        "    if False:",
+        ("tests/test_paper_cuts.py",),
+        "a Poisson cohort is shown as ok/asked (clients 7/5)",
+        "poisson_cohort",
+    ),
+    Mutant(
+        "output-json-nested-nan",
+        "fedray/runtime/outputs.py",
+        "    if isinstance(value, dict):",
+        "    if False:",
+        ("tests/test_paper_cuts.py",),
+        "a NaN inside a dict of summary.json is written (or refused) instead of null",
+        "never_holds_nan",
+    ),
 ]
 
 
