@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -394,7 +395,21 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     b_key = serialization.load_pem_private_key((w / "certs/b/signing.key").read_bytes(), None)
     b_identity = HostIdentity.from_private_key(b_key)
     ub = "b" * 32
-    b_shares = [os.urandom(share_bytes) for _ in SITES]  # b's shares for holders 1, 2, 3
+    from fedray.crypto.threshold import ints_to_bytes
+
+    # b's shares for holders 1, 2, 3: random values within an honest sharing's bound (a
+    # holder refuses larger ones at deposit)
+    width = key.share_width()
+    b_shares = [
+        ints_to_bytes(
+            [
+                secrets.randbelow(key.exponent_share_bound() + 1)
+                for _ in range(share_bytes // width)
+            ],
+            width,
+        )
+        for _ in SITES
+    ]
     b_signed = b_identity.sign(
         Contribution(
             key.fingerprint,

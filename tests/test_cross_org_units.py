@@ -857,3 +857,59 @@ def test_the_holder_refuses_a_share_that_is_not_the_one_signed_for_it(share_fed,
     with pytest.raises(PermissionError, match="exponent shares do not match the signed digest"):
         holder_b.deposit(signed, wrong)
     assert holder_b.deposit(signed, blobs[1])
+
+
+def test_a_share_attaches_once_to_the_same_contribution_deposited_without_it(share_fed, holder_b):
+    """A site deposits relayed contributions without shares for a partial-decryption
+    request; if that request fails (a hostile coordinator sends one with missing
+    approvals), the later share-sum request must still attach the holder's share: the very
+    same signed contribution takes its signed share once. Review of 2026-12-04: before,
+    the update stayed share-less and the fast path was off for that round."""
+    _, _, _, update = share_fed
+    signed, blobs = update(2, "u2")
+    assert holder_b.deposit(signed, None)
+    # a second contribution its host signed under the same id never replaces the first
+    twin, twin_blobs = update(2, "u2")
+    with pytest.raises(PermissionError, match="already deposited"):
+        holder_b.deposit(twin, twin_blobs[1])
+    with pytest.raises(PermissionError, match="exponent shares do not match the signed digest"):
+        holder_b.deposit(signed, _flip(blobs[1]))  # only the signed share attaches
+    assert holder_b.deposit(signed, blobs[1])
+    with pytest.raises(PermissionError, match="already deposited"):
+        holder_b.deposit(signed, blobs[1])  # once
+    with pytest.raises(PermissionError, match="already deposited"):
+        holder_b.deposit(signed, None)
+
+
+@pytest.mark.parametrize("bad", ["too-large", "ragged"])
+def test_the_holder_refuses_exponent_shares_no_honest_sharing_makes(share_fed, holder_b, bad):
+    """A host's share blob that matches its signed digest but holds a value above the
+    bound of an honest sharing (all 0xFF bytes) would overflow every holder's share sum,
+    and the honest sites would be the ones seen failing; a blob that is not whole values
+    cannot be summed. Both are refused at deposit, naming the host (review, 2026-12-04)."""
+    from cryptography.hazmat.primitives import serialization
+
+    certs_dir, key, _, update = share_fed
+    signed, blobs = update(2, "u2")
+    width = key.share_width()
+    wrong = b"\xff" * len(blobs[1]) if bad == "too-large" else blobs[1][: width + 1]
+    c = signed.contribution
+    shares = list(c.share_sha256)
+    shares[1] = digest(wrong)
+    a_key = serialization.load_pem_private_key((certs_dir / "a/signing.key").read_bytes(), None)
+    forged = HostIdentity.from_private_key(a_key).sign(
+        Contribution(
+            c.key_id,
+            c.round,
+            c.update_id,
+            c.host,
+            c.client_ids,
+            c.ciphertext_sha256,
+            tuple(shares),
+            c.model_sha256,
+        )
+    )
+    message = "exceed the bound" if bad == "too-large" else "not whole values"
+    with pytest.raises(PermissionError, match=f"host 0's exponent shares .*{message}"):
+        holder_b.deposit(forged, wrong)
+    assert holder_b.deposit(signed, blobs[1])  # an honest sharing is taken

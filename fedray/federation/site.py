@@ -319,6 +319,14 @@ class SiteAgent:
         self._opened = 0
         self._trained = 0  # the round this site last sealed an update of
         self._deposited: set[str] = set()
+        # deposited for a partial-decryption request, without this holder's exponent
+        # share: a later share-sum request attaches it (KeyHolder.deposit takes that once)
+        self._without_share: set[str] = set()
+        # update id -> the statement filed with this site's holder under it: a relayed
+        # statement under a filed id must be that very one (a colluding site could sign
+        # its own contribution under an honest site's id and have it filed first; the
+        # holder sums what is filed, so the sum this agent checks must be what it sums)
+        self._filed: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -540,6 +548,7 @@ class SiteAgent:
             self.host.signed_contribution.remote(round_num, update.update_id)
         )
         self._deposited.add(update.update_id)
+        self._filed[update.update_id] = bytes(statement)
         self._trained = round_num
         if self.policy is not None:
             self.policy.check_upload(len(update.ciphertexts), round_num)
@@ -695,11 +704,18 @@ class SiteAgent:
         round_num, ids = int(body.round), list(body.update_ids)
         width = self.key.public.ciphertext_bytes
         fast = body.opening == pb.OPENING_SHARE_SUM
-        signed, payloads = [], []
+        signed, payloads, statements = [], [], {}
         for k, (statement, uid) in enumerate(zip(body.contributions, ids, strict=True)):
             contribution = contribution_from_statement(statement.statement, statement.signature)
             self._check_statement(contribution, round_num, uid)
+            filed = self._filed.get(uid)
+            if filed is not None and filed != bytes(statement.statement):
+                raise ch.Refused(
+                    f"round {round_num}: update {uid!r} is relayed as another contribution "
+                    "than the one filed with this site's key holder under that id"
+                )
             signed.append(contribution)
+            statements[uid] = bytes(statement.statement)
             if not fast:
                 payloads.append(bytes(msg.blob(body.ciphertexts[k]).ciphertexts(width)))
         self._check_sum(round_num, signed)
@@ -710,12 +726,14 @@ class SiteAgent:
             approvals[int(a.host)] = bytes(a.signature)
         self._open_round(round_num)
         if fast:
-            return self._open_share_sum(msg, round_num, ids, signed, approvals)
+            return self._open_share_sum(msg, round_num, ids, signed, approvals, statements)
         for s in signed:  # the others' contributions, checked by the holder on deposit
             uid = s.contribution.update_id
             if uid not in self._deposited:
                 ray.get(self.holder.deposit.remote(s, None))
+                self._filed[uid] = statements[uid]  # the holder took it: filed
                 self._deposited.add(uid)
+                self._without_share.add(uid)
         partials = ray.get(self.holder.partial_decrypt.remote(round_num, ids, approvals, payloads))
         out = ch.OutgoingBlob.from_ciphertexts(
             f"p{round_num}", to_bytes(self.key.public, partials), width
@@ -725,7 +743,9 @@ class SiteAgent:
         )
         return "share_sum_reply", reply, [out]
 
-    def _open_share_sum(self, msg: ch.Message, round_num: int, ids, signed, approvals) -> tuple:
+    def _open_share_sum(
+        self, msg: ch.Message, round_num: int, ids, signed, approvals, statements
+    ) -> tuple:
         """The fast path: open each other site's exponent share sealed to this site's
         holder (bound to the round, the update and the holder, from the contribution its
         host signed), deposit it with the contribution (the holder checks its digest
@@ -748,7 +768,7 @@ class SiteAgent:
         manifest, sites = self.paths.manifest_obj, self.paths.sites
         for s in signed:
             c = s.contribution
-            if c.update_id in self._deposited:
+            if c.update_id in self._deposited and c.update_id not in self._without_share:
                 continue  # its share is with the holder already (this site's own, or asked before)
             share = sealed.get(c.update_id)
             if share is None:
@@ -776,7 +796,9 @@ class SiteAgent:
                 self.share_bytes,
             )
             ray.get(self.holder.deposit.remote(s, opened))
+            self._filed[c.update_id] = statements[c.update_id]
             self._deposited.add(c.update_id)
+            self._without_share.discard(c.update_id)
         total = ray.get(self.holder.share_sum.remote(round_num, ids, approvals))
         out = ch.OutgoingBlob.from_ciphertexts(
             f"x{round_num}", total, self.key.share_width(len(ids))

@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import gmpy2
@@ -394,17 +394,48 @@ class KeyHolder:
             raise PermissionError("a contribution must name distinct clients")
         if any(self._assignment.get(i) != c.host for i in ids):
             raise PermissionError(f"host {c.host} vouches for clients it does not host")
-        if not c.update_id or c.update_id in self._deposits:
+        deposit = _Deposit(
+            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares, c.model_sha256, host
+        )
+        before = self._deposits.get(c.update_id)
+        # The one second deposit taken: the very same signed contribution, first deposited
+        # without this holder's exponent shares (a partial-decryption request), now with
+        # them. A sum's shares can then open it; which sums may open is unchanged.
+        attaching = (
+            before is not None
+            and before.shares is None
+            and shares is not None
+            and before == replace(deposit, shares=None)
+        )
+        if not c.update_id or (before is not None and not attaching):
             raise PermissionError(f"update id {c.update_id!r} is empty or already deposited")
         if shares is not None and (
             len(c.share_sha256) != self.key.holders
             or digest(shares) != c.share_sha256[self.index - 1]
         ):
             raise PermissionError("exponent shares do not match the signed digest")
-        self._deposits[c.update_id] = _Deposit(
-            int(c.round), int(c.host), ids, c.ciphertext_sha256, shares, c.model_sha256, host
-        )
+        if shares is not None:
+            self._check_share_range(c, shares)
+        self._deposits[c.update_id] = deposit
         return True
+
+    def _check_share_range(self, c: Contribution, shares: bytes) -> None:
+        """Each exponent share is a whole number of fixed-width values, none above the
+        largest an honest sharing makes: a host's oversized share would overflow every
+        holder's share sum (and the honest holders would be the ones seen failing)."""
+        from fedray.crypto.threshold import ints_from_bytes
+
+        try:
+            values = ints_from_bytes(shares, self.key.share_width())
+        except ValueError:
+            raise PermissionError(
+                f"host {c.host}'s exponent shares of update {c.update_id!r} are not whole values"
+            ) from None
+        if values and max(values) > self.key.exponent_share_bound():
+            raise PermissionError(
+                f"host {c.host}'s exponent shares of update {c.update_id!r} exceed the bound "
+                "of an honest sharing"
+            )
 
     def restrict(self, first_round: int, last_round: int) -> bool:
         """Narrow the rounds this holder helps open to ``first_round..last_round``; it

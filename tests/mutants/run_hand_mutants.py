@@ -1755,6 +1755,41 @@ MUTANTS = [
         "a NaN inside a dict of summary.json is written (or refused) instead of null",
         "never_holds_nan",
     ),
+    Mutant(
+        "holder-attach-any-contribution",
+        "fedray/runtime/keys.py",
+        "            and before == replace(deposit, shares=None)",
+        "            and True",
+        ("tests/test_cross_org_units.py",),
+        "a share attaches to another contribution its host signed under the same update id",
+        "attaches_once",
+    ),
+    Mutant(
+        "holder-never-attach",
+        "fedray/runtime/keys.py",
+        "            and before.shares is None",
+        "            and False",
+        ("tests/test_cross_org_units.py",),
+        "an update deposited without its share for a failed partial request never takes it",
+        "attaches_once",
+    ),
+    Mutant(
+        "holder-share-range-unchecked",
+        "fedray/runtime/keys.py",
+        "            self._check_share_range(c, shares)",
+        "            pass",
+        ("tests/test_cross_org_units.py",),
+        "a holder takes exponent shares above an honest sharing's bound (every share sum overflows)",
+        "no_honest_sharing",
+    ),
+    Mutant(
+        "site-squatted-id-taken",
+        "fedray/federation/site.py",
+        "            if filed is not None and filed != bytes(statement.statement):",
+        "            if False:",
+        ("tests/test_cross_org_squat.py",),
+        "a colluding site's contribution filed under an honest site's update id is summed",
+    ),
 ]
 
 
