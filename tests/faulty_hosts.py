@@ -99,10 +99,15 @@ class CorruptingHost(ClientHost):
 
 class WrongSharesHost(ClientHost):
     """Gives the key holders exponent shares that are not those of its obfuscators (signed,
-    so the holders accept them): the share sums cannot open the sum."""
+    so the holders accept them: each value stays within an honest sharing's bound, one more
+    than it should be): the share sums cannot open the sum."""
 
     def _deposit(self, round_num, update, shares):
-        return super()._deposit(round_num, update, [bytes(reversed(b)) for b in shares])
+        from fedray.crypto.threshold import ints_from_bytes, ints_to_bytes
+
+        width = self._key.share_width()
+        wrong = [ints_to_bytes([v + 1 for v in ints_from_bytes(b, width)], width) for b in shares]
+        return super()._deposit(round_num, update, wrong)
 
 
 class HolderKillingHost(ClientHost):
