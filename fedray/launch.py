@@ -359,7 +359,8 @@ def _run(raw: DictConfig, hc, run_dir: Path) -> float | None:
         cfg = to_config(raw)  # checked before Ray starts
         from fedray.runtime.cluster import check_address
 
-        check_address(cfg)  # a silent ray.address: one line in seconds, before torch loads
+        if not cfg.resume:  # a resume checks its checkpoint and ledger first (driver)
+            check_address(cfg)  # a silent ray.address: one line in seconds, before torch loads
         from fedray.runtime.driver import run_experiment
 
         summary = run_experiment(cfg, run_dir)

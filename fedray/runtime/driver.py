@@ -763,8 +763,8 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
         # The model's input: the table columns it was trained on, in order (csv/parquet;
         # null: a built-in dataset's own), its width and classes (python -m fedray.export)
         "features": list(cfg.dataset.features) if cfg.dataset.features is not None else None,
-        "num_features": job.info.num_features if job.info is not None else None,
-        "num_classes": job.info.num_classes if job.info is not None else None,
+        "num_features": getattr(getattr(job, "info", None), "num_features", None),
+        "num_classes": getattr(getattr(job, "info", None), "num_classes", None),
         "num_parameters": num_params,  # exchanged (trainable) values per update
         "num_model_parameters": num_model_params,
         "mode": job.placement.mode,
