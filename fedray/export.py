@@ -85,11 +85,10 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dic
     """Write ``OUT/model.safetensors`` and ``OUT/fedray_model.json`` from ``run_dir``'s
     latest checkpoint; return the spec written. ``model=hf``: a Hugging Face folder
     instead (see :func:`_export_hf`)."""
-    import numpy as np
     from safetensors.torch import save_file
 
     from fedray.data.datasets import DatasetInfo
-    from fedray.models import ParamView, build_model
+    from fedray.models import build_model
     from fedray.runtime.outputs import load_checkpoint
 
     run_dir, out = Path(run_dir), Path(out)
@@ -130,14 +129,15 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dic
         num_classes = dataset_info(cfg.dataset).num_classes
     info = DatasetInfo(width, int(num_classes))
     model = build_model(cfg.model, info, cfg.seed)
-    params = ParamView(model, cfg.model.trainable)
-    weights = np.asarray(state["weights"], dtype=np.float32)
-    if weights.shape != (params.size,):
-        raise DataError(
-            f"{run_dir}: the checkpoint holds {weights.size} values, model={cfg.model.name} "
-            f"for {width} features and {num_classes} classes has {params.size}"
-        )
-    params.set(weights)
+    _set_weights(
+        model,
+        cfg,
+        state,
+        lambda got, want: (
+            f"{run_dir}: the checkpoint holds {got} values, model={cfg.model.name} "
+            f"for {width} features and {num_classes} classes has {want}"
+        ),
+    )
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / MODEL_FILE), metadata={"format": "fedray-model-1"})
@@ -158,6 +158,21 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dic
     }
     (out / SPEC_FILE).write_text(json.dumps(written, indent=2) + "\n")
     return written
+
+
+def _set_weights(model: Any, cfg: Any, state: dict[str, Any], mismatch) -> None:
+    """Put the checkpoint's exchanged values into ``model`` (as every party does with the
+    global weights); a checkpoint of another size is one DataError line,
+    ``mismatch(values held, values the model exchanges)``."""
+    import numpy as np
+
+    from fedray.models import ParamView
+
+    params = ParamView(model, cfg.model.trainable)
+    weights = np.asarray(state["weights"], dtype=np.float32)
+    if weights.shape != (params.size,):
+        raise DataError(mismatch(weights.size, params.size))
+    params.set(weights)
 
 
 def _source(cfg: Any, run_dir: Path, state: dict[str, Any], summary: dict[str, Any]) -> dict:
@@ -183,22 +198,21 @@ def _export_hf(cfg, run_dir: Path, state, summary, out: Path, merge: bool) -> di
     merged into the base weights, a full ``AutoModelForSequenceClassification`` folder with
     its tokenizer. Full fine-tuning (``r=0``): ``OUT`` is that full folder.
     """
-    import numpy as np
 
-    from fedray.models import ParamView
     from fedray.tasks.base import build_task, build_task_model
 
     task = build_task(cfg)
     model = build_task_model(task, cfg.seed)  # the same initial values as every party's
-    params = ParamView(model, cfg.model.trainable)
-    weights = np.asarray(state["weights"], dtype=np.float32)
-    if weights.shape != (params.size,):
-        raise DataError(
-            f"{run_dir}: the checkpoint holds {weights.size} values; the model at "
+    _set_weights(
+        model,
+        cfg,
+        state,
+        lambda got, want: (
+            f"{run_dir}: the checkpoint holds {got} values; the model at "
             f"model.path={cfg.model.path} with model.lora.r={cfg.model.lora.r} trains "
-            f"{params.size} (the checkpoint at model.path changed since the run?)"
-        )
-    params.set(weights)
+            f"{want} (the checkpoint at model.path changed since the run?)"
+        ),
+    )
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     lora = cfg.model.lora.r > 0
