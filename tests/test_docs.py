@@ -1,7 +1,7 @@
 """The documentation site (mkdocs.yml, docs/): it builds in strict mode, its generated
-configuration reference holds every key and every config option, every docs page the
-README links to exists, and the output-file reference lists exactly the fields a real
-run writes."""
+configuration reference holds every key and every config option, the README is short
+(at most 200 lines), every page it links to exists and its example is a tested block,
+and the output-file reference lists exactly the fields a real run writes."""
 
 from __future__ import annotations
 
@@ -77,11 +77,42 @@ def test_site_builds_in_strict_mode(site):
         "reference/cli.md",
         "reference/outputs.md",
         "benchmarks/index.md",
+        "tutorials/first-job.md",
+        "tutorials/your-own-task.md",
+        "explanations/threat-model.md",
+        "how-to/resume.md",
+        "development.md",
     ):
         _page(site, page)
     # The diagrams are Mermaid code, handed to Mermaid (not printed as code blocks).
     architecture = _page(site, "explanations/architecture.md")
     assert architecture.count('<pre class="mermaid">') == 2
+    # A runnable block shows as a bash block, not as text that swallows the page after it
+    # (Material's fences refuse the info string "bash runnable"; the build drops the marker).
+    first_job = _page(site, "tutorials/first-job.md")
+    assert "runnable" not in _text(first_job)
+    assert 'id="change-the-job"' in first_job  # a heading after the runnable block
+    assert '<span class="nv">ARGS</span>' in first_job  # highlighted as bash
+    # The benchmark plots come from benchmarks/results/ (docs/hooks/benchmark_results.py).
+    assert (site / "benchmarks" / "results" / "scaling.png").is_file()
+    assert '<img alt="scaling" src="../results/scaling.png"' in _page(site, "benchmarks/scaling.md")
+
+
+def test_included_pages_are_included_whole(site):
+    """The threat model holds federation.md's "Not yet" list, and the Kubernetes how-to is
+    jobs/k8s/README.md (pymdownx.snippets): every item of each is on the built page."""
+    federation = (DOCS / "federation.md").read_text()
+    not_yet = federation.split("[start:not-yet]", 1)[1].split("[end:not-yet]", 1)[0]
+    items = re.findall(r"^- \*\*(.+?)\*\*", not_yet, flags=re.M | re.S)
+    assert len(items) > 10, items
+    threat_model = " ".join(_text(_page(site, "explanations/threat-model.md")).split())
+    missing = [i for i in items if " ".join(i.replace("`", "").split()) not in threat_model]
+    assert not missing, f"the threat model lacks these Not yet items: {missing}"
+    k8s = (ROOT / "jobs" / "k8s" / "README.md").read_text()
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", k8s, flags=re.S), flags=re.M)
+    kubernetes = _text(_page(site, "how-to/kubernetes.md"))
+    for heading in headings:
+        assert heading.replace("`", "") in kubernetes, heading
 
 
 def _hook(name: str):
@@ -171,7 +202,33 @@ def test_the_cli_reference_holds_each_tools_own_help(site):
     assert "--multirun" in page and "--cfg" in page  # Hydra's flags, from its parser
 
 
-# -- (c) the README's links into docs/ -----------------------------------------------------
+# -- (c) the README: short, its links, its example ------------------------------------------
+
+README_MAX_LINES = 200
+
+
+def test_the_readme_is_at_most_200_lines():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
+
+
+def test_the_readmes_example_is_a_tested_block():
+    """Each command of the README's example is a line of a runnable block of the docs,
+    which tests/test_readme.py runs (one copy of the cost, not two)."""
+    from tests.test_readme import BLOCKS
+
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"\n## An example\n.*?```bash\n(.*?)```", text, re.S)
+    assert example, "README.md has no example block under '## An example'"
+    commands = [
+        re.sub(r"\s+#.*$", "", line).strip()
+        for line in example.group(1).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert commands
+    tested = {line.strip() for name, block in BLOCKS.items() for line in block.splitlines()}
+    untested = [c for c in commands if c not in tested]
+    assert not untested, f"README example commands no runnable block runs: {untested}"
 
 
 def _readme_links() -> list[str]:
