@@ -2,7 +2,7 @@
 in threshold custody (the default: public-key encryption, t of h key holders open a sum)
 and shared custody (every host holds the key).
 
-    .venv/bin/python benchmarks/crypto.py                 # the README table
+    .venv/bin/python benchmarks/crypto.py                 # docs/benchmarks/encryption.md
     .venv/bin/python benchmarks/crypto.py --params 1000000 --clients 10 --holders 10
     .venv/bin/python benchmarks/crypto.py --params 4194304 --skip-table   # Llama-2-7B LoRA
 

@@ -4,7 +4,8 @@
 
 Plaintext updates (the robust aggregators need them), one embedded Ray for all runs.
 Prints a markdown table and writes strategies.csv into results_tmp/ (untracked); with
---update-results, into benchmarks/results/ (the tracked figures the README cites).
+--update-results, into benchmarks/results/ (the tracked figures that
+docs/benchmarks/strategies.md cites).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ central noise without it) and sample level (Opacus DP-SGD inside the clients).
 
 The ε a job reports is computed from the config, so a job whose noise is switched off or
 halved would still report it. These tests measure the noise in the released model, over
-thousands of parameters, against what README promises:
+thousands of parameters, against what docs/explanations/differential-privacy.md promises:
 
 * client level: a recording host keeps each client's clipped update (before noise and
   encryption); the released model minus the global model minus the hand sum of those

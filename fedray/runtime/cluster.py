@@ -91,7 +91,7 @@ def connect(cfg: FedrayConfig) -> bool:
 
 
 # How long a Ray head may take to answer: it answers in milliseconds; with start-up, the
-# launcher's one line comes within about 5 s (README's promise).
+# launcher's one line comes within about 5 s (docs/explanations/failure-modes.md).
 PROBE_TIMEOUT_S = 4.0
 
 

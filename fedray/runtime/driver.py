@@ -514,8 +514,9 @@ def _set_up_hosts(job: _Job, lineage_root: dict[str, Any] | None = None) -> dict
         weight_ref = ray.get(running)
     sizes: dict[int, int] = {}
     if cfg.privacy.name == "dp" and cfg.privacy.mode == "sample":
-        # Sample-level DP's accountant needs each site's count (README: what the
-        # server learns in this mode). Asked before set_weight_ref closes set-up.
+        # Sample-level DP's accountant needs each site's count (the server learns them in
+        # this mode: docs/explanations/differential-privacy.md, Sample-level DP). Asked
+        # before set_weight_ref closes set-up.
         for answer in ray.get([h.dp_client_sizes.remote() for h in hosts]):
             sizes.update(answer)
     # Keys last: configuring a host's crypto closes its set-up calls.

@@ -8,7 +8,8 @@ hold (client hosts, key holders) are made from a facade: a class with one forwar
 method per *public* method of the real class, which it builds in its own process and
 keeps in ``_impl``. A handle then reaches the public methods only, and each of those
 applies its own checks. (Ray's own ``__ray_call__`` still runs any function in the
-actor: that is the "a Ray handle is code execution" caveat of README's threat model.)
+actor: that is the "a Ray handle is code execution" caveat of the threat model,
+docs/explanations/threat-model.md.)
 """
 
 from __future__ import annotations

@@ -140,9 +140,10 @@ class TabularClassificationTask(Task):
         ``os.urandom`` (:func:`~fedray.privacy.mechanisms.full_entropy_torch_generator`;
         a 63-bit seed would keep only 32 bits, few enough to enumerate), and so does
         torch's global generator, in case anything on the way draws from it. Opacus's
-        secure mode would need torchcsprng, which fedray does not use (README,
-        sample-level DP). With a seed (``privacy.reproducible_noise=true``) all three are
-        ``manual_seed(seed)``: the run replays, and whoever knows the seed can too.
+        secure mode would need torchcsprng, which fedray does not use
+        (docs/explanations/differential-privacy.md, Sample-level DP). With a seed
+        (``privacy.reproducible_noise=true``) all three are ``manual_seed(seed)``: the run
+        replays, and whoever knows the seed can too.
         """
         import copy
 
@@ -167,7 +168,8 @@ class TabularClassificationTask(Task):
         )
         optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum)
         with warnings.catch_warnings():
-            # fedray documents the RNG choice (README, sample-level DP); no per-round warning.
+            # fedray documents the RNG choice (docs/explanations/differential-privacy.md,
+            # Sample-level DP); no per-round warning.
             # PrivacyEngine() itself warns, so it is built inside this block.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant="rdp")
