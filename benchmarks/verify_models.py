@@ -83,7 +83,7 @@ def main() -> None:
         c = Contribution(
             key.fingerprint,
             1,
-            f"u{i}",
+            f"h{i}-u{i}",
             i,
             (i,),
             digest(update.ciphertexts),
@@ -93,7 +93,7 @@ def main() -> None:
         for h in holders:
             h.deposit(site.sign(c), blobs[h.index - 1])
         payloads.append(update.ciphertexts)
-        ids.append(f"u{i}")
+        ids.append(f"h{i}-u{i}")
     print(
         f"{uploads} uploads of {values:,} values: {layout.num_ciphertexts:,} ciphertexts each "
         f"({time.perf_counter() - t0:.1f} s to encrypt)"

@@ -57,7 +57,7 @@ def forged_contribution(key, host: int, client_ids, round_num: int):
     c = Contribution(
         key_id=key.fingerprint,
         round=round_num,
-        update_id=secrets.token_hex(16),
+        update_id=f"h{host}-{secrets.token_hex(16)}",
         host=host,
         client_ids=tuple(client_ids),
         ciphertext_sha256="0" * 64,

@@ -63,7 +63,7 @@ class _Host:
 
     def seal(self, holders, round_num, client, delta):
         update, shares = self.enc.encrypt_sum([(delta, 1.0, None, {})])
-        update.update_id = f"r{round_num}-c{client}"
+        update.update_id = f"h{self.index}-r{round_num}c{client}"
         c = Contribution(
             self.key.fingerprint,
             round_num,
@@ -246,7 +246,7 @@ def test_holders_check_each_approval_against_the_identity_that_signed_the_update
     forged = {**good, 0: new.sign_bytes(cohort_message(key.fingerprint, 1, ids))}
     with pytest.raises(PermissionError, match="host 0 did not approve"):
         holder.share_sum(1, ids, forged)
-    late = Contribution(key.fingerprint, 1, "late", 0, (1,), "00", (), model_sha256="w0")
+    late = Contribution(key.fingerprint, 1, "h0-late", 0, (1,), "00", (), model_sha256="w0")
     with pytest.raises(PermissionError, match="takes part again from round 3"):  # opened: 2
         holder.deposit(new.sign(late), None)
     assert holder.share_sum(1, ids, good)  # the dead identity's own approval still holds
@@ -326,7 +326,7 @@ def test_holders_take_only_rounds_the_driver_opened_and_restarted_hosts_after_th
     new = HostIdentity()
     stale = authority.sign_bytes(registration_message(key.fingerprint, 0, new.public_bytes(), 1, 2))
     assert holder.register(0, new.public_bytes(), 1, 2, stale)  # "from round 2", while 3 is open
-    late = Contribution(key.fingerprint, 3, "late", 0, (1,), "00", (), model_sha256="w0")
+    late = Contribution(key.fingerprint, 3, "h0-late", 0, (1,), "00", (), model_sha256="w0")
     with pytest.raises(PermissionError, match="takes part again from round 4"):
         holder.deposit(new.sign(late), None)
 

@@ -394,7 +394,7 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
 
     b_key = serialization.load_pem_private_key((w / "certs/b/signing.key").read_bytes(), None)
     b_identity = HostIdentity.from_private_key(b_key)
-    ub = "b" * 32
+    ub, uc = "h1-" + "b" * 32, "h1-" + "c" * 32  # ids in host 1's namespace (b)
     from fedray.crypto.threshold import ints_to_bytes
 
     # b's shares for holders 1, 2, 3: random values within an honest sharing's bound (a
@@ -443,20 +443,18 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     approval = peer.call("approve_request", approve_request(both), timeout=60).body
     assert approval.host == 0
     assert verify(site_key, bytes(approval.signature), cohort_message(key.fingerprint, 1, both))
-    other = sorted([uid, "c" * 32])
-    statements["c" * 32] = (
+    other = sorted([uid, uc])
+    statements[uc] = (
         b_identity.sign(
-            Contribution(key.fingerprint, 1, "c" * 32, 1, (5,), digest(cts), (), "")
+            Contribution(key.fingerprint, 1, uc, 1, (5,), digest(cts), (), "")
         ).contribution.message(),
         statements[ub][1],
     )
     refused("approve_request", approve_request(other), match="not signed by its host")
     b_again = b_identity.sign(
-        Contribution(
-            key.fingerprint, 1, "c" * 32, 1, (5,), digest(cts), (), statement["model_sha256"]
-        )
+        Contribution(key.fingerprint, 1, uc, 1, (5,), digest(cts), (), statement["model_sha256"])
     )
-    statements["c" * 32] = (b_again.contribution.message(), b_again.signature)
+    statements[uc] = (b_again.contribution.message(), b_again.signature)
     refused("approve_request", approve_request(other), match="already approved a different sum")
 
     b_approval = b_identity.sign_bytes(cohort_message(key.fingerprint, 1, both))
@@ -504,7 +502,7 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
         *fast_request([(ub, b_share(holder=2))]),
         match="an exponent share for holder 2; this site's key holder is holder 1",
     )
-    moved = b_share(update_id="c" * 32)  # sealed for another update, relayed under ub
+    moved = b_share(update_id=uc)  # sealed for another update, relayed under ub
     refused("share_sum_request", *fast_request([(ub, moved)]), match="does not open")
     other = b_share(share=b_shares[1])  # sealed right, but not the share b signed for 1
     refused("share_sum_request", *fast_request([(ub, other)]), match="do not match the signed")

@@ -844,9 +844,9 @@ def test_the_holder_refuses_a_share_that_is_not_the_one_signed_for_it(share_fed,
     share of an earlier round's update (replayed), or another holder's share are refused,
     and the update is not deposited (its right share is then taken)."""
     _, _, _, update = share_fed
-    signed, blobs = update(2, "u2")
-    other, other_blobs = update(2, "u3")
-    earlier, earlier_blobs = update(1, "u0")
+    signed, blobs = update(2, "h0-u2")
+    other, other_blobs = update(2, "h0-u3")
+    earlier, earlier_blobs = update(1, "h0-u0")
     wrong = {
         "swapped": other_blobs[1],
         "altered": _flip(blobs[1]),
@@ -866,10 +866,10 @@ def test_a_share_attaches_once_to_the_same_contribution_deposited_without_it(sha
     same signed contribution takes its signed share once. Review of 2026-12-04: before,
     the update stayed share-less and the fast path was off for that round."""
     _, _, _, update = share_fed
-    signed, blobs = update(2, "u2")
+    signed, blobs = update(2, "h0-u2")
     assert holder_b.deposit(signed, None)
     # a second contribution its host signed under the same id never replaces the first
-    twin, twin_blobs = update(2, "u2")
+    twin, twin_blobs = update(2, "h0-u2")
     with pytest.raises(PermissionError, match="already deposited"):
         holder_b.deposit(twin, twin_blobs[1])
     with pytest.raises(PermissionError, match="exponent shares do not match the signed digest"):
@@ -890,7 +890,7 @@ def test_the_holder_refuses_exponent_shares_no_honest_sharing_makes(share_fed, h
     from cryptography.hazmat.primitives import serialization
 
     certs_dir, key, _, update = share_fed
-    signed, blobs = update(2, "u2")
+    signed, blobs = update(2, "h0-u2")
     width = key.share_width()
     wrong = b"\xff" * len(blobs[1]) if bad == "too-large" else blobs[1][: width + 1]
     c = signed.contribution

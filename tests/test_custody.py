@@ -129,20 +129,31 @@ def _deposit(holder, site, round_num, clients, uid, model="w0"):
 
 def test_holder_refuses_forged_contributions(ledger):
     holder, sites, _, key, _ = ledger
-    signed, shares, _ = sites[0].contribute(1, [0, 1], "a")
+    signed, shares, _ = sites[0].contribute(1, [0, 1], "h0-a")
     mine = shares[0]
     server = HostIdentity()  # the server signs with the only key it has: its own
     c = signed.contribution
     with pytest.raises(PermissionError, match="not signed by host 0"):
         holder.deposit(server.sign(c), mine)
-    bigger = Contribution(c.key_id, 1, "a", 0, (0, 1, 2, 3, 4), c.ciphertext_sha256, c.share_sha256)
+    bigger = Contribution(
+        c.key_id, 1, "h0-a", 0, (0, 1, 2, 3, 4), c.ciphertext_sha256, c.share_sha256
+    )
     with pytest.raises(PermissionError, match="not signed"):  # a real signature, edited
         holder.deposit(type(signed)(bigger, signed.signature), mine)
-    other = sites[1].identity.sign(Contribution(c.key_id, 1, "b", 1, (0,), "", c.share_sha256))
+    other = sites[1].identity.sign(Contribution(c.key_id, 1, "h1-b", 1, (0,), "", c.share_sha256))
     with pytest.raises(PermissionError, match="does not host"):  # host 1 vouching for 0
         holder.deposit(other, mine)
     with pytest.raises(PermissionError, match="digest"):
         holder.deposit(signed, _flip_last(mine))
+    # Update-id squatting: host 1 signs a contribution of its own client under an id of
+    # host 0's namespace (an honest host's id, filed first, would have the squatter's
+    # shares summed in its place); and an id in no namespace at all.
+    own_signed, own_shares, _ = sites[1].contribute(1, [3], "h0-a")
+    with pytest.raises(PermissionError, match="not in host 1's namespace"):
+        holder.deposit(own_signed, own_shares[0])
+    bare_signed, bare_shares, _ = sites[1].contribute(1, [3], "a")
+    with pytest.raises(PermissionError, match="not in host 1's namespace"):
+        holder.deposit(bare_signed, bare_shares[0])
     assert holder.deposit(signed, mine)
     with pytest.raises(PermissionError, match="already deposited"):
         holder.deposit(signed, mine)
@@ -150,25 +161,25 @@ def test_holder_refuses_forged_contributions(ledger):
 
 def test_holder_counts_clients_itself_and_releases_one_sum_per_round(ledger):
     holder, sites, _, _, _ = ledger
-    _deposit(holder, sites[0], 1, [0, 1], "a")
-    _deposit(holder, sites[1], 1, [3], "b")
-    _deposit(holder, sites[1], 1, [3, 4], "b2")  # client 3 a second time
+    _deposit(holder, sites[0], 1, [0, 1], "h0-a")
+    _deposit(holder, sites[1], 1, [3], "h1-b")
+    _deposit(holder, sites[1], 1, [3, 4], "h1-b2")  # client 3 a second time
     with pytest.raises(PermissionError, match="sum of 2 clients"):
-        holder.share_sum(1, ["a"])  # one host's update of 2 clients: below min 3
+        holder.share_sum(1, ["h0-a"])  # one host's update of 2 clients: below min 3
     with pytest.raises(PermissionError, match="client twice"):
-        holder.share_sum(1, ["a", "b", "b2"])
+        holder.share_sum(1, ["h0-a", "h1-b", "h1-b2"])
     with pytest.raises(PermissionError, match="distinct updates"):
-        holder.share_sum(1, ["a", "a", "b"])
+        holder.share_sum(1, ["h0-a", "h0-a", "h1-b"])
     with pytest.raises(PermissionError, match="not deposited for round 2"):
-        holder.share_sum(2, ["a", "b"])
-    first = holder.share_sum(1, ["a", "b"])
-    assert holder.share_sum(1, ["a", "b"]) == first  # the same sum again: same answer
+        holder.share_sum(2, ["h0-a", "h1-b"])
+    first = holder.share_sum(1, ["h0-a", "h1-b"])
+    assert holder.share_sum(1, ["h0-a", "h1-b"]) == first  # the same sum again: same answer
     with pytest.raises(PermissionError, match="different sum"):
-        holder.share_sum(1, ["a", "b2"])
-    _deposit(holder, sites[0], 2, [0, 1, 2], "c")
-    holder.share_sum(2, ["c"])
+        holder.share_sum(1, ["h0-a", "h1-b2"])
+    _deposit(holder, sites[0], 2, [0, 1, 2], "h0-c")
+    holder.share_sum(2, ["h0-c"])
     with pytest.raises(PermissionError, match="older than round 2"):  # a replay
-        holder.share_sum(1, ["a", "b"])
+        holder.share_sum(1, ["h0-a", "h1-b"])
 
 
 def test_holder_opens_no_sum_beyond_the_jobs_rounds(ledger):
@@ -176,16 +187,16 @@ def test_holder_opens_no_sum_beyond_the_jobs_rounds(ledger):
     over many sums of the same model, or to difference more cohorts than the accountant
     counted) is refused, even with properly signed deposits; so is a round 0."""
     holder, sites, _, _, _ = ledger  # max_rounds=5
-    _deposit(holder, sites[0], 5, [0, 1, 2], "u5")
+    _deposit(holder, sites[0], 5, [0, 1, 2], "h0-u5")
     for r in (6, 10**9, 0):
-        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"u{r}", "w0")
+        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"h0-u{r}", "w0")
         with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
             holder.deposit(signed, shares[0])  # not even kept
         with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
-            holder.share_sum(r, [f"u{r}"])
+            holder.share_sum(r, [f"h0-u{r}"])
         with pytest.raises(PermissionError, match=r"outside this job's rounds 1\.\.5"):
-            holder.partial_decrypt(r, [f"u{r}"], [b""])
-    holder.share_sum(5, ["u5"])  # the last round of the job opens
+            holder.partial_decrypt(r, [f"h0-u{r}"], [b""])
+    holder.share_sum(5, ["h0-u5"])  # the last round of the job opens
 
 
 def test_holder_window_only_narrows(ledger):
@@ -196,27 +207,27 @@ def test_holder_window_only_narrows(ledger):
     assert holder.restrict(3, 4)
     assert holder.restrict(1, 5)  # a wider window changes nothing
     for r in (1, 2, 5):
-        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"u{r}", "w0")
+        signed, shares, _ = sites[0].contribute(r, [0, 1, 2], f"h0-u{r}", "w0")
         with pytest.raises(PermissionError, match=r"outside this job's rounds 3\.\.4"):
             holder.deposit(signed, shares[0])
         with pytest.raises(PermissionError, match=r"outside this job's rounds 3\.\.4"):
-            holder.share_sum(r, [f"u{r}"])
-    _deposit(holder, sites[0], 4, [0, 1, 2], "u4")
-    holder.share_sum(4, ["u4"])
+            holder.share_sum(r, [f"h0-u{r}"])
+    _deposit(holder, sites[0], 4, [0, 1, 2], "h0-u4")
+    holder.share_sum(4, ["h0-u4"])
 
 
 def test_holder_sums_only_updates_of_one_global_model(ledger):
     """Model inconsistency: the server sends one site crafted weights whose update is
     zero; a sum of that update and the victim's would be the victim's alone."""
     holder, sites, _, _, _ = ledger
-    _deposit(holder, sites[0], 1, [0, 1], "victim", model="honest")
-    _deposit(holder, sites[1], 1, [3, 4], "padding", model="crafted")
+    _deposit(holder, sites[0], 1, [0, 1], "h0-victim", model="honest")
+    _deposit(holder, sites[1], 1, [3, 4], "h1-padding", model="crafted")
     with pytest.raises(PermissionError, match="different global models"):
-        holder.share_sum(1, ["victim", "padding"])
+        holder.share_sum(1, ["h0-victim", "h1-padding"])
 
 
 def _two_deposits(ledger):
-    """Round 1: site 0's update of clients 0, 1 ("a") and site 1's of client 3 ("b"), their
+    """Round 1: site 0's update of clients 0, 1 ("h0-a") and site 1's of client 3 ("h1-b"), their
     bytes, and holder 1's partial decryption of their product, computed here."""
     import gmpy2
 
@@ -224,8 +235,8 @@ def _two_deposits(ledger):
     from fedray.crypto.threshold import partial_decrypt
 
     holder, sites, _, key, shares = ledger
-    a = _deposit(holder, sites[0], 1, [0, 1], "a").ciphertexts
-    b = _deposit(holder, sites[1], 1, [3], "b").ciphertexts
+    a = _deposit(holder, sites[0], 1, [0, 1], "h0-a").ciphertexts
+    b = _deposit(holder, sites[1], 1, [3], "h1-b").ciphertexts
     n2 = gmpy2.mpz(key.n) ** 2
     pairs = zip(from_bytes(key.public, a), from_bytes(key.public, b), strict=True)
     return holder, a, b, partial_decrypt(shares[0], [x * y % n2 for x, y in pairs])
@@ -239,14 +250,14 @@ def test_holder_multiplies_payloads_chunk_by_chunk_and_refuses_a_wrong_digest(le
     assert len(expected) == 2
     monkeypatch.setattr("fedray.runtime.keys.FOLD_CHUNK", 1)
     with pytest.raises(PermissionError, match="signed digest"):
-        holder.partial_decrypt(1, ["a", "b"], [a, a])
+        holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, a])
     with pytest.raises(PermissionError, match="signed digest"):
-        holder.partial_decrypt(1, ["a", "b"], [a, _flip_last(b)])
+        holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, _flip_last(b)])
     with pytest.raises(PermissionError, match="one ciphertext payload per update"):
-        holder.partial_decrypt(1, ["a", "b"], [a])
-    assert holder.partial_decrypt(1, ["a", "b"], [a, b]) == expected
-    assert holder.partial_decrypt(1, ["a", "b"], [a, b], 1, 2) == expected[1:]
-    assert holder.partial_decrypt(1, ["a", "b"], [a, b], 0, 1) == expected[:1]
+        holder.partial_decrypt(1, ["h0-a", "h1-b"], [a])
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b]) == expected
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b], 1, 2) == expected[1:]
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b], 0, 1) == expected[:1]
 
 
 @pytest.mark.parametrize("bad", ["zero", "n_squared", "non_unit"])
@@ -257,18 +268,25 @@ def test_holder_refuses_to_multiply_an_invalid_ciphertext_a_host_signed(ledger, 
     from fedray.crypto.paillier import from_bytes, to_bytes
 
     holder, sites, _, key, _ = ledger
-    a = _deposit(holder, sites[0], 1, [0, 1], "a").ciphertexts
-    signed, shares, update = sites[1].contribute(1, [3], "b")
+    a = _deposit(holder, sites[0], 1, [0, 1], "h0-a").ciphertexts
+    signed, shares, update = sites[1].contribute(1, [3], "h1-b")
     cts = from_bytes(key.public, update.ciphertexts)
     cts[1] = {"zero": 0, "n_squared": key.n**2, "non_unit": key.n}[bad]  # gcd(n, n) = n
     payload = to_bytes(key.public, cts)
     c = signed.contribution
     forged = Contribution(
-        c.key_id, 1, "b", c.host, c.client_ids, digest(payload), c.share_sha256, model_sha256="w0"
+        c.key_id,
+        1,
+        "h1-b",
+        c.host,
+        c.client_ids,
+        digest(payload),
+        c.share_sha256,
+        model_sha256="w0",
     )
     assert holder.deposit(sites[1].identity.sign(forged), shares[0])
     with pytest.raises(PermissionError, match=r"ciphertext 1 is (outside|not a unit)"):
-        holder.partial_decrypt(1, ["a", "b"], [a, payload])
+        holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, payload])
 
 
 def test_holder_fetches_refs_and_refuses_one_to_the_wrong_bytes(ledger, ray_2cpus):
@@ -287,11 +305,11 @@ def test_holder_fetches_refs_and_refuses_one_to_the_wrong_bytes(ledger, ray_2cpu
         ([ray.put(a), ray.put(str(b))], "not bytes"),
     ]:
         with pytest.raises(PermissionError, match=match):
-            holder.partial_decrypt(1, ["a", "b"], wrong)
+            holder.partial_decrypt(1, ["h0-a", "h1-b"], wrong)
     with pytest.raises(LookupError, match="round 1: .* no longer on its host"):
-        holder.partial_decrypt(1, ["a", "b"], [ray.put(a), gone.remote()])
-    assert holder.partial_decrypt(1, ["a", "b"], [ray.put(a), ray.put(b)]) == expected
-    assert holder.partial_decrypt(1, ["a", "b"], [a, ray.put(b)], 1, 2) == expected[1:]
+        holder.partial_decrypt(1, ["h0-a", "h1-b"], [ray.put(a), gone.remote()])
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [ray.put(a), ray.put(b)]) == expected
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, ray.put(b)], 1, 2) == expected[1:]
 
 
 def test_threshold_must_be_a_majority():

@@ -56,7 +56,7 @@ def opened(threshold_key):
     holders = _holders_of_round_1(key, shares, sites)
     model = model_digest(W0)
     payloads, ids = [], []
-    for site, clients, uid in [(sites[0], (0, 1, 2), "a"), (sites[1], (3, 4, 5), "b")]:
+    for site, clients, uid in [(sites[0], (0, 1, 2), "h0-a"), (sites[1], (3, 4, 5), "h1-b")]:
         signed, blobs, update = site.contribute(1, clients, uid, model)
         for h in holders:
             assert h.deposit(signed, blobs[h.index - 1])
@@ -220,7 +220,7 @@ def test_a_holder_pushed_to_round_a_billion_still_serves_the_next_real_round(ope
     holder = holders[1]
     site = holder.sites[0]
     kept = dict(holder._deposits)
-    signed, blobs, _ = site.contribute(10**9, (0, 1, 2), "far", model_digest(W0))
+    signed, blobs, _ = site.contribute(10**9, (0, 1, 2), "h0-far", model_digest(W0))
     with pytest.raises(PermissionError, match="outside this job's rounds"):
         holder.deposit(signed, blobs[holder.index - 1])
     with pytest.raises(PermissionError, match="not signed by the job's set-up key"):
@@ -262,7 +262,7 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
     honest, colluding = _Site(key, 0), _Site(key, 1)
     holders = _holders_of_round_1(key, shares, [honest, colluding])
     layout, model = honest.layout, model_digest(W0)
-    signed, blobs, update = honest.contribute(1, (0, 1, 2), "a", model)  # weight 1.0 each
+    signed, blobs, update = honest.contribute(1, (0, 1, 2), "h0-a", model)  # weight 1.0 each
     for h in holders:
         assert h.deposit(signed, blobs[h.index - 1])
     stats = layout.stats
@@ -275,12 +275,12 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
     cts, xs = PublicEncryptor(key).encrypt_many(crafted)
     payload, crafted_blobs = to_bytes(key.public, cts), share_exponents(key, xs)
     c = Contribution(
-        key.fingerprint, 1, "c", 1, (3, 4, 5), digest(payload),
+        key.fingerprint, 1, "h1-c", 1, (3, 4, 5), digest(payload),
         tuple(digest(b) for b in crafted_blobs), model_sha256=model,
     )  # fmt: skip
     for h in holders:
         assert h.deposit(colluding.identity.sign(c), crafted_blobs[h.index - 1])
-    ids, payloads = ["a", "c"], [update.ciphertexts, payload]
+    ids, payloads = ["h0-a", "h1-c"], [update.ciphertexts, payload]
     sums = {h.index: h.share_sum(1, ids) for h in holders}
     unmasker = Unmasker(key, 2)
     exponents = unmasker.exponents(sums, 2)

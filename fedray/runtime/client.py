@@ -649,11 +649,9 @@ class ClientHost:
     def _deposit(self, round_num: int, update: Any, shares: list[bytes] | None) -> list:
         """Sign the update's contribution (setting its ``update_id``) and send it to every
         key holder, each with its exponent shares; returns the pending calls."""
-        import secrets
+        from fedray.runtime.keys import Contribution, digest, new_update_id
 
-        from fedray.runtime.keys import Contribution, digest
-
-        update.update_id = secrets.token_hex(16)
+        update.update_id = new_update_id(self._host_index)
         contribution = Contribution(
             key_id=self._key.fingerprint,
             round=int(round_num),

@@ -14,7 +14,11 @@ any of their methods with any arguments). It must not learn one client's update.
   *its* clients it covers, digests of the ciphertexts and of each holder's exponent
   shares. The hosts' verification keys and the client -> host assignment are given to
   each holder at construction by the driver (the trusted set-up party), so the server
-  cannot add Sybil contributions. A holder helps decrypt a sum only if every update in it
+  cannot add Sybil contributions. An update id lives in its host's namespace
+  (``h<host>-`` and 128 random bits, :func:`new_update_id`): a holder takes a contribution
+  only under an id of the host that signed it, so no host -- nor a server with one --
+  can file its own contribution under another host's id and have it summed in that
+  update's place. A holder helps decrypt a sum only if every update in it
   was deposited with a valid signature for that round, the updates cover at least
   ``min_clients`` distinct clients with none counted twice, and the round is not older
   than the last one it released. It releases at most one sum per round (asking again
@@ -46,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -76,6 +81,27 @@ PAYLOAD_FETCH_TIMEOUT_S = 300.0
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+_UPDATE_ID = re.compile(r"h(0|[1-9][0-9]{0,5})-[0-9A-Za-z_-]{1,56}")
+
+
+def new_update_id(host: int) -> str:
+    """A fresh id for one of ``host``'s updates: ``h<host>-`` and 128 random bits (hex).
+
+    The prefix is the host's namespace: a key holder takes a contribution only under an
+    id of the host that signed it (:func:`update_id_host`), so a colluding host cannot
+    file its own contribution under an honest host's id (to have it summed in the honest
+    update's place, a step of opening that update alone)."""
+    import secrets
+
+    return f"h{int(host)}-{secrets.token_hex(16)}"
+
+
+def update_id_host(update_id: str) -> int | None:
+    """The host whose namespace ``update_id`` is in, or None if it is in none."""
+    match = _UPDATE_ID.fullmatch(update_id) if isinstance(update_id, str) else None
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -383,6 +409,11 @@ class KeyHolder:
         host = self._peers.get(c.host)
         if host is None or not verify(host, signed.signature, c.message()):
             raise PermissionError(f"contribution {c.update_id!r} is not signed by host {c.host}")
+        if update_id_host(c.update_id) != int(c.host):
+            raise PermissionError(
+                f"update id {c.update_id!r} is not in host {c.host}'s namespace "
+                f"(h{c.host}-<hex>): a host files only its own updates"
+            )
         self._check_round(c.round)  # never opened: not kept either
         if int(c.round) < self._from_round[c.host]:
             raise PermissionError(

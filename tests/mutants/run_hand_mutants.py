@@ -1788,7 +1788,26 @@ MUTANTS = [
         "            if filed is not None and filed != bytes(statement.statement):",
         "            if False:",
         ("tests/test_cross_org_squat.py",),
-        "a colluding site's contribution filed under an honest site's update id is summed",
+        "a host's second statement under an id it filed is relayed to the holder",
+    ),
+    Mutant(
+        "holder-id-namespace-unchecked",
+        "fedray/runtime/keys.py",
+        "        if update_id_host(c.update_id) != int(c.host):",
+        "        if False:",
+        ("tests/test_cross_org_squat.py", "tests/test_custody.py"),
+        "a host files a contribution under another host's update id (squatting: its shares "
+        "are summed in the honest update's place)",
+        "squatted or forged_contributions",
+    ),
+    Mutant(
+        "update-id-no-namespace",
+        "fedray/runtime/keys.py",
+        '    return f"h{int(host)}-{secrets.token_hex(16)}"',
+        "    return secrets.token_hex(16)",
+        ("tests/test_secure_rounds.py",),
+        "hosts make update ids outside their namespace (every deposit refused)",
+        "matches_plaintext",
     ),
 ]
 
