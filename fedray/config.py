@@ -636,9 +636,11 @@ class FederationConfig:
     """A site: its policy file (docs/site-policy.md)."""
     connect_timeout_s: float = 300.0
     """How long each side waits for the other, in seconds."""
-    max_colluding_sites: int = 0
+    max_colluding_sites: int | None = None
     """Sites assumed to collude with the coordinator: a site signs and opens only sums of
-    at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones."""
+    at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones.
+    null (the default): t - 1 for the federation key's threshold t, the most colluding
+    key holders the key itself withstands (t sites together open anything)."""
     task_id: str = "fedray"
     """The task id the coordinator names; a site's policy checks it."""
     task_version: str = "1"
@@ -647,10 +649,11 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
-        if not isinstance(self.max_colluding_sites, int) or self.max_colluding_sites < 0:
+        k = self.max_colluding_sites
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ConfigError(
-                f"federation.max_colluding_sites={self.max_colluding_sites!r} must be an "
-                "integer >= 0"
+                f"federation.max_colluding_sites={k!r} must be an integer >= 0, or null "
+                "(t - 1 for the key's threshold t)"
             )
 
 

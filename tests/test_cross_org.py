@@ -265,7 +265,9 @@ def hostile(tmp_path_factory):
         manifest=certs / "federation.json",
         signing_key=certs / "hub/signing.key",
     )
-    site = _start_site(w, "a", coord.port, w / "a.log")
+    # Site a defends against no colluding site here (null would be t - 1 = 1, sums of all
+    # 3 sites): the requests below are two-site sums, the smallest a site may sign.
+    site = _start_site(w, "a", coord.port, w / "a.log", ["federation.max_colluding_sites=0"])
     try:
         peer = coord.wait_for(["a"], 120)["a"]
         yield w, peer, site

@@ -913,3 +913,59 @@ def test_the_holder_refuses_exponent_shares_no_honest_sharing_makes(share_fed, h
     with pytest.raises(PermissionError, match=f"host 0's exponent shares .*{message}"):
         holder_b.deposit(forged, wrong)
     assert holder_b.deposit(signed, blobs[1])  # an honest sharing is taken
+
+
+# --- the coalition a site defends against (federation.max_colluding_sites) ---------------
+
+
+def _agent_for(sites: list[str], threshold: int, k):
+    """A SiteAgent of site ``sites[0]`` with just what its coalition checks read."""
+    import types
+
+    from fedray.federation.site import SiteAgent
+
+    agent = SiteAgent.__new__(SiteAgent)
+    agent.cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=k))
+    agent.key = types.SimpleNamespace(threshold=threshold)
+    agent.paths = types.SimpleNamespace(sites=sites)
+    agent.policy = None
+    return agent
+
+
+def _sum_of(hosts: list[int]) -> list[SignedContribution]:
+    return [SignedContribution(_contribution(host=h, update_id=f"h{h}-x"), b"") for h in hosts]
+
+
+def test_the_default_coalition_is_t_minus_1_and_a_sum_needs_it_plus_2_sites():
+    """null (the default) defends against t - 1 colluding sites: with a 3-of-5 key a site
+    signs no sum of 3 sites (2 colluders and the victim would subtract to its update), and
+    a sum of 4 passes; an explicit value is taken as given."""
+    from fedray.federation import channel as ch
+
+    assert compose(["federation=cross_org"]).federation.max_colluding_sites is None
+    agent = _agent_for(list("abcde"), threshold=3, k=None)
+    assert agent.colluding_sites() == 2
+    with pytest.raises(ch.Refused, match=r"sum of 3 site\(s\).*at least 4 sites, .*t - 1 = 2\)"):
+        agent._check_sum(1, _sum_of([0, 1, 2]))
+    agent._check_sum(1, _sum_of([0, 1, 2, 3]))
+    agent = _agent_for(list("abcde"), threshold=3, k=0)
+    assert agent.colluding_sites() == 0
+    agent._check_sum(1, _sum_of([0, 1]))
+
+
+def test_a_federation_too_small_for_its_coalition_is_refused_at_start():
+    """Two sites with a 2-of-2 key: the default coalition (1 site) leaves no sum a site
+    may sign, so the site refuses to start, in one line naming the allowed values."""
+    with pytest.raises(ConfigError, match=r"needs at least 3 sites, and the manifest has 2") as e:
+        _agent_for(["a", "b"], threshold=2, k=None)._check_coalition()
+    assert "from 0 to 0" in str(e.value) and "\n" not in str(e.value)
+    _agent_for(["a", "b"], threshold=2, k=0)._check_coalition()  # said explicitly: taken
+    _agent_for(list("abc"), threshold=2, k=None)._check_coalition()
+
+
+@pytest.mark.parametrize("bad", [-1, -5])
+def test_max_colluding_sites_must_be_a_count_or_null(bad):
+    with pytest.raises(
+        ConfigError, match=r"max_colluding_sites=.* must be an integer >= 0, or null"
+    ):
+        compose(["federation=cross_org", f"federation.max_colluding_sites={bad}"])

@@ -354,6 +354,7 @@ class SiteAgent:
             allow_insecure=cfg.crypto.allow_insecure_keys,
         )
         check_key_size(cfg, self.key)
+        self._check_coalition()
         if cfg.ray.address is None:
             ray.init(
                 address="local",
@@ -658,17 +659,41 @@ class SiteAgent:
         """Refuse a sum of too few sites (the coordinator alone, or with the sites it
         colludes with, would have one site's update opened), or one the policy refuses."""
         hosts = {s.contribution.host for s in signed}
-        need = self.cfg.federation.max_colluding_sites + 2
+        need = self.colluding_sites() + 2
         if len(hosts) < need:
             raise ch.Refused(
                 f"round {round_num}: a sum of {len(hosts)} site(s); this site helps open only "
-                f"sums of at least {need} sites (federation.max_colluding_sites="
-                f"{self.cfg.federation.max_colluding_sites} + 2)"
+                f"sums of at least {need} sites, two honest ones beside the colluding "
+                f"({self._colluding_text()})"
             )
         if self.policy is not None:
             clients = [c for s in signed for c in s.contribution.client_ids]
             own = sum(1 for c in clients if c in set(self.client_ids))
             self.policy.check_sum(round_num, len(clients), len(hosts), own)
+
+    def colluding_sites(self) -> int:
+        """The coalition of sites this site defends against: federation.max_colluding_sites,
+        or (null, the default) t - 1 for the federation key's threshold t."""
+        k = self.cfg.federation.max_colluding_sites
+        return int(k) if k is not None else int(self.key.threshold) - 1
+
+    def _colluding_text(self) -> str:
+        k = self.cfg.federation.max_colluding_sites
+        if k is not None:
+            return f"federation.max_colluding_sites={k}"
+        return f"federation.max_colluding_sites=null: t - 1 = {self.key.threshold - 1}"
+
+    def _check_coalition(self) -> None:
+        """At start: a federation too small to ever form a sum this site signs is refused
+        now, in one line, not at its first round."""
+        need, sites = self.colluding_sites() + 2, len(self.paths.sites)
+        if need > sites:
+            raise ConfigError(
+                f"{self._colluding_text()}: every sum needs at least {need} sites, and the "
+                f"manifest has {sites}; with fewer, the colluding sites' own updates subtract "
+                "out and leave one honest site's. Allowed: federation.max_colluding_sites "
+                f"from 0 to {sites - 2}"
+            )
 
     def _check_statement(self, signed: Any, round_num: int, update_id: str) -> None:
         """A relayed contribution is checked here, before anything counts it (the site's

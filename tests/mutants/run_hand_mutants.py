@@ -1809,6 +1809,25 @@ MUTANTS = [
         "hosts make update ids outside their namespace (every deposit refused)",
         "matches_plaintext",
     ),
+    Mutant(
+        "site-coalition-default-zero",
+        "fedray/federation/site.py",
+        "        return int(k) if k is not None else int(self.key.threshold) - 1",
+        "        return int(k) if k is not None else 0",
+        ("tests/test_cross_org_units.py",),
+        "a site's default coalition is no colluding site (a sum of the victim and one "
+        "colluder opens)",
+        "coalition",
+    ),
+    Mutant(
+        "site-coalition-unchecked-at-start",
+        "fedray/federation/site.py",
+        "        if need > sites:",
+        "        if False:",
+        ("tests/test_cross_org_units.py",),
+        "a site of a federation too small for its coalition starts (and refuses every sum)",
+        "coalition",
+    ),
 ]
 
 
