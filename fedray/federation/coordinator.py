@@ -276,18 +276,12 @@ class FederationHub:
         ids = [str(update_ids[k]) for k in order]
         blobs, statements = [], []
         for n, k in enumerate(order):
-            sealed = self._sealed.get(ids[n])
-            if sealed is None:
-                raise LookupError(f"round {round_num}: no signed contribution for {ids[n]!r}")
-            statements.append(pb.SignedStatement(statement=sealed[2], signature=sealed[3]))
+            statements.append(self._statement(round_num, ids[n]))
             blobs.append(ch.OutgoingBlob.from_ciphertexts(f"c{n}", payloads[k], self.width))
         request = pb.ShareSumRequest(
             round=int(round_num),
             update_ids=ids,
-            approvals=[
-                pb.Approval(round=int(round_num), update_ids=ids, signature=sig, host=int(h))
-                for h, sig in sorted(approvals.items())
-            ],
+            approvals=_approvals(round_num, ids, approvals),
             contributions=statements,
             ciphertexts=[b.ref for b in blobs],
         )
@@ -304,6 +298,16 @@ class FederationHub:
             raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
         return [int(x) for x in from_bytes(self.key.public, data)]
 
+    def _statement(self, round_num: int, uid: str):
+        """The signed contribution a site's host sent for update ``uid`` of this round, as
+        relayed to the other sites (LookupError if there is none)."""
+        from fedray.federation import federation_pb2 as pb
+
+        entry = self._sealed.get(uid)
+        if entry is None or entry[0] != int(round_num):
+            raise LookupError(f"round {round_num}: no signed contribution for {uid!r}")
+        return pb.SignedStatement(statement=entry[2], signature=entry[3])
+
     def share_sum(
         self, index: int, round_num: int, update_ids: list[str], approvals: dict[int, bytes]
     ) -> bytes:
@@ -319,11 +323,8 @@ class FederationHub:
         ids = sorted(str(u) for u in update_ids)
         statements, sealed, blobs = [], [], []
         for n, uid in enumerate(ids):
-            entry = self._sealed.get(uid)
-            if entry is None or entry[0] != int(round_num):
-                raise LookupError(f"round {round_num}: no signed contribution for {uid!r}")
-            statements.append(pb.SignedStatement(statement=entry[2], signature=entry[3]))
-            if int(json.loads(entry[2]).get("host", -1)) == index:
+            statements.append(self._statement(round_num, uid))
+            if int(json.loads(self._sealed[uid][2]).get("host", -1)) == index:
                 continue  # the site's own update: its share is at home
             share = self._shares.get(uid, {}).get(holder)
             if share is None:
@@ -345,10 +346,7 @@ class FederationHub:
         request = pb.ShareSumRequest(
             round=int(round_num),
             update_ids=ids,
-            approvals=[
-                pb.Approval(round=int(round_num), update_ids=ids, signature=sig, host=int(h))
-                for h, sig in sorted(approvals.items())
-            ],
+            approvals=_approvals(round_num, ids, approvals),
             contributions=statements,
             opening=pb.OPENING_SHARE_SUM,
             sealed_shares=sealed,
@@ -374,6 +372,16 @@ class FederationHub:
         from fedray.federation import channel as ch
 
         return ch.OutgoingBlob.from_array(blob_id, np.frombuffer(data, dtype=np.uint8))
+
+
+def _approvals(round_num: int, ids: list[str], approvals: dict[int, bytes]) -> list:
+    """The hosts' approvals of the sum ``ids``, as a share-sum request carries them."""
+    from fedray.federation import federation_pb2 as pb
+
+    return [
+        pb.Approval(round=int(round_num), update_ids=ids, signature=sig, host=int(h))
+        for h, sig in sorted(approvals.items())
+    ]
 
 
 @dataclass
