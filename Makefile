@@ -43,6 +43,13 @@ test: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
+# The benchmarks behind README's figures (long: about an hour on 2 cores), each figure into
+# one results file per run, benchmarks/results/runs/<time>-<commit>.json, with the machine,
+# the load and the commit. Compare two: .venv/bin/python benchmarks/compare.py OLD NEW.
+# Pass options in quotes: make bench BENCH_ARGS="--only crypto --only noise"
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check fedray tests benchmarks
 	$(PY) -m ruff format --check fedray tests benchmarks

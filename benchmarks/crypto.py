@@ -24,6 +24,7 @@ import time
 import gmpy2
 import numpy as np
 import psutil
+from _report import figure
 from phe import paillier
 
 from fedray.crypto.codec import PackedPaillierCodec
@@ -304,6 +305,7 @@ def _big_update(args, rng, key: ThresholdPublicKey, targets: list[str], steps: l
     share_bytes = (key.holders - 1) * big.num_ciphertexts * key.share_width()
     server_mib = (opener_peak.peak - opener_base) / 2**20
     t_open = max(holder_times) + t_server
+    figure(f"open a sum of {args.clients} {args.params:,}-value updates", t_open, "s wall")
     # On a shared machine the wall time counts other work; the CPU spread over the
     # server's processes is what idle cores would take.
     t_idle = max(holder_times) + cpu_server / args.processes
@@ -376,6 +378,11 @@ def main() -> None:
         print(f"|{'-' * 74}|{'-' * 19}:|{'-' * 12}:|")
         for name, rate, b in rows:
             print(f"| {name:<72} | {rate:>17} | {b:>11} |")
+            with contextlib.suppress(ValueError):
+                figure(name.strip(), float(rate.replace(",", "")), "values/s per core", "higher")
+            with contextlib.suppress(ValueError):
+                figure(f"{name.strip()}: bytes", float(b.replace(",", "")), "bytes per value")
+        figure("values per ciphertext", codec.slots_per_ciphertext, "values", better="higher")
         print()
     steps: list[str] = []
     print(_big_update(args, rng, key, targets, steps))

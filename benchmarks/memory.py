@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import run_and_measure  # noqa: E402
+from _report import figure  # noqa: E402
 
 DEFAULT = [
     "dataset=synthetic",
@@ -39,6 +40,8 @@ def main() -> None:
     print(f"peak PSS, all processes: {res['pss'] / 2**30:.2f} GiB")
     print(f"peak RSS, all processes: {res['rss'] / 2**30:.2f} GiB")
     print(f"processes at peak: {res['processes']}, wall time {res['seconds']:.1f}s")
+    figure("peak PSS, all processes", res["pss"] / 2**30, "GiB")
+    figure("peak RSS, all processes", res["rss"] / 2**30, "GiB")
 
 
 if __name__ == "__main__":

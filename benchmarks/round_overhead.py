@@ -25,6 +25,7 @@ import argparse
 import statistics
 
 from _jobs import embedded_ray, run_job
+from _report import figure
 
 TARGETS = {"encrypted (default)": 5.0, "encrypted, per-client updates": 8.0}
 VARIANTS = {
@@ -81,6 +82,10 @@ def main() -> None:
         ratio = statistics.median(means[name]) / plain
         verdict = "met" if ratio <= target else "NOT met"
         print(f"target: {name} <= {target:.0f}x plaintext: {ratio:.1f}x, {verdict}")
+    figure("plaintext round", plain * 1e3, "ms")
+    for name in VARIANTS:
+        if name != "plaintext":
+            figure(f"{name} / plaintext round", statistics.median(means[name]) / plain, "ratio")
 
 
 if __name__ == "__main__":

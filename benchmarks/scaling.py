@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import run_and_measure  # noqa: E402
+from _report import figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -200,6 +201,7 @@ def main() -> None:
             row = run_point(sweep, label, overrides)
             fresh[sweep].append(row)
             print(f"(measured) {_line(row)}", flush=True)
+            figure(f"{sweep}: {label}", row["seconds_per_round"], "s per round")
     # --only keeps the other sweeps' rows from the last full run.
     kept = {}
     if args.only and (OUT / "scaling.csv").exists():
@@ -220,6 +222,8 @@ def main() -> None:
     if "1 core, 1 actor" in cpus and "2 cores, 2 actors" in cpus:
         ratio = cpus["2 cores, 2 actors"] / cpus["1 core, 1 actor"]
         print(f"1 -> 2 cores at 1000 clients: {ratio:.2f}x client updates per second")
+        if "cpus" in fresh:
+            figure("1 -> 2 cores, client updates per second", ratio, "ratio", better="higher")
 
 
 if __name__ == "__main__":

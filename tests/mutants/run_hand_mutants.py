@@ -1828,6 +1828,22 @@ MUTANTS = [
         "a site of a federation too small for its coalition starts (and refuses every sum)",
         "coalition",
     ),
+    Mutant(
+        "compare-ignores-direction",
+        "benchmarks/compare.py",
+        '    gain = -change if better == "lower" else change',
+        "    gain = change",
+        ("tests/test_bench.py",),
+        "compare.py calls a slower time an improvement (every figure judged higher-is-better)",
+    ),
+    Mutant(
+        "bench-figures-of-failed-run",
+        "benchmarks/bench.py",
+        '    if proc.returncode != 0:\n        record["output_tail"]',
+        '    if False:\n        record["output_tail"]',
+        ("tests/test_bench.py",),
+        "a failed benchmark is not recorded as failed (no output tail kept)",
+    ),
 ]
 
 
