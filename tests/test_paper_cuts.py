@@ -335,6 +335,8 @@ def test_joined_cluster_is_named_and_the_run_folder_keeps_the_console(ray_2cpus,
         ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    # no warning of Ray's own code from every host (its restart check, Ray 2.60)
+    assert "DeprecationWarning" not in res.stdout + res.stderr, res.stderr[-3000:]
     ip = loopback_node_ip()
     # 2: the address joined and the cluster's nodes, once.
     joined = [ln for ln in res.stdout.splitlines() if "joined the Ray cluster" in ln]

@@ -156,9 +156,15 @@ class ClientHost:
         self._model_sha256 = ""
         self._plan = None  # the DP plan: built with the codec when crypto is configured
         try:
+            import warnings
+
             import ray
 
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            # Ray 2.60's own property reads its deprecated ``actor_id``: every host printed
+            # a RayDeprecationWarning it could do nothing about.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
         except Exception:  # plain use, outside an actor
             restarted = False
         # A host Ray restarted starts from its constructor's arguments (weight_ref 1.0):

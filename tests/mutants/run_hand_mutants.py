@@ -1844,6 +1844,15 @@ MUTANTS = [
         ("tests/test_bench.py",),
         "a failed benchmark is not recorded as failed (no output tail kept)",
     ),
+    Mutant(
+        "host-deprecation-warning-shown",
+        "fedray/runtime/client.py",
+        '                warnings.simplefilter("ignore", DeprecationWarning)',
+        "                pass",
+        ("tests/test_paper_cuts.py",),
+        "every client host prints Ray's RayDeprecationWarning of its restart check",
+        "joined_cluster",
+    ),
 ]
 
 
