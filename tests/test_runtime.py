@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -400,3 +401,33 @@ def test_stratified_cohorts_balance_actors_and_keep_inclusion_probability():
         frac = share - np.floor(share)
         std = np.sqrt(3000 * frac * (1 - frac))
         assert abs(counts[g].sum() - 3000 * share) < 4 * std
+
+
+@pytest.mark.slow
+def test_an_embedded_multirun_starts_ray_once_per_setting_and_results_are_unchanged(tmp_path):
+    """Issue #25: a sweep's jobs reuse the embedded Ray the first one started (Ray's start
+    is paid once), a job asking for another embedded Ray (here ray.num_cpus) gets a new
+    one, and a job on the reused Ray ends exactly as on a fresh one (same seed, same
+    final weights)."""
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    res = run_cli(
+        [
+            "-m",
+            "crypto=none",
+            "rounds=1",
+            "num_clients=6",
+            "seed=3",
+            "ray.num_cpus=1,1,2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        timeout=600,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = [(tmp_path / f"sweep/{i}/launch.log").read_text() for i in range(3)]
+    reused = ["reusing the embedded Ray of the sweep's earlier jobs" in log for log in logs]
+    assert reused == [False, True, False], logs
+    weights = [np.load(tmp_path / f"sweep/{i}/checkpoints/round_00001/arrays.npz") for i in (0, 1)]
+    assert set(weights[0].files) == set(weights[1].files)
+    for name in weights[0].files:
+        assert np.array_equal(weights[0][name], weights[1][name]), name

@@ -45,13 +45,62 @@ def loopback_node_ip() -> str:
     return "127.0.0.2" if rewrites and sys.platform.startswith("linux") else "127.0.0.1"
 
 
-def connect(cfg: FedrayConfig) -> bool:
-    """Start an embedded Ray (address null) or join one. Returns True if we started it."""
+# A Hydra multirun's jobs run one after another in one process: the embedded Ray the first
+# job started is kept for the next (Ray's start is 3-5 s of every job on 2 cores), as long
+# as the next job asks for the same embedded Ray; it is stopped when the process exits.
+_KEPT: dict[str, Any] = {}
+
+
+def _embedded_settings(cfg: FedrayConfig) -> tuple:
+    r = cfg.ray
+    return (r.num_cpus or os.cpu_count(), r.num_gpus, r.include_dashboard, r.object_store_memory)
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # no Hydra (a script calling run()): one job, as before
+        return False
+
+
+def release(cfg: FedrayConfig, started: bool) -> None:
+    """At a job's end: stop the Ray it started, unless a multirun's next job can use it."""
     import ray
 
+    if not started:
+        return
+    if _in_multirun() and cfg.ray.address in (None, "local"):
+        if not _KEPT:
+            import atexit
+
+            atexit.register(ray.shutdown)
+        _KEPT["settings"] = _embedded_settings(cfg)
+        _KEPT["jobs"] = _KEPT.get("jobs", 0) + 1
+        return
+    _KEPT.clear()
+    ray.shutdown()
+
+
+def connect(cfg: FedrayConfig) -> bool:
+    """Start an embedded Ray (address null) or join one. Returns True if we started it
+    (or this multirun's earlier job did, and it is reused: see :func:`release`)."""
+    import ray
+
+    address = cfg.ray.address
+    if ray.is_initialized() and _KEPT:
+        if address in (None, "local") and _KEPT["settings"] == _embedded_settings(cfg):
+            log.info(
+                "multirun: reusing the embedded Ray of the sweep's earlier jobs (%d so far)",
+                _KEPT["jobs"],
+            )
+            return True
+        _KEPT.clear()  # another Ray is asked for: this sweep's one is stopped first
+        ray.shutdown()
     if ray.is_initialized():
         return False
-    address = cfg.ray.address
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address in (None, "local"):
         kwargs.update(

@@ -386,7 +386,7 @@ def run_experiment(
     import ray
 
     from fedray.runtime.client import client_actor_class
-    from fedray.runtime.cluster import connect
+    from fedray.runtime.cluster import connect, release
     from fedray.runtime.server import server_actor_class
 
     output_dir = Path(output_dir)
@@ -439,8 +439,7 @@ def run_experiment(
             job.tensorboard.close()
         if job.reservation is not None:  # placement groups outlive their actors otherwise
             ray.util.remove_placement_group(job.reservation)
-        if job.started:
-            ray.shutdown()
+        release(cfg, job.started)  # stops the Ray it started (a multirun keeps it)
 
 
 def _start_hosts(job: _Job, actor_cls: Any, server_cls: Any) -> None:

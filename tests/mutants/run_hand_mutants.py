@@ -1853,6 +1853,24 @@ MUTANTS = [
         "every client host prints Ray's RayDeprecationWarning of its restart check",
         "joined_cluster",
     ),
+    Mutant(
+        "multirun-never-keeps-ray",
+        "fedray/runtime/cluster.py",
+        '    if _in_multirun() and cfg.ray.address in (None, "local"):',
+        "    if False:",
+        ("tests/test_runtime.py",),
+        "every job of a multirun starts and stops its own embedded Ray",
+        "embedded_multirun",
+    ),
+    Mutant(
+        "multirun-reuses-other-settings",
+        "fedray/runtime/cluster.py",
+        '        if address in (None, "local") and _KEPT["settings"] == _embedded_settings(cfg):',
+        '        if address in (None, "local"):',
+        ("tests/test_runtime.py",),
+        "a multirun job asking for another embedded Ray (ray.num_cpus) gets the earlier one",
+        "embedded_multirun",
+    ),
 ]
 
 
