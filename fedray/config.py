@@ -101,7 +101,9 @@ class DatasetConfig:
     num_features: int = 60
     """Feature width of ``synthetic``."""
     num_classes: int = 10
-    """Classes of ``synthetic`` (topics of ``text_synthetic``)."""
+    """Classes of ``synthetic`` (topics of ``text_synthetic``); with ``csv`` across
+    organisations (``federation=cross_org``), the label count every party declares alike
+    (labels 0..num_classes-1), as no party reads another's tables."""
     test_samples_per_client: int = 10
     """``synthetic``: fresh test rows drawn per sampled client's distribution for the
     server's test set (at most 2,000 rows in all)."""

@@ -210,6 +210,88 @@ def test_three_site_clusters_train_the_single_cluster_model(
         assert "said goodbye" in (logs / f"{site}.log").read_text()
 
 
+def _wine_site_tables(folder: Path, reorder: bool) -> list[str]:
+    """scikit-learn's wine table (13 features, 3 classes) split over the 6 clients, one CSV
+    each, as three organisations would export it (``reorder``): site a's columns in the
+    table's order, site b's reversed, site c's shuffled with an extra column; else all in
+    the table's order. Returns the feature names."""
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    names = list(data.feature_names)
+    columns = {n: data.data[:, k] for k, n in enumerate(names)} | {"y": data.target}
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(data.target))
+    for cid, rows in enumerate(np.array_split(order, 6)):
+        site = SITES[cid // 2]
+        header = [*names, "y"]
+        values = {**columns}
+        if reorder and site == "b":
+            header = ["y", *reversed(names)]
+        elif reorder and site == "c":
+            values["export_id"] = np.arange(len(data.target))
+            header = list(rng.permutation([*names, "y", "export_id"]))
+        with (folder / f"client_{cid}.csv").open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(header)
+            for r in rows:
+                out.writerow(
+                    [repr(float(values[h][r])) if h != "y" else int(values[h][r]) for h in header]
+                )
+    return names
+
+
+def test_sites_own_csv_tables_in_other_column_orders_train_the_single_cluster_model(
+    ray_2cpus, federation_dir, tmp_path
+):
+    """dataset=csv across organisations: each site reads its own tables (columns matched
+    by the declared names, in any order, an extra column ignored), the coordinator reads
+    none (the model's shape is the declared features and dataset.num_classes), and the
+    final weights are bit for bit those of one cluster on the same rows with every
+    table's columns in one order."""
+    from fedray.runtime.driver import run_experiment
+
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "ordered").mkdir()
+    names = _wine_site_tables(tmp_path / "sites", reorder=True)
+    assert _wine_site_tables(tmp_path / "ordered", reorder=False) == names
+
+    def table(folder):
+        return [
+            "dataset=csv",
+            f"dataset.path='{tmp_path / folder}/client_{{client_id}}.csv'",
+            "dataset.label=y",
+            "dataset.features=[" + ",".join(names) + "]",
+            "dataset.num_classes=3",
+        ]
+
+    single_dir = tmp_path / "single"
+    run_experiment(
+        compose([*JOB, *table("ordered"), "cluster.num_actors=3", "client.num_cpus=0.5"]),
+        single_dir,
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _sites(federation_dir, logs, table("sites")) as (port, procs, _):
+        cfg = compose(
+            [
+                "federation=cross_org",
+                *JOB,
+                *table("not-at-the-coordinator"),  # it has no site's file
+                *_files(federation_dir),
+                f"federation.listen=127.0.0.1:{port}",
+            ]
+        )
+        summary = run_experiment(cfg, tmp_path / "cross")
+        assert summary["rounds_completed"] == 2 and summary["num_features"] == 13
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    assert "export_id" in (logs / "c.log").read_text()  # site c said it ignores the extra
+    cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
+    one = np.load(single_dir / "checkpoints/round_00002/arrays.npz")["weights"]
+    assert np.array_equal(cross, one)
+
+
 def test_partial_decryptions_across_organisations_give_the_same_model(
     ray_2cpus, federation_dir, single_cluster_weights, tmp_path
 ):

@@ -629,8 +629,20 @@ def test_cross_org_opens_sums_by_the_fast_path_by_default_and_partial_decryption
         (["crypto=none"], "needs crypto=paillier with crypto.custody=threshold"),
         (["crypto.custody=shared"], "needs crypto=paillier with crypto.custody=threshold"),
         (["dataset.weight_ref=null"], "set dataset.weight_ref"),
+        (
+            ["dataset=csv", "dataset.path='t/site_{client_id}.csv'", "dataset.label=y"],
+            "dataset=csv needs dataset.features, the column names every site agreed on",
+        ),
     ],
-    ids=["not-cross-org", "no-party", "no-connect", "crypto-none", "shared-custody", "no-ref"],
+    ids=[
+        "not-cross-org",
+        "no-party",
+        "no-connect",
+        "crypto-none",
+        "shared-custody",
+        "no-ref",
+        "csv-no-features",
+    ],
 )
 def test_a_bad_site_config_is_one_config_error(overrides, says):
     assert says in _one_line_error(check_site_config, [*SITE, *overrides])
@@ -644,7 +656,7 @@ def test_a_bad_site_config_is_one_config_error(overrides, says):
         (["crypto.host_sum=false"], "needs crypto.host_sum=true"),
         (
             ["dataset=csv", "dataset.path='t/site_{client_id}.csv'", "dataset.label=y"],
-            "dataset=csv is not supported yet",
+            "dataset=csv needs dataset.features, the column names every site agreed on",
         ),
         (["privacy=dp", "privacy.mode=sample"], "privacy.mode=client only"),
     ],

@@ -25,7 +25,7 @@ from fedray.data.tables import (
     resolve_features,
     table_columns,
 )
-from fedray.errors import DataError
+from fedray.errors import ConfigError, DataError
 
 log = logging.getLogger("fedray")
 
@@ -310,6 +310,21 @@ def job_table_spec(cfg: DatasetConfig) -> TableSpec:
         first = cfg.path.format(client_id=0)
         spec = replace(spec, features=tuple(resolve_features(spec, first, table_columns(first))))
     return spec
+
+
+def agreed_csv_info(cfg: DatasetConfig) -> DatasetInfo:
+    """Across organisations no party reads another's tables: the model's shape comes from
+    what the job declares, the same at the coordinator and every site: the width of
+    ``dataset.features`` (categorical columns one-hot over their declared vocabulary) and
+    ``dataset.num_classes`` labels (0..num_classes-1)."""
+    spec = TableSpec.from_config(cfg)
+    if spec.features is None:
+        raise ConfigError(
+            "federation=cross_org with dataset=csv needs dataset.features, the column names "
+            "every site agreed on (e.g. dataset.features=[age,bmi,sex]), and "
+            "dataset.num_classes: no party reads another's tables"
+        )
+    return DatasetInfo(spec.width(spec.features), int(cfg.num_classes))
 
 
 def csv_metadata(cfg: DatasetConfig, client_ids: list[int]) -> tuple[int, int]:

@@ -413,11 +413,6 @@ def check_coordinator_config(cfg: FedrayConfig) -> None:
     from fedray.federation.site import check_cross_org_job
 
     check_cross_org_job(cfg)
-    if cfg.dataset.name == "csv":
-        raise ConfigError(
-            "federation=cross_org with dataset=csv is not supported yet: the coordinator "
-            "has no site file to learn the feature width from"
-        )
 
 
 def start_sites(job: Any, server_cls: Any) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedray.config import FedrayConfig, min_clients
-from fedray.errors import ConfigError
+from fedray.errors import ConfigError, DataError
 from fedray.federation import channel as ch
 from fedray.federation import federation_pb2 as pb
 from fedray.runtime.client import ClientHost, RoundTask
@@ -275,6 +275,10 @@ def check_cross_org_job(cfg: FedrayConfig) -> None:
             "federation=cross_org supports privacy=dp with privacy.mode=client only (the "
             "sample-level accountant needs every site's size)"
         )
+    if cfg.dataset.name == "csv":
+        from fedray.data.datasets import agreed_csv_info
+
+        agreed_csv_info(cfg.dataset)  # dataset.features declared, or one line
 
 
 def check_key_size(cfg: FedrayConfig, key: Any) -> None:
@@ -384,10 +388,18 @@ class SiteAgent:
         from fedray.runtime.driver import _dataset_info  # bundled/synthetic: no site call
 
         if cfg.dataset.name == "csv":
-            from fedray.data.datasets import csv_metadata, dataset_info
+            from fedray.data.datasets import agreed_csv_info, csv_metadata
 
-            features, max_label = csv_metadata(cfg.dataset, self.client_ids)
-            info = dataset_info(cfg.dataset, observed_classes=max_label + 1, num_features=features)
+            # Every table read and checked in full here, before any training; the model's
+            # shape is the job's declared one, the same at every party.
+            _, max_label = csv_metadata(cfg.dataset, self.client_ids)
+            info = agreed_csv_info(cfg.dataset)
+            if max_label >= info.num_classes:
+                raise DataError(
+                    f"site {self.site_id}: its tables hold label {max_label}; "
+                    f"dataset.num_classes={info.num_classes} allows labels 0.."
+                    f"{info.num_classes - 1} (every party must declare the same count)"
+                )
         else:
             info = _dataset_info(cfg, None)
         identity = Path(paths.signing_key).read_bytes()

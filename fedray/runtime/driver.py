@@ -156,6 +156,10 @@ def _dataset_info(cfg: FedrayConfig, placement) -> Any:
         return None  # the task knows its own data and model
     if cfg.dataset.name != "csv":
         return dataset_info(cfg.dataset)
+    if cfg.federation.name == "cross_org":  # the coordinator reads no site's table
+        from fedray.data.datasets import agreed_csv_info
+
+        return agreed_csv_info(cfg.dataset)
     task = ray.remote(csv_metadata)
     refs = [
         task.options(**{k: v for k, v in opts.items() if k != "num_gpus"}).remote(cfg.dataset, cids)

@@ -1871,6 +1871,15 @@ MUTANTS = [
         "a multirun job asking for another embedded Ray (ray.num_cpus) gets the earlier one",
         "embedded_multirun",
     ),
+    Mutant(
+        "coordinator-reads-site-tables",
+        "fedray/runtime/driver.py",
+        '    if cfg.federation.name == "cross_org":  # the coordinator reads no site\'s table',
+        "    if False:",
+        ("tests/test_cross_org.py",),
+        "the coordinator of a cross-org csv job tries to read the sites' tables itself",
+        "own_csv",
+    ),
 ]
 
 
