@@ -530,13 +530,13 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     other = sorted([uid, uc])
     statements[uc] = (
         b_identity.sign(
-            Contribution(key.fingerprint, 1, uc, 1, (5,), digest(cts), (), "")
+            Contribution(key.fingerprint, 1, uc, 1, (4,), digest(cts), (), "")
         ).contribution.message(),
         statements[ub][1],
     )
     refused("approve_request", approve_request(other), match="not signed by its host")
     b_again = b_identity.sign(
-        Contribution(key.fingerprint, 1, uc, 1, (5,), digest(cts), (), statement["model_sha256"])
+        Contribution(key.fingerprint, 1, uc, 1, (4,), digest(cts), (), statement["model_sha256"])
     )
     statements[uc] = (b_again.contribution.message(), b_again.signature)
     refused("approve_request", approve_request(other), match="already approved a different sum")

@@ -981,3 +981,68 @@ def test_max_colluding_sites_must_be_a_count_or_null(bad):
         ConfigError, match=r"max_colluding_sites=.* must be an integer >= 0, or null"
     ):
         compose(["federation=cross_org", f"federation.max_colluding_sites={bad}"])
+
+
+# --- a site's own tables (dataset=csv across organisations) -------------------------------
+
+
+def _csv_site(tmp_path, labels, num_classes: int):
+    """Site a's agent (clients 0 and 1) over two tables with columns f2, y, f1 (not the
+    declared order) holding ``labels``."""
+    from fedray.federation.site import SiteAgent
+
+    for cid in (0, 1):
+        rows = "\n".join(f"{0.5 * i},{y},{i}" for i, y in enumerate(labels))
+        (tmp_path / f"t{cid}.csv").write_text(f"f2,y,f1\n{rows}\n")
+    agent = SiteAgent.__new__(SiteAgent)
+    agent.cfg = compose(
+        [
+            *SITE,
+            "dataset=csv",
+            f"dataset.path='{tmp_path}/t{{client_id}}.csv'",
+            "dataset.label=y",
+            "dataset.features=[f1,f2]",
+            f"dataset.num_classes={num_classes}",
+        ]
+    )
+    agent.site_id, agent.client_ids = "a", [0, 1]
+    return agent
+
+
+def test_a_sites_model_shape_is_the_declared_one_not_its_own_tables(tmp_path):
+    """Labels 0 and 1 only at this site, 4 classes declared: the site's model has the
+    federation's 4 outputs (its own tables would say 2) and the declared features' width."""
+    info = _csv_site(tmp_path, [0, 1, 1, 0], num_classes=4).data_info()
+    assert (info.num_features, info.num_classes) == (2, 4)
+
+
+def test_a_site_with_a_label_outside_the_declared_classes_refuses_to_start(tmp_path):
+    from fedray.errors import DataError
+
+    with pytest.raises(DataError, match=r"site a: its tables hold label 3; .*allows labels 0\.\.2"):
+        _csv_site(tmp_path, [0, 3, 1, 2], num_classes=3).data_info()
+
+
+# --- the coordinator checks a site's statement when its train reply arrives ---------------
+
+
+def test_the_coordinator_names_a_site_whose_statement_the_holders_would_refuse():
+    from fedray.federation.coordinator import statement_problem
+
+    site, other = HostIdentity(), HostIdentity()
+
+    def signed(**kw):
+        c = _contribution(**{"update_id": "h1-" + "ab" * 16, "round": 3, "host": 1, **kw})
+        return c.message(), site.sign(c).signature
+
+    args = (site.public_bytes(), 1, "k" * 16, 3, {2, 3})
+    assert statement_problem(*signed(), *args) == ""
+    statement, signature = signed()
+    assert "manifest key" in statement_problem(statement, other.sign_bytes(statement), *args)
+    assert "another key, round or host" in statement_problem(*signed(round=4), *args)
+    assert "another key, round or host" in statement_problem(*signed(host=2), *args)
+    assert "not in the site's namespace" in statement_problem(
+        *signed(update_id="h2-" + "ab" * 16), *args
+    )
+    assert "not asked to train (7)" in statement_problem(*signed(client_ids=(2, 7)), *args)
+    assert "JSON" in statement_problem(b"not json", signature, *args)

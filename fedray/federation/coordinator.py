@@ -175,6 +175,17 @@ class FederationHub:
         ids = tuple(int(c) for c in statement.get("client_ids", ()))
         if int(body.round) != int(task.round) or statement.get("update_id") != body.update_id:
             raise ClusterError(f"site {site} answered round {task.round} with another update")
+        problem = statement_problem(
+            bytes(body.contribution),
+            bytes(body.contribution_signature),
+            self.paths.manifest_obj.sites[site].signing_key,
+            index,
+            self.key.fingerprint,
+            int(task.round),
+            {int(c) for c in task.client_ids},
+        )
+        if problem:  # what every key holder would refuse: the round would stall, unnamed
+            raise ClusterError(f"site {site}'s contribution of round {task.round}: {problem}")
         data = bytes(reply.blob(body.ciphertexts).ciphertexts(self.width))
         shares = {}
         for share in body.sealed_shares:
@@ -372,6 +383,37 @@ class FederationHub:
         from fedray.federation import channel as ch
 
         return ch.OutgoingBlob.from_array(blob_id, np.frombuffer(data, dtype=np.uint8))
+
+
+def statement_problem(
+    statement: bytes,
+    signature: bytes,
+    site_key: bytes,
+    host: int,
+    key_id: str,
+    round_num: int,
+    clients: set[int],
+) -> str:
+    """What is wrong with a site's signed contribution, as the key holders would see it
+    ("" if nothing): the coordinator checks a train reply's statement when it arrives, so
+    a faulty or hostile site is named at once instead of every holder refusing the sum."""
+    from fedray.federation.site import contribution_from_statement
+    from fedray.runtime.keys import update_id_host, verify
+
+    try:
+        c = contribution_from_statement(statement, signature).contribution
+    except PermissionError as exc:
+        return str(exc)
+    if not verify(site_key, signature, statement):
+        return "not signed by the site's manifest key"
+    if c.key_id != key_id or int(c.round) != int(round_num) or int(c.host) != int(host):
+        return "of another key, round or host"
+    if update_id_host(c.update_id) != int(host):
+        return f"update id {c.update_id!r} is not in the site's namespace"
+    outside = sorted(set(c.client_ids) - clients)
+    if outside:
+        return f"names clients it was not asked to train ({', '.join(map(str, outside[:5]))})"
+    return ""
 
 
 def _approvals(round_num: int, ids: list[str], approvals: dict[int, bytes]) -> list:

@@ -359,6 +359,7 @@ class SiteAgent:
         )
         check_key_size(cfg, self.key)
         self._check_coalition()
+        info = self.data_info()  # the site's tables checked before its Ray starts
         if cfg.ray.address is None:
             ray.init(
                 address="local",
@@ -385,23 +386,6 @@ class SiteAgent:
         )
         ray.get(self.holder.install.remote(self.key, share))
         del share
-        from fedray.runtime.driver import _dataset_info  # bundled/synthetic: no site call
-
-        if cfg.dataset.name == "csv":
-            from fedray.data.datasets import agreed_csv_info, csv_metadata
-
-            # Every table read and checked in full here, before any training; the model's
-            # shape is the job's declared one, the same at every party.
-            _, max_label = csv_metadata(cfg.dataset, self.client_ids)
-            info = agreed_csv_info(cfg.dataset)
-            if max_label >= info.num_classes:
-                raise DataError(
-                    f"site {self.site_id}: its tables hold label {max_label}; "
-                    f"dataset.num_classes={info.num_classes} allows labels 0.."
-                    f"{info.num_classes - 1} (every party must declare the same count)"
-                )
-        else:
-            info = _dataset_info(cfg, None)
         identity = Path(paths.signing_key).read_bytes()
         options = {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus}
         self.host = (
@@ -680,8 +664,33 @@ class SiteAgent:
             )
         if self.policy is not None:
             clients = [c for s in signed for c in s.contribution.client_ids]
-            own = sum(1 for c in clients if c in set(self.client_ids))
+            # this site's own clients: from its own host's signed contribution only
+            own = sum(
+                len(s.contribution.client_ids) for s in signed if s.contribution.host == self.index
+            )
             self.policy.check_sum(round_num, len(clients), len(hosts), own)
+
+    def data_info(self) -> Any:
+        """The model's input width and class count. ``dataset=csv``: every one of this
+        site's tables is read and checked in full here, before any training, and the
+        shape is the job's declared one, the same at every party (no party reads another's
+        tables); a label outside ``dataset.num_classes`` is refused in one line."""
+        cfg = self.cfg
+        if cfg.dataset.name != "csv":
+            from fedray.runtime.driver import _dataset_info  # bundled/synthetic: no site call
+
+            return _dataset_info(cfg, None)
+        from fedray.data.datasets import agreed_csv_info, csv_metadata
+
+        info = agreed_csv_info(cfg.dataset)
+        _, max_label = csv_metadata(cfg.dataset, self.client_ids)
+        if max_label >= info.num_classes:
+            raise DataError(
+                f"site {self.site_id}: its tables hold label {max_label}; "
+                f"dataset.num_classes={info.num_classes} allows labels 0.."
+                f"{info.num_classes - 1} (every party must declare the same count)"
+            )
+        return info
 
     def colluding_sites(self) -> int:
         """The coalition of sites this site defends against: federation.max_colluding_sites,
@@ -711,7 +720,7 @@ class SiteAgent:
         """A relayed contribution is checked here, before anything counts it (the site's
         policy counts clients from these): signed by its host's manifest key, of this
         key, this round and this place in the sum. The key holder checks it again."""
-        from fedray.runtime.keys import verify
+        from fedray.runtime.keys import update_id_host, verify
 
         c = signed.contribution
         if c.update_id != update_id:
@@ -731,6 +740,27 @@ class SiteAgent:
                 f"round {round_num}: contribution {c.update_id!r} is not signed by its host's "
                 "manifest key"
             )
+        # What the key holders enforce at deposit, checked here too, before this site's
+        # policy counts anything from it: a colluding site could otherwise show this site
+        # a statement under another site's id, or naming another site's clients (this
+        # site's own, to pass its own-clients rule), and have the holders sum another.
+        if update_id_host(c.update_id) != int(c.host):
+            raise ch.Refused(
+                f"round {round_num}: update id {c.update_id!r} is not in its host "
+                f"{sites[c.host]}'s namespace"
+            )
+        foreign = [i for i in c.client_ids if self.assignment.get(int(i)) != int(c.host)]
+        if foreign:
+            raise ch.Refused(
+                f"round {round_num}: site {sites[c.host]}'s contribution {c.update_id!r} names "
+                f"clients it does not host ({', '.join(map(str, foreign[:5]))})"
+            )
+        filed = self._filed.get(c.update_id)
+        if filed is not None and filed != c.message():
+            raise ch.Refused(
+                f"round {round_num}: update {c.update_id!r} is relayed as another contribution "
+                "than the one filed with this site's key holder under that id"
+            )
 
     def _open(self, msg: ch.Message) -> tuple:
         import ray
@@ -745,12 +775,6 @@ class SiteAgent:
         for k, (statement, uid) in enumerate(zip(body.contributions, ids, strict=True)):
             contribution = contribution_from_statement(statement.statement, statement.signature)
             self._check_statement(contribution, round_num, uid)
-            filed = self._filed.get(uid)
-            if filed is not None and filed != bytes(statement.statement):
-                raise ch.Refused(
-                    f"round {round_num}: update {uid!r} is relayed as another contribution "
-                    "than the one filed with this site's key holder under that id"
-                )
             signed.append(contribution)
             statements[uid] = bytes(statement.statement)
             if not fast:

@@ -1785,9 +1785,9 @@ MUTANTS = [
     Mutant(
         "site-squatted-id-taken",
         "fedray/federation/site.py",
-        "            if filed is not None and filed != bytes(statement.statement):",
-        "            if False:",
-        ("tests/test_cross_org_squat.py",),
+        "        if filed is not None and filed != c.message():",
+        "        if False:",
+        ("tests/test_cross_org_squat.py", "tests/test_cross_org_own_clients.py"),
         "a host's second statement under an id it filed is relayed to the holder",
     ),
     Mutant(
@@ -1879,6 +1879,51 @@ MUTANTS = [
         ("tests/test_cross_org.py",),
         "the coordinator of a cross-org csv job tries to read the sites' tables itself",
         "own_csv",
+    ),
+    Mutant(
+        "site-label-range-unchecked",
+        "fedray/federation/site.py",
+        "        if max_label >= info.num_classes:",
+        "        if False:",
+        ("tests/test_cross_org_units.py",),
+        "a site whose tables hold a label outside dataset.num_classes starts",
+        "outside_the_declared",
+    ),
+    Mutant(
+        "site-shape-from-own-tables",
+        "fedray/federation/site.py",
+        '                f"{info.num_classes - 1} (every party must declare the same count)"\n'
+        "            )\n        return info",
+        '                f"{info.num_classes - 1} (every party must declare the same count)"\n'
+        "            )\n        return type(info)(info.num_features, max(2, max_label + 1))",
+        ("tests/test_cross_org_units.py",),
+        "a site builds its model from its own tables' classes, not the federation's",
+        "declared_one",
+    ),
+    Mutant(
+        "site-statement-namespace-unchecked",
+        "fedray/federation/site.py",
+        "        if update_id_host(c.update_id) != int(c.host):",
+        "        if False:",
+        ("tests/test_cross_org_own_clients.py",),
+        "a site counts a colluder's statement under its own update id (skips its own-clients rule)",
+    ),
+    Mutant(
+        "site-statement-clients-unchecked",
+        "fedray/federation/site.py",
+        '        if foreign:\n            raise ch.Refused(\n                f"round {round_num}: site',
+        '        if False:\n            raise ch.Refused(\n                f"round {round_num}: site',
+        ("tests/test_cross_org_own_clients.py",),
+        "a site counts a colluder's statement naming this site's clients as its own",
+    ),
+    Mutant(
+        "coordinator-statement-clients-unchecked",
+        "fedray/federation/coordinator.py",
+        "    if outside:",
+        "    if False:",
+        ("tests/test_cross_org_units.py",),
+        "the coordinator takes a site's statement naming clients it was not asked to train",
+        "coordinator_names",
     ),
 ]
 
