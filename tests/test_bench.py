@@ -21,18 +21,23 @@ def _git(*args):
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def noise_run(tmp_path_factory):
-    """One real, small run of benchmarks/bench.py: the noise benchmark at 20,000 values."""
-    out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
+def _bench_noise(out, noise_args: str) -> subprocess.CompletedProcess:
+    """benchmarks/bench.py, the noise benchmark only, with ``noise_args``, into ``out``."""
+    return subprocess.run(
         [sys.executable, str(BENCH / "bench.py"), "--only", "noise", "--out", str(out)]
-        + ["--args", "noise=--size 20000 --repeats 2"],
+        + ["--args", f"noise={noise_args}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    """One real, small run of benchmarks/bench.py: the noise benchmark at 20,000 values."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = _bench_noise(out, "--size 20000 --repeats 2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
@@ -63,14 +68,7 @@ def test_a_run_writes_commit_machine_load_and_the_figures(noise_run):
 
 
 def test_a_failed_benchmark_is_recorded_and_the_run_exits_1(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench.py"), "--only", "noise", "--out", str(tmp_path)]
-        + ["--args", "noise=--size -1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _bench_noise(tmp_path, "--size -1")
     assert proc.returncode == 1 and "noise FAILED" in proc.stdout
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())["benchmarks"]["noise"]

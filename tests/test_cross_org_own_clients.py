@@ -34,10 +34,10 @@ def federation(tmp_path, monkeypatch):
     from fedray.federation import channel as ch
     from fedray.federation import federation_pb2 as pb
     from fedray.federation import messages as m
-    from fedray.federation.policy import policy_from_dict
     from fedray.federation.site import SiteAgent
     from fedray.runtime.keys import CohortApprover, Contribution, HostIdentity, KeyHolder, digest
     from fedray.tools import certs
+    from tests.test_site_policy import make_policy
 
     monkeypatch.setattr(ray, "get", lambda x, **k: x)
     sites = ["a", "b", "c"]
@@ -79,30 +79,17 @@ def federation(tmp_path, monkeypatch):
         def remote(self, *a):
             return self.f(*a)
 
-    policy = policy_from_dict(
-        {
-            "site": "a",
-            "tasks": [
-                {
-                    "id": "t",
-                    "version": "1",
-                    "class": "fedray.tasks.tabular.TabularClassificationTask",
-                    "model_fingerprint": "a" * 64,
-                }
-            ],
-            "max_rounds": 10,
-            "hyperparameters": {"lr": {"min": 0.001, "max": 0.5}},
-            "min_sum": {"clients": 4, "sites": 2},
-            "privacy": {
-                "mode": "client",
-                "noise_multiplier": 1.0,
-                "clip_norm": 1.0,
-                "delta": 1e-5,
-                "max_epsilon_vs_server": None,
-                "max_colluding_clients": 1,
-            },
-            "max_upload_bytes": 10**7,
-        }
+    policy = make_policy(
+        site="a",
+        min_sum={"clients": 4, "sites": 2},
+        privacy={
+            "mode": "client",
+            "noise_multiplier": 1.0,
+            "clip_norm": 1.0,
+            "delta": 1e-5,
+            "max_epsilon_vs_server": None,
+            "max_colluding_clients": 1,
+        },
     )
     agent = SiteAgent.__new__(SiteAgent)
     agent.cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=None))
