@@ -155,14 +155,8 @@ class DatasetConfig:
         _positive("dataset.alpha", self.alpha, allow_zero=True)
         _positive("dataset.beta", self.beta, allow_zero=True)
         _positive("dataset.samples_per_client", self.samples_per_client)
-        if self.name == "csv":
-            if not self.path or "{client_id}" not in self.path:
-                raise ConfigError(
-                    "dataset.path must be set for dataset=csv and contain '{client_id}', "
-                    "e.g. dataset.path=data/site_{client_id}.csv"
-                )
-            if not self.label:
-                raise ConfigError("dataset.label must name the label column for dataset=csv")
+        if self.name == "csv" and not self.label:
+            raise ConfigError("dataset.label must name the label column for dataset=csv")
         self._check_table_options()
         if self.name == "text" and (not self.path or "{client_id}" not in self.path):
             raise ConfigError(
@@ -173,6 +167,16 @@ class DatasetConfig:
         _positive("dataset.test_samples", self.test_samples)
         if not 0.0 < self.topic_strength <= 1.0:
             raise ConfigError(f"dataset.topic_strength={self.topic_strength!r} must be in (0, 1]")
+
+    def check_table_path(self) -> None:
+        """dataset=csv: the party that reads the tables needs ``dataset.path`` with
+        ``{client_id}`` in it. Across organisations that is each site; the coordinator
+        reads no table (:func:`validate`)."""
+        if self.name == "csv" and (not self.path or "{client_id}" not in self.path):
+            raise ConfigError(
+                "dataset.path must be set for dataset=csv and contain '{client_id}', "
+                "e.g. dataset.path=data/site_{client_id}.csv"
+            )
 
     def _check_table_options(self) -> None:
         """dataset.features / extra_columns / missing / categorical (dataset=csv)."""
@@ -905,6 +909,8 @@ def _validate_task(cfg: FedrayConfig) -> None:
 
 def validate(cfg: FedrayConfig) -> None:
     """Cross-field rules. Raises ConfigError naming the keys and the allowed values."""
+    if cfg.federation.name != "cross_org":  # across organisations: the sites' (site.py)
+        cfg.dataset.check_table_path()
     if cfg.clients_per_round > cfg.num_clients:
         raise ConfigError(
             f"clients_per_round={cfg.clients_per_round} must be between 1 and "

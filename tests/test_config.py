@@ -22,7 +22,8 @@ from tests.conftest import compose, run_cli
         (["model=cnn"], "model=cnn"),
         (["privacy=dp", "privacy.noise=central"], "privacy.noise=central cannot be used"),
         (["privacy=dp", "privacy.delta=2"], "privacy.delta=2"),
-        (["dataset=csv"], "dataset.path must be set"),
+        (["dataset=csv", "dataset.label=y"], "dataset.path must be set"),
+        (["dataset=csv", "dataset.path='d/{client_id}.csv'"], "dataset.label must name"),
         (["crypto.quant_bits=40"], "crypto.quant_bits=40"),
         (
             ["privacy=dp", "privacy.target_epsilon_vs_server=0"],

@@ -256,10 +256,11 @@ def test_sites_own_csv_tables_in_other_column_orders_train_the_single_cluster_mo
     names = _wine_site_tables(tmp_path / "sites", reorder=True)
     assert _wine_site_tables(tmp_path / "ordered", reorder=False) == names
 
-    def table(folder):
+    def table(folder=None):  # the coordinator has no folder: it reads no table
+        path = [f"dataset.path='{tmp_path / folder}/client_{{client_id}}.csv'"] if folder else []
         return [
             "dataset=csv",
-            f"dataset.path='{tmp_path / folder}/client_{{client_id}}.csv'",
+            *path,
             "dataset.label=y",
             "dataset.features=[" + ",".join(names) + "]",
             "dataset.num_classes=3",
@@ -277,7 +278,7 @@ def test_sites_own_csv_tables_in_other_column_orders_train_the_single_cluster_mo
             [
                 "federation=cross_org",
                 *JOB,
-                *table("not-at-the-coordinator"),  # it has no site's file
+                *table(),  # no dataset.path: it has no site's file
                 *_files(federation_dir),
                 f"federation.listen=127.0.0.1:{port}",
             ]

@@ -633,6 +633,10 @@ def test_cross_org_opens_sums_by_the_fast_path_by_default_and_partial_decryption
             ["dataset=csv", "dataset.path='t/site_{client_id}.csv'", "dataset.label=y"],
             "dataset=csv needs dataset.features, the column names every site agreed on",
         ),
+        (
+            ["dataset=csv", "dataset.label=y", "dataset.features=[a,b]", "dataset.num_classes=2"],
+            "dataset.path must be set for dataset=csv",  # a site reads its own tables
+        ),
     ],
     ids=[
         "not-cross-org",
@@ -642,6 +646,7 @@ def test_cross_org_opens_sums_by_the_fast_path_by_default_and_partial_decryption
         "shared-custody",
         "no-ref",
         "csv-no-features",
+        "csv-no-path",
     ],
 )
 def test_a_bad_site_config_is_one_config_error(overrides, says):

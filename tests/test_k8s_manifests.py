@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,7 +86,7 @@ def containers(rayjob: dict) -> list[dict]:
 
 def entrypoint(rayjob: dict) -> tuple[str, dict[str, str]]:
     """The entrypoint's module and its overrides, ``{name: value}``."""
-    words = rayjob["spec"]["entrypoint"].split()
+    words = shlex.split(rayjob["spec"]["entrypoint"])  # a shell command line
     assert words[:2] == ["python", "-m"], words
     args = words[3:]
     assert all("=" in a for a in args), args
@@ -374,6 +375,19 @@ def test_entrypoint_overrides_are_real_config_keys(name):
     for key in ("federation.party", "federation.certs", "federation.keys", "ray.address"):
         assert key in args, key
     assert args["ray.address"] == "auto"  # the driver joins the RayJob's own cluster
+
+
+def test_coordinator_and_site_declare_the_same_job():
+    """The job both sides must agree on (jobs/k8s/README.md): the client total, rounds,
+    weight_ref, the DP noise and the table schema, key for key; no party reads another's
+    tables, so a schema that differs is a model the site cannot decode (or misaligned)."""
+    _, coordinator = entrypoint(one(docs("coordinator.yaml"), "RayJob"))
+    _, site = entrypoint(one(docs("site.yaml"), "RayJob"))
+    shared = ["num_clients", "rounds", "dataset.weight_ref", "privacy.noise_multiplier"]
+    shared += [k for k in coordinator if k.startswith("dataset") and k != "dataset.path"]
+    assert {"dataset", "dataset.features", "dataset.num_classes"} <= set(shared)
+    for key in shared:
+        assert site.get(key) == coordinator[key], key
 
 
 @pytest.mark.parametrize("name", ["coordinator.yaml", "site.yaml"])

@@ -201,7 +201,11 @@ def _update_problems(enc, r: ClientResult, chunk: list[int], facts, where: str) 
             and r.client_id in v
             and set(v) <= set(chunk)
         ),
-        "update_id": lambda v: type(v) is str and re.fullmatch("[0-9a-f]{32}", v) is not None,
+        # In the namespace of the host that made it (h<host>-), then 128 random bits.
+        "update_id": lambda v: (
+            type(v) is str
+            and re.fullmatch(f"h{facts['host_of'][r.client_id]}-[0-9a-f]{{32}}", v) is not None
+        ),
     }
     return _check_fields(enc, allowed, where)
 
@@ -367,7 +371,9 @@ def _sealed_batch(cfg, facts, tweak=None):
     key = facts["key"]
     size = facts["num_ciphertexts"] * key.public.ciphertext_bytes
     shares = facts["num_ciphertexts"] * key.share_width() * (key.holders - 1)
-    enc = EncryptedUpdate(key.fingerprint, facts["num_values"], b"\1" * size, 2, (0, 1), "a" * 32)
+    enc = EncryptedUpdate(
+        key.fingerprint, facts["num_values"], b"\1" * size, 2, (0, 1), "h0-" + "a" * 32
+    )
     batch = [
         ClientResult(
             0,
@@ -411,6 +417,8 @@ def _set(i, name, value, on_update=False):
         (_set(0, "count", 42, on_update=True), "count=42: not a value"),
         (_set(0, "client_ids", (0, 1, 7), on_update=True), "client_ids=(0, 1, 7)"),
         (_set(0, "update_id", "42", on_update=True), "update_id='42': not a value"),
+        (_set(0, "update_id", "a" * 32, on_update=True), "update_id='aaaa"),
+        (_set(0, "update_id", "h1-" + "a" * 32, on_update=True), "update_id='h1-aaaa"),
     ],
 )
 def test_the_allow_list_refuses_a_new_field_or_a_per_client_value(tweak, complaint):

@@ -593,8 +593,9 @@ def test_policy_file_missing_key_and_bad_yaml(tmp_path):
 
 
 def test_example_policy_loads_and_admits_the_default_model(tmp_path, monkeypatch):
-    """conf/site/policy.example.yaml is valid, and its fingerprint is that of the
-    default job's model (dataset=breast_cancer, model=mlp)."""
+    """conf/site/policy.example.yaml is valid, and its fingerprint is that of the model
+    of the schema the jobs/k8s/ manifests declare (model=mlp on their dataset.features
+    and dataset.num_classes)."""
     from pathlib import Path
 
     from fedray.models.factory import MLP
@@ -610,7 +611,11 @@ def test_example_policy_loads_and_admits_the_default_model(tmp_path, monkeypatch
     with pytest.raises(PolicyError, match="does not exist"):
         load_policy(tmp_path / "policy.yaml")
     policy = load_policy(tmp_path / "policy.yaml", new_ledger=True)
-    fp = model_fingerprint(MLP(30, 2, 128))
+    from tests.test_k8s_manifests import docs, entrypoint, one
+
+    _, args = entrypoint(one(docs("site.yaml"), "RayJob"))
+    width = len(args["dataset.features"].strip("[]").split(","))
+    fp = model_fingerprint(MLP(width, int(args["dataset.num_classes"]), 128))
     request = TrainRequest(
         1,
         "tabular-classification",

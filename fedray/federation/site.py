@@ -251,6 +251,7 @@ def check_site_config(cfg: FedrayConfig) -> None:
             "(the coordinator's HOST:PORT)"
         )
     check_cross_org_job(cfg)
+    cfg.dataset.check_table_path()  # a site reads its own tables; the coordinator none
     if cfg.dataset.weight_ref is None:
         raise ConfigError(
             "federation=cross_org: set dataset.weight_ref (the example count that maps to "
