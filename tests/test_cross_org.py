@@ -325,6 +325,39 @@ def test_partial_decryptions_across_organisations_give_the_same_model(
     assert np.array_equal(cross, single_cluster_weights)
 
 
+def test_a_site_declaring_another_job_stops_the_run_at_once_with_one_line(
+    ray_2cpus, federation_dir, tmp_path
+):
+    """The whole wiring of the job check: site a runs another model. The coordinator's
+    start fails as soon as a connects (not after federation.connect_timeout_s), with one
+    line naming the setting and both values; site a exits non-zero with that line."""
+    from fedray.errors import FedrayError
+    from fedray.runtime.driver import run_experiment
+
+    port = free_port()
+    site = _start_site(federation_dir, "a", port, tmp_path / "a.log", ["model.hidden=64"])
+    try:
+        cfg = compose(
+            [
+                "federation=cross_org",
+                *JOB,
+                *_files(federation_dir),
+                f"federation.listen=127.0.0.1:{port}",
+                "federation.connect_timeout_s=300",
+            ]
+        )
+        start = time.monotonic()
+        with pytest.raises(FedrayError, match="declare different jobs") as err:
+            run_experiment(cfg, tmp_path / "run")
+        assert time.monotonic() - start < 150
+        assert site.wait(timeout=60) != 0
+    finally:
+        _stop([site])
+    line = "hub and site a declare different jobs: model.hidden: 128 at hub, 64 at site a;"
+    assert line in str(err.value) and "\n" not in str(err.value).strip()
+    assert line in (tmp_path / "a.log").read_text()
+
+
 # --- a hostile coordinator against one live site --------------------------------------
 
 
@@ -333,6 +366,7 @@ def hostile(tmp_path_factory):
     """This test as the coordinator (its certificate and signing key, the real protocol)
     and site a (3 of the federation's 6 clients) dialling it from its own Ray cluster."""
     from fedray.federation import channel as ch
+    from fedray.federation.site import agreed_job
     from fedray.tools.certs import make_federation
     from fedray.tools.keys import deal
 
@@ -347,6 +381,7 @@ def hostile(tmp_path_factory):
         certs / "ca.pem",
         manifest=certs / "federation.json",
         signing_key=certs / "hub/signing.key",
+        job=agreed_job(compose(["federation=cross_org", *JOB])),  # the site's: it can copy it
     )
     # Site a defends against no colluding site here (null would be t - 1 = 1, sums of all
     # 3 sites): the requests below are two-site sums, the smallest a site may sign.

@@ -334,8 +334,13 @@ def _share_sum_fast(sealed=None, ciphertexts=0) -> pb.Envelope:
     return env
 
 
-def test_valid_v3_messages_pass_the_schema():
-    assert m.PROTOCOL_VERSION == 3
+def test_valid_messages_of_this_protocol_pass_the_schema():
+    assert m.PROTOCOL_VERSION == 4
+    job = b'{"num_clients":4}'
+    hello = pb.Hello(site_id="a", protocol_version=4, nonce=b"n" * 32, job=job)
+    assert m.check_envelope(_envelope(hello=hello)) == "hello"
+    welcome = pb.Welcome(coordinator_id="hub", protocol_version=4, nonce=b"n" * 32, job=job)
+    assert m.check_envelope(_envelope(welcome=welcome)) == "welcome"
     assert m.check_envelope(_train_request()) == "train_request"
     pem = {"a": b"-----BEGIN CERTIFICATE-----", "b": b"x"}
     assert m.check_envelope(_train_request(site_certificates=pem)) == "train_request"
@@ -355,6 +360,75 @@ def test_valid_v3_messages_pass_the_schema():
     assert m.check_envelope(_share_sum_request()) == "share_sum_request"
     approval = pb.Approval(round=1, update_ids=["u1"], signature=SIG, host=2)
     assert m.check_envelope(_envelope(in_reply_to=2, approval=approval)) == "approval"
+
+
+@pytest.mark.parametrize(
+    "job, reason",
+    [
+        (b"\x80\x04K\x01.", "not a JSON object of settings"),  # a pickle
+        (b"[1, 2]", "not a JSON object of settings"),
+        (b'{"a": "' + b"x" * m.MAX_JOB_BYTES + b'"}', "is over"),
+    ],
+    ids=["pickle", "list", "oversized"],
+)
+def test_a_hello_or_welcome_whose_job_is_not_a_small_json_object_is_refused(job, reason):
+    hello = pb.Hello(site_id="a", protocol_version=4, nonce=b"n" * 32, job=job)
+    with pytest.raises(m.ProtocolError, match=reason):
+        m.check_envelope(_envelope(hello=hello))
+    welcome = pb.Welcome(coordinator_id="hub", protocol_version=4, nonce=b"n" * 32, job=job)
+    with pytest.raises(m.ProtocolError, match=reason):
+        m.check_envelope(_envelope(welcome=welcome))
+
+
+def test_job_mismatch_names_each_setting_with_both_values():
+    ours = {"a": 1, "b": [1, 2], "c": "x", "d": 0, "e": 0}
+    assert m.job_mismatch(json.dumps(ours).encode(), json.dumps(ours).encode(), "p", "q") is None
+    spaced = json.dumps(ours, indent=2).encode()  # the same settings, another encoding
+    assert m.job_mismatch(json.dumps(ours).encode(), spaced, "p", "q") is None
+    theirs = {**ours, "b": [2, 1]}
+    del theirs["c"]
+    line = m.job_mismatch(json.dumps(ours).encode(), json.dumps(theirs).encode(), "p", "q")
+    assert 'b: [1,2] at p, [2,1] at q; c: "x" at p, (not set) at q;' in line
+    more = {**theirs, "d": 1, "e": 1}
+    assert "and 1 more" in m.job_mismatch(
+        json.dumps(ours).encode(), json.dumps(more).encode(), "p", "q"
+    )
+    assert "q declares no job" in m.job_mismatch(json.dumps(ours).encode(), b"", "p", "q")
+
+
+def test_the_declared_job_holds_the_model_the_data_and_the_codec_but_not_a_partys_own():
+    """Features in another order, another model or codec, another client total or seed:
+    another job. Where a party's tables or model copy are and how it treats extra columns
+    and empty cells: its own."""
+    from fedray.federation.site import agreed_job
+
+    base = [*SITE, "dataset=csv", "dataset.label=y", "dataset.num_classes=2"]
+    job = agreed_job(compose([*base, "dataset.features=[a,b,c]"]))
+    for other in (
+        ["dataset.features=[b,a,c]"],
+        ["dataset.features=[a,b,c]", "dataset.num_classes=3"],
+        ["dataset.features=[a,b,c]", "dataset.label=z"],
+        ["dataset.features=[a,b,c]", "dataset.standardize=false"],
+        ["dataset.features=[a,b,c]", "dataset.categorical={c: [u, v]}"],
+        ["dataset.features=[a,b,c]", "model.hidden=64"],
+        ["dataset.features=[a,b,c]", "crypto.quant_bits=12"],
+        ["dataset.features=[a,b,c]", "crypto.clip=2.0"],
+        ["dataset.features=[a,b,c]", "seed=7"],
+        ["dataset.features=[a,b,c]", "dataset.weight_ref=99"],
+    ):
+        key = other[-1].split("=")[0]
+        line = m.job_mismatch(job, agreed_job(compose([*base, *other])), "hub", "site a")
+        assert line is not None and line.startswith(
+            f"hub and site a declare different jobs: {key}"
+        ), (other, line)
+    for own in (
+        ["dataset.path='/elsewhere/{client_id}.csv'"],
+        ["dataset.extra_columns=error"],
+        ["dataset.missing=drop_rows"],
+        ["dataset.test_path=/t.csv"],
+        ["model.precision=bf16"],
+    ):
+        assert agreed_job(compose([*base, "dataset.features=[a,b,c]", *own])) == job, own
 
 
 def test_a_v1_envelope_is_refused():

@@ -334,6 +334,64 @@ def test_site_refuses_same_ca_coordinator_not_in_manifest(fed, tmp_path):
         rogue.close(0)
 
 
+# --- the job both ends declare -------------------------------------------------------------
+
+JOB_HUB = json.dumps({"dataset.features": ["age", "bmi"], "num_clients": 4}).encode()
+JOB_SWAPPED = json.dumps({"dataset.features": ["bmi", "age"], "num_clients": 4}).encode()
+SWAP_LINE = f'dataset.features: ["age","bmi"] at {COORD}, ["bmi","age"] at site a'
+
+
+def test_a_site_declaring_another_job_is_refused_and_the_wait_fails_at_once(fed):
+    """The coordinator refuses the hello of a site whose job differs (here its feature
+    columns in another order, which would otherwise train misaligned), naming the setting
+    and both values; the site stops with that line (no retry), and the coordinator's wait
+    for it fails at once with the same line rather than after its timeout."""
+    coord = listen(fed, job=JOB_HUB)
+    try:
+        running = Running(make_site(fed, "a", coord.port, echo_handler, job=JOB_SWAPPED))
+        start = time.monotonic()
+        with pytest.raises(ch.FederationError, match="declare different jobs") as err:
+            coord.wait_for(["a"], 60)
+        assert time.monotonic() - start < 30
+        assert SWAP_LINE in str(err.value) and "\n" not in str(err.value)
+        assert SWAP_LINE in str(running.wait_error())
+        assert coord.connected() == []
+    finally:
+        coord.close(0)
+
+
+def test_the_same_job_joins(fed):
+    coord = listen(fed, job=JOB_HUB)
+    try:
+        running = Running(make_site(fed, "a", coord.port, echo_handler, job=JOB_HUB))
+        assert list(coord.wait_for(["a"], 15)) == ["a"]
+        running.stop()
+    finally:
+        coord.close(0)
+
+
+def test_a_site_refuses_a_coordinator_whose_job_differs_even_if_it_does_not_check(fed, monkeypatch):
+    """A coordinator that skips its own check (or lies about it) still meets the site's:
+    the site compares the job in the signed Welcome with its own and refuses."""
+    real = ch.job_mismatch
+
+    def only_sites_check(ours, theirs, here, there):
+        return None if here == COORD else real(ours, theirs, here, there)
+
+    monkeypatch.setattr(ch, "job_mismatch", only_sites_check)
+    coord = listen(fed, job=JOB_HUB)
+    try:
+        site = make_site(fed, "a", coord.port, echo_handler, job=JOB_SWAPPED)
+        with pytest.raises(ch.FederationError, match="declare different jobs") as err:
+            site.run(max_wait_s=10)
+        assert 'dataset.features: ["bmi","age"] at site a, ["age","bmi"] at the coordinator' in (
+            str(err.value)
+        )
+        assert site.sessions == 0
+    finally:
+        coord.close(0)
+
+
 def test_site_refuses_a_coordinator_without_tls(fed):
     server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
     port = server.add_insecure_port("127.0.0.1:0")

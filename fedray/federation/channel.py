@@ -63,6 +63,7 @@ from fedray.federation.messages import (
     ciphertext_header,
     decode_array,
     decode_ciphertexts,
+    job_mismatch,
 )
 from fedray.federation.policy import PolicyRefusal
 
@@ -668,6 +669,7 @@ class Coordinator:
         signing_key,
         max_blob_bytes: int,
         policy_fingerprint: bytes,
+        job: bytes = b"",
     ):
         self.manifest = manifest
         self.allowed = allowed
@@ -675,6 +677,8 @@ class Coordinator:
         self._key = signing_key
         self._max_blob_bytes = max_blob_bytes
         self._policy_fingerprint = policy_fingerprint
+        self._job = bytes(job)  # the job every site must declare alike (messages.job_mismatch)
+        self._refused: dict[str, str] = {}  # site -> why its job was refused (fails wait_for)
         self._sites: dict[str, SitePeer] = {}
         self._handshaking: dict[str, object] = {}  # site -> its one handshake in flight
         # site -> the PEM certificate its TLS handshake showed (pinned by the manifest's
@@ -702,6 +706,9 @@ class Coordinator:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not wanted <= {s for s, p in self._sites.items() if p.connected}:
+                refused = sorted(wanted & set(self._refused))
+                if refused:  # it will not join this run: say why now, not after the timeout
+                    raise FederationError(self._refused[refused[0]])
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(wanted - set(self.connected_unlocked()))
@@ -796,6 +803,14 @@ class Coordinator:
                 )
             if hello.protocol_version != PROTOCOL_VERSION:
                 raise ProtocolError(f"site {party.id} speaks protocol {hello.protocol_version}")
+            mismatch = job_mismatch(
+                self._job, hello.job, self.manifest.coordinator.id, f"site {party.id}"
+            )
+            if mismatch:
+                with self._cond:
+                    self._refused[party.id] = mismatch
+                    self._cond.notify_all()
+                raise ProtocolError(mismatch)
             nonce = secrets.token_bytes(32)
             link.set_session(_session_id(hello.nonce, nonce))
             link.send(
@@ -805,6 +820,7 @@ class Coordinator:
                     protocol_version=PROTOCOL_VERSION,
                     policy_fingerprint=self._policy_fingerprint,
                     nonce=nonce,
+                    job=self._job,
                 ),
             )
         except StopIteration:
@@ -819,6 +835,7 @@ class Coordinator:
         peer = SitePeer(party.id, link, bytes(hello.policy_fingerprint))
         handshake_done()
         with self._cond:
+            self._refused.pop(party.id, None)
             old = self._sites.get(party.id)
             self._sites[party.id] = peer
             self._cond.notify_all()
@@ -874,10 +891,13 @@ def listen(
     signing_key,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     policy_fingerprint: bytes = b"",
+    job: bytes = b"",
 ) -> Coordinator:
     """Serve the federation endpoint on ``host_port`` (``"127.0.0.1:0"`` picks a port:
     ``.port``). ``cert``/``key``/``ca`` are PEM files; only sites of the manifest that are
-    in ``allowed_sites`` (default: all of them) get in."""
+    in ``allowed_sites`` (default: all of them) get in, and only if they declare ``job``
+    (``fedray.federation.site.agreed_job``; a site declaring another is refused, naming
+    the settings that differ, and :meth:`Coordinator.wait_for` fails with that line)."""
     manifest = _as_manifest(manifest)
     key_obj = _load_signing_key(signing_key)
     cert_pem, key_pem, ca_pem = _read(cert, "certificate"), _read(key, "key"), _read(ca, "CA")
@@ -887,7 +907,9 @@ def listen(
     unknown = allowed - set(manifest.sites)
     if unknown:
         raise FederationError(f"allowed sites not in the manifest: {', '.join(sorted(unknown))}")
-    coordinator = Coordinator(manifest, allowed, key_obj, int(max_blob_bytes), policy_fingerprint)
+    coordinator = Coordinator(
+        manifest, allowed, key_obj, int(max_blob_bytes), policy_fingerprint, job
+    )
     creds = grpc.ssl_server_credentials(
         [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
     )
@@ -938,6 +960,7 @@ class Site:
         handler: Handler,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         policy_fingerprint: bytes = b"",
+        job: bytes = b"",
         server_name: str | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
     ):
@@ -959,6 +982,7 @@ class Site:
         self.handler = handler
         self.max_blob_bytes = int(max_blob_bytes)
         self.policy_fingerprint = policy_fingerprint
+        self.job = bytes(job)  # what this site declares; the coordinator's must be the same
         self.server_name = server_name
         self.backoff = backoff
         self._stop = threading.Event()
@@ -1065,6 +1089,7 @@ class Site:
                 protocol_version=PROTOCOL_VERSION,
                 policy_fingerprint=self.policy_fingerprint,
                 nonce=nonce,
+                job=self.job,
             ),
         )
         with grpc.secure_channel(self.target, creds, options=options) as channel:
@@ -1090,6 +1115,12 @@ class Site:
                         f"{expected.hex()[:16]}..., this site's "
                         f"{bytes(self.policy_fingerprint).hex()[:16] or 'none'}...)"
                     )
+                # The site's own check: it does not rely on the coordinator's.
+                mismatch = job_mismatch(
+                    self.job, msg.body.job, f"site {self.site_id}", "the coordinator"
+                )
+                if mismatch:
+                    raise ProtocolError(mismatch)
                 link.set_session(session)
                 self.sessions += 1
                 log.info("site %s joined the federation at %s", self.site_id, self.target)
@@ -1162,7 +1193,7 @@ def dial(
 ) -> Site:
     """A site's channel to the coordinator at ``target`` (``host:port``); call
     :meth:`Site.run` (blocking) to connect and serve. ``options``: ``max_blob_bytes``,
-    ``policy_fingerprint``, ``server_name``, ``backoff``."""
+    ``policy_fingerprint``, ``job``, ``server_name``, ``backoff``."""
     return Site(
         target,
         cert,

@@ -68,7 +68,7 @@ class FederationHub:
 
     def __init__(self, cfg: FedrayConfig, key: Any, info: Any):
         from fedray.federation import channel as ch
-        from fedray.federation.site import Paths
+        from fedray.federation.site import Paths, agreed_job
 
         self.cfg = cfg
         self.paths = Paths(cfg)
@@ -90,6 +90,7 @@ class FederationHub:
             manifest=self.paths.manifest_obj,
             signing_key=self.paths.signing_key,
             max_blob_bytes=1 << 30,
+            job=agreed_job(cfg),
         )
 
     def port(self) -> int:

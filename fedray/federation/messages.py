@@ -26,13 +26,15 @@ from fedray.federation import federation_pb2 as pb
 
 # 2: cohorts, failures and timings in train messages; sums relayed. 3: the fast path
 # (sealed exponent shares relayed, share sums answered, the sites' certificates sent).
-PROTOCOL_VERSION = 3
+# 4: each side declares its job in Hello/Welcome and refuses the other's if it differs.
+PROTOCOL_VERSION = 4
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payload bytes
 ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
 HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
 SESSION_DOMAIN = b"fedray-session-v1\x00"
 MAX_CONTRIBUTION_BYTES = 32 * 1024  # a signed JSON statement, well inside one envelope
 MAX_REASON_CHARS = 300
+MAX_JOB_BYTES = 16 * 1024  # the job a party declares: a flat JSON object of settings
 MAX_CERTIFICATE_BYTES = 16 * 1024  # one PEM certificate relayed in a train request
 # Caps on what one signed envelope may make the receiver parse and hold (L2): the whole
 # serialized envelope (checked before its signature, so before parsing), the entries of
@@ -161,6 +163,47 @@ def _check_statement(contribution: bytes) -> None:
         _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
 
 
+def job_settings(job: bytes, whose: str) -> dict:
+    """A declared job (Hello/Welcome ``job``): a flat JSON object of settings, under a
+    size cap; empty bytes: none declared (an empty dict)."""
+    if not job:
+        return {}
+    if len(job) > MAX_JOB_BYTES:
+        _fail(f"{whose} job is over {MAX_JOB_BYTES} bytes")
+    try:
+        settings = json.loads(bytes(job).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        settings = None
+    if not isinstance(settings, dict):
+        _fail(f"{whose} job is not a JSON object of settings")
+    return settings
+
+
+def job_mismatch(ours: bytes, theirs: bytes, here: str, there: str) -> str | None:
+    """None if the two declared jobs are the same; else one line naming the settings that
+    differ, each with its value at ``here`` and at ``there`` (three, then a count)."""
+    if bytes(ours) == bytes(theirs):
+        return None
+    mine, other = job_settings(ours, f"{here}'s"), job_settings(theirs, f"{there}'s")
+    if not other:
+        return f"{there} declares no job (fedray older than protocol {PROTOCOL_VERSION}?)"
+    keys = sorted(k for k in set(mine) | set(other) if mine.get(k, ...) != other.get(k, ...))
+    if not keys:  # the same settings in another encoding
+        return None
+    said = [f"{k}: {_said(mine, k)} at {here}, {_said(other, k)} at {there}" for k in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return (
+        f"{here} and {there} declare different jobs: {'; '.join(said)}{more}; every party "
+        "must declare the same (docs/federation.md, 'The job every party declares')"
+    )
+
+
+def _said(settings: dict, key: str) -> str:
+    if key not in settings:
+        return "(not set)"
+    return json.dumps(settings[key], separators=(",", ":"))[:120]
+
+
 def _check_sealed_shares(shares, update_ids, what: str) -> None:
     """Sealed exponent shares: each of an update the message names, for a holder index
     >= 1, with a 65-byte ephemeral point, a 12-byte nonce and a blob; one per (update,
@@ -191,10 +234,12 @@ def check_body(env: pb.Envelope) -> str:
         check_id(body.site_id, "site id")
         _check_len(body.policy_fingerprint, (0, 32), "policy fingerprint")
         _check_len(body.nonce, (32,), "hello nonce")
+        job_settings(body.job, "the site's")
     elif kind == "welcome":
         check_id(body.coordinator_id, "coordinator id")
         _check_len(body.policy_fingerprint, (0, 32), "policy fingerprint")
         _check_len(body.nonce, (32,), "welcome nonce")
+        job_settings(body.job, "the coordinator's")
     elif kind == "train_request":
         check_id(body.task_id, "task id")
         if not VERSION_RE.fullmatch(body.task_version):

@@ -282,6 +282,42 @@ def check_cross_org_job(cfg: FedrayConfig) -> None:
         agreed_csv_info(cfg.dataset)  # dataset.features declared, or one line
 
 
+# What each party sets for itself and may differ: where its tables are and how it treats
+# their extra columns and empty cells, the coordinator's own test set, where a site's copy
+# of a Hugging Face model is and the precision it trains in. Everything else of the
+# dataset and the model, and the codec, makes the one model every party must hold alike.
+_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", "test_samples"})
+_OWN_MODEL_KEYS = frozenset({"path", "precision"})
+_CODEC_KEYS = ("name", "custody", "key_bits", "quant_bits", "clip")
+
+
+def agreed_job(cfg: FedrayConfig) -> bytes:
+    """The job this party declares in its Hello or Welcome (canonical JSON, flat keys):
+    ``num_clients``, ``seed`` (the built-in datasets' split), the dataset's and the model's
+    settings but each party's own (above), and the codec. The coordinator refuses a site
+    that declares another job, and a site a coordinator that does, naming the settings that
+    differ: without it, a site whose ``dataset.features`` are in another order trains on
+    misaligned columns without a word, and one with another model or codec cannot decode
+    the weights or sends an update the sum cannot use."""
+    from dataclasses import asdict
+
+    job: dict[str, Any] = {"num_clients": cfg.num_clients, "seed": cfg.seed}
+
+    def flat(prefix: str, settings: dict, skip=frozenset()) -> None:
+        for key, value in settings.items():
+            if key in skip:
+                continue
+            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+                flat(f"{prefix}{key}.", value)
+            else:
+                job[f"{prefix}{key}"] = value
+
+    flat("dataset.", asdict(cfg.dataset), _OWN_DATASET_KEYS)
+    flat("model.", asdict(cfg.model), _OWN_MODEL_KEYS)
+    flat("crypto.", {k: getattr(cfg.crypto, k) for k in _CODEC_KEYS})
+    return json.dumps(job, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
 def check_key_size(cfg: FedrayConfig, key: Any) -> None:
     """The dealt key is the one the job says (summary.json reports crypto.key_bits)."""
     bits = int(key.public.n).bit_length()
@@ -444,6 +480,7 @@ class SiteAgent:
             signing_key=paths.signing_key,
             handler=self.handle,
             max_blob_bytes=max(256 << 20, 4 * self._update_bytes()),
+            job=agreed_job(self.cfg),
         )
         self.channel.run(max_wait_s=max_wait_s)
 

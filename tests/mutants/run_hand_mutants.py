@@ -1925,6 +1925,46 @@ MUTANTS = [
         "the coordinator takes a site's statement naming clients it was not asked to train",
         "coordinator_names",
     ),
+    Mutant(
+        "coordinator-job-unchecked",
+        "fedray/federation/channel.py",
+        "            if mismatch:\n                with self._cond:",
+        "            if False:\n                with self._cond:",
+        ("tests/test_federation_channel.py",),
+        "the coordinator admits a site that declares another job (the site's own check "
+        "still refuses, but the coordinator waits out its timeout)",
+        "job",
+    ),
+    Mutant(
+        "site-job-unchecked",
+        "fedray/federation/channel.py",
+        "                if mismatch:\n                    raise ProtocolError(mismatch)",
+        "                if False:\n                    raise ProtocolError(mismatch)",
+        ("tests/test_federation_channel.py",),
+        "a site trains for a coordinator that declares another job (relies on its check)",
+        "job",
+    ),
+    Mutant(
+        "job-without-features",
+        "fedray/federation/site.py",
+        '_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", '
+        '"test_samples"})',
+        '_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", '
+        '"test_samples", "features"})',
+        ("tests/test_cross_org_units.py",),
+        "the declared job leaves out dataset.features (a site with its columns in another "
+        "order trains misaligned)",
+        "declared_job",
+    ),
+    Mutant(
+        "job-refusal-waits-out-the-timeout",
+        "fedray/federation/channel.py",
+        "                if refused:  # it will not join this run",
+        "                if False:  # it will not join this run",
+        ("tests/test_federation_channel.py",),
+        "the coordinator's wait for a refused site runs to its timeout",
+        "job",
+    ),
 ]
 
 
