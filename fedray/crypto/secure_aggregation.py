@@ -246,14 +246,22 @@ class EncryptedSum:
         return to_bytes(self.public, self.ciphertexts())
 
 
-def codec_for(cfg, public: PublicKey, num_values: int) -> PackedPaillierCodec:
-    """The packed codec clients and server derive from the config (identical by construction)."""
+def codec_settings(cfg) -> tuple[float, int]:
+    """(clip, max_summands) of the packed codec this config makes: every party that
+    encodes or decodes one sum must derive the same (across organisations each derives it
+    from its own config, so both are in the job every party declares)."""
     clip, max_summands = cfg.crypto.clip, cfg.clients_per_round
     if cfg.privacy.name == "dp" and cfg.privacy.mode == "client":
         from fedray.privacy import build_privacy
 
         plan = build_privacy(cfg)
         clip, max_summands = plan.encode_clip, max(plan.cohort_cap, cfg.clients_per_round)
+    return float(clip), int(max_summands)
+
+
+def codec_for(cfg, public: PublicKey, num_values: int) -> PackedPaillierCodec:
+    """The packed codec clients and server derive from the config (identical by construction)."""
+    clip, max_summands = codec_settings(cfg)
     return PackedPaillierCodec.for_key(
         public,
         num_values=num_values,

@@ -1115,7 +1115,8 @@ class Site:
                         f"{expected.hex()[:16]}..., this site's "
                         f"{bytes(self.policy_fingerprint).hex()[:16] or 'none'}...)"
                     )
-                # The site's own check: it does not rely on the coordinator's.
+                # The site's own check (against a misconfigured coordinator; a hostile one
+                # can echo the site's job back: docs/federation.md).
                 mismatch = job_mismatch(
                     self.job, msg.body.job, f"site {self.site_id}", "the coordinator"
                 )

@@ -35,6 +35,7 @@ SESSION_DOMAIN = b"fedray-session-v1\x00"
 MAX_CONTRIBUTION_BYTES = 32 * 1024  # a signed JSON statement, well inside one envelope
 MAX_REASON_CHARS = 300
 MAX_JOB_BYTES = 16 * 1024  # the job a party declares: a flat JSON object of settings
+_SETTING = re.compile(r"[A-Za-z0-9_.\-]{1,80}")  # a declared setting's name
 MAX_CERTIFICATE_BYTES = 16 * 1024  # one PEM certificate relayed in a train request
 # Caps on what one signed envelope may make the receiver parse and hold (L2): the whole
 # serialized envelope (checked before its signature, so before parsing), the entries of
@@ -170,12 +171,26 @@ def job_settings(job: bytes, whose: str) -> dict:
         return {}
     if len(job) > MAX_JOB_BYTES:
         _fail(f"{whose} job is over {MAX_JOB_BYTES} bytes")
+
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a key twice")
+        return dict(pairs)
+
+    def finite_only(name):
+        raise ValueError(f"{name} is not a setting")
+
     try:
-        settings = json.loads(bytes(job).decode("utf-8"))
+        settings = json.loads(
+            bytes(job).decode("utf-8"), object_pairs_hook=no_repeats, parse_constant=finite_only
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
         settings = None
     if not isinstance(settings, dict):
         _fail(f"{whose} job is not a JSON object of settings")
+    if not all(_SETTING.fullmatch(k) for k in settings):  # keys go into log lines
+        _fail(f"{whose} job has a setting name outside [A-Za-z0-9_.-]{{1,80}}")
     return settings
 
 
@@ -188,8 +203,11 @@ def job_mismatch(ours: bytes, theirs: bytes, here: str, there: str) -> str | Non
     if not other:
         return f"{there} declares no job (fedray older than protocol {PROTOCOL_VERSION}?)"
     keys = sorted(k for k in set(mine) | set(other) if mine.get(k, ...) != other.get(k, ...))
-    if not keys:  # the same settings in another encoding
-        return None
+    if not keys:  # both sides write the same canonical bytes: another encoding is another job
+        return (
+            f"{here} and {there} declare their jobs in different encodings (another fedray "
+            "version?); every party must declare the same"
+        )
     said = [f"{k}: {_said(mine, k)} at {here}, {_said(other, k)} at {there}" for k in keys[:3]]
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return (

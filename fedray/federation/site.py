@@ -286,7 +286,12 @@ def check_cross_org_job(cfg: FedrayConfig) -> None:
 # their extra columns and empty cells, the coordinator's own test set, where a site's copy
 # of a Hugging Face model is and the precision it trains in. Everything else of the
 # dataset and the model, and the codec, makes the one model every party must hold alike.
-_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", "test_samples"})
+_OWN_DATASET_KEYS = frozenset(
+    {
+        "path", "test_path", "extra_columns", "missing", "test_samples",
+        "test_samples_per_client", "holdout_fraction", "share_label_counts",
+    }
+)  # fmt: skip
 _OWN_MODEL_KEYS = frozenset({"path", "precision"})
 _CODEC_KEYS = ("name", "custody", "key_bits", "quant_bits", "clip")
 
@@ -301,20 +306,27 @@ def agreed_job(cfg: FedrayConfig) -> bytes:
     the weights or sends an update the sum cannot use."""
     from dataclasses import asdict
 
+    from fedray.crypto.secure_aggregation import codec_settings
+
     job: dict[str, Any] = {"num_clients": cfg.num_clients, "seed": cfg.seed}
 
-    def flat(prefix: str, settings: dict, skip=frozenset()) -> None:
+    def flat(prefix: str, settings: dict, skip=frozenset(), nested=frozenset()) -> None:
         for key, value in settings.items():
             if key in skip:
                 continue
-            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            if key in nested:  # a settings group (model.lora): one key per setting
                 flat(f"{prefix}{key}.", value)
-            else:
-                job[f"{prefix}{key}"] = value
+            else:  # a value, dicts too (kwargs, categorical): no two shapes share a key
+                job[f"{prefix}{key}"] = value or None if isinstance(value, dict) else value
 
     flat("dataset.", asdict(cfg.dataset), _OWN_DATASET_KEYS)
-    flat("model.", asdict(cfg.model), _OWN_MODEL_KEYS)
+    flat("model.", asdict(cfg.model), _OWN_MODEL_KEYS, nested=frozenset({"lora"}))
+    flat("task.", asdict(cfg.task))
     flat("crypto.", {k: getattr(cfg.crypto, k) for k in _CODEC_KEYS})
+    # What the codec derives (clip and summand count follow clients_per_round and, under
+    # client-level DP, the privacy plan): the same codec at every party, or a wrong sum.
+    clip, max_summands = codec_settings(cfg)
+    job.update({"codec.clip": clip, "codec.max_summands": max_summands})
     return json.dumps(job, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
