@@ -1947,10 +1947,8 @@ MUTANTS = [
     Mutant(
         "job-without-features",
         "fedray/federation/site.py",
-        '_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", '
-        '"test_samples"})',
-        '_OWN_DATASET_KEYS = frozenset({"path", "test_path", "extra_columns", "missing", '
-        '"test_samples", "features"})',
+        '        "path", "test_path", "extra_columns", "missing", "test_samples",\n',
+        '        "path", "test_path", "extra_columns", "missing", "test_samples", "features",\n',
         ("tests/test_cross_org_units.py",),
         "the declared job leaves out dataset.features (a site with its columns in another "
         "order trains misaligned)",
