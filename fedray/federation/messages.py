@@ -156,12 +156,17 @@ def _check_statement(contribution: bytes) -> None:
     a pickle, or anything else that is not exactly one JSON object, is refused (L3)."""
     if len(contribution) > MAX_CONTRIBUTION_BYTES:
         _fail(f"contribution is over {MAX_CONTRIBUTION_BYTES} bytes")
-    try:
-        statement = json.loads(bytes(contribution).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        statement = None
-    if not isinstance(statement, dict):
+    if _json_object(contribution) is None:
         _fail("contribution is not a signed JSON statement (a pickle or other bytes)")
+
+
+def _json_object(data: bytes, **loads) -> dict | None:
+    """``data`` parsed as exactly one JSON object (``json.loads`` options), else None."""
+    try:
+        parsed = json.loads(bytes(data).decode("utf-8"), **loads)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def job_settings(job: bytes, whose: str) -> dict:
@@ -181,13 +186,8 @@ def job_settings(job: bytes, whose: str) -> dict:
     def finite_only(name):
         raise ValueError(f"{name} is not a setting")
 
-    try:
-        settings = json.loads(
-            bytes(job).decode("utf-8"), object_pairs_hook=no_repeats, parse_constant=finite_only
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        settings = None
-    if not isinstance(settings, dict):
+    settings = _json_object(job, object_pairs_hook=no_repeats, parse_constant=finite_only)
+    if settings is None:
         _fail(f"{whose} job is not a JSON object of settings")
     if not all(_SETTING.fullmatch(k) for k in settings):  # keys go into log lines
         _fail(f"{whose} job has a setting name outside [A-Za-z0-9_.-]{{1,80}}")

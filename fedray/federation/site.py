@@ -308,21 +308,26 @@ def agreed_job(cfg: FedrayConfig) -> bytes:
 
     from fedray.crypto.secure_aggregation import codec_settings
 
-    job: dict[str, Any] = {"num_clients": cfg.num_clients, "seed": cfg.seed}
+    def prefixed(prefix: str, settings: dict, skip=frozenset()) -> dict[str, Any]:
+        # A dict value (kwargs, categorical) stays one value, {} as null: no two shapes
+        # share a key.
+        return {
+            f"{prefix}{key}": (value or None) if isinstance(value, dict) else value
+            for key, value in settings.items()
+            if key not in skip
+        }
 
-    def flat(prefix: str, settings: dict, skip=frozenset(), nested=frozenset()) -> None:
-        for key, value in settings.items():
-            if key in skip:
-                continue
-            if key in nested:  # a settings group (model.lora): one key per setting
-                flat(f"{prefix}{key}.", value)
-            else:  # a value, dicts too (kwargs, categorical): no two shapes share a key
-                job[f"{prefix}{key}"] = value or None if isinstance(value, dict) else value
-
-    flat("dataset.", asdict(cfg.dataset), _OWN_DATASET_KEYS)
-    flat("model.", asdict(cfg.model), _OWN_MODEL_KEYS, nested=frozenset({"lora"}))
-    flat("task.", asdict(cfg.task))
-    flat("crypto.", {k: getattr(cfg.crypto, k) for k in _CODEC_KEYS})
+    model = asdict(cfg.model)
+    lora = model.pop("lora")  # the one settings group: one key per setting
+    job: dict[str, Any] = {
+        "num_clients": cfg.num_clients,
+        "seed": cfg.seed,
+        **prefixed("dataset.", asdict(cfg.dataset), _OWN_DATASET_KEYS),
+        **prefixed("model.", model, _OWN_MODEL_KEYS),
+        **prefixed("model.lora.", lora),
+        **prefixed("task.", asdict(cfg.task)),
+        **prefixed("crypto.", {k: getattr(cfg.crypto, k) for k in _CODEC_KEYS}),
+    }
     # What the codec derives (clip and summand count follow clients_per_round and, under
     # client-level DP, the privacy plan): the same codec at every party, or a wrong sum.
     clip, max_summands = codec_settings(cfg)
