@@ -33,6 +33,9 @@ from fedray.federation import channel as ch  # noqa: E402
 from fedray.federation import federation_pb2 as pb  # noqa: E402
 from fedray.tools.certs import make_federation  # noqa: E402
 
+# Both ends declare one job (a real party declares fedray.federation.site.agreed_job)
+JOB = b'{"benchmark":"cross_org_transfer"}'
+
 WIDTH, PER_CIPHERTEXT = 512, 102
 MiB = 1024 * 1024
 
@@ -90,6 +93,7 @@ def site_main(fed: Path, port: int, size: int) -> None:
         manifest=fed / "federation.json",
         signing_key=fed / "a" / "signing.key",
         handler=handler,
+        job=JOB,
     )
     print("ready", flush=True)
     site.run(max_wait_s=30)
@@ -115,6 +119,7 @@ def main() -> None:
             fed / "ca.pem",
             manifest=fed / "federation.json",
             signing_key=fed / "coord" / "signing.key",
+            job=JOB,
         )
         child = subprocess.Popen(
             [sys.executable, __file__, "--site", str(fed), str(coord.port), str(size)],

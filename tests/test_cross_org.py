@@ -185,6 +185,9 @@ def test_three_site_clusters_train_the_single_cluster_model(
     assert summary["mode"] == "cross_org"
     assert summary["key_holder_nodes"] == ["site:a", "site:b", "site:c"]
     assert summary["key_dealer_node"] == "site:a" and summary["threshold"] == 2
+    # Every site recomputed round 2's model from round 1's opened sum, which t holders
+    # attested after multiplying the uploads themselves (the hostile tests below: refused)
+    assert summary["models_checked"] is True
     # Client-level DP on: each site's host adds its noise share (seeded here, so the two
     # deployments can be compared bit for bit), the coordinator's accountant counts.
     # (Seeded noise protects nothing against the server: epsilon_vs_server is reported inf.)
@@ -358,6 +361,59 @@ def test_a_site_declaring_another_job_stops_the_run_at_once_with_one_line(
     assert line in (tmp_path / "a.log").read_text()
 
 
+@pytest.mark.parametrize(
+    ("server_class", "refusal", "completed"),
+    [
+        (
+            "NudgingServer",
+            r"round 2: a client host refused the global model: .*site [abc]: refusing to train: "
+            r"round 2: lineage check failed: the global model is not the one recomputed",
+            1,
+        ),
+        ("FabricatedSumServer", r"round 1: .*not the decryption of the deposited updates", 0),
+    ],
+    ids=["crafted-model", "fabricated-sum"],
+)
+def test_sites_refuse_a_crafted_model_or_sum_and_the_run_stops(
+    ray_2cpus, federation_dir, tmp_path, server_class, refusal, completed
+):
+    """The coordinator's own server, crafting: round 2's model one float32 ulp off the
+    one round 1's attested sum gives (every site recomputes it and refuses before
+    training), or round 1's opened sum claimed with one slot off (the sites' key holders
+    multiply the uploads themselves and refuse to attest it). The run stops at the
+    coordinator with the site's one line; the rounds before stay in metrics.csv; a
+    refusing site logs the round and the check."""
+    from fedray.errors import ClusterError
+    from fedray.runtime.driver import run_experiment
+    from tests import crafting_server
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _sites(federation_dir, logs) as (port, procs, _):
+        cfg = compose(
+            [
+                "federation=cross_org",
+                *JOB,
+                *_files(federation_dir),
+                f"federation.listen=127.0.0.1:{port}",
+            ]
+        )
+        with pytest.raises(ClusterError, match=refusal) as err:
+            run_experiment(
+                cfg, tmp_path / "run", server_class=getattr(crafting_server, server_class)
+            )
+        assert "\n" not in str(err.value).strip()
+        for proc in procs:  # the coordinator said goodbye: each site stops, cleanly
+            assert proc.wait(timeout=60) == 0
+    rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    assert len(rows) - 1 == completed
+    said = "".join((logs / f"{s}.log").read_text() for s in SITES)
+    if server_class == "NudgingServer":
+        assert "refusing to train: round 2: lineage check failed" in said
+    else:
+        assert "round 1: the opened sum is not the decryption of the deposited updates" in said
+
+
 # --- a hostile coordinator against one live site --------------------------------------
 
 
@@ -476,6 +532,15 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     refused("train_request", *no_cert, match="no certificate of site b")
     swapped_cert = _train_request(1, [0], weights, {**pems, "b": pems["c"]})
     refused("train_request", *swapped_cert, match="not site b's certificate of the manifest")
+    # Model checks: the site's host builds the initial model itself (its installed task,
+    # the job's seed) and trains on nothing else; one float32 ulp off is refused.
+    nudged = weights.copy()
+    nudged[0] = np.nextafter(nudged[0], np.float32(np.inf))
+    refused(
+        "train_request",
+        *_train_request(1, [0], nudged, pems),
+        match="refusing to train: round 1: lineage check failed: the global model is not",
+    )
 
     reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights, pems), timeout=300)
     body = reply.body
@@ -667,4 +732,61 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     answer = peer.call("share_sum_request", *open_request(approval.signature, cts), timeout=120)
     partial = answer.blob(answer.body.partial_decryption).ciphertexts(key.public.ciphertext_bytes)
     assert len(partial) == len(cts) // key.public.ciphertext_bytes  # one per ciphertext
+
+    # Model checks. Attesting a claimed opening: site a's holder multiplies the two
+    # updates itself and refuses plaintexts and exponents that do not open the product.
+    from fedray.federation.coordinator import exponent_sum_width
+    from fedray.runtime.lineage import model_digest, plaintext_width, release_message
+
+    pt_width = plaintext_width(key.public.n)
+
+    def attest_request(plaintexts: bytes, exponents: bytes):
+        request, blobs = open_request(approval.signature, cts)
+        request.opening = pb.OPENING_ATTEST
+        m = ch.OutgoingBlob.from_array("m", np.frombuffer(plaintexts, np.uint8))
+        x = ch.OutgoingBlob.from_array("x", np.frombuffer(exponents, np.uint8))
+        request.plaintexts.CopyFrom(m.ref)
+        request.exponents.CopyFrom(x.ref)
+        return request, [*blobs, m, x]
+
+    x_width = exponent_sum_width(key, 2)
+    fabricated = bytes(num_cts * pt_width)
+    refused(
+        "share_sum_request",
+        *attest_request(fabricated, bytes(num_cts * x_width)),
+        match="not the decryption of the deposited updates",
+    )
+    refused("share_sum_request", *attest_request(fabricated[:-1], b"\0"), match="shape")
+
+    # Round 2 needs round 1's opened sum, attested by t = 2 key holders' manifest keys: a
+    # request without it, or with a sum only one holder (colluding site b) signed beside a
+    # signature of the coordinator's own key, is refused before anything is trained.
+    refused(
+        "train_request",
+        *_train_request(2, [0], weights, pems),
+        match="refusing to train: round 2: lineage check failed: the opened sums up to round 1",
+    )
+    hub_key = serialization.load_pem_private_key((w / "certs/hub/signing.key").read_bytes(), None)
+    assert statement["model_sha256"] == model_digest(weights)
+    claim = release_message(key.fingerprint, 1, model_digest(weights), 4, digest(fabricated))
+    blob = ch.OutgoingBlob.from_array("m1", np.frombuffer(fabricated, np.uint8))
+    release = pb.Release(
+        round=1,
+        model_sha256=model_digest(weights),
+        count=4,
+        plaintexts=blob.ref,
+        attestations=[
+            pb.Attestation(holder=2, signature=b_identity.sign_bytes(claim)),
+            pb.Attestation(
+                holder=3, signature=HostIdentity.from_private_key(hub_key).sign_bytes(claim)
+            ),
+        ],
+    )
+    request, blobs = _train_request(2, [0], weights, pems, releases=[release])
+    refused(
+        "train_request",
+        request,
+        [*blobs, blob],
+        match="round 1: attestation check failed: 1 key holders attest the opened sum, 2 needed",
+    )
     assert site.poll() is None  # refusals are answers: the site is still serving

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 
@@ -335,11 +336,13 @@ def _share_sum_fast(sealed=None, ciphertexts=0) -> pb.Envelope:
 
 
 def test_valid_messages_of_this_protocol_pass_the_schema():
-    assert m.PROTOCOL_VERSION == 4
+    assert m.PROTOCOL_VERSION == 5
     job = b'{"num_clients":4}'
-    hello = pb.Hello(site_id="a", protocol_version=4, nonce=b"n" * 32, job=job)
+    hello = pb.Hello(site_id="a", protocol_version=m.PROTOCOL_VERSION, nonce=b"n" * 32, job=job)
     assert m.check_envelope(_envelope(hello=hello)) == "hello"
-    welcome = pb.Welcome(coordinator_id="hub", protocol_version=4, nonce=b"n" * 32, job=job)
+    welcome = pb.Welcome(
+        coordinator_id="hub", protocol_version=m.PROTOCOL_VERSION, nonce=b"n" * 32, job=job
+    )
     assert m.check_envelope(_envelope(welcome=welcome)) == "welcome"
     assert m.check_envelope(_train_request()) == "train_request"
     pem = {"a": b"-----BEGIN CERTIFICATE-----", "b": b"x"}
@@ -360,6 +363,76 @@ def test_valid_messages_of_this_protocol_pass_the_schema():
     assert m.check_envelope(_share_sum_request()) == "share_sum_request"
     approval = pb.Approval(round=1, update_ids=["u1"], signature=SIG, host=2)
     assert m.check_envelope(_envelope(in_reply_to=2, approval=approval)) == "approval"
+    assert m.check_envelope(_train_request(releases=[_release(1), _release(2)])) == (
+        "train_request"
+    )
+    assert m.check_envelope(_share_sum_attest()) == "share_sum_request"
+    reply = pb.ShareSumReply(round=1, holder_id="a", attestation=SIG)
+    assert m.check_envelope(_envelope(in_reply_to=3, share_sum_reply=reply)) == "share_sum_reply"
+
+
+def _release(round_num=1, **kw) -> pb.Release:
+    fields = dict(
+        round=round_num,
+        model_sha256="ab" * 32,
+        count=3,
+        plaintexts=_ref(f"m{round_num}"),
+        attestations=[pb.Attestation(holder=h, signature=SIG) for h in (1, 2)],
+    )
+    fields.update(kw)
+    return pb.Release(**fields)
+
+
+def _share_sum_attest(plaintexts=True, exponents=True) -> pb.Envelope:
+    env = _share_sum_request()
+    body = env.share_sum_request
+    body.opening = pb.OPENING_ATTEST
+    if plaintexts:
+        body.plaintexts.CopyFrom(_ref("m1"))
+    if exponents:
+        body.exponents.CopyFrom(_ref("x1"))
+    return env
+
+
+@pytest.mark.parametrize(
+    "release, reason",
+    [
+        (_release(0), "release of round 0"),
+        (_release(1, model_sha256="AB" * 32), "not 64 hex digits"),
+        (_release(1, model_sha256="ab" * 31), "not 64 hex digits"),
+        (_release(1, attestations=[pb.Attestation(holder=0, signature=SIG)]), "holder 0"),
+        (
+            _release(1, attestations=[pb.Attestation(holder=2, signature=SIG)] * 2),
+            "holder 2 (holders from 1, once each)",
+        ),
+        (_release(1, attestations=[pb.Attestation(holder=1, signature=SIG[:63])]), "signature"),
+    ],
+    ids=["round-0", "upper-hex", "short-digest", "holder-0", "holder-twice", "short-signature"],
+)
+def test_a_train_request_with_a_malformed_release_is_refused(release, reason):
+    with pytest.raises(m.ProtocolError, match=re.escape(reason)):
+        m.check_envelope(_train_request(releases=[release]))
+
+
+def test_a_train_request_with_two_releases_of_one_round_is_refused():
+    with pytest.raises(m.ProtocolError, match="release of round 1"):
+        m.check_envelope(_train_request(releases=[_release(1), _release(1)]))
+
+
+def test_an_attest_request_carries_both_plaintexts_and_exponents_and_only_it_does():
+    for env in (_share_sum_attest(plaintexts=False), _share_sum_attest(exponents=False)):
+        with pytest.raises(m.ProtocolError, match="go with an attestation only"):
+            m.check_envelope(env)
+    fast = _share_sum_fast()
+    fast.share_sum_request.plaintexts.CopyFrom(_ref("m1"))
+    partial = _share_sum_request()
+    partial.share_sum_request.exponents.CopyFrom(_ref("x1"))
+    for env in (fast, partial):
+        with pytest.raises(m.ProtocolError, match="go with an attestation only"):
+            m.check_envelope(env)
+    short = pb.ShareSumReply(round=1, holder_id="a", attestation=SIG[:32])
+    with pytest.raises(m.ProtocolError, match="attestation"):
+        m.check_envelope(_envelope(in_reply_to=3, share_sum_reply=short))
 
 
 @pytest.mark.parametrize(
@@ -372,10 +445,12 @@ def test_valid_messages_of_this_protocol_pass_the_schema():
     ids=["pickle", "list", "oversized"],
 )
 def test_a_hello_or_welcome_whose_job_is_not_a_small_json_object_is_refused(job, reason):
-    hello = pb.Hello(site_id="a", protocol_version=4, nonce=b"n" * 32, job=job)
+    hello = pb.Hello(site_id="a", protocol_version=m.PROTOCOL_VERSION, nonce=b"n" * 32, job=job)
     with pytest.raises(m.ProtocolError, match=reason):
         m.check_envelope(_envelope(hello=hello))
-    welcome = pb.Welcome(coordinator_id="hub", protocol_version=4, nonce=b"n" * 32, job=job)
+    welcome = pb.Welcome(
+        coordinator_id="hub", protocol_version=m.PROTOCOL_VERSION, nonce=b"n" * 32, job=job
+    )
     with pytest.raises(m.ProtocolError, match=reason):
         m.check_envelope(_envelope(welcome=welcome))
 
@@ -414,14 +489,27 @@ def test_the_declared_job_holds_the_model_the_data_and_the_codec_but_not_a_party
         ["dataset.features=[a,b,c]", "crypto.quant_bits=12"],
         ["dataset.features=[a,b,c]", "crypto.clip=2.0"],
         ["dataset.features=[a,b,c]", "seed=7"],
+        ["dataset.features=[a,b,c]", "lr=0.05"],  # how each client trains
+        ["dataset.features=[a,b,c]", "local_epochs=5"],
+        ["dataset.features=[a,b,c]", "batch_size=16"],
+        ["dataset.features=[a,b,c]", "momentum=0.5"],
         ["dataset.features=[a,b,c]", "dataset.weight_ref=99"],
         ["dataset.features=[a,b,c]", "clients_per_round=4"],  # the codec's summand count
         ["dataset.features=[a,b,c]", "privacy=dp"],  # the codec's clip (the DP plan's)
         ["dataset.features=[a,b,c]", "+model.kwargs={a: {b: 1}}"],
         ["dataset.features=[a,b,c]", "+task.kwargs={x: 1}"],
+        # model checks: whether sites check models, and the step every site recomputes
+        ["dataset.features=[a,b,c]", "cluster.verify_models=false"],
+        ["dataset.features=[a,b,c]", "strategy=fedadam"],
+        ["dataset.features=[a,b,c]", "strategy.server_lr=0.5"],
     ):
         key = other[-1].split("=")[0].lstrip("+")
-        key = {"clients_per_round": "codec.max_summands", "privacy": "codec.clip"}.get(key, key)
+        key = {
+            "clients_per_round": "codec.max_summands",
+            "privacy": "codec.clip",
+            "cluster.verify_models": "model_checks",
+            "strategy": "strategy.name",
+        }.get(key, key)
         line = m.job_mismatch(job, agreed_job(compose([*base, *other])), "hub", "site a")
         assert line is not None and line.startswith("hub and site a declare different jobs: ")
         assert f" {key}: " in line, (other, line)
@@ -433,6 +521,10 @@ def test_the_declared_job_holds_the_model_the_data_and_the_codec_but_not_a_party
         ["model.precision=bf16"],
     ):
         assert agreed_job(compose([*base, "dataset.features=[a,b,c]", *own])) == job, own
+    # Without model checks no site recomputes the step: the strategy is the coordinator's
+    unchecked = [*base, "dataset.features=[a,b,c]", "cluster.verify_models=false"]
+    assert json.loads(job)["model_checks"] is True
+    assert agreed_job(compose(unchecked)) == agreed_job(compose([*unchecked, "strategy=fedadam"]))
 
 
 def test_a_v1_envelope_is_refused():
@@ -650,6 +742,8 @@ def test_the_closed_list_is_what_a_round_needs():
         "sealed_payload",
         "partial_decrypt",
         "share_sum",
+        "attest",  # model checks: a holder attests the opened sum
+        "attestation_key",  # its site's manifest key, which every site checks it with
         "ready",
         "trainable",
     } == HANDLE_METHODS

@@ -34,8 +34,21 @@ log = logging.getLogger("fedray.coordinator")
 
 # What the server may call on a site through its handle (the closed list of requests).
 HANDLE_METHODS = frozenset(
-    {"train", "approve", "sealed_payload", "partial_decrypt", "share_sum", "ready", "trainable"}
+    {
+        "train",
+        "approve",
+        "sealed_payload",
+        "partial_decrypt",
+        "share_sum",
+        "attest",
+        "attestation_key",
+        "ready",
+        "trainable",
+    }
 )
+# How a site's refusal to train on a global model it could not verify begins (the site
+# agent writes it; the hub raises it as a LineageError, which stops the run).
+MODEL_REFUSAL = "refusing to train: "
 
 
 class _RemoteMethod:
@@ -81,6 +94,9 @@ class FederationHub:
         # update -> holder index -> its exponent share, sealed to that holder's site (the
         # fast path): relayed unopened, the coordinator cannot open one
         self._shares: dict[str, dict[int, tuple[bytes, bytes, bytes]]] = {}
+        # Model checks: the last round each site trained (its chain of models is verified
+        # up to the round before): the opened sums it is sent with the next request.
+        self._trained: dict[int, int] = {}
         self._closing = False
         self.coord = ch.listen(
             cfg.federation.listen,
@@ -160,6 +176,7 @@ class FederationHub:
             for k, v in task.options.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
+        releases, release_blobs = self._releases(index, task.releases)
         request = pb.TrainRequest(
             round=int(task.round),
             task_id=self.cfg.federation.task_id,
@@ -169,8 +186,20 @@ class FederationHub:
             global_weights=blob.ref,
             client_ids=sorted(int(c) for c in task.client_ids),
             site_certificates=self.coord.certificates(),
+            releases=releases,
         )
-        reply = self._peer(index).call("train_request", request, [blob], self._timeout())
+        try:
+            reply = self._peer(index).call(
+                "train_request", request, [blob, *release_blobs], self._timeout()
+            )
+        except ch.PeerRefused as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            if reason.startswith(MODEL_REFUSAL):
+                from fedray.runtime.lineage import LineageError
+
+                raise LineageError(f"site {site}: {reason}") from None
+            raise
+        self._trained[index] = int(task.round)
         body = reply.body
         statement = json.loads(bytes(body.contribution))
         ids = tuple(int(c) for c in statement.get("client_ids", ()))
@@ -234,6 +263,41 @@ class FederationHub:
         carrier.train_seconds = float(body.train_seconds)
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
+
+    def _releases(self, index: int, releases: Any) -> tuple[list, list]:
+        """The attested opened sums site ``index`` has not seen (those from the last round
+        it trained on), as a train request carries them, and their plaintext blobs."""
+        import numpy as np
+
+        from fedray.federation import channel as ch
+        from fedray.federation import federation_pb2 as pb
+
+        if releases is not None and not isinstance(releases, list | tuple):
+            import ray
+
+            releases = ray.get(releases)
+        since = self._trained.get(index, 0)
+        out, blobs = [], []
+        for release in sorted(releases or [], key=lambda r: r.round):
+            if release.round < since:
+                continue
+            blob = ch.OutgoingBlob.from_array(
+                f"m{release.round}", np.frombuffer(release.plaintexts, dtype=np.uint8)
+            )
+            blobs.append(blob)
+            out.append(
+                pb.Release(
+                    round=int(release.round),
+                    model_sha256=release.model_sha256,
+                    count=int(release.count),
+                    plaintexts=blob.ref,
+                    attestations=[
+                        pb.Attestation(holder=int(j), signature=bytes(sig))
+                        for j, sig in sorted(release.attestations.items())
+                    ],
+                )
+            )
+        return out, blobs
 
     def approve(self, index: int, round_num: int, update_ids: list[str]) -> bytes:
         from fedray.federation import federation_pb2 as pb
@@ -310,6 +374,72 @@ class FederationHub:
             raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
         return [int(x) for x in from_bytes(self.key.public, data)]
 
+    def attestation_key(self, index: int) -> bytes:
+        """The key site ``index``'s holder attests opened sums with: its site's manifest
+        signing key (the one every site checks attestations with)."""
+        return bytes(self.paths.manifest_obj.sites[self.sites[index]].signing_key)
+
+    def attest(
+        self,
+        index: int,
+        round_num: int,
+        update_ids: list[str],
+        approvals: dict[int, bytes],
+        payloads: list[Any],
+        plaintexts: bytes,
+        exponents: list[int] | None,
+    ) -> bytes:
+        """Ask site ``index``'s key holder to attest that ``plaintexts`` open the product
+        of these updates' ciphertexts (sent to it with every signed contribution and
+        approval, as for a partial decryption), given the summed exponents ``exponents``
+        of the fast path: it multiplies them itself, checks and signs
+        (``KeyHolder.attest``)."""
+        import numpy as np
+        import ray
+
+        from fedray.crypto.threshold import ints_to_bytes
+        from fedray.federation import channel as ch
+        from fedray.federation import federation_pb2 as pb
+
+        if exponents is None:
+            raise PermissionError("across organisations a sum is attested with its exponents")
+        payloads = [p if isinstance(p, bytes | bytearray) else ray.get(p) for p in payloads]
+        order = sorted(range(len(update_ids)), key=lambda k: str(update_ids[k]))
+        ids = [str(update_ids[k]) for k in order]
+        blobs, statements = [], []
+        for n, k in enumerate(order):
+            statements.append(self._statement(round_num, ids[n]))
+            blobs.append(ch.OutgoingBlob.from_ciphertexts(f"c{n}", payloads[k], self.width))
+        sums = ch.OutgoingBlob.from_array("m", np.frombuffer(bytes(plaintexts), dtype=np.uint8))
+        width = exponent_sum_width(self.key, len(ids))
+        xs = ch.OutgoingBlob.from_array(
+            "x", np.frombuffer(ints_to_bytes([int(x) for x in exponents], width), dtype=np.uint8)
+        )
+        request = pb.ShareSumRequest(
+            round=int(round_num),
+            update_ids=ids,
+            approvals=_approvals(round_num, ids, approvals),
+            contributions=statements,
+            ciphertexts=[b.ref for b in blobs],
+            opening=pb.OPENING_ATTEST,
+            plaintexts=sums.ref,
+            exponents=xs.ref,
+        )
+        try:
+            reply = self._peer(index).call(
+                "share_sum_request", request, [*blobs, sums, xs], self._timeout()
+            )
+        except Exception:
+            if self._closing:  # asked past the t-th holder and the run ended meanwhile
+                return b""
+            raise
+        body = reply.body
+        if int(body.round) != int(round_num) or body.holder_id != self.sites[index]:
+            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
+        if body.WhichOneof("answer") != "attestation":
+            raise ClusterError(f"site {self.sites[index]} answered no attestation")
+        return bytes(body.attestation)
+
     def _statement(self, round_num: int, uid: str):
         """The signed contribution a site's host sent for update ``uid`` of this round, as
         relayed to the other sites (LookupError if there is none)."""
@@ -384,6 +514,12 @@ class FederationHub:
         from fedray.federation import channel as ch
 
         return ch.OutgoingBlob.from_array(blob_id, np.frombuffer(data, dtype=np.uint8))
+
+
+def exponent_sum_width(key: Any, summands: int) -> int:
+    """Bytes per summed obfuscator exponent X of ``summands`` updates (each X is below
+    ``summands << exponent_bits``): the fixed width an attest request carries them in."""
+    return ((int(summands) << key.exponent_bits).bit_length() + 7) // 8
 
 
 def statement_problem(

@@ -27,7 +27,9 @@ from fedray.federation import federation_pb2 as pb
 # 2: cohorts, failures and timings in train messages; sums relayed. 3: the fast path
 # (sealed exponent shares relayed, share sums answered, the sites' certificates sent).
 # 4: each side declares its job in Hello/Welcome and refuses the other's if it differs.
-PROTOCOL_VERSION = 4
+# 5: model checks: attested opened sums travel with each train request (releases) and key
+# holders attest a sum on request (OPENING_ATTEST).
+PROTOCOL_VERSION = 5
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # a blob chunk carries at most this many payload bytes
 ENVELOPE_DOMAIN = b"fedray-envelope-v1\x00"
 HEADER_DOMAIN = b"fedray-blob-header-v1\x00"
@@ -222,6 +224,33 @@ def _said(settings: dict, key: str) -> str:
     return json.dumps(settings[key], separators=(",", ":"))[:120]
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_releases(releases) -> None:
+    """A train request's opened sums: distinct rounds >= 1, a model digest of 64 hex
+    digits, a blob of plaintexts, attestations of distinct holders >= 1, 64 bytes each."""
+    _check_count(releases, MAX_LIST_ITEMS, "train request releases")
+    rounds = set()
+    for release in releases:
+        if release.round < 1 or release.round in rounds:
+            _fail(f"train request: release of round {release.round} (rounds from 1, once each)")
+        rounds.add(release.round)
+        if not _HEX64.fullmatch(release.model_sha256):
+            _fail("train request: a release's model digest is not 64 hex digits")
+        _check_ref(release.plaintexts, "release plaintexts")
+        _check_count(release.attestations, MAX_LIST_ITEMS, "release attestations")
+        holders = set()
+        for attestation in release.attestations:
+            if attestation.holder < 1 or attestation.holder in holders:
+                _fail(
+                    f"release of round {release.round}: attestation of holder "
+                    f"{attestation.holder} (holders from 1, once each)"
+                )
+            holders.add(attestation.holder)
+            _check_len(attestation.signature, (64,), "attestation signature")
+
+
 def _check_sealed_shares(shares, update_ids, what: str) -> None:
     """Sealed exponent shares: each of an update the message names, for a holder index
     >= 1, with a 65-byte ephemeral point, a 12-byte nonce and a blob; one per (update,
@@ -277,6 +306,7 @@ def check_body(env: pb.Envelope) -> str:
             check_id(site, "certificate's site id")
             if not 0 < len(pem) <= MAX_CERTIFICATE_BYTES:
                 _fail(f"site {site}'s certificate is empty or over {MAX_CERTIFICATE_BYTES} bytes")
+        _check_releases(body.releases)
     elif kind == "train_reply":
         check_id(body.update_id, "update id")
         _check_statement(body.contribution)
@@ -309,17 +339,25 @@ def check_body(env: pb.Envelope) -> str:
             _check_update_ids(approval.update_ids, "approval")
             _check_len(approval.signature, (64,), "approval signature")
         if body.opening == pb.OPENING_SHARE_SUM:
+            if body.HasField("plaintexts") or body.HasField("exponents"):
+                _fail("share-sum request: plaintexts and exponents go with an attestation only")
             if len(body.contributions) != len(body.update_ids) or body.ciphertexts:
                 _fail(
                     "share-sum request for share sums needs one contribution per update, "
                     "no ciphertexts"
                 )
             _check_sealed_shares(body.sealed_shares, set(body.update_ids), "share-sum request")
-        elif body.opening == pb.OPENING_PARTIAL_DECRYPTION:
+        elif body.opening in (pb.OPENING_PARTIAL_DECRYPTION, pb.OPENING_ATTEST):
             if not len(body.contributions) == len(body.ciphertexts) == len(body.update_ids):
                 _fail("share-sum request needs one contribution and one ciphertext blob per update")
             if body.sealed_shares:
                 _fail("share-sum request for partial decryptions carries sealed shares")
+            attest = body.opening == pb.OPENING_ATTEST
+            if attest != body.HasField("plaintexts") or attest != body.HasField("exponents"):
+                _fail("share-sum request: plaintexts and exponents go with an attestation only")
+            if attest:
+                _check_ref(body.plaintexts, "attested plaintexts")
+                _check_ref(body.exponents, "attested exponents")
         else:
             _fail(f"share-sum request of unknown opening {body.opening}")
         for signed in body.contributions:
@@ -332,7 +370,10 @@ def check_body(env: pb.Envelope) -> str:
         answer = body.WhichOneof("answer")
         if answer is None:
             _fail("share-sum reply carries no answer")
-        _check_ref(getattr(body, answer), answer.replace("_", " "))
+        if answer == "attestation":
+            _check_len(body.attestation, (64,), "attestation")
+        else:
+            _check_ref(getattr(body, answer), answer.replace("_", " "))
     elif kind in ("refusal", "bye"):
         _check_line(body.reason, kind)
     elif kind == "blob_header":

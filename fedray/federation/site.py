@@ -48,7 +48,9 @@ from fedray.config import FedrayConfig, min_clients
 from fedray.errors import ConfigError, DataError
 from fedray.federation import channel as ch
 from fedray.federation import federation_pb2 as pb
+from fedray.federation.coordinator import MODEL_REFUSAL
 from fedray.runtime.client import ClientHost, RoundTask
+from fedray.runtime.lineage import LineageError, Release
 
 log = logging.getLogger("fedray.site")
 
@@ -298,7 +300,8 @@ _CODEC_KEYS = ("name", "custody", "key_bits", "quant_bits", "clip")
 
 def agreed_job(cfg: FedrayConfig) -> bytes:
     """The job this party declares in its Hello or Welcome (canonical JSON, flat keys):
-    ``num_clients``, ``seed`` (the built-in datasets' split), the dataset's and the model's
+    ``num_clients``, ``seed`` (the built-in datasets' split), local training
+    (``local_epochs``, ``batch_size``, ``lr``, ``momentum``), the dataset's and the model's
     settings but each party's own (above), and the codec. The coordinator refuses a site
     that declares another job, and a site a coordinator that does, naming the settings that
     differ: without it, a site whose ``dataset.features`` are in another order trains on
@@ -322,6 +325,11 @@ def agreed_job(cfg: FedrayConfig) -> bytes:
     job: dict[str, Any] = {
         "num_clients": cfg.num_clients,
         "seed": cfg.seed,
+        # how every client trains each round: one job, not each site's own choice
+        "local_epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
         **prefixed("dataset.", asdict(cfg.dataset), _OWN_DATASET_KEYS),
         **prefixed("model.", model, _OWN_MODEL_KEYS),
         **prefixed("model.lora.", lora),
@@ -332,6 +340,17 @@ def agreed_job(cfg: FedrayConfig) -> bytes:
     # client-level DP, the privacy plan): the same codec at every party, or a wrong sum.
     clip, max_summands = codec_settings(cfg)
     job.update({"codec.clip": clip, "codec.max_summands": max_summands})
+    # Model checks: every site recomputes the coordinator's step, so the step's settings
+    # (the strategy's, the DP denominator) are the job's too.
+    from fedray.runtime.lineage import verifies_models
+
+    job["model_checks"] = verifies_models(cfg)
+    if job["model_checks"]:
+        job.update(prefixed("strategy.", asdict(cfg.strategy)))
+        if cfg.privacy.name == "dp":
+            from fedray.privacy import build_privacy
+
+            job["privacy.denominator"] = getattr(build_privacy(cfg), "denominator", None)
     return json.dumps(job, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -430,6 +449,7 @@ class SiteAgent:
         self.authority = HostIdentity()  # this agent's; never leaves this process
         manifest = paths.manifest_obj
         peers = {h: manifest.sites[s].signing_key for h, s in enumerate(paths.sites)}
+        identity = Path(paths.signing_key).read_bytes()
         self.holder = key_holder_class().remote(
             self.index + 1,
             peers,
@@ -437,10 +457,10 @@ class SiteAgent:
             min_clients(cfg),
             self.authority.public_bytes(),
             max_rounds=cfg.rounds,
+            identity=identity,  # it attests opened sums with the site's manifest key
         )
         ray.get(self.holder.install.remote(self.key, share))
         del share
-        identity = Path(paths.signing_key).read_bytes()
         options = {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus}
         self.host = (
             client_actor_class(SiteHost)
@@ -451,10 +471,23 @@ class SiteAgent:
         if ready is not True:
             raise ConfigError(f"site {self.site_id}: its client host failed: {ready}")
         holder_ids = [self.holder._actor_id.hex()]
+        # Model checks: the host recomputes every global model from opened sums that t key
+        # holders attested, each with its site's manifest key; the chain starts at the
+        # host's own initial model (root None: built from its installed task and the seed).
+        from fedray.runtime.lineage import root_message, verifies_models
+
+        holder_keys = None
+        if verifies_models(cfg):
+            holder_keys = {j: manifest.sites[s].signing_key for j, s in enumerate(paths.sites, 1)}
+        root = None if holder_keys is None else root_message(self.key.fingerprint, self.index, None)
         signature = self.authority.sign_bytes(
-            configure_message(self.key.fingerprint, self.index, holder_ids)
+            configure_message(self.key.fingerprint, self.index, holder_ids, holder_keys, root)
         )
-        ray.get(self.host.configure_crypto.remote(self.key, [self.holder], self.index, signature))
+        ray.get(
+            self.host.configure_crypto.remote(
+                self.key, [self.holder], self.index, signature, holder_keys, None
+            )
+        )
         weight_ref = float(cfg.dataset.weight_ref)
         answer = ray.get(
             self.host.set_weight_ref.remote(
@@ -471,7 +504,8 @@ class SiteAgent:
         from fedray.tools.keys import _site_private_key
 
         self.manifest_sha256 = manifest_sha256(paths.manifest)
-        self.share_bytes = ray.get(self.host.num_ciphertexts.remote()) * self.key.share_width()
+        self.num_ciphertexts = ray.get(self.host.num_ciphertexts.remote())
+        self.share_bytes = self.num_ciphertexts * self.key.share_width()
         self._tls_key = _site_private_key(paths.key)
         self._certificates: dict[str, bytes] = {}
         log.info(
@@ -528,6 +562,8 @@ class SiteAgent:
                 return answer[msg.kind](msg)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause
+                if isinstance(cause, LineageError):  # the host's own log has the line too
+                    raise ch.Refused(MODEL_REFUSAL + _one_line(cause)) from None
                 if isinstance(cause, PermissionError | LookupError | ValueError):
                     raise ch.Refused(_one_line(cause)) from None
                 raise
@@ -584,8 +620,10 @@ class SiteAgent:
             msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
         )
         recipients = self._recipients(round_num, body) if cfg.crypto.fast_decrypt else None
+        releases = self._releases(msg) if body.releases else None
         self._open_round(round_num)
-        results = ray.get(self.host.train.remote(RoundTask(round_num, clients, options), weights))
+        task = RoundTask(round_num, clients, options, releases)
+        results = ray.get(self.host.train.remote(task, weights))
         carrier = next((r for r in results if r.encrypted is not None), None)
         failures = [
             pb.ClientFailure(client_id=r.client_id, reason=" ".join(str(r.error).split())[:300])
@@ -640,6 +678,23 @@ class SiteAgent:
             sealed_shares=sealed_shares,
         )
         return "train_reply", reply, blobs
+
+    def _releases(self, msg: ch.Message) -> list[Release]:
+        """The opened sums a train request carries, for the host's lineage check (which
+        checks their attestations, their order and every bit of the model they give)."""
+        from fedray.runtime.lineage import plaintext_width
+
+        size = self.num_ciphertexts * plaintext_width(self.key.public.n)
+        return [
+            Release(
+                int(r.round),
+                str(r.model_sha256),
+                int(r.count),
+                bytes(msg.blob(r.plaintexts).array(np.uint8, (size,))),
+                {int(a.holder): bytes(a.signature) for a in r.attestations},
+            )
+            for r in msg.body.releases
+        ]
 
     def _recipients(self, round_num: int, body) -> dict[int, tuple[str, bytes, str]]:
         """Every other site's key holder (by index) with its site's certificate, relayed by
@@ -826,6 +881,7 @@ class SiteAgent:
         round_num, ids = int(body.round), list(body.update_ids)
         width = self.key.public.ciphertext_bytes
         fast = body.opening == pb.OPENING_SHARE_SUM
+        attest = body.opening == pb.OPENING_ATTEST
         signed, payloads, statements = [], [], {}
         for k, (statement, uid) in enumerate(zip(body.contributions, ids, strict=True)):
             contribution = contribution_from_statement(statement.statement, statement.signature)
@@ -850,6 +906,8 @@ class SiteAgent:
                 self._filed[uid] = statements[uid]  # the holder took it: filed
                 self._deposited.add(uid)
                 self._without_share.add(uid)
+        if attest:
+            return self._attest(msg, round_num, ids, approvals, payloads)
         partials = ray.get(self.holder.partial_decrypt.remote(round_num, ids, approvals, payloads))
         out = ch.OutgoingBlob.from_ciphertexts(
             f"p{round_num}", to_bytes(self.key.public, partials), width
@@ -858,6 +916,33 @@ class SiteAgent:
             round=round_num, holder_id=self.site_id, partial_decryption=out.ref
         )
         return "share_sum_reply", reply, [out]
+
+    def _attest(self, msg: ch.Message, round_num: int, ids, approvals, payloads) -> tuple:
+        """Model checks: the holder multiplies the updates' ciphertexts itself (each
+        checked against its signed digest) and signs, with the site's manifest key, that
+        the claimed plaintexts open the product with the summed exponents given (see
+        ``KeyHolder.attest``); a claim off by anything is refused."""
+        import ray
+
+        from fedray.crypto.threshold import ints_from_bytes
+        from fedray.federation.coordinator import exponent_sum_width
+        from fedray.runtime.lineage import plaintext_width
+
+        body, n = msg.body, self.num_ciphertexts
+        plaintexts = msg.blob(body.plaintexts).array(
+            np.uint8, (n * plaintext_width(self.key.public.n),)
+        )
+        width = exponent_sum_width(self.key, len(ids))
+        exponents = ints_from_bytes(
+            bytes(msg.blob(body.exponents).array(np.uint8, (n * width,))), width
+        )
+        signature = ray.get(
+            self.holder.attest.remote(
+                round_num, ids, approvals, payloads, bytes(plaintexts), exponents
+            )
+        )
+        reply = pb.ShareSumReply(round=round_num, holder_id=self.site_id, attestation=signature)
+        return "share_sum_reply", reply
 
     def _open_share_sum(
         self, msg: ch.Message, round_num: int, ids, signed, approvals, statements

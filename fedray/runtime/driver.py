@@ -624,6 +624,16 @@ def _start_server(
     return counts
 
 
+def _models_checked(cfg: Any, custody: Any) -> bool:
+    if custody is None:
+        return False
+    if cfg.federation.name == "none":
+        return getattr(custody, "holder_keys", None) is not None
+    from fedray.runtime.lineage import verifies_models
+
+    return verifies_models(cfg)  # the job every site declared says so (agreed_job)
+
+
 def _driver_lineage(job: _Job, num_values: int, resume_state: dict[str, Any] | None):
     """The driver's own copy of the hosts' chain of models: what it checkpoints (and a
     resume's hosts start from) is checked against it, never taken from the server."""
@@ -755,8 +765,9 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
         "threshold": custody.key.threshold if custody else None,
         "key_holders": len(custody.holders) if custody else None,
         "key_holder_nodes": custody.holder_nodes if custody else None,
-        # Hosts checked every global model against attested sums (cluster.verify_models)
-        "models_checked": getattr(custody, "holder_keys", None) is not None,
+        # Hosts checked every global model against attested sums (cluster.verify_models;
+        # across organisations each site's own agent set its host up to check)
+        "models_checked": _models_checked(cfg, custody),
         "values_per_ciphertext": values_per_ct or None,
         "client_failures": 0,
         "clients_rejected": 0,

@@ -303,7 +303,11 @@ class KeyHolder:
         custody: str = "threshold",
         *,
         max_rounds: int,
+        identity: bytes = b"",
     ):
+        """``identity``: a PEM Ed25519 private key to attest with (across organisations,
+        the site's manifest key, which every other site checks attestations with); by
+        default a fresh one made here."""
         if min_clients < 2:
             raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
         if int(max_rounds) < 1:
@@ -325,6 +329,11 @@ class KeyHolder:
         self._last_round = 0
         # Signs attestations of opened sums (see attest); only its public half leaves.
         self._identity = HostIdentity()
+        if identity:
+            from cryptography.hazmat.primitives import serialization
+
+            pem = serialization.load_pem_private_key(bytes(identity), None)
+            self._identity = HostIdentity.from_private_key(pem)
         self._unmaskers: dict[int, Any] = {}  # by updates in a sum (attest's fast check)
 
     def __repr__(self) -> str:

@@ -67,8 +67,6 @@ def why_not_verifiable(cfg: Any) -> str | None:
             "crypto=none (the server sees each update and no key holder opens a sum a host "
             "could check); use crypto=paillier"
         )
-    if cfg.federation.name != "none":
-        return f"federation={cfg.federation.name} (not wired across organisations yet)"
     if cfg.strategy.name not in VERIFIABLE_STRATEGIES:
         return f"strategy={cfg.strategy.name} (verifiable: {', '.join(VERIFIABLE_STRATEGIES)})"
     if cfg.crypto.custody == "threshold" and not cfg.crypto.fast_decrypt:

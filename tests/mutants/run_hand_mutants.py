@@ -1963,6 +1963,46 @@ MUTANTS = [
         "the coordinator's wait for a refused site runs to its timeout",
         "job",
     ),
+    # Model checks across organisations (issue #24): the sites' hosts recompute every
+    # global model from attested sums.
+    Mutant(
+        "cross-org-models-unchecked",
+        "fedray/runtime/lineage.py",
+        "    if cfg.strategy.name not in VERIFIABLE_STRATEGIES:",
+        '    if cfg.federation.name != "none":\n        return "mutant"\n'
+        "    if cfg.strategy.name not in VERIFIABLE_STRATEGIES:",
+        ("tests/test_cross_org.py",),
+        "across organisations no party checks models again (a site trains a nudged model)",
+        "hostile",
+    ),
+    Mutant(
+        "site-model-refusal-unmarked",
+        "fedray/federation/site.py",
+        "                if isinstance(cause, LineageError):",
+        "                if False:",
+        ("tests/test_cross_org.py",),
+        "a site's model refusal reads as any refusal (the coordinator would go on, the "
+        "failed site's clients counted as failed)",
+        "hostile",
+    ),
+    Mutant(
+        "coordinator-continues-past-model-refusal",
+        "fedray/federation/coordinator.py",
+        "            if reason.startswith(MODEL_REFUSAL):",
+        "            if False:",
+        ("tests/test_cross_org.py",),
+        "the coordinator takes a site's refusal of a crafted model for a failed call and runs on",
+        "refuse_a_crafted and not fabricated",
+    ),
+    Mutant(
+        "job-without-model-checks",
+        "fedray/federation/site.py",
+        '    if job["model_checks"]:',
+        "    if False:",
+        ("tests/test_cross_org_units.py",),
+        "the declared job leaves out the strategy a site recomputes each step with",
+        "declared_job",
+    ),
 ]
 
 
