@@ -85,6 +85,7 @@ def test_a_squatted_update_id_is_refused_when_the_real_sum_comes(tmp_path, monke
 
     cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=1))
     agent = SiteAgent.__new__(SiteAgent)
+    agent.job_sha256 = ""  # what the contributions below declare (none)
     agent.cfg = cfg
     agent.policy = None
     agent.key = key

@@ -1114,6 +1114,7 @@ def _agent_for(sites: list[str], threshold: int, k):
     from fedray.federation.site import SiteAgent
 
     agent = SiteAgent.__new__(SiteAgent)
+    agent.job_sha256 = ""  # what the contributions below declare (none)
     agent.cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=k))
     agent.key = types.SimpleNamespace(threshold=threshold)
     agent.paths = types.SimpleNamespace(sites=sites)
@@ -1172,6 +1173,7 @@ def _csv_site(tmp_path, labels, num_classes: int):
         rows = "\n".join(f"{0.5 * i},{y},{i}" for i, y in enumerate(labels))
         (tmp_path / f"t{cid}.csv").write_text(f"f2,y,f1\n{rows}\n")
     agent = SiteAgent.__new__(SiteAgent)
+    agent.job_sha256 = ""  # what the contributions below declare (none)
     agent.cfg = compose(
         [
             *SITE,
@@ -1223,3 +1225,45 @@ def test_the_coordinator_names_a_site_whose_statement_the_holders_would_refuse()
     )
     assert "not asked to train (7)" in statement_problem(*signed(client_ids=(2, 7)), *args)
     assert "JSON" in statement_problem(b"not json", signature, *args)
+    # across organisations each statement carries its site's declared job's digest
+    ours = "ab" * 32
+    assert statement_problem(*signed(job_sha256=ours), *args, ours) == ""
+    assert "under another job" in statement_problem(*signed(job_sha256="cd" * 32), *args, ours)
+    assert "under another job" in statement_problem(*signed(), *args, ours)
+
+
+def test_a_holder_takes_contributions_of_its_own_sites_job_only(share_fed):
+    """A coordinator can echo each site's declared job back to it, so two sites may have
+    been told different jobs. Each host signs its job's digest into every contribution,
+    and a key holder given its site's digest refuses a contribution of another job (and
+    one that names none), so no sum mixes updates of two jobs."""
+    import dataclasses
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedray.federation.channel import Manifest
+    from fedray.runtime.keys import KeyHolder, round_ticket_message
+
+    certs_dir, key, shares, update = share_fed
+    manifest = Manifest.load(certs_dir / "federation.json")
+    a_key = serialization.load_pem_private_key((certs_dir / "a/signing.key").read_bytes(), None)
+    a_host = HostIdentity.from_private_key(a_key)
+    agent, ours = HostIdentity(), "ab" * 32
+    holder = KeyHolder(
+        2,
+        {h: manifest.sites[s].signing_key for h, s in enumerate(FED_SITES)},
+        {c: c // 2 for c in range(6)},
+        2,
+        agent.public_bytes(),
+        max_rounds=3,
+        job_sha256=ours,
+    )
+    holder.install(key, shares[1])
+    holder.open_round(1, agent.sign_bytes(round_ticket_message(key.fingerprint, 1)))
+    signed, blobs = update(1, "h0-" + "1" * 32)
+    for job in ("", "cd" * 32):
+        other = a_host.sign(dataclasses.replace(signed.contribution, job_sha256=job))
+        with pytest.raises(PermissionError, match="made under another job"):
+            holder.deposit(other, blobs[1])
+    same = a_host.sign(dataclasses.replace(signed.contribution, job_sha256=ours))
+    assert holder.deposit(same, blobs[1]) is True

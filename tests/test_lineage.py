@@ -14,7 +14,7 @@ import pytest
 import ray.cloudpickle
 
 import tests.crafting_server as crafting
-from fedray.crypto.threshold import Unmasker, ints_to_bytes
+from fedray.crypto.threshold import Unmasker, ints_to_bytes, opens_product
 from fedray.errors import ClusterError
 from fedray.runtime.driver import run_experiment
 from fedray.runtime.keys import HostIdentity, digest, round_ticket_message, verify
@@ -94,6 +94,34 @@ def test_key_holders_attest_only_the_true_opening(opened):
     message = release_message(key.fingerprint, 1, model_digest(W0), 6, digest(data))
     assert verify(holder.attestation_key(), sig, message)
     assert not verify(holders[1].attestation_key(), sig, message)  # its own key only
+
+
+def test_the_batch_check_refuses_every_wrong_claim_whatever_the_exponents(opened):
+    """A key holder checks a claimed opening of all ciphertexts at once with fresh random
+    64-bit weights (``opens_product``): the true opening passes; one slot off by one, two
+    slots off by +d and -d (equal weights would cancel them), the slots in reverse order,
+    or the true plaintexts with one exponent moved, never pass in 40 tries each (a wrong
+    claim passes with probability at most 2^-64)."""
+    key, holders, ids, payloads, exponents, plaintexts, _ = opened
+    product = holders[0]._product(1, [holders[0]._deposits[u] for u in ids], payloads, 0, None)
+    assert opens_product(key, product, plaintexts, exponents)
+    n = key.public.n
+    wrong = [
+        [(plaintexts[0] + 1) % n, *plaintexts[1:]],
+        [(plaintexts[0] + 5) % n, (plaintexts[1] - 5) % n, *plaintexts[2:]],
+        [(plaintexts[0] + 1) % n, (plaintexts[1] - 1) % n, *plaintexts[2:]],
+        list(reversed(plaintexts)),  # every slot another's
+    ]
+    for claim in wrong:
+        assert claim != list(plaintexts)
+        assert not any(opens_product(key, product, claim, exponents) for _ in range(40))
+    moved = [exponents[0] + 1, *exponents[1:]]
+    assert not any(opens_product(key, product, plaintexts, moved) for _ in range(40))
+    # With 1-bit weights the same compensating claim passes about half the time: the
+    # weights' length is the check's whole strength.
+    two = wrong[2]
+    passes = sum(opens_product(key, product, two, exponents, bits=1) for _ in range(200))
+    assert 40 < passes < 160
 
 
 def _release(opened, plaintexts=None, signers=(0, 1), model=None, count=6):

@@ -81,7 +81,7 @@ class FederationHub:
 
     def __init__(self, cfg: FedrayConfig, key: Any, info: Any):
         from fedray.federation import channel as ch
-        from fedray.federation.site import Paths, agreed_job
+        from fedray.federation.site import Paths, agreed_job, job_digest
 
         self.cfg = cfg
         self.paths = Paths(cfg)
@@ -94,10 +94,13 @@ class FederationHub:
         # update -> holder index -> its exponent share, sealed to that holder's site (the
         # fast path): relayed unopened, the coordinator cannot open one
         self._shares: dict[str, dict[int, tuple[bytes, bytes, bytes]]] = {}
-        # Model checks: the last round each site trained (its chain of models is verified
-        # up to the round before): the opened sums it is sent with the next request.
-        self._trained: dict[int, int] = {}
+        # Model checks: the last round each site trained in its current session (its chain
+        # of models is verified up to the round before): the opened sums it is sent with
+        # the next request. A new session (a reconnected or restarted site, whose chain may
+        # start again at round 0) is sent every sum again.
+        self._trained: dict[int, tuple[Any, int]] = {}
         self._closing = False
+        self._job_sha256 = job_digest(cfg)  # every site signs it into each contribution
         self.coord = ch.listen(
             cfg.federation.listen,
             self.paths.cert,
@@ -176,7 +179,8 @@ class FederationHub:
             for k, v in task.options.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        releases, release_blobs = self._releases(index, task.releases)
+        peer = self._peer(index)
+        releases, release_blobs = self._releases(index, peer, task.releases)
         request = pb.TrainRequest(
             round=int(task.round),
             task_id=self.cfg.federation.task_id,
@@ -189,9 +193,7 @@ class FederationHub:
             releases=releases,
         )
         try:
-            reply = self._peer(index).call(
-                "train_request", request, [blob, *release_blobs], self._timeout()
-            )
+            reply = peer.call("train_request", request, [blob, *release_blobs], self._timeout())
         except ch.PeerRefused as exc:
             reason = str(exc).split(": ", 1)[-1]
             if reason.startswith(MODEL_REFUSAL):
@@ -199,7 +201,7 @@ class FederationHub:
 
                 raise LineageError(f"site {site}: {reason}") from None
             raise
-        self._trained[index] = int(task.round)
+        self._trained[index] = (peer, int(task.round))
         body = reply.body
         statement = json.loads(bytes(body.contribution))
         ids = tuple(int(c) for c in statement.get("client_ids", ()))
@@ -213,6 +215,7 @@ class FederationHub:
             self.key.fingerprint,
             int(task.round),
             {int(c) for c in task.client_ids},
+            self._job_sha256,
         )
         if problem:  # what every key holder would refuse: the round would stall, unnamed
             raise ClusterError(f"site {site}'s contribution of round {task.round}: {problem}")
@@ -264,9 +267,10 @@ class FederationHub:
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
 
-    def _releases(self, index: int, releases: Any) -> tuple[list, list]:
-        """The attested opened sums site ``index`` has not seen (those from the last round
-        it trained on), as a train request carries them, and their plaintext blobs."""
+    def _releases(self, index: int, peer: Any, releases: Any) -> tuple[list, list]:
+        """The attested opened sums site ``index`` has not seen in this session (those
+        from the last round it trained on), as a train request carries them, and their
+        plaintext blobs."""
         import numpy as np
 
         from fedray.federation import channel as ch
@@ -276,7 +280,8 @@ class FederationHub:
             import ray
 
             releases = ray.get(releases)
-        since = self._trained.get(index, 0)
+        last_peer, last_round = self._trained.get(index, (None, 0))
+        since = last_round if last_peer is peer else 0
         out, blobs = [], []
         for release in sorted(releases or [], key=lambda r: r.round):
             if release.round < since:
@@ -530,6 +535,7 @@ def statement_problem(
     key_id: str,
     round_num: int,
     clients: set[int],
+    job_sha256: str = "",
 ) -> str:
     """What is wrong with a site's signed contribution, as the key holders would see it
     ("" if nothing): the coordinator checks a train reply's statement when it arrives, so
@@ -547,6 +553,8 @@ def statement_problem(
         return "of another key, round or host"
     if update_id_host(c.update_id) != int(host):
         return f"update id {c.update_id!r} is not in the site's namespace"
+    if c.job_sha256 != job_sha256:
+        return "made under another job than the coordinator's (its declared job's digest differs)"
     outside = sorted(set(c.client_ids) - clients)
     if outside:
         return f"names clients it was not asked to train ({', '.join(map(str, outside[:5]))})"

@@ -63,6 +63,7 @@ CONTRIBUTION_FIELDS = {
     "ciphertext_sha256": str,
     "share_sha256": list,
     "model_sha256": str,
+    "job_sha256": str,
 }
 
 
@@ -83,6 +84,7 @@ class SiteHost(ClientHost):
             key = serialization.load_pem_private_key(bytes(identity), None)
             self._identity = HostIdentity.from_private_key(key)
             self._approver = CohortApprover(self._identity)
+            self._job_sha256 = job_digest(cfg)  # signed into every contribution
         # update id -> (round, every holder's exponent-share blob): the fast path's shares
         # for the other sites' holders, sealed to them on the agent's request (this round's)
         self._shares: dict[str, tuple[int, list[bytes]]] = {}
@@ -194,6 +196,7 @@ def contribution_from_statement(statement: bytes, signature: bytes):
         raw["ciphertext_sha256"],
         tuple(raw["share_sha256"]),
         raw["model_sha256"],
+        raw["job_sha256"],
     )
     if c.message() != bytes(statement):
         raise PermissionError("a relayed contribution is not in canonical form")
@@ -354,6 +357,14 @@ def agreed_job(cfg: FedrayConfig) -> bytes:
     return json.dumps(job, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def job_digest(cfg: FedrayConfig) -> str:
+    """SHA-256 (hex) of :func:`agreed_job`: what a site's host signs into each
+    contribution and its key holder requires of every contribution it takes."""
+    import hashlib
+
+    return hashlib.sha256(agreed_job(cfg)).hexdigest()
+
+
 def check_key_size(cfg: FedrayConfig, key: Any) -> None:
     """The dealt key is the one the job says (summary.json reports crypto.key_bits)."""
     bits = int(key.public.n).bit_length()
@@ -385,6 +396,7 @@ class SiteAgent:
                 f"num_clients={cfg.num_clients}, but the manifest's sites have {total} clients"
             )
         self.client_ids = clients[self.site_id]
+        self.job_sha256 = job_digest(cfg)
         self.assignment = {c: h for h, s in enumerate(self.paths.sites) for c in clients[s]}
         self.policy = None
         if cfg.federation.policy:
@@ -458,6 +470,7 @@ class SiteAgent:
             self.authority.public_bytes(),
             max_rounds=cfg.rounds,
             identity=identity,  # it attests opened sums with the site's manifest key
+            job_sha256=self.job_sha256,  # it sums updates of this site's job only
         )
         ray.get(self.holder.install.remote(self.key, share))
         del share
@@ -849,6 +862,12 @@ class SiteAgent:
             raise ch.Refused(
                 f"round {round_num}: contribution {c.update_id!r} is not signed by its host's "
                 "manifest key"
+            )
+        if c.job_sha256 != self.job_sha256:
+            raise ch.Refused(
+                f"round {round_num}: contribution {c.update_id!r} was made under another job "
+                "than this site's (its digest differs: the coordinator told the sites "
+                "different jobs, or a site runs another)"
             )
         # What the key holders enforce at deposit, checked here too, before this site's
         # policy counts anything from it: a colluding site could otherwise show this site

@@ -153,6 +153,7 @@ class ClientHost:
         self._precompute_thread: threading.Thread | None = None
         self._authority = authority
         self._identity = None
+        self._job_sha256 = ""  # across organisations: its site's declared job (SiteHost)
         self._model_sha256 = ""
         self._plan = None  # the DP plan: built with the codec when crypto is configured
         try:
@@ -667,6 +668,7 @@ class ClientHost:
             ciphertext_sha256=digest(update.ciphertexts),
             share_sha256=tuple(digest(b) for b in shares) if shares else (),
             model_sha256=self._model_sha256,
+            job_sha256=self._job_sha256,
         )
         signed = self._identity.sign(contribution)
         self._signed[update.update_id] = signed  # relayed to other sites' holders (cross_org)

@@ -119,6 +119,10 @@ class Contribution:
     # of the same model, so the server cannot send one site crafted weights that zero its
     # update and leave another site's update alone in a "sum" (model inconsistency).
     model_sha256: str = ""
+    # Across organisations: the SHA-256 of the job its site declared
+    # (fedray.federation.site.job_digest): a key holder sums only updates of its own
+    # site's job, so a coordinator that told two sites different jobs gets no sum of both.
+    job_sha256: str = ""
 
     def message(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -304,10 +308,12 @@ class KeyHolder:
         *,
         max_rounds: int,
         identity: bytes = b"",
+        job_sha256: str = "",
     ):
         """``identity``: a PEM Ed25519 private key to attest with (across organisations,
         the site's manifest key, which every other site checks attestations with); by
-        default a fresh one made here."""
+        default a fresh one made here. ``job_sha256``: across organisations, the digest of
+        the job this holder's site declared; it takes contributions of that job only."""
         if min_clients < 2:
             raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
         if int(max_rounds) < 1:
@@ -334,7 +340,7 @@ class KeyHolder:
 
             pem = serialization.load_pem_private_key(bytes(identity), None)
             self._identity = HostIdentity.from_private_key(pem)
-        self._unmaskers: dict[int, Any] = {}  # by updates in a sum (attest's fast check)
+        self._job_sha256 = str(job_sha256)
 
     def __repr__(self) -> str:
         return f"KeyHolder(index={self.index})"
@@ -422,6 +428,11 @@ class KeyHolder:
             raise PermissionError(
                 f"update id {c.update_id!r} is not in host {c.host}'s namespace "
                 f"(h{c.host}-<hex>): a host files only its own updates"
+            )
+        if c.job_sha256 != self._job_sha256:
+            raise PermissionError(
+                f"contribution {c.update_id!r} was made under another job than this key "
+                "holder's site declared (a coordinator told the sites different jobs?)"
             )
         self._check_round(c.round)  # never opened: not kept either
         if int(c.round) < self._from_round[c.host]:
@@ -623,10 +634,12 @@ class KeyHolder:
         Threshold custody: ``exponents`` are the summed obfuscator exponents X the server
         interpolated, and each ciphertext must equal ``(1 + M n) hs^X mod n^2``: for a
         claimed ``M`` off by anything mod n no X makes that hold (the quotient would be an
-        n-th residue equal to a power of ``1 + n``). Shared custody: the holder decrypts.
+        n-th residue equal to a power of ``1 + n``), checked for all ciphertexts at once
+        with fresh random weights (:func:`fedray.crypto.threshold.opens_product`: a wrong
+        claim passes with probability at most 2^-64). Shared custody: the holder decrypts.
         Attesting counts as this round's release of this sum (no other sum of the round
         is opened or attested after it)."""
-        from fedray.crypto.threshold import Unmasker, ints_from_bytes
+        from fedray.crypto.threshold import ints_from_bytes, opens_product
         from fedray.runtime.lineage import plaintext_width, release_message
 
         if self._secret is None:
@@ -649,15 +662,16 @@ class KeyHolder:
             bound = len(deposits) << self.key.exponent_bits
             if not all(isinstance(x, int) and 0 <= x < bound for x in exponents):
                 raise PermissionError(f"round {round_num}: summed exponents out of range")
-            unmasker = self._unmaskers.get(len(deposits))
-            if unmasker is None:  # its table of hs^-1 powers is built once, then kept
-                unmasker = self._unmaskers[len(deposits)] = Unmasker(self.key, len(deposits))
-            opened = unmasker.unmask(product, list(exponents))
+            if not all(0 <= m < self.key.public.n for m in claimed):
+                raise PermissionError(f"round {round_num}: claimed plaintexts out of range")
+            # one batch check (soundness 2^-64 per claim), not a power of hs per ciphertext
+            opens = opens_product(self.key, product, claimed, list(exponents))
         else:
             from fedray.crypto.paillier import Decryptor
 
             opened = Decryptor(self._secret).decrypt_many(product)
-        if opened is None or [int(m) for m in opened] != claimed:
+            opens = [int(m) for m in opened] == claimed
+        if not opens:
             raise PermissionError(
                 f"round {round_num}: the opened sum is not the decryption of the deposited updates"
             )

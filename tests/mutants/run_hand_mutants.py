@@ -2003,6 +2003,45 @@ MUTANTS = [
         "the declared job leaves out the strategy a site recomputes each step with",
         "declared_job",
     ),
+    # The declared job's digest in every signed contribution (issue #23): a coordinator
+    # that told two sites different jobs gets no sum of both.
+    Mutant(
+        "holder-job-unchecked",
+        "fedray/runtime/keys.py",
+        "        if c.job_sha256 != self._job_sha256:",
+        "        if False:",
+        ("tests/test_cross_org_units.py",),
+        "a key holder takes a contribution made under another job than its site's",
+        "own_sites_job",
+    ),
+    Mutant(
+        "site-statement-job-unchecked",
+        "fedray/federation/site.py",
+        "        if c.job_sha256 != self.job_sha256:",
+        "        if False:",
+        ("tests/test_cross_org.py",),
+        "a site approves a sum holding another site's update of another job",
+        "hostile",
+    ),
+    # A key holder's batch check of a claimed opening (issue #24's cost target)
+    Mutant(
+        "attest-batch-equal-weights",
+        "fedray/crypto/threshold.py",
+        "    coeffs = [secrets.randbits(bits) for _ in products]",
+        "    coeffs = [1 for _ in products]",
+        ("tests/test_lineage.py",),
+        "the batch check weighs every ciphertext alike (a claim off by +d and -d passes)",
+        "batch_check",
+    ),
+    Mutant(
+        "attest-batch-short-weights",
+        "fedray/crypto/threshold.py",
+        "    bits: int = STATISTICAL_BITS,\n) -> bool:",
+        "    bits: int = 1,\n) -> bool:",
+        ("tests/test_lineage.py",),
+        "the batch check's random weights are 1 bit (a wrong claim passes half the time)",
+        "batch_check",
+    ),
 ]
 
 
