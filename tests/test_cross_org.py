@@ -414,6 +414,87 @@ def test_sites_refuse_a_crafted_model_or_sum_and_the_run_stops(
         assert "round 1: the opened sum is not the decryption of the deposited updates" in said
 
 
+def _site_loss_server(c_pid: int):
+    """The real Server; before round 3 it kills site c's process group (its agent, Ray
+    cluster, host and key holder: a site lost for good), and before round 4 it waits until
+    a new site c (the test starts one) has dialled in again."""
+    from fedray.runtime.server import Server
+
+    class SiteLoss(Server):
+        def run_round(self):
+            import os
+            import signal
+            import time
+
+            if self.round == 2:
+                os.killpg(c_pid, signal.SIGKILL)
+            if self.round == 3:
+                deadline = time.monotonic() + 240
+                while not self._fetch(self.hosts[2].ready.remote()):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("site c did not dial in again")
+                    time.sleep(0.5)
+            return super().run_round()
+
+    return SiteLoss
+
+
+def test_a_killed_site_is_left_out_and_a_restarted_one_rejoins_the_run(
+    ray_2cpus, federation_dir, tmp_path
+):
+    """Site c dies (SIGKILL to its process group) after round 2: round 3 runs without its
+    clients, its key holder's share and its attestation (2 of 3 holders open and attest
+    every sum). A new site c process then dials in: a new session, a new key holder and a
+    host whose chain of models starts again at round 0; the coordinator sends it every
+    attested sum again (not only those since the round the old process last trained), it
+    recomputes round 4's model from them and its clients train in round 4. Model checks
+    stay on throughout."""
+    import threading
+
+    from fedray.runtime.driver import run_experiment
+
+    extra = ["federation.max_colluding_sites=0", "rounds=4"]  # sums of 2 of the 3 sites
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _sites(federation_dir, logs, extra) as (port, procs, _):
+        old_c = procs[2]
+        restarted: list[subprocess.Popen] = []
+
+        def restart_c():
+            old_c.wait(timeout=600)
+            restarted.append(_start_site(federation_dir, "c", port, logs / "c2.log", extra))
+
+        thread = threading.Thread(target=restart_c, daemon=True)
+        thread.start()
+        cfg = compose(
+            [
+                "federation=cross_org",
+                *JOB,
+                *_files(federation_dir),
+                f"federation.listen=127.0.0.1:{port}",
+                "rounds=4",
+            ]
+        )
+        try:
+            summary = run_experiment(
+                cfg, tmp_path / "run", server_class=_site_loss_server(old_c.pid)
+            )
+            thread.join(timeout=300)
+            assert summary["rounds_completed"] == 4 and summary["models_checked"] is True
+            assert len(restarted) == 1
+            for proc in procs[:2] + restarted:  # the coordinator's goodbye stops each
+                assert proc.wait(timeout=60) == 0
+        finally:
+            thread.join(timeout=300)
+            _stop(restarted)
+    with (tmp_path / "run/metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["clients_ok"]) for r in rows] == [6, 6, 4, 6]
+    assert [int(r["clients_failed"]) for r in rows] == [0, 0, 2, 0]
+    assert [r["decrypted_by"] for r in rows] == ["share_sums"] * 4
+    assert "clients ready" in (logs / "c2.log").read_text()
+
+
 # --- a hostile coordinator against one live site --------------------------------------
 
 
@@ -605,8 +686,12 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
             digest(cts),
             tuple(digest(x) for x in b_shares),
             statement["model_sha256"],
+            statement["job_sha256"],  # the job a declared, which b declared too
         )
     )
+    from fedray.federation.site import job_digest
+
+    assert statement["job_sha256"] == job_digest(compose(["federation=cross_org", *JOB]))
     statements = {
         uid: (bytes(body.contribution), bytes(body.contribution_signature)),
         ub: (b_signed.contribution.message(), b_signed.signature),
@@ -624,6 +709,18 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     # The coordinator alone would have one site's update opened: a sum of one site is not
     # signed, nor opened (below), by any site.
     refused("approve_request", approve_request([uid]), match="at least 2 sites")
+    # A site told another job by the coordinator (which can echo each site's own back)
+    # signs that job's digest into its update: site a sums nothing with it.
+    other_job = job_digest(compose(["federation=cross_org", *JOB, "lr=0.05"]))
+    assert other_job != statement["job_sha256"]
+    elsewhere = b_identity.sign(dataclasses.replace(b_signed.contribution, job_sha256=other_job))
+    ids = sorted([uid, ub])
+    moved = {ub: (elsewhere.contribution.message(), elsewhere.signature)}
+    refused(
+        "approve_request",
+        pb.ApproveRequest(round=1, update_ids=ids, contributions=signed_list(ids, moved)),
+        match="was made under another job than this site's",
+    )
     both = sorted([uid, ub])
     approval = peer.call("approve_request", approve_request(both), timeout=60).body
     assert approval.host == 0
@@ -637,7 +734,17 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     )
     refused("approve_request", approve_request(other), match="not signed by its host")
     b_again = b_identity.sign(
-        Contribution(key.fingerprint, 1, uc, 1, (4,), digest(cts), (), statement["model_sha256"])
+        Contribution(
+            key.fingerprint,
+            1,
+            uc,
+            1,
+            (4,),
+            digest(cts),
+            (),
+            statement["model_sha256"],
+            statement["job_sha256"],
+        )
     )
     statements[uc] = (b_again.contribution.message(), b_again.signature)
     refused("approve_request", approve_request(other), match="already approved a different sum")

@@ -2042,6 +2042,16 @@ MUTANTS = [
         "the batch check's random weights are 1 bit (a wrong claim passes half the time)",
         "batch_check",
     ),
+    Mutant(
+        "releases-not-resent-to-a-new-session",
+        "fedray/federation/coordinator.py",
+        "        since = last_round if last_peer is peer else 0",
+        "        since = last_round",
+        ("tests/test_cross_org.py",),
+        "a restarted site (its chain at round 0) is sent only the sums since its old "
+        "process last trained, and refuses the run's next model",
+        "killed_site",
+    ),
 ]
 
 
