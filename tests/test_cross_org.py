@@ -881,7 +881,6 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
         round=1,
         model_sha256=model_digest(weights),
         count=4,
-        plaintexts=blob.ref,
         attestations=[
             pb.Attestation(holder=2, signature=b_identity.sign_bytes(claim)),
             pb.Attestation(
@@ -889,7 +888,9 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
             ),
         ],
     )
-    request, blobs = _train_request(2, [0], weights, pems, releases=[release])
+    request, blobs = _train_request(
+        2, [0], weights, pems, releases=[release], release_plaintexts=blob.ref
+    )
     refused(
         "train_request",
         request,

@@ -363,9 +363,8 @@ def test_valid_messages_of_this_protocol_pass_the_schema():
     assert m.check_envelope(_share_sum_request()) == "share_sum_request"
     approval = pb.Approval(round=1, update_ids=["u1"], signature=SIG, host=2)
     assert m.check_envelope(_envelope(in_reply_to=2, approval=approval)) == "approval"
-    assert m.check_envelope(_train_request(releases=[_release(1), _release(2)])) == (
-        "train_request"
-    )
+    both = _train_request(releases=[_release(1), _release(2)], release_plaintexts=_ref("m"))
+    assert m.check_envelope(both) == "train_request"
     assert m.check_envelope(_share_sum_attest()) == "share_sum_request"
     reply = pb.ShareSumReply(round=1, holder_id="a", attestation=SIG)
     assert m.check_envelope(_envelope(in_reply_to=3, share_sum_reply=reply)) == "share_sum_reply"
@@ -376,7 +375,6 @@ def _release(round_num=1, **kw) -> pb.Release:
         round=round_num,
         model_sha256="ab" * 32,
         count=3,
-        plaintexts=_ref(f"m{round_num}"),
         attestations=[pb.Attestation(holder=h, signature=SIG) for h in (1, 2)],
     )
     fields.update(kw)
@@ -411,12 +409,23 @@ def _share_sum_attest(plaintexts=True, exponents=True) -> pb.Envelope:
 )
 def test_a_train_request_with_a_malformed_release_is_refused(release, reason):
     with pytest.raises(m.ProtocolError, match=re.escape(reason)):
-        m.check_envelope(_train_request(releases=[release]))
+        m.check_envelope(_train_request(releases=[release], release_plaintexts=_ref("m")))
 
 
 def test_a_train_request_with_two_releases_of_one_round_is_refused():
     with pytest.raises(m.ProtocolError, match="release of round 1"):
-        m.check_envelope(_train_request(releases=[_release(1), _release(1)]))
+        m.check_envelope(
+            _train_request(releases=[_release(1), _release(1)], release_plaintexts=_ref("m"))
+        )
+
+
+def test_release_plaintexts_come_with_releases_and_only_with_them():
+    for env in (
+        _train_request(releases=[_release(1)]),
+        _train_request(release_plaintexts=_ref("m")),
+    ):
+        with pytest.raises(m.ProtocolError, match="release plaintexts go with releases"):
+            m.check_envelope(env)
 
 
 def test_an_attest_request_carries_both_plaintexts_and_exponents_and_only_it_does():

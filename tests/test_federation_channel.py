@@ -1141,3 +1141,31 @@ def test_the_ca_file_must_be_the_manifests(fed, other_fed, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(raw))
     with pytest.raises(ch.FederationError, match="ca_sha256"):
         ch.Manifest.load(tmp_path / "m.json")
+
+
+@pytest.mark.parametrize(
+    ("field", "first", "second"),
+    [
+        ("signing_key", "a", "b"),
+        ("signing_key", "coordinator", "a"),
+        ("cert_sha256", "b", "c"),
+    ],
+)
+def test_a_manifest_giving_two_parties_one_key_or_certificate_is_refused(
+    fed, tmp_path, field, first, second
+):
+    """A signing key listed for two parties would approve, attest and contribute as both,
+    counting twice towards a threshold (review of 2026-12-04): refused on load, naming
+    both parties."""
+    raw = json.loads((fed / "federation.json").read_text())
+
+    def entry(pid):
+        return raw["coordinator"] if pid == "coordinator" else raw["sites"][pid]
+
+    entry(second)[field] = entry(first)[field]
+    path = tmp_path / "federation.json"
+    path.write_text(json.dumps(raw))
+    names = {"coordinator": COORD}
+    with pytest.raises(ch.FederationError, match=f"have the same {field}") as err:
+        ch.Manifest.load(path)
+    assert names.get(first, first) in str(err.value) and names.get(second, second) in str(err.value)

@@ -117,6 +117,10 @@ def test_the_batch_check_refuses_every_wrong_claim_whatever_the_exponents(opened
         assert not any(opens_product(key, product, claim, exponents) for _ in range(40))
     moved = [exponents[0] + 1, *exponents[1:]]
     assert not any(opens_product(key, product, plaintexts, moved) for _ in range(40))
+    # The check is sound mod n only: a claim must be the plaintext itself, in [0, n)
+    for claim in ([plaintexts[0] + n, *plaintexts[1:]], [plaintexts[0] - n, *plaintexts[1:]]):
+        assert not opens_product(key, product, claim, exponents)
+    assert not opens_product(key, product, plaintexts, [-1, *exponents[1:]])
     # With 1-bit weights the same compensating claim passes about half the time: the
     # weights' length is the check's whole strength.
     two = wrong[2]
@@ -325,3 +329,38 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
     with pytest.raises(LineageError, match="round 1: sum check failed: the summed weight 0"):
         lineage.check(2, W0, [Release(1, model, 6, data, sigs)])
     assert lineage.round == 0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_a_refused_sum_leaves_the_hosts_strategy_state_as_it_was(threshold_key):
+    """FedAvgM keeps a momentum: a host that refuses an attested sum whose step overflows
+    (colluding clients' out-of-range values, attested as the true opening) must not keep
+    the momentum that step made, or the next, honest model would fail its check (found by
+    the review of 2026-12-04). The layout here decodes to the overflowing total directly:
+    the crafted ciphertexts behind it are the weight-zero test's."""
+    import types
+
+    key, _ = threshold_key
+    cfg = compose([*SMALL_KEY, "strategy=fedavgm"])
+    overflowing = np.full(8, 1e38, dtype=np.float64)
+
+    class Decodes:
+        codec = types.SimpleNamespace(max_summands=10)
+
+        def decode_sum(self, plaintexts, count):
+            return overflowing, {"weight": 1e-3}
+
+    signers = {j: HostIdentity() for j in (1, 2)}
+    lineage = Lineage(cfg, key, Decodes(), {j: s.public_bytes() for j, s in signers.items()}, W0)
+    before = {k: np.array(v, copy=True) for k, v in lineage.strategy.state_dict().items()}
+    data = ints_to_bytes([1, 2], plaintext_width(key.public.n))
+    message = release_message(key.fingerprint, 1, model_digest(W0), 2, digest(data))
+    release = Release(
+        1, model_digest(W0), 2, data, {j: s.sign_bytes(message) for j, s in signers.items()}
+    )
+    with pytest.raises(LineageError, match="not finite"):
+        lineage.advance(release)
+    after = lineage.strategy.state_dict()
+    assert lineage.round == 0 and sorted(after) == sorted(before)
+    for k in before:
+        assert np.array_equal(np.asarray(after[k]), before[k]), k

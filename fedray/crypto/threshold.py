@@ -313,11 +313,21 @@ def opens_product(
     ``2^bits < n`` does that (unless the claimant knows a factor of n, i.e. the key is
     broken), so a wrong claim passes with probability at most ``2^-bits`` whatever the
     ``X'_i``. It vouches for the plaintexts only, not that ``X_i`` is the true
-    randomness (the attestation is about the plaintexts)."""
+    randomness (the attestation is about the plaintexts). Claims outside ``[0, n)`` and
+    exponents outside ``[0, len << exponent_bits)`` are refused here (the check is sound
+    mod n only). ``hs`` must be an n-th residue, as the dealer made it (the key's
+    fingerprint and the dealer's signature bind it)."""
     if not len(products) == len(plaintexts) == len(exponents) or not products:
         return False
     n = gmpy2.mpz(key.n)
     n2 = n * n
+    # sound mod n only: a claim must name the plaintext itself; X is bounded (loosely: the
+    # holder checks the bound of its own sum) so the power of hs stays small
+    bound = len(products) << key.exponent_bits
+    if not all(0 <= int(m) < n for m in plaintexts) or not all(
+        0 <= int(x) < bound for x in exponents
+    ):
+        return False
     coeffs = [secrets.randbits(bits) for _ in products]
     m = sum(r * int(p) for r, p in zip(coeffs, plaintexts, strict=True)) % n
     x = sum(r * int(e) for r, e in zip(coeffs, exponents, strict=True))

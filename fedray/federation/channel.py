@@ -146,6 +146,19 @@ class Manifest:
             raise FederationError(f"federation manifest {path}: {exc}") from None
         if manifest.coordinator.id in sites:
             raise FederationError(f"federation manifest {path}: the coordinator is also a site")
+        # One key and one certificate per party: a key listed twice would sign (approve,
+        # attest, contribute) as two parties and count twice towards a threshold.
+        parties = [manifest.coordinator, *sites.values()]
+        for what in ("signing_key", "cert_sha256"):
+            owners: dict[object, str] = {}
+            for party in parties:
+                value = getattr(party, what)
+                if value in owners:
+                    raise FederationError(
+                        f"federation manifest {path}: {owners[value]} and {party.id} have the "
+                        f"same {what} (each party needs its own)"
+                    )
+                owners[value] = party.id
         return manifest
 
     def keys(self) -> dict[str, bytes]:

@@ -180,7 +180,7 @@ class FederationHub:
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
         peer = self._peer(index)
-        releases, release_blobs = self._releases(index, peer, task.releases)
+        releases, plaintexts = self._releases(index, peer, task.releases)
         request = pb.TrainRequest(
             round=int(task.round),
             task_id=self.cfg.federation.task_id,
@@ -192,8 +192,12 @@ class FederationHub:
             site_certificates=self.coord.certificates(),
             releases=releases,
         )
+        blobs = [blob]
+        if plaintexts is not None:
+            request.release_plaintexts.CopyFrom(plaintexts.ref)
+            blobs.append(plaintexts)
         try:
-            reply = peer.call("train_request", request, [blob, *release_blobs], self._timeout())
+            reply = peer.call("train_request", request, blobs, self._timeout())
         except ch.PeerRefused as exc:
             reason = str(exc).split(": ", 1)[-1]
             if reason.startswith(MODEL_REFUSAL):
@@ -267,7 +271,7 @@ class FederationHub:
         carrier.encrypt_seconds = float(body.encrypt_seconds)
         return results
 
-    def _releases(self, index: int, peer: Any, releases: Any) -> tuple[list, list]:
+    def _releases(self, index: int, peer: Any, releases: Any) -> tuple[list, Any]:
         """The attested opened sums site ``index`` has not seen in this session (those
         from the last round it trained on), as a train request carries them, and their
         plaintext blobs."""
@@ -282,27 +286,26 @@ class FederationHub:
             releases = ray.get(releases)
         last_peer, last_round = self._trained.get(index, (None, 0))
         since = last_round if last_peer is peer else 0
-        out, blobs = [], []
+        out, data = [], []
         for release in sorted(releases or [], key=lambda r: r.round):
             if release.round < since:
                 continue
-            blob = ch.OutgoingBlob.from_array(
-                f"m{release.round}", np.frombuffer(release.plaintexts, dtype=np.uint8)
-            )
-            blobs.append(blob)
+            data.append(bytes(release.plaintexts))
             out.append(
                 pb.Release(
                     round=int(release.round),
                     model_sha256=release.model_sha256,
                     count=int(release.count),
-                    plaintexts=blob.ref,
                     attestations=[
                         pb.Attestation(holder=int(j), signature=bytes(sig))
                         for j, sig in sorted(release.attestations.items())
                     ],
                 )
             )
-        return out, blobs
+        if not out:
+            return out, None
+        # one blob for all of them (a message carries at most 64 blobs)
+        return out, ch.OutgoingBlob.from_array("m", np.frombuffer(b"".join(data), np.uint8))
 
     def approve(self, index: int, round_num: int, update_ids: list[str]) -> bytes:
         from fedray.federation import federation_pb2 as pb

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedray/federation/federation.proto\x12\x14\x66\x65\x64ray.federation.v1\"q\n\x05\x46rame\x12.\n\x06signed\x18\x01 \x01(\x0b\x32\x1c.fedray.federation.v1.SignedH\x00\x12\x30\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1f.fedray.federation.v1.BlobChunkH\x00\x42\x06\n\x04kind\"-\n\x06Signed\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xf8\x05\n\x08\x45nvelope\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0f\n\x07session\x18\x04 \x01(\x0c\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\x04\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\x04\x12,\n\x05hello\x18\n \x01(\x0b\x32\x1b.fedray.federation.v1.HelloH\x00\x12\x30\n\x07welcome\x18\x0b \x01(\x0b\x32\x1d.fedray.federation.v1.WelcomeH\x00\x12;\n\rtrain_request\x18\x0c \x01(\x0b\x32\".fedray.federation.v1.TrainRequestH\x00\x12\x37\n\x0btrain_reply\x18\r \x01(\x0b\x32 .fedray.federation.v1.TrainReplyH\x00\x12?\n\x0f\x61pprove_request\x18\x0e \x01(\x0b\x32$.fedray.federation.v1.ApproveRequestH\x00\x12\x32\n\x08\x61pproval\x18\x0f \x01(\x0b\x32\x1e.fedray.federation.v1.ApprovalH\x00\x12\x42\n\x11share_sum_request\x18\x10 \x01(\x0b\x32%.fedray.federation.v1.ShareSumRequestH\x00\x12>\n\x0fshare_sum_reply\x18\x11 \x01(\x0b\x32#.fedray.federation.v1.ShareSumReplyH\x00\x12\x30\n\x07refusal\x18\x12 \x01(\x0b\x32\x1d.fedray.federation.v1.RefusalH\x00\x12=\n\x0b\x62lob_header\x18\x13 \x01(\x0b\x32&.fedray.federation.v1.SignedBlobHeaderH\x00\x12(\n\x03\x62ye\x18\x14 \x01(\x0b\x32\x19.fedray.federation.v1.ByeH\x00\x42\x06\n\x04\x62ody\"j\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1a\n\x12policy_fingerprint\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0b\n\x03job\x18\x05 \x01(\x0c\"s\n\x07Welcome\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1a\n\x12policy_fingerprint\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0b\n\x03job\x18\x05 \x01(\x0c\"8\n\x07\x42lobRef\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"4\n\x06Number\x12\x0e\n\x04real\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x42\x07\n\x05value\"\x91\x04\n\x0cTrainRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0ctask_version\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\x0c\x12P\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32\x37.fedray.federation.v1.TrainRequest.HyperparametersEntry\x12\x35\n\x0eglobal_weights\x18\x06 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x12\n\nclient_ids\x18\x07 \x03(\x12\x12S\n\x11site_certificates\x18\x08 \x03(\x0b\x32\x38.fedray.federation.v1.TrainRequest.SiteCertificatesEntry\x12/\n\x08releases\x18\t \x03(\x0b\x32\x1d.fedray.federation.v1.Release\x1aT\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.fedray.federation.v1.Number:\x02\x38\x01\x1a\x37\n\x15SiteCertificatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xa9\x01\n\x07Release\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x31\n\nplaintexts\x18\x04 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x37\n\x0c\x61ttestations\x18\x05 \x03(\x0b\x32!.fedray.federation.v1.Attestation\"0\n\x0b\x41ttestation\x12\x0e\n\x06holder\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"2\n\rClientFailure\x12\x11\n\tclient_id\x18\x01 \x01(\x12\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb9\x02\n\nTrainReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupdate_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x0c\x12\x1e\n\x16\x63ontribution_signature\x18\x04 \x01(\x0c\x12\x32\n\x0b\x63iphertexts\x18\x05 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x35\n\x08\x66\x61ilures\x18\x06 \x03(\x0b\x32#.fedray.federation.v1.ClientFailure\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x65ncrypt_seconds\x18\x08 \x01(\x01\x12\x38\n\rsealed_shares\x18\t \x03(\x0b\x32!.fedray.federation.v1.SealedShare\"\x88\x01\n\x0bSealedShare\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\r\x12\x18\n\x10\x65phemeral_public\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12-\n\x06sealed\x18\x05 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\"7\n\x0fSignedStatement\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"q\n\x0e\x41pproveRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12<\n\rcontributions\x18\x03 \x03(\x0b\x32%.fedray.federation.v1.SignedStatement\"N\n\x08\x41pproval\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0c\n\x04host\x18\x04 \x01(\r\"\xae\x03\n\x0fShareSumRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12\x31\n\tapprovals\x18\x03 \x03(\x0b\x32\x1e.fedray.federation.v1.Approval\x12<\n\rcontributions\x18\x05 \x03(\x0b\x32%.fedray.federation.v1.SignedStatement\x12\x32\n\x0b\x63iphertexts\x18\x06 \x03(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12.\n\x07opening\x18\x07 \x01(\x0e\x32\x1d.fedray.federation.v1.Opening\x12\x38\n\rsealed_shares\x18\x08 \x03(\x0b\x32!.fedray.federation.v1.SealedShare\x12\x31\n\nplaintexts\x18\t \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x30\n\texponents\x18\n \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefJ\x04\x08\x04\x10\x05\"\xcc\x01\n\rShareSumReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tholder_id\x18\x02 \x01(\t\x12;\n\x12partial_decryption\x18\x03 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefH\x00\x12;\n\x12\x65xponent_share_sum\x18\x04 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefH\x00\x12\x15\n\x0b\x61ttestation\x18\x05 \x01(\x0cH\x00\x42\x08\n\x06\x61nswer\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x15\n\x03\x42ye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc7\x01\n\nBlobHeader\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12,\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.fedray.federation.v1.BlobKind\x12*\n\x05\x64type\x18\x05 \x01(\x0e\x32\x1b.fedray.federation.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0c\n\x04name\x18\x08 \x01(\t\"E\n\x10SignedBlobHeader\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\"J\n\tBlobChunk\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c*T\n\x07Opening\x12\x1e\n\x1aOPENING_PARTIAL_DECRYPTION\x10\x00\x12\x15\n\x11OPENING_SHARE_SUM\x10\x01\x12\x12\n\x0eOPENING_ATTEST\x10\x02*U\n\x08\x42lobKind\x12\x19\n\x15\x42LOB_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOB_KIND_ARRAY\x10\x01\x12\x19\n\x15\x42LOB_KIND_CIPHERTEXTS\x10\x02*\x94\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F16\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F64\x10\x03\x12\x0c\n\x08\x44TYPE_I8\x10\x04\x12\r\n\tDTYPE_I16\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I64\x10\x07\x12\x0c\n\x08\x44TYPE_U8\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedray/federation/federation.proto\x12\x14\x66\x65\x64ray.federation.v1\"q\n\x05\x46rame\x12.\n\x06signed\x18\x01 \x01(\x0b\x32\x1c.fedray.federation.v1.SignedH\x00\x12\x30\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1f.fedray.federation.v1.BlobChunkH\x00\x42\x06\n\x04kind\"-\n\x06Signed\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xf8\x05\n\x08\x45nvelope\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0f\n\x07session\x18\x04 \x01(\x0c\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\x04\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\x04\x12,\n\x05hello\x18\n \x01(\x0b\x32\x1b.fedray.federation.v1.HelloH\x00\x12\x30\n\x07welcome\x18\x0b \x01(\x0b\x32\x1d.fedray.federation.v1.WelcomeH\x00\x12;\n\rtrain_request\x18\x0c \x01(\x0b\x32\".fedray.federation.v1.TrainRequestH\x00\x12\x37\n\x0btrain_reply\x18\r \x01(\x0b\x32 .fedray.federation.v1.TrainReplyH\x00\x12?\n\x0f\x61pprove_request\x18\x0e \x01(\x0b\x32$.fedray.federation.v1.ApproveRequestH\x00\x12\x32\n\x08\x61pproval\x18\x0f \x01(\x0b\x32\x1e.fedray.federation.v1.ApprovalH\x00\x12\x42\n\x11share_sum_request\x18\x10 \x01(\x0b\x32%.fedray.federation.v1.ShareSumRequestH\x00\x12>\n\x0fshare_sum_reply\x18\x11 \x01(\x0b\x32#.fedray.federation.v1.ShareSumReplyH\x00\x12\x30\n\x07refusal\x18\x12 \x01(\x0b\x32\x1d.fedray.federation.v1.RefusalH\x00\x12=\n\x0b\x62lob_header\x18\x13 \x01(\x0b\x32&.fedray.federation.v1.SignedBlobHeaderH\x00\x12(\n\x03\x62ye\x18\x14 \x01(\x0b\x32\x19.fedray.federation.v1.ByeH\x00\x42\x06\n\x04\x62ody\"j\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1a\n\x12policy_fingerprint\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0b\n\x03job\x18\x05 \x01(\x0c\"s\n\x07Welcome\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1a\n\x12policy_fingerprint\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0b\n\x03job\x18\x05 \x01(\x0c\"8\n\x07\x42lobRef\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"4\n\x06Number\x12\x0e\n\x04real\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x42\x07\n\x05value\"\xcc\x04\n\x0cTrainRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0ctask_version\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\x0c\x12P\n\x0fhyperparameters\x18\x05 \x03(\x0b\x32\x37.fedray.federation.v1.TrainRequest.HyperparametersEntry\x12\x35\n\x0eglobal_weights\x18\x06 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x12\n\nclient_ids\x18\x07 \x03(\x12\x12S\n\x11site_certificates\x18\x08 \x03(\x0b\x32\x38.fedray.federation.v1.TrainRequest.SiteCertificatesEntry\x12/\n\x08releases\x18\t \x03(\x0b\x32\x1d.fedray.federation.v1.Release\x12\x39\n\x12release_plaintexts\x18\n \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x1aT\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.fedray.federation.v1.Number:\x02\x38\x01\x1a\x37\n\x15SiteCertificatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"|\n\x07Release\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x37\n\x0c\x61ttestations\x18\x05 \x03(\x0b\x32!.fedray.federation.v1.AttestationJ\x04\x08\x04\x10\x05\"0\n\x0b\x41ttestation\x12\x0e\n\x06holder\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"2\n\rClientFailure\x12\x11\n\tclient_id\x18\x01 \x01(\x12\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb9\x02\n\nTrainReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupdate_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x0c\x12\x1e\n\x16\x63ontribution_signature\x18\x04 \x01(\x0c\x12\x32\n\x0b\x63iphertexts\x18\x05 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x35\n\x08\x66\x61ilures\x18\x06 \x03(\x0b\x32#.fedray.federation.v1.ClientFailure\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x65ncrypt_seconds\x18\x08 \x01(\x01\x12\x38\n\rsealed_shares\x18\t \x03(\x0b\x32!.fedray.federation.v1.SealedShare\"\x88\x01\n\x0bSealedShare\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\r\x12\x18\n\x10\x65phemeral_public\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12-\n\x06sealed\x18\x05 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\"7\n\x0fSignedStatement\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"q\n\x0e\x41pproveRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12<\n\rcontributions\x18\x03 \x03(\x0b\x32%.fedray.federation.v1.SignedStatement\"N\n\x08\x41pproval\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0c\n\x04host\x18\x04 \x01(\r\"\xae\x03\n\x0fShareSumRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\nupdate_ids\x18\x02 \x03(\t\x12\x31\n\tapprovals\x18\x03 \x03(\x0b\x32\x1e.fedray.federation.v1.Approval\x12<\n\rcontributions\x18\x05 \x03(\x0b\x32%.fedray.federation.v1.SignedStatement\x12\x32\n\x0b\x63iphertexts\x18\x06 \x03(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12.\n\x07opening\x18\x07 \x01(\x0e\x32\x1d.fedray.federation.v1.Opening\x12\x38\n\rsealed_shares\x18\x08 \x03(\x0b\x32!.fedray.federation.v1.SealedShare\x12\x31\n\nplaintexts\x18\t \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRef\x12\x30\n\texponents\x18\n \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefJ\x04\x08\x04\x10\x05\"\xcc\x01\n\rShareSumReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tholder_id\x18\x02 \x01(\t\x12;\n\x12partial_decryption\x18\x03 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefH\x00\x12;\n\x12\x65xponent_share_sum\x18\x04 \x01(\x0b\x32\x1d.fedray.federation.v1.BlobRefH\x00\x12\x15\n\x0b\x61ttestation\x18\x05 \x01(\x0cH\x00\x42\x08\n\x06\x61nswer\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x15\n\x03\x42ye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc7\x01\n\nBlobHeader\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12,\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.fedray.federation.v1.BlobKind\x12*\n\x05\x64type\x18\x05 \x01(\x0e\x32\x1b.fedray.federation.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0c\n\x04name\x18\x08 \x01(\t\"E\n\x10SignedBlobHeader\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\"J\n\tBlobChunk\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c*T\n\x07Opening\x12\x1e\n\x1aOPENING_PARTIAL_DECRYPTION\x10\x00\x12\x15\n\x11OPENING_SHARE_SUM\x10\x01\x12\x12\n\x0eOPENING_ATTEST\x10\x02*U\n\x08\x42lobKind\x12\x19\n\x15\x42LOB_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOB_KIND_ARRAY\x10\x01\x12\x19\n\x15\x42LOB_KIND_CIPHERTEXTS\x10\x02*\x94\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F16\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F64\x10\x03\x12\x0c\n\x08\x44TYPE_I8\x10\x04\x12\r\n\tDTYPE_I16\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I64\x10\x07\x12\x0c\n\x08\x44TYPE_U8\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._loaded_options = None
   _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._serialized_options = b'8\001'
-  _globals['_OPENING']._serialized_start=3874
-  _globals['_OPENING']._serialized_end=3958
-  _globals['_BLOBKIND']._serialized_start=3960
-  _globals['_BLOBKIND']._serialized_end=4045
-  _globals['_DTYPE']._serialized_start=4048
-  _globals['_DTYPE']._serialized_end=4196
+  _globals['_OPENING']._serialized_start=3887
+  _globals['_OPENING']._serialized_end=3971
+  _globals['_BLOBKIND']._serialized_start=3973
+  _globals['_BLOBKIND']._serialized_end=4058
+  _globals['_DTYPE']._serialized_start=4061
+  _globals['_DTYPE']._serialized_end=4209
   _globals['_FRAME']._serialized_start=60
   _globals['_FRAME']._serialized_end=173
   _globals['_SIGNED']._serialized_start=175
@@ -56,39 +56,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NUMBER']._serialized_start=1268
   _globals['_NUMBER']._serialized_end=1320
   _globals['_TRAINREQUEST']._serialized_start=1323
-  _globals['_TRAINREQUEST']._serialized_end=1852
-  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_start=1711
-  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_end=1795
-  _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._serialized_start=1797
-  _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._serialized_end=1852
-  _globals['_RELEASE']._serialized_start=1855
-  _globals['_RELEASE']._serialized_end=2024
-  _globals['_ATTESTATION']._serialized_start=2026
-  _globals['_ATTESTATION']._serialized_end=2074
-  _globals['_CLIENTFAILURE']._serialized_start=2076
-  _globals['_CLIENTFAILURE']._serialized_end=2126
-  _globals['_TRAINREPLY']._serialized_start=2129
-  _globals['_TRAINREPLY']._serialized_end=2442
-  _globals['_SEALEDSHARE']._serialized_start=2445
-  _globals['_SEALEDSHARE']._serialized_end=2581
-  _globals['_SIGNEDSTATEMENT']._serialized_start=2583
-  _globals['_SIGNEDSTATEMENT']._serialized_end=2638
-  _globals['_APPROVEREQUEST']._serialized_start=2640
-  _globals['_APPROVEREQUEST']._serialized_end=2753
-  _globals['_APPROVAL']._serialized_start=2755
-  _globals['_APPROVAL']._serialized_end=2833
-  _globals['_SHARESUMREQUEST']._serialized_start=2836
-  _globals['_SHARESUMREQUEST']._serialized_end=3266
-  _globals['_SHARESUMREPLY']._serialized_start=3269
-  _globals['_SHARESUMREPLY']._serialized_end=3473
-  _globals['_REFUSAL']._serialized_start=3475
-  _globals['_REFUSAL']._serialized_end=3500
-  _globals['_BYE']._serialized_start=3502
-  _globals['_BYE']._serialized_end=3523
-  _globals['_BLOBHEADER']._serialized_start=3526
-  _globals['_BLOBHEADER']._serialized_end=3725
-  _globals['_SIGNEDBLOBHEADER']._serialized_start=3727
-  _globals['_SIGNEDBLOBHEADER']._serialized_end=3796
-  _globals['_BLOBCHUNK']._serialized_start=3798
-  _globals['_BLOBCHUNK']._serialized_end=3872
+  _globals['_TRAINREQUEST']._serialized_end=1911
+  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_start=1770
+  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_end=1854
+  _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._serialized_start=1856
+  _globals['_TRAINREQUEST_SITECERTIFICATESENTRY']._serialized_end=1911
+  _globals['_RELEASE']._serialized_start=1913
+  _globals['_RELEASE']._serialized_end=2037
+  _globals['_ATTESTATION']._serialized_start=2039
+  _globals['_ATTESTATION']._serialized_end=2087
+  _globals['_CLIENTFAILURE']._serialized_start=2089
+  _globals['_CLIENTFAILURE']._serialized_end=2139
+  _globals['_TRAINREPLY']._serialized_start=2142
+  _globals['_TRAINREPLY']._serialized_end=2455
+  _globals['_SEALEDSHARE']._serialized_start=2458
+  _globals['_SEALEDSHARE']._serialized_end=2594
+  _globals['_SIGNEDSTATEMENT']._serialized_start=2596
+  _globals['_SIGNEDSTATEMENT']._serialized_end=2651
+  _globals['_APPROVEREQUEST']._serialized_start=2653
+  _globals['_APPROVEREQUEST']._serialized_end=2766
+  _globals['_APPROVAL']._serialized_start=2768
+  _globals['_APPROVAL']._serialized_end=2846
+  _globals['_SHARESUMREQUEST']._serialized_start=2849
+  _globals['_SHARESUMREQUEST']._serialized_end=3279
+  _globals['_SHARESUMREPLY']._serialized_start=3282
+  _globals['_SHARESUMREPLY']._serialized_end=3486
+  _globals['_REFUSAL']._serialized_start=3488
+  _globals['_REFUSAL']._serialized_end=3513
+  _globals['_BYE']._serialized_start=3515
+  _globals['_BYE']._serialized_end=3536
+  _globals['_BLOBHEADER']._serialized_start=3539
+  _globals['_BLOBHEADER']._serialized_end=3738
+  _globals['_SIGNEDBLOBHEADER']._serialized_start=3740
+  _globals['_SIGNEDBLOBHEADER']._serialized_end=3809
+  _globals['_BLOBCHUNK']._serialized_start=3811
+  _globals['_BLOBCHUNK']._serialized_end=3885
 # @@protoc_insertion_point(module_scope)

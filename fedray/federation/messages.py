@@ -238,7 +238,6 @@ def _check_releases(releases) -> None:
         rounds.add(release.round)
         if not _HEX64.fullmatch(release.model_sha256):
             _fail("train request: a release's model digest is not 64 hex digits")
-        _check_ref(release.plaintexts, "release plaintexts")
         _check_count(release.attestations, MAX_LIST_ITEMS, "release attestations")
         holders = set()
         for attestation in release.attestations:
@@ -307,6 +306,10 @@ def check_body(env: pb.Envelope) -> str:
             if not 0 < len(pem) <= MAX_CERTIFICATE_BYTES:
                 _fail(f"site {site}'s certificate is empty or over {MAX_CERTIFICATE_BYTES} bytes")
         _check_releases(body.releases)
+        if bool(body.releases) != body.HasField("release_plaintexts"):
+            _fail("train request: release plaintexts go with releases, and only with them")
+        if body.releases:
+            _check_ref(body.release_plaintexts, "release plaintexts")
     elif kind == "train_reply":
         check_id(body.update_id, "update id")
         _check_statement(body.contribution)

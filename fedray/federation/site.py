@@ -543,7 +543,7 @@ class SiteAgent:
             manifest=paths.manifest_obj,
             signing_key=paths.signing_key,
             handler=self.handle,
-            max_blob_bytes=max(256 << 20, 4 * self._update_bytes()),
+            max_blob_bytes=self._receive_cap(),
             job=agreed_job(self.cfg),
         )
         self.channel.run(max_wait_s=max_wait_s)
@@ -558,6 +558,23 @@ class SiteAgent:
 
     def _update_bytes(self) -> int:
         return 2 * self.num_values * 8 + (1 << 20)
+
+    def _receive_cap(self) -> int:
+        """The most blob bytes one request may bring: the global weights with every
+        attested sum of the run (a rejoining site is sent them all at once), or a whole
+        sum's uploads with the claimed opening (an attest request), whichever is more."""
+        from fedray.runtime.lineage import plaintext_width
+
+        cts, sites = self.num_ciphertexts, len(self.paths.sites)
+        opened = cts * plaintext_width(self.key.public.n)
+        uploads = sites * cts * self.key.public.ciphertext_bytes
+        exponents = cts * (self.key.exponent_bits // 8 + 8)
+        return max(
+            256 << 20,
+            4 * self._update_bytes(),
+            self._update_bytes() + self.cfg.rounds * opened,
+            uploads + opened + exponents,
+        ) + (1 << 20)
 
     # -- the requests ---------------------------------------------------------------------
     def handle(self, msg: ch.Message) -> tuple:
@@ -698,15 +715,19 @@ class SiteAgent:
         from fedray.runtime.lineage import plaintext_width
 
         size = self.num_ciphertexts * plaintext_width(self.key.public.n)
+        body = msg.body
+        data = bytes(
+            msg.blob(body.release_plaintexts).array(np.uint8, (len(body.releases) * size,))
+        )
         return [
             Release(
                 int(r.round),
                 str(r.model_sha256),
                 int(r.count),
-                bytes(msg.blob(r.plaintexts).array(np.uint8, (size,))),
+                data[k * size : (k + 1) * size],
                 {int(a.holder): bytes(a.signature) for a in r.attestations},
             )
-            for r in msg.body.releases
+            for k, r in enumerate(body.releases)
         ]
 
     def _recipients(self, round_num: int, body) -> dict[int, tuple[str, bytes, str]]:

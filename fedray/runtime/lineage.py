@@ -35,6 +35,7 @@ partial decryptions (no proof of a partial's correctness yet).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -216,8 +217,12 @@ class Lineage:
                 f"round {r}: sum check failed: the summed weight {stats['weight']:g} is not "
                 "positive"
             )
+        # The step moves the strategy's state (momentum, Adam moments): on a refused sum it
+        # goes back, so a crafted release cannot leave its mark on a later check.
+        saved = copy.deepcopy(self.strategy.state_dict())
         weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
         if not np.all(np.isfinite(weights)):
+            self.strategy.load_state_dict(saved)
             raise LineageError(f"round {r}: sum check failed: the next model is not finite")
         self.weights = weights
         self.round = r

@@ -2053,6 +2053,25 @@ MUTANTS = [
         "process last trained, and refuses the run's next model",
         "killed_site",
     ),
+    # The review of 2026-12-04 (fourth stop)
+    Mutant(
+        "lineage-refusal-keeps-strategy-state",
+        "fedray/runtime/lineage.py",
+        "            self.strategy.load_state_dict(saved)\n",
+        "",
+        ("tests/test_lineage.py",),
+        "a host that refuses a sum keeps the momentum its step made",
+        "strategy_state",
+    ),
+    Mutant(
+        "batch-check-claims-mod-n",
+        "fedray/crypto/threshold.py",
+        "    if not all(0 <= int(m) < n for m in plaintexts) or not all(",
+        "    if not all(True for m in plaintexts) or not all(",
+        ("tests/test_lineage.py",),
+        "the batch check takes a claim off by a multiple of n (sound mod n only)",
+        "batch_check",
+    ),
 ]
 
 
