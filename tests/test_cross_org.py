@@ -62,6 +62,9 @@ def _start_site(w: Path, site: str, port: int, log: Path, extra=()) -> subproces
     env = {**os.environ, "HOME": str(log.parent / f"home_{site}")}
     Path(env["HOME"]).mkdir(exist_ok=True)
     args = [*JOB, *_files(w), f"federation.party={site}", f"federation.connect=127.0.0.1:{port}"]
+    # each test's run is a new run of the job under the module's key: its own record of
+    # the rounds each site took part in (a restarted site in one test keeps its own)
+    args.append(f"federation.state={log.parent / f'{site}.rounds.json'}")
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedray.site", "ray.num_cpus=1", *args, *extra],

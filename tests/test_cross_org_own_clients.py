@@ -34,7 +34,7 @@ def federation(tmp_path, monkeypatch):
     from fedray.federation import channel as ch
     from fedray.federation import federation_pb2 as pb
     from fedray.federation import messages as m
-    from fedray.federation.site import SiteAgent
+    from fedray.federation.site import RoundRecord, SiteAgent
     from fedray.runtime.keys import CohortApprover, Contribution, HostIdentity, KeyHolder, digest
     from fedray.tools import certs
     from tests.test_site_policy import make_policy
@@ -93,6 +93,7 @@ def federation(tmp_path, monkeypatch):
     )
     agent = SiteAgent.__new__(SiteAgent)
     agent.job_sha256 = ""  # what the contributions below declare (none)
+    agent.rounds = RoundRecord(tmp_path / "a.rounds.json", key.fingerprint, "")
     agent.cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=None))
     agent.policy, agent.key, agent.index, agent.site_id = policy, key, 0, "a"
     agent.paths = types.SimpleNamespace(manifest_obj=manifest, sites=sites)

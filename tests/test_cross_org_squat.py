@@ -29,7 +29,7 @@ def test_a_squatted_update_id_is_refused_when_the_real_sum_comes(tmp_path, monke
     from fedray.federation import federation_pb2 as pb
     from fedray.federation import messages as m
     from fedray.federation.shares import ShareContext, manifest_sha256, recipient_key, seal_share
-    from fedray.federation.site import SiteAgent
+    from fedray.federation.site import RoundRecord, SiteAgent
     from fedray.runtime.keys import CohortApprover, Contribution, HostIdentity, KeyHolder, digest
     from fedray.tools import certs
     from fedray.tools.keys import _site_private_key
@@ -86,6 +86,7 @@ def test_a_squatted_update_id_is_refused_when_the_real_sum_comes(tmp_path, monke
     cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=1))
     agent = SiteAgent.__new__(SiteAgent)
     agent.job_sha256 = ""  # what the contributions below declare (none)
+    agent.rounds = RoundRecord(tmp / "a.rounds.json", key.fingerprint, "")
     agent.cfg = cfg
     agent.policy = None
     agent.key = key

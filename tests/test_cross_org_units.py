@@ -1276,3 +1276,50 @@ def test_a_holder_takes_contributions_of_its_own_sites_job_only(share_fed):
             holder.deposit(other, blobs[1])
     same = a_host.sign(dataclasses.replace(signed.contribution, job_sha256=ours))
     assert holder.deposit(same, blobs[1]) is True
+
+
+def test_a_site_records_the_rounds_it_took_part_in_and_never_takes_one_twice(tmp_path):
+    """The durable record behind a restarted site (review of 2026-12-04): rounds an
+    earlier process of this job under this key took part in are refused, in one line
+    naming the file; another job or key starts its own count; a record that is not
+    readable, or a place that cannot be written, stops the site at start."""
+    import threading
+
+    from fedray.federation import channel as ch
+    from fedray.federation.site import RoundRecord, SiteAgent
+
+    path = tmp_path / "state" / "a.rounds.json"
+    first = RoundRecord(path, "key1", "job1")
+    assert first.floor == 0
+    for r in (1, 2, 2, 3):  # a retry of a round in the same process is the same round
+        first.take_part(r, "trains")
+    again = RoundRecord(path, "key1", "job1")  # the site restarted (or the job runs again)
+    assert again.floor == 3
+    for r in (1, 3):
+        with pytest.raises(ch.Refused, match=f"round {r}: this site took part in rounds up to 3"):
+            again.take_part(r, "trains")
+    again.take_part(4, "helps open")
+    assert RoundRecord(path, "key1", "job1").floor == 4
+    assert RoundRecord(path, "key1", "job2").floor == 0  # another job: its own rounds
+    assert RoundRecord(path, "key2", "job1").floor == 0
+
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a record of rounds"):
+        RoundRecord(path, "key1", "job1")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        RoundRecord(blocked / "a.rounds.json", "key1", "job1")
+
+    # The agent refuses a train request of such a round before anything happens
+    agent = SiteAgent.__new__(SiteAgent)
+    agent.cfg = compose(SITE)
+    agent.client_ids, agent.policy, agent._lock = [0, 1], None, threading.Lock()
+    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1", "job1")
+    agent.rounds.take_part(5, "trains")
+    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1", "job1")
+    env = _train_request(round=5, client_ids=[0])
+    body = env.train_request
+    with pytest.raises(ch.Refused, match="round 5: this site took part in rounds up to 5"):
+        agent.handle(ch.Message(m.check_envelope(env), body, env, {}))  # no host, holder or
+        # channel here: had the check not refused first, handle would have failed otherwise

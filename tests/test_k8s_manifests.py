@@ -421,7 +421,7 @@ def _paths(args: dict[str, str], monkeypatch):
     monkeypatch.setattr(site_mod.ch.Manifest, "load", staticmethod(lambda path: manifest))
     fed = SimpleNamespace(
         certs=args["federation.certs"], keys=args["federation.keys"],
-        party=args["federation.party"],
+        party=args["federation.party"], state=args.get("federation.state"),
     )  # fmt: skip
     return site_mod.Paths(SimpleNamespace(federation=fed))
 
@@ -430,8 +430,8 @@ def _paths(args: dict[str, str], monkeypatch):
 def test_mounts_give_the_paths_layout(name, monkeypatch):
     """/etc/fedray/certs holds federation.json, ca.pem and PARTY/{cert.pem, key.pem,
     signing.key} from the manifest ConfigMap and the party's TLS Secret, the private files
-    0400; federation.keys holds federation_key.json (and at a site its share, on the state
-    volume that survives restarts)."""
+    0400; federation.keys holds federation_key.json (and at a site its share and its
+    record of rounds, on the state volume that survives restarts)."""
     items = docs(name)
     job = one(items, "RayJob")
     module, args = entrypoint(job)
@@ -467,6 +467,8 @@ def test_mounts_give_the_paths_layout(name, monkeypatch):
 
     if module == "fedray.site":
         assert on_state_volume(paths.federation_key) and on_state_volume(paths.share)
+        # the record of the rounds it took part in survives a restart of the pod
+        assert on_state_volume(paths.rounds) and str(paths.rounds) not in files
         assert str(paths.share) not in files  # the share is not in a ConfigMap or Secret
     else:
         kind, _, key, _ = files[str(paths.federation_key)]

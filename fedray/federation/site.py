@@ -242,8 +242,74 @@ class Paths:
         self.signing_key = certs / self.party / "signing.key"
         self.federation_key = keys / "federation_key.json"
         self.share = keys / f"{self.party}.share"
+        self.rounds = Path(fed.state) if fed.state else keys / f"{self.party}.rounds.json"
         self.sites = list(manifest.sites)
         self.manifest_obj = manifest
+
+
+class RoundRecord:
+    """A site's durable record of the last round it took part in (trained, helped open or
+    attested), per federation key and declared job: a restarted site, or a new run of the
+    same job under the same key, is never made to take part in a round at or before it
+    again. Without it a fresh process would re-train a round the coordinator chooses
+    (deterministically, without DP) and help open a second sum of it, which a coordinator
+    with ``t - 1`` colluding sites could difference against the first (review of
+    2026-12-04). The record is written (and fsync'ed) before anything of the round leaves."""
+
+    def __init__(self, path: Path, key_id: str, job_sha256: str):
+        self.path = Path(path)
+        self.name = f"{key_id}:{job_sha256}"
+        data = self._load()
+        self.floor = int(data.get(self.name, 0))  # rounds up to here: an earlier process's
+        self.last = self.floor
+        self._save(data)  # fails now, at start, if the file cannot be written
+
+    def _load(self) -> dict[str, int]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"federation.state {self.path}: unreadable ({exc})") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()
+        ):
+            raise ConfigError(
+                f"federation.state {self.path}: not a record of rounds (a JSON object of "
+                "round numbers >= 0)"
+            )
+        return data
+
+    def _save(self, data: dict[str, int]) -> None:
+        import os
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(data, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise ConfigError(
+                f"federation.state {self.path}: cannot be written ({exc}); a site records "
+                "the rounds it took part in (set federation.state to a writable file)"
+            ) from None
+
+    def take_part(self, round_num: int, what: str) -> None:
+        """Refuse a round at or before an earlier process's last one; else record it."""
+        if round_num <= self.floor:
+            raise ch.Refused(
+                f"round {round_num}: this site took part in rounds up to {self.floor} of this "
+                f"job under this key before (an earlier run or process, federation.state "
+                f"{self.path}); it {what} no round twice"
+            )
+        if round_num > self.last:
+            data = self._load()
+            data[self.name] = max(int(round_num), int(data.get(self.name, 0)))
+            self._save(data)
+            self.last = int(round_num)
 
 
 def check_site_config(cfg: FedrayConfig) -> None:
@@ -444,6 +510,7 @@ class SiteAgent:
         )
         check_key_size(cfg, self.key)
         self._check_coalition()
+        self.rounds = RoundRecord(paths.rounds, self.key.fingerprint, self.job_sha256)
         info = self.data_info()  # the site's tables checked before its Ray starts
         if cfg.ray.address is None:
             ray.init(
@@ -646,6 +713,7 @@ class SiteAgent:
                 f"({fed.task_id}@{fed.task_version})"
             )
         options = self._options(body)
+        self.rounds.take_part(round_num, "trains")  # before anything of the round leaves
         weights = np.array(
             msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
         )
@@ -936,6 +1004,7 @@ class SiteAgent:
             if int(a.round) != round_num or list(a.update_ids) != ids:
                 raise ch.Refused(f"round {round_num}: an approval is of another sum")
             approvals[int(a.host)] = bytes(a.signature)
+        self.rounds.take_part(round_num, "helps open")
         self._open_round(round_num)
         if fast:
             return self._open_share_sum(msg, round_num, ids, signed, approvals, statements)

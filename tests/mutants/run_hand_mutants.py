@@ -2072,6 +2072,24 @@ MUTANTS = [
         "the batch check takes a claim off by a multiple of n (sound mod n only)",
         "batch_check",
     ),
+    Mutant(
+        "site-forgets-its-rounds",
+        "fedray/federation/site.py",
+        "        if round_num <= self.floor:",
+        "        if False:",
+        ("tests/test_cross_org_units.py",),
+        "a restarted site takes part in a round an earlier process took part in",
+        "records_the_rounds",
+    ),
+    Mutant(
+        "site-trains-unrecorded",
+        "fedray/federation/site.py",
+        '        self.rounds.take_part(round_num, "trains")  # before anything of the round leaves\n',
+        "",
+        ("tests/test_cross_org_units.py",),
+        "a site trains a round without checking or recording it",
+        "records_the_rounds",
+    ),
 ]
 
 
