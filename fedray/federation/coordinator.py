@@ -273,11 +273,8 @@ class FederationHub:
 
     def _releases(self, index: int, peer: Any, releases: Any) -> tuple[list, Any]:
         """The attested opened sums site ``index`` has not seen in this session (those
-        from the last round it trained on), as a train request carries them, and their
-        plaintext blobs."""
-        import numpy as np
-
-        from fedray.federation import channel as ch
+        from the last round it trained on), as a train request carries them, and the one
+        blob of their plaintexts (None without any)."""
         from fedray.federation import federation_pb2 as pb
 
         if releases is not None and not isinstance(releases, list | tuple):
@@ -305,7 +302,7 @@ class FederationHub:
         if not out:
             return out, None
         # one blob for all of them (a message carries at most 64 blobs)
-        return out, ch.OutgoingBlob.from_array("m", np.frombuffer(b"".join(data), np.uint8))
+        return out, self._bytes_blob("m", b"".join(data))
 
     def approve(self, index: int, round_num: int, update_ids: list[str]) -> bytes:
         from fedray.federation import federation_pb2 as pb
@@ -347,39 +344,15 @@ class FederationHub:
         """Ask site ``index``'s key holder for its partial decryption of the product of
         these updates: it is sent every update's ciphertexts and signed contribution and
         every host's approval, checks them all and multiplies them itself."""
-        import ray
-
         from fedray.crypto.paillier import from_bytes
-        from fedray.federation import channel as ch
-        from fedray.federation import federation_pb2 as pb
 
         if start != 0 or stop is not None:
             raise PermissionError("across organisations key holders open whole sums only")
-        payloads = [p if isinstance(p, bytes | bytearray) else ray.get(p) for p in payloads]
-        order = sorted(range(len(update_ids)), key=lambda k: str(update_ids[k]))
-        ids = [str(update_ids[k]) for k in order]
-        blobs, statements = [], []
-        for n, k in enumerate(order):
-            statements.append(self._statement(round_num, ids[n]))
-            blobs.append(ch.OutgoingBlob.from_ciphertexts(f"c{n}", payloads[k], self.width))
-        request = pb.ShareSumRequest(
-            round=int(round_num),
-            update_ids=ids,
-            approvals=_approvals(round_num, ids, approvals),
-            contributions=statements,
-            ciphertexts=[b.ref for b in blobs],
-        )
-        try:
-            reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
-        except Exception:
-            if self._closing:  # asked past the t-th holder and the run ended meanwhile
-                return []
-            raise
-        if reply.body.WhichOneof("answer") != "partial_decryption":
-            raise ClusterError(f"site {self.sites[index]} answered no partial decryption")
+        request, blobs = self._with_ciphertexts(round_num, update_ids, approvals, payloads)
+        reply = self._ask_holder(index, round_num, request, blobs, "partial_decryption")
+        if reply is None:
+            return []
         data = bytes(reply.blob(reply.body.partial_decryption).ciphertexts(self.width))
-        if int(reply.body.round) != int(round_num) or reply.body.holder_id != self.sites[index]:
-            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
         return [int(x) for x in from_bytes(self.key.public, data)]
 
     def attestation_key(self, index: int) -> bytes:
@@ -402,15 +375,32 @@ class FederationHub:
         approval, as for a partial decryption), given the summed exponents ``exponents``
         of the fast path: it multiplies them itself, checks and signs
         (``KeyHolder.attest``)."""
-        import numpy as np
-        import ray
-
         from fedray.crypto.threshold import ints_to_bytes
-        from fedray.federation import channel as ch
         from fedray.federation import federation_pb2 as pb
 
         if exponents is None:
             raise PermissionError("across organisations a sum is attested with its exponents")
+        request, blobs = self._with_ciphertexts(round_num, update_ids, approvals, payloads)
+        width = exponent_sum_width(self.key, len(update_ids))
+        sums = self._bytes_blob("m", bytes(plaintexts))
+        xs = self._bytes_blob("x", ints_to_bytes([int(x) for x in exponents], width))
+        request.opening = pb.OPENING_ATTEST
+        request.plaintexts.CopyFrom(sums.ref)
+        request.exponents.CopyFrom(xs.ref)
+        reply = self._ask_holder(index, round_num, request, [*blobs, sums, xs], "attestation")
+        return b"" if reply is None else bytes(reply.body.attestation)
+
+    def _with_ciphertexts(
+        self, round_num: int, update_ids: list[str], approvals: dict[int, bytes], payloads
+    ) -> tuple[Any, list]:
+        """A share-sum request for a key holder that multiplies the updates itself (a
+        partial decryption, an attestation): the sorted ids, every host's approval, and for
+        each update its signed contribution and its ciphertexts (one blob each)."""
+        import ray
+
+        from fedray.federation import channel as ch
+        from fedray.federation import federation_pb2 as pb
+
         payloads = [p if isinstance(p, bytes | bytearray) else ray.get(p) for p in payloads]
         order = sorted(range(len(update_ids)), key=lambda k: str(update_ids[k]))
         ids = [str(update_ids[k]) for k in order]
@@ -418,35 +408,31 @@ class FederationHub:
         for n, k in enumerate(order):
             statements.append(self._statement(round_num, ids[n]))
             blobs.append(ch.OutgoingBlob.from_ciphertexts(f"c{n}", payloads[k], self.width))
-        sums = ch.OutgoingBlob.from_array("m", np.frombuffer(bytes(plaintexts), dtype=np.uint8))
-        width = exponent_sum_width(self.key, len(ids))
-        xs = ch.OutgoingBlob.from_array(
-            "x", np.frombuffer(ints_to_bytes([int(x) for x in exponents], width), dtype=np.uint8)
-        )
         request = pb.ShareSumRequest(
             round=int(round_num),
             update_ids=ids,
             approvals=_approvals(round_num, ids, approvals),
             contributions=statements,
             ciphertexts=[b.ref for b in blobs],
-            opening=pb.OPENING_ATTEST,
-            plaintexts=sums.ref,
-            exponents=xs.ref,
         )
+        return request, blobs
+
+    def _ask_holder(self, index: int, round_num: int, request, blobs, answer: str):
+        """Send a share-sum request to site ``index``'s key holder; its reply, checked to
+        be of this round, this holder and the ``answer`` asked for (None if the run ended
+        meanwhile: a holder asked past the t-th)."""
         try:
-            reply = self._peer(index).call(
-                "share_sum_request", request, [*blobs, sums, xs], self._timeout()
-            )
+            reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
         except Exception:
-            if self._closing:  # asked past the t-th holder and the run ended meanwhile
-                return b""
+            if self._closing:
+                return None
             raise
-        body = reply.body
-        if int(body.round) != int(round_num) or body.holder_id != self.sites[index]:
-            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
-        if body.WhichOneof("answer") != "attestation":
-            raise ClusterError(f"site {self.sites[index]} answered no attestation")
-        return bytes(body.attestation)
+        body, site = reply.body, self.sites[index]
+        if int(body.round) != int(round_num) or body.holder_id != site:
+            raise ClusterError(f"site {site} answered for another round or holder")
+        if body.WhichOneof("answer") != answer:
+            raise ClusterError(f"site {site} answered no {answer.replace('_', ' ')}")
+        return reply
 
     def _statement(self, round_num: int, uid: str):
         """The signed contribution a site's host sent for update ``uid`` of this round, as
@@ -482,7 +468,7 @@ class FederationHub:
                     f"round {round_num}: update {uid!r} came with no exponent share for "
                     f"site {self.sites[index]}'s key holder"
                 )
-            blob = self._share_blob(f"s{n}", share[2])
+            blob = self._bytes_blob(f"s{n}", share[2])
             blobs.append(blob)
             sealed.append(
                 pb.SealedShare(
@@ -501,22 +487,14 @@ class FederationHub:
             opening=pb.OPENING_SHARE_SUM,
             sealed_shares=sealed,
         )
-        try:
-            reply = self._peer(index).call("share_sum_request", request, blobs, self._timeout())
-        except Exception:
-            if self._closing:  # asked past the t-th holder and the run ended meanwhile
-                return b""
-            raise
-        body = reply.body
-        if int(body.round) != int(round_num) or body.holder_id != self.sites[index]:
-            raise ClusterError(f"site {self.sites[index]} answered for another round or holder")
-        if body.WhichOneof("answer") != "exponent_share_sum":
-            raise ClusterError(f"site {self.sites[index]} answered no exponent share sum")
+        reply = self._ask_holder(index, round_num, request, blobs, "exponent_share_sum")
+        if reply is None:
+            return b""
         width = self.key.share_width(len(ids))
-        return bytes(reply.blob(body.exponent_share_sum).ciphertexts(width))
+        return bytes(reply.blob(reply.body.exponent_share_sum).ciphertexts(width))
 
     @staticmethod
-    def _share_blob(blob_id: str, data: bytes):
+    def _bytes_blob(blob_id: str, data: bytes):
         import numpy as np
 
         from fedray.federation import channel as ch

@@ -77,12 +77,9 @@ class SiteHost(ClientHost):
     def __init__(self, cfg, client_ids, info, weight_ref=1.0, authority=None, identity=b""):
         super().__init__(cfg, client_ids, info, weight_ref, authority)
         if self._init_error is None and identity:
-            from cryptography.hazmat.primitives import serialization
-
             from fedray.runtime.keys import CohortApprover, HostIdentity
 
-            key = serialization.load_pem_private_key(bytes(identity), None)
-            self._identity = HostIdentity.from_private_key(key)
+            self._identity = HostIdentity.from_pem(identity)
             self._approver = CohortApprover(self._identity)
             self._job_sha256 = job_digest(cfg)  # signed into every contribution
         # update id -> (round, every holder's exponent-share blob): the fast path's shares
@@ -630,12 +627,13 @@ class SiteAgent:
         """The most blob bytes one request may bring: the global weights with every
         attested sum of the run (a rejoining site is sent them all at once), or a whole
         sum's uploads with the claimed opening (an attest request), whichever is more."""
+        from fedray.federation.coordinator import exponent_sum_width
         from fedray.runtime.lineage import plaintext_width
 
         cts, sites = self.num_ciphertexts, len(self.paths.sites)
         opened = cts * plaintext_width(self.key.public.n)
         uploads = sites * cts * self.key.public.ciphertext_bytes
-        exponents = cts * (self.key.exponent_bits // 8 + 8)
+        exponents = cts * exponent_sum_width(self.key, sites)
         return max(
             256 << 20,
             4 * self._update_bytes(),

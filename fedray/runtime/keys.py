@@ -154,6 +154,13 @@ class HostIdentity:
         identity._key = key
         return identity
 
+    @classmethod
+    def from_pem(cls, pem: bytes) -> HostIdentity:
+        """An identity from a PEM Ed25519 private key file's bytes (a site's signing.key)."""
+        from cryptography.hazmat.primitives import serialization
+
+        return cls.from_private_key(serialization.load_pem_private_key(bytes(pem), None))
+
     def __repr__(self) -> str:
         return "HostIdentity(<secret>)"
 
@@ -334,12 +341,7 @@ class KeyHolder:
         self._released: dict[int, tuple[str, ...]] = {}
         self._last_round = 0
         # Signs attestations of opened sums (see attest); only its public half leaves.
-        self._identity = HostIdentity()
-        if identity:
-            from cryptography.hazmat.primitives import serialization
-
-            pem = serialization.load_pem_private_key(bytes(identity), None)
-            self._identity = HostIdentity.from_private_key(pem)
+        self._identity = HostIdentity.from_pem(identity) if identity else HostIdentity()
         self._job_sha256 = str(job_sha256)
 
     def __repr__(self) -> str:
@@ -662,9 +664,8 @@ class KeyHolder:
             bound = len(deposits) << self.key.exponent_bits
             if not all(isinstance(x, int) and 0 <= x < bound for x in exponents):
                 raise PermissionError(f"round {round_num}: summed exponents out of range")
-            if not all(0 <= m < self.key.public.n for m in claimed):
-                raise PermissionError(f"round {round_num}: claimed plaintexts out of range")
-            # one batch check (soundness 2^-64 per claim), not a power of hs per ciphertext
+            # one batch check (soundness 2^-64 per claim; claims outside [0, n) refused),
+            # not a power of hs per ciphertext
             opens = opens_product(self.key, product, claimed, list(exponents))
         else:
             from fedray.crypto.paillier import Decryptor
