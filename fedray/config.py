@@ -646,6 +646,11 @@ class FederationConfig:
     across restarts and runs); null: ``<federation.keys>/<party>.rounds.json``."""
     connect_timeout_s: float = 300.0
     """How long each side waits for the other, in seconds."""
+    answer_after_s: float = 0.0
+    """A site: it sends its update no sooner than this many seconds after the train
+    request came (0: as soon as it is sealed), so when it answers does not tell how long
+    its clients trained (a client whose training fails early, say). Set it above the
+    site's longest round; a round that takes longer still shows."""
     max_colluding_sites: int | None = None
     """Sites assumed to collude with the coordinator: a site signs and opens only sums of
     at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones.
@@ -659,6 +664,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
+        _positive("federation.answer_after_s", self.answer_after_s, allow_zero=True)
         k = self.max_colluding_sites
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ConfigError(

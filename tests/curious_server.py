@@ -249,3 +249,52 @@ def open_with_colluders(server, update, colluding_shares: dict[int, bytes]) -> A
         return None
     total, _ = server.layout.decode_sum(plain, update.count)
     return np.asarray(total)
+
+
+def failure_oracle(server, feature: int, threshold: float) -> dict[str, Any]:
+    """The curious-server review's failure oracle, replayed with what the server holds:
+    it sets a global model whose training overflows only at a client with an example
+    whose ``feature`` is above ``threshold`` (one hidden unit 10^20 (x - threshold),
+    read out at 10^30: inf, then NaN), runs the round, and keeps what every host hands
+    back. Bisecting ``threshold`` over rounds would read the feature's maximum at each
+    site if it could tell which clients failed. Returns, per client, everything of its
+    result but timings and names, and the round's metrics."""
+    import copy
+
+    import torch
+
+    from fedray.models import ParamView
+
+    model = copy.deepcopy(server.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        first, _, last = model.net
+        first.weight[0, feature] = 1e20
+        first.bias[0] = -1e20 * threshold
+        last.weight[0, 0] = 1e30
+    server.weights = ParamView(model).get()
+    seen: dict[int, tuple] = {}
+    fetch = server._fetch
+
+    def recording(ref):
+        batch = fetch(ref)
+        for r in batch if isinstance(batch, list) else []:
+            u = r.encrypted
+            seen[r.client_id] = (
+                r.error,
+                r.weight,
+                r.stats,
+                r.delta is None and r.compressed is None,
+                None if u is None else (len(u.ciphertexts), u.count, len(u.client_ids)),
+                r.bytes_up,
+                r.bytes_to_key_holders,
+            )
+        return batch
+
+    server._fetch = recording
+    try:
+        outcome = server.run_round()
+    finally:
+        server._fetch = fetch
+    return {"seen": seen, "metrics": outcome.metrics}

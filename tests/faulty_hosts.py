@@ -35,6 +35,16 @@ class CrashingHost(ClientHost):
         return super().train(task, global_weights)
 
 
+class FailingHost(ClientHost):
+    """Every client's training fails in round 1 (the task raises, as a bug or a crafted
+    model would make it); later rounds train as usual."""
+
+    def _train_one(self, cid, task, global_weights):
+        if task.round == 1:
+            raise FloatingPointError(f"client {cid}: the loss overflowed")
+        return super()._train_one(cid, task, global_weights)
+
+
 class SlowHost(ClientHost):
     """Host 0 stalls for 8 s in round 2 (a straggler, well past a 4 s deadline)."""
 

@@ -181,7 +181,7 @@ def test_bad_input_is_one_clear_error_and_the_error_bound_is_the_documented_one(
         codec.unpack([0, 0])
     with pytest.raises(ValueError, match="count=3 must be between 1 and 2"):
         codec.decode_sum([0], 3)
-    with pytest.raises(ValueError, match="expected 1 plaintexts, got 0"):
+    with pytest.raises(ValueError, match="expected 2 plaintexts, got 0"):
         StatsCodec(key_bits=512, max_summands=2).decode_sum([])
     # count * clip / (2 Q) / sum s_k (module docstring), and it is reached: a value half a
     # step off the grid comes back exactly half a step away.

@@ -129,6 +129,9 @@ def single_cluster_weights(ray_2cpus, tmp_path_factory) -> np.ndarray:
     return np.load(out / "checkpoints/round_00002/arrays.npz")["weights"]
 
 
+PADDED_S = 8.0  # a site's answer_after_s: above this test's natural round (2-4 s)
+
+
 def _opened_by(run_dir: Path) -> list[str]:
     with (run_dir / "metrics.csv").open() as f:
         return [row["decrypted_by"] for row in csv.DictReader(f)]
@@ -305,13 +308,16 @@ def test_partial_decryptions_across_organisations_give_the_same_model(
     """crypto.fast_decrypt=false at the coordinator and the sites: no exponent share is
     made or relayed, each holder multiplies the ciphertexts and answers its partial
     decryption; the final weights are bit for bit those of the fast path's run (above)
-    and of one cluster."""
+    and of one cluster. The sites also pad their answers (``federation.answer_after_s``):
+    no update reaches the coordinator sooner, so when one comes does not tell how its
+    clients' training went."""
     from fedray.runtime.driver import run_experiment
 
     slow = ["crypto.fast_decrypt=false"]
     logs = tmp_path / "logs"
     logs.mkdir()
-    with _sites(federation_dir, logs, slow) as (port, procs, _):
+    padded = [*slow, f"federation.answer_after_s={PADDED_S}"]
+    with _sites(federation_dir, logs, padded) as (port, procs, _):
         cfg = compose(
             [
                 "federation=cross_org",
@@ -327,6 +333,9 @@ def test_partial_decryptions_across_organisations_give_the_same_model(
         for proc in procs:
             assert proc.wait(timeout=60) == 0
     assert _opened_by(tmp_path / "cross") == ["partial_decryption", "partial_decryption"]
+    with (tmp_path / "cross" / "metrics.csv").open() as f:
+        waits = [float(row["wait_seconds"]) for row in csv.DictReader(f)]
+    assert all(w >= PADDED_S for w in waits), waits
     cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
     assert np.array_equal(cross, single_cluster_weights)
 

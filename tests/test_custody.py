@@ -655,3 +655,42 @@ def test_hosts_and_holders_expose_only_their_public_methods(federation):
         with pytest.raises(AttributeError):
             getattr(handle, private)
     assert ray.get(hosts[0].trainable.remote()) is True  # the public ones still answer
+
+
+def test_the_failure_oracle_tells_the_server_how_many_failed_never_which(federation):
+    """Curious-server test (last in this module: it leaves a crafted model behind): the
+    review's NaN oracle. The server crafts a model that fails training exactly at the
+    clients holding an example above a threshold in one feature. Every host's answer for a
+    failing client is the same as for any other (a sealed update of the same size, no
+    error, no weight, no figure); the opened sum counts how many failed."""
+    _, hosts, _, server = federation
+    maxima = {}
+    for h in hosts:
+        maxima.update(
+            ray.get(
+                h.__ray_call__.remote(
+                    lambda self: {
+                        c: tr.x.max(dim=0).values.numpy() for c, (tr, _) in self.data.items()
+                    }
+                )
+            )
+        )
+    assert sorted(maxima) == list(range(6))
+    table = np.stack([maxima[c] for c in range(6)])  # client x feature
+    # A feature and a threshold that split the clients 2 | 4 with room either side.
+    order = np.sort(table, axis=0)[::-1]
+    gaps = order[1] - order[2]
+    feature = int(np.argmax(gaps))
+    assert gaps[feature] > 0.2
+    threshold = float((order[1, feature] + order[2, feature]) / 2)
+    failing = {c for c in range(6) if table[c, feature] > threshold}
+    assert len(failing) == 2
+
+    report = ray.get(
+        server.__ray_call__.remote(curious.failure_oracle, feature, threshold), timeout=300
+    )
+    seen, m = report["seen"], report["metrics"]
+    assert sorted(seen) == list(range(6))
+    assert len(set(seen.values())) == 1, seen  # a failing client's answer is any client's
+    assert seen[min(failing)][0] is None  # no error line reaches the server
+    assert (m["clients_failed"], m["clients_ok"]) == (2, 4)  # how many, from the sum

@@ -127,12 +127,26 @@ def test_codec_for_dp_sample_mode_keeps_the_crypto_settings(small_keypair):
 
 
 # -- UpdateLayout --------------------------------------------------------------------------
-@pytest.mark.parametrize("weight", [0.0, -0.5, 1.5, 1.0000001, float("nan")])
+@pytest.mark.parametrize("weight", [-0.5, -1e-300, 1.5, 1.0000001, float("nan")])
 def test_weights_outside_zero_to_one_are_refused(small_keypair, weight):
     layout = _layout(small_keypair[0])
     entries = [(np.zeros(60), 1.0, None, {}), (np.zeros(60), weight, None, {})]
-    with pytest.raises(ValueError, match=_exactly(f"weight={weight} must be in (0, 1]")):
+    with pytest.raises(ValueError, match=_exactly(f"weight={weight} must be in [0, 1]")):
         layout.encode_sum(entries)
+
+
+def test_a_failed_clients_zero_update_of_zero_weight_adds_nothing_but_its_count(
+    small_keypair,
+):
+    """A client whose training failed is sealed as a zero update of weight 0 counting 1
+    in ``clients_failed``: the sum is the others' sum, and the count is all it adds."""
+    layout = _layout(small_keypair[0])
+    ok = (np.full(60, 0.25), 0.5, None, {"weighted_train_loss": 0.5})
+    failed = (np.zeros(60), 0.0, None, {"clients_failed": 1.0})
+    with_it = layout.decode_sum(layout.encode_sum([ok, failed, ok]), 3)
+    without = layout.decode_sum(layout.encode_sum([ok, ok]), 2)
+    np.testing.assert_allclose(with_it[0], without[0], atol=1e-6)
+    assert with_it[1] == {**without[1], "clients_failed": 1.0}
 
 
 def test_weights_are_multiplied_in_and_summed_among_the_stats(small_keypair):
@@ -160,17 +174,18 @@ def test_a_float32_update_is_weighted_in_float64(small_keypair):
 
 def test_fits_exactly_the_slot_widths_of_delta_and_stats(small_keypair):
     """60 values at 28 per ciphertext: 3 delta plaintexts below 2^(28*18) = 2^504, then
-    one of statistics: 6 fields of 64 + 2 bits, 7 per ciphertext, below 2^(7*66) = 2^462."""
+    two of statistics: 8 fields of 64 + 2 bits, 7 per ciphertext, below 2^(7*66) = 2^462."""
     layout = _layout(small_keypair[0])
-    assert (layout.codec.num_ciphertexts, layout.stats.num_ciphertexts) == (3, 1)
-    assert layout.fits([0, 0, 0, 0])
-    assert layout.fits([2**504 - 1, 2**504 - 1, 2**504 - 1, 2**462 - 1])
-    assert not layout.fits([0, 2**504, 0, 0])
-    assert not layout.fits([0, 0, 0, 2**462])
-    assert not layout.fits([-1, 0, 0, 0])
-    assert not layout.fits([0, 0, 0, -1])
-    assert not layout.fits([0, 0, 0])  # one plaintext short
-    assert not layout.fits([0, 0, 0, 0, 0])
+    assert (layout.codec.num_ciphertexts, layout.stats.num_ciphertexts) == (3, 2)
+    assert layout.fits([0, 0, 0, 0, 0])
+    assert layout.fits([2**504 - 1, 2**504 - 1, 2**504 - 1, 2**462 - 1, 2**462 - 1])
+    assert not layout.fits([0, 2**504, 0, 0, 0])
+    assert not layout.fits([0, 0, 0, 2**462, 0])
+    assert not layout.fits([0, 0, 0, 0, 2**462])
+    assert not layout.fits([-1, 0, 0, 0, 0])
+    assert not layout.fits([0, 0, 0, 0, -1])
+    assert not layout.fits([0, 0, 0, 0])  # one plaintext short
+    assert not layout.fits([0, 0, 0, 0, 0, 0])
 
 
 # -- ClientEncryptor: every path of a host -------------------------------------------------
@@ -180,8 +195,8 @@ def test_threshold_path_gives_each_holder_shares_that_open_the_sum(threshold_key
     entries = _entries()
     update, shares = ClientEncryptor(key, layout).encrypt_sum(entries)
     assert (update.key_id, update.num_values, update.count) == (key.public.fingerprint, 60, 2)
-    assert update.nbytes == 4 * key.public.ciphertext_bytes
-    assert [len(b) for b in shares] == [4 * key.share_width()] * 3
+    assert update.nbytes == 5 * key.public.ciphertext_bytes
+    assert [len(b) for b in shares] == [5 * key.share_width()] * 3
     _check_opened(layout, _open_by_shares(key, update, shares), entries)
 
 
@@ -206,7 +221,7 @@ def test_shared_custody_encrypts_with_the_private_key_and_gives_no_shares(shared
     encryptor = ClientEncryptor(key, layout, private=private, share=True, **kwargs)
     update, shares = encryptor.encrypt_sum(entries)
     assert shares is None
-    assert update.count == 2 and update.nbytes == 4 * key.public.ciphertext_bytes
+    assert update.count == 2 and update.nbytes == 5 * key.public.ciphertext_bytes
     opened = Decryptor(private).decrypt_many(from_bytes(key.public, update.ciphertexts))
     _check_opened(layout, opened, entries)
 
@@ -237,7 +252,7 @@ def test_a_pool_of_workers_encrypts_and_shares_what_opens(threshold_key, workers
     entries = _entries()
     update, shares = ClientEncryptor(key, layout, pool=workers).encrypt_sum(entries)
     assert isinstance(update.ciphertexts, bytes) and update.count == 2
-    assert [len(b) for b in shares] == [4 * key.share_width()] * 3
+    assert [len(b) for b in shares] == [5 * key.share_width()] * 3
     _check_opened(layout, _open_by_shares(key, update, shares, holders=(2, 3)), entries)
 
 
@@ -252,19 +267,19 @@ def test_a_pool_without_shares_encrypts_what_opens(threshold_key, workers):
 
 
 def test_precomputed_obfuscators_go_first_only_if_they_cover_the_update(threshold_key, workers):
-    """4 ciphertexts: 4 precomputed obfuscators are used up in-process; with 3 the pool's
-    workers encrypt the whole update and the 3 are kept for a later one."""
+    """5 ciphertexts: 5 precomputed obfuscators are used up in-process; with 4 the pool's
+    workers encrypt the whole update and the 4 are kept for a later one."""
     key, _ = threshold_key
     layout = _layout(key.public)
     covered = ClientEncryptor(key, layout, pool=workers)
-    covered.precompute(4)
+    covered.precompute(5)
     update, shares = covered.encrypt_sum(_entries())
     assert covered.pool_size == 0
     _check_opened(layout, _open_by_shares(key, update, shares), _entries())
     short = ClientEncryptor(key, layout, pool=workers)
-    short.precompute(3)
+    short.precompute(4)
     short.encrypt_sum(_entries())
-    assert short.pool_size == 3
+    assert short.pool_size == 4
 
 
 # -- EncryptedSum: the server's refusals and its payload -----------------------------------
@@ -292,7 +307,7 @@ def _variant(update, **changes):
         ({"count": 1.0}, "count 1.0 is not a positive integer"),
         ({"count": 4}, "the sum holds 0 updates; 4 more would exceed the maximum 3"),
         ({"ciphertexts": "text"}, "payload is a str, not bytes"),
-        ({"ciphertexts": b"\x01" * 100}, "payload of 100 bytes, expected 512"),
+        ({"ciphertexts": b"\x01" * 100}, "payload of 100 bytes, expected 640"),
     ],
 )
 def test_sum_refuses_a_bad_header_with_its_reason(sealed, changes, message):

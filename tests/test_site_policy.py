@@ -560,6 +560,8 @@ BAD_FILES = {
         _bad(privacy={"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": None, "ledger": "/x", "new_ledger": "yes"}),
         "privacy.new_ledger='yes' must be true or false",
     ),
+    "answer_after_negative": (_bad(answer_after_s=-1), "answer_after_s=-1 must be a finite number >= 0"),
+    "answer_after_text": (_bad(answer_after_s="10s"), "answer_after_s='10s' must be a finite number >= 0"),
     "budget_not_positive": (
         _bad(privacy={"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "max_epsilon_vs_server": -1}),
         "privacy.max_epsilon_vs_server=-1 must be a finite number > 0",
@@ -576,6 +578,14 @@ def test_policy_file_errors_name_the_key(name, tmp_path):
         load_policy(path)
     line = str(info.value)
     assert "\n" not in line and expected in line, line
+
+
+def test_a_policy_pads_answers_only_when_it_says_so(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy_dict()))
+    assert load_policy(path).answer_after_s == 0.0
+    path.write_text(yaml.safe_dump(policy_dict(answer_after_s=30)))
+    assert load_policy(path).answer_after_s == 30.0
 
 
 def test_policy_file_missing_key_and_bad_yaml(tmp_path):

@@ -165,7 +165,9 @@ class PackedPaillierCodec:
 
 # What a client's statistics hold (fedray/runtime/round_stats.py fills them in): weights
 # and weight-weighted sums, never an example count (with the summed weight, a summed count
-# would give the server the weight reference, n_k / w_k).
+# would give the server the weight reference, n_k / w_k). ``clients_failed``: clients whose
+# training failed, sealed as zero updates of zero weight, so the server learns how many of
+# a sum's clients failed, never which (fedray/runtime/client.py).
 STATS_FIELDS = (
     "weight",
     "train_weight",
@@ -174,6 +176,7 @@ STATS_FIELDS = (
     "weighted_val_loss",
     "weighted_val_accuracy",
     "values_clipped",
+    "clients_failed",
 )
 
 

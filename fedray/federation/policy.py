@@ -194,6 +194,9 @@ class SitePolicy:
     privacy: PrivacyPolicy
     max_upload_bytes: int
     site: str = "site"
+    # The site sends each update no sooner than this after the request came (0: at once),
+    # so when it answers does not tell how its clients' training went.
+    answer_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         self._dp = _build_accountant(self)
@@ -646,7 +649,16 @@ def _build_accountant(policy: SitePolicy):
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP = ("site", "tasks", "max_rounds", "hyperparameters", "min_sum", "privacy", "max_upload_bytes")
+_TOP = (
+    "site",
+    "tasks",
+    "max_rounds",
+    "hyperparameters",
+    "min_sum",
+    "privacy",
+    "max_upload_bytes",
+    "answer_after_s",
+)
 _TOP_REQUIRED = ("tasks", "max_rounds", "hyperparameters", "min_sum", "privacy", "max_upload_bytes")
 _TASK_KEYS = ("id", "version", "class", "model_fingerprint")
 _RANGE_KEYS = ("min", "max", "default")
@@ -882,6 +894,9 @@ def policy_from_dict(
         privacy=privacy,
         max_upload_bytes=cap,
         site=site,
+        answer_after_s=float(
+            _num("answer_after_s", top.get("answer_after_s", 0.0), allow_zero=True)
+        ),
     )
 
 

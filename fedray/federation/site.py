@@ -39,6 +39,7 @@ import math
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -466,6 +467,11 @@ class SiteAgent:
             from fedray.federation.policy import load_policy
 
             self.policy = load_policy(cfg.federation.policy)
+        # The longer of the site's config and its policy: each pads, neither shortens.
+        self.answer_after_s = max(
+            cfg.federation.answer_after_s,
+            self.policy.answer_after_s if self.policy is not None else 0.0,
+        )
         self.started_ray = False
         self.channel: ch.Site | None = None
         self._opened = 0
@@ -682,6 +688,7 @@ class SiteAgent:
         import ray
 
         body, cfg = msg.body, self.cfg
+        came = time.monotonic()
         round_num = int(body.round)
         if round_num < 1 or round_num > cfg.rounds:
             raise ch.Refused(f"round {round_num} is outside this site's rounds 1..{cfg.rounds}")
@@ -773,6 +780,8 @@ class SiteAgent:
             encrypt_seconds=float(sum(r.encrypt_seconds for r in results)),
             sealed_shares=sealed_shares,
         )
+        # Not before answer_after_s: when the update comes must not say how training went.
+        time.sleep(max(0.0, self.answer_after_s - (time.monotonic() - came)))
         return "train_reply", reply, blobs
 
     def _releases(self, msg: ch.Message) -> list[Release]:

@@ -23,7 +23,11 @@ from fedray.config import FedrayConfig
 from fedray.data.datasets import DatasetInfo
 from fedray.privacy.mechanisms import count_clipped
 from fedray.runtime.lineage import model_digest  # noqa: F401 - signed with each update
-from fedray.runtime.round_stats import client_statistics, metrics_released
+from fedray.runtime.round_stats import (
+    client_statistics,
+    failed_statistics,
+    metrics_released,
+)
 from fedray.tasks.base import client_seed
 
 log = logging.getLogger("fedray.client")
@@ -490,11 +494,15 @@ class ClientHost:
         results = []
         self._to_seal.clear()
         for cid in task.client_ids:
+            t0 = time.perf_counter()
             try:
                 result = self._train_one(cid, task, global_weights)
             except Exception as exc:  # one client's failure must not sink its neighbours
                 self._to_seal.pop(cid, None)
                 result = ClientResult(cid, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if result.error is not None and self._encryptor is not None:
+                result = self._failed_in_the_sum(task, result)
+            result.train_seconds = time.perf_counter() - t0
             result.node_id = node
             results.append(result)
         if self._encryptor is not None:
@@ -504,6 +512,29 @@ class ClientHost:
                 self._to_seal.clear()  # no plaintext update outlives the call
         return results
 
+    def _failed_in_the_sum(self, task: RoundTask, failed: ClientResult) -> ClientResult:
+        """With encryption, a client whose training failed goes into the sum as a zero
+        update of zero weight that counts 1 in the encrypted ``clients_failed`` (and, under
+        distributed DP, carries its noise share, so the sum's noise does not drop). The
+        server opens only the count: which clients failed, and why, stays in this log. A
+        crafted model that makes training fail only on some data thus tells the server
+        how many of a sum's clients have it, not which (no failure oracle)."""
+        cid = failed.client_id
+        log.warning("round %d: client %d failed: %s", task.round, cid, failed.error)
+        try:
+            zero = np.zeros(self.view.size, dtype=np.float32)
+            noise, privacy = None, self._privacy_plan()
+            if privacy is not None and getattr(privacy, "mode", None) != "sample":
+                from fedray.privacy.dp import privatize_update
+
+                seed = client_seed(self.cfg.seed + 7919, task.round, cid)
+                zero, noise = privatize_update(zero, privacy, seed)
+        except Exception as exc:  # no zero update without its noise: the failure shows
+            failed.error = f"{failed.error}; and no zero update: {exc}".splitlines()[0]
+            return failed
+        self._to_seal[cid] = (zero, 0.0, noise, failed_statistics(self.cfg))
+        return ClientResult(cid, weight=0.0)
+
     def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
         """One client's local round through the task: evaluate, train, take the delta."""
         from fedray.tasks.base import train_keywords
@@ -511,7 +542,6 @@ class ClientHost:
         opts = task.options
         train, val = self.data[cid]
         n = len(train)
-        t0 = time.perf_counter()
         self.view.set(global_weights)
         result = ClientResult(cid, weight=1.0)
         evaluated = self._validate(val)
@@ -533,8 +563,6 @@ class ClientHost:
         # but non-finite loss counts as reported (sent as 0), so train_weight does not
         # tell the server which sites' data made the loss overflow.
         train_loss = float(metrics["loss"]) if "loss" in metrics else None
-        result.train_seconds = time.perf_counter() - t0
-
         noise = None
         if privacy is not None and not sample_dp:
             from fedray.privacy.dp import privatize_update

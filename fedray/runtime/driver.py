@@ -835,7 +835,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             save_checkpoint(job.checkpoint_dir, _checked_state(job))
             saved_round = last_round
         write_json(job.output_dir / "summary.json", summary)
-        if m["clients_failed"]:
+        if m["clients_failed"] > outcome.failed_in_sum:  # a host call failed
             _refresh_hosts(job, round_num + 1)  # a dead host's successor, set up again
         if reached:
             summary["stopped_early"] = True

@@ -140,7 +140,10 @@ def plaintext_width(n: int) -> int:
 
 
 def step(strategy: Any, weights: np.ndarray, total: np.ndarray, weight: float, denominator):
-    """The server's step, one definition for the server and every host that checks it."""
+    """The server's step, one definition for the server and every host that checks it.
+    A sum of failed clients only (weight 0, no DP denominator) leaves the model as it is."""
+    if not denominator and not weight > 0:
+        return weights
     delta = total / denominator if denominator else total / weight
     return strategy.apply(weights, delta)
 
@@ -210,12 +213,13 @@ class Lineage:
             raise LineageError(f"round {r}: attestation check failed: count {release.count}")
         plaintexts = ints_from_bytes(release.plaintexts, plaintext_width(self.key.public.n))
         total, stats = self.layout.decode_sum(plaintexts, int(release.count))
-        if not self.denominator and not stats["weight"] > 0:
-            # Honest weights are in (0, 1] per client; a colluding client's crafted
-            # ciphertexts can wrap the summed weight to 0 (an inf/NaN model, attested).
+        all_failed = stats.get("clients_failed", 0.0) == int(release.count)
+        if not self.denominator and not stats["weight"] > 0 and not all_failed:
+            # Honest weights are in (0, 1] per client, 0 for a failed one; a colluding
+            # client's crafted ciphertexts can wrap the summed weight to 0.
             raise LineageError(
                 f"round {r}: sum check failed: the summed weight {stats['weight']:g} is not "
-                "positive"
+                "positive, and not every client of the sum failed"
             )
         # The step moves the strategy's state (momentum, Adam moments): on a refused sum it
         # goes back, so a crafted release cannot leave its mark on a later check.

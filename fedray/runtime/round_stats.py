@@ -24,6 +24,13 @@ differenced like any sum. So hosts send their weight only (uniform, 1.0, at clie
 the server knows who answered). At sample level they also send ``values_clipped``: it is
 computed from the DP-SGD-trained update and the weight (the server learns the counts in
 that mode anyway), so the per-example accountant covers it as post-processing.
+
+A client whose training fails (an exception in the task, a diverged update) is, with
+encryption on, sealed as a zero update of zero weight that counts 1 in ``clients_failed``
+(:func:`failed_statistics`): the server learns how many of a sum's clients failed, and
+only once the sum is opened, never which; the reason stays in the host's own log. Under
+DP that count is not released either (and the zero update carries the client's noise
+share, so the sum's noise does not drop).
 """
 
 from __future__ import annotations
@@ -75,6 +82,17 @@ def client_statistics(
         )
     kept = released_fields(cfg)
     return {k: _storable(v) if k in kept else 0.0 for k, v in stats.items()}
+
+
+def failed_statistics(cfg: Any) -> dict[str, float]:
+    """What a client whose training failed reports: zero weight and nothing else but
+    ``clients_failed`` = 1, inside the encrypted sum like every other client's figures.
+    Under DP the count is not released (travels as 0): which clients' data made training
+    fail is one more release that ε does not cover."""
+    stats = dict.fromkeys(STATS_FIELDS, 0.0)
+    if "clients_failed" in released_fields(cfg):
+        stats["clients_failed"] = 1.0
+    return stats
 
 
 def _storable(value: float) -> float:

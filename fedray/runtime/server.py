@@ -74,6 +74,9 @@ class RoundOutcome:
     # Too few clients answered: call run_round again to retry the round (the driver
     # first sets up again any host Ray restarted, so a retry never uses one unset).
     retry: bool = False
+    # Clients of the opened sum whose training failed (the encrypted ``clients_failed``;
+    # counted in ``clients_failed``, not in ``clients_ok``): their hosts answered.
+    failed_in_sum: int = 0
 
 
 @dataclass
@@ -337,7 +340,7 @@ class Server:
             self._open_round = None
             raise
         state["failed"] += outcome.metrics["clients_failed"]
-        if outcome.metrics["clients_ok"] < min_clients(self.cfg):
+        if outcome.metrics["clients_ok"] + outcome.failed_in_sum < min_clients(self.cfg):
             state["retries"] += 1
             if state["retries"] > self.cfg.max_round_retries:
                 self.round -= 1
@@ -408,6 +411,9 @@ class Server:
             acc.approvals = self._approvals(acc)  # ClusterError: the run stops here
         stats = self._release(acc, results, metrics)
         metrics["aggregate_seconds"] += got.aggregate_s
+        failed_in_sum = self._failed_in_sum(stats, len(results))
+        metrics["clients_ok"] -= failed_in_sum
+        metrics["clients_failed"] += failed_in_sum
         metrics.update(round_metrics(self.cfg, stats))  # weight-weighted means; NaN under DP
         metrics.update(
             {
@@ -431,8 +437,33 @@ class Server:
         metrics.update(self.evaluate())
         metrics["evaluate_seconds"] = time.perf_counter() - t0
         return RoundOutcome(
-            metrics, client_nodes={r.client_id: r.node_id for r in results}, rejected=got.rejected
+            metrics,
+            client_nodes={r.client_id: r.node_id for r in results},
+            rejected=got.rejected,
+            failed_in_sum=failed_in_sum,
         )
+
+    def _failed_in_sum(self, stats: dict[str, float], count: int) -> int:
+        """How many of the opened sum's ``count`` clients failed: with encryption each
+        failed client is a zero update counted in the encrypted ``clients_failed``, so
+        this is all the server learns of failures (not which; under DP, not even how
+        many). The round is released either way: its sum is opened."""
+        failed = int(round(stats.get("clients_failed", 0.0))) if self.codec is not None else 0
+        if not 0 <= failed <= count:  # honest hosts count 0 or 1 per client
+            raise ClusterError(
+                f"round {self.round}: the opened sum counts {failed} failed clients of "
+                f"{count}; the run stops (completed rounds are in metrics.csv and checkpoints/)"
+            )
+        if failed:
+            log.warning(
+                "round %d: %d of the sum's %d clients failed (which ones, and why, only "
+                "their sites' logs say)%s",
+                self.round,
+                failed,
+                count,
+                "; the model is unchanged" if failed == count else "",
+            )
+        return failed
 
     def _sample_cohort(self) -> list[int]:
         """This attempt's clients: Poisson under client-level DP, else a fixed-size
