@@ -649,8 +649,10 @@ class FederationConfig:
     answer_after_s: float = 0.0
     """A site: it sends its update no sooner than this many seconds after the train
     request came (0: as soon as it is sealed), so when it answers does not tell how long
-    its clients trained (a client whose training fails early, say). Set it above the
-    site's longest round; a round that takes longer still shows."""
+    its clients trained (a client whose training fails early, say); a padding site sends
+    no train or encrypt seconds. Set it above the site's longest round; a round that takes
+    longer still shows. The policy's ``answer_after_s`` does the same (the longer
+    applies)."""
     max_colluding_sites: int | None = None
     """Sites assumed to collude with the coordinator: a site signs and opens only sums of
     at least max_colluding_sites + 2 sites, so every opened sum holds two honest ones.

@@ -141,6 +141,21 @@ class ForgetfulHost(ClientHost):
         return super().sealed_payload(round_num, update_id)
 
 
+class OpenedStatsServer(Server):
+    """Writes each round's opened statistics (what the server learns besides the model)
+    as one JSON line to ``record``."""
+
+    record = ""
+
+    def _release(self, acc, results, metrics):
+        import json
+
+        stats = super()._release(acc, results, metrics)
+        with open(self.record, "a") as fh:
+            fh.write(json.dumps({"round": self.round, "clients": len(results), **stats}) + "\n")
+        return stats
+
+
 class AttemptRecordingServer(Server):
     """Writes one record per attempt at a round into ``record_dir``: the global weights
     before and after it, and every plaintext update it received from the hosts (client,

@@ -334,8 +334,11 @@ def test_partial_decryptions_across_organisations_give_the_same_model(
             assert proc.wait(timeout=60) == 0
     assert _opened_by(tmp_path / "cross") == ["partial_decryption", "partial_decryption"]
     with (tmp_path / "cross" / "metrics.csv").open() as f:
-        waits = [float(row["wait_seconds"]) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    waits = [float(row["wait_seconds"]) for row in rows]
     assert all(w >= PADDED_S for w in waits), waits
+    # and no timing that would undo it
+    assert all(float(r["train_seconds"]) == float(r["encrypt_seconds"]) == 0 for r in rows)
     cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
     assert np.array_equal(cross, single_cluster_weights)
 
@@ -887,7 +890,9 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     )
     hub_key = serialization.load_pem_private_key((w / "certs/hub/signing.key").read_bytes(), None)
     assert statement["model_sha256"] == model_digest(weights)
-    claim = release_message(key.fingerprint, 1, model_digest(weights), 4, digest(fabricated))
+    claim = release_message(
+        key.fingerprint, 1, model_digest(weights), 4, digest(fabricated), statement["job_sha256"]
+    )
     blob = ch.OutgoingBlob.from_array("m1", np.frombuffer(fabricated, np.uint8))
     release = pb.Release(
         round=1,

@@ -247,7 +247,7 @@ def test_holder_multiplies_payloads_chunk_by_chunk_and_refuses_a_wrong_digest(le
     digest and folds it a chunk at a time (chunks of 1 here) into the product, or the
     range of it asked for."""
     holder, a, b, expected = _two_deposits(ledger)
-    assert len(expected) == 2
+    assert len(expected) == 3  # 8 values, then 8 statistics in two ciphertexts
     monkeypatch.setattr("fedray.runtime.keys.FOLD_CHUNK", 1)
     with pytest.raises(PermissionError, match="signed digest"):
         holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, a])
@@ -256,7 +256,7 @@ def test_holder_multiplies_payloads_chunk_by_chunk_and_refuses_a_wrong_digest(le
     with pytest.raises(PermissionError, match="one ciphertext payload per update"):
         holder.partial_decrypt(1, ["h0-a", "h1-b"], [a])
     assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b]) == expected
-    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b], 1, 2) == expected[1:]
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b], 1, 3) == expected[1:]
     assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, b], 0, 1) == expected[:1]
 
 
@@ -309,7 +309,7 @@ def test_holder_fetches_refs_and_refuses_one_to_the_wrong_bytes(ledger, ray_2cpu
     with pytest.raises(LookupError, match="round 1: .* no longer on its host"):
         holder.partial_decrypt(1, ["h0-a", "h1-b"], [ray.put(a), gone.remote()])
     assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [ray.put(a), ray.put(b)]) == expected
-    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, ray.put(b)], 1, 2) == expected[1:]
+    assert holder.partial_decrypt(1, ["h0-a", "h1-b"], [a, ray.put(b)], 1, 3) == expected[1:]
 
 
 def test_threshold_must_be_a_majority():

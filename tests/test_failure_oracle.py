@@ -7,6 +7,7 @@ tests/test_custody.py."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -30,26 +31,51 @@ def _initial_weights(cfg) -> np.ndarray:
 
 
 @pytest.mark.parametrize("privacy", ["none", "dp"])
-def test_a_round_whose_clients_all_failed_opens_their_count_and_moves_no_model(
-    ray_2cpus, tmp_path, privacy
-):
-    """Round 1: every client's training fails. The sum still opens (zero updates of zero
-    weight); the server sees the count, not who, and the model does not move. Under DP
-    the count is not released, and the zero updates still carry their noise shares, so
-    the round's noise does not drop: the model moves by that noise alone."""
+def test_a_round_whose_clients_all_failed_opens_only_their_count(ray_2cpus, tmp_path, privacy):
+    """Round 1: every client's training fails. The sum still opens: zero updates, each
+    with the weight its client would have had, so the model does not move (FedAvg) and the
+    summed weight is that of round 2, where every client trains. The server sees how many
+    failed, not who. Under DP it sees nothing of it: the count is not released, the
+    summed weight is the cohort's, and the zero updates carry their noise shares, so the
+    model moves by that noise alone."""
+    record = tmp_path / "opened.jsonl"
+    server = type("Opened", (faulty.OpenedStatsServer,), {"record": str(record)})
     cfg = compose([*SMALL_KEY, "rounds=2", "checkpoint.every=1", f"privacy={privacy}"])
-    summary = run_experiment(cfg, tmp_path, host_class=faulty.FailingHost)
-    with (tmp_path / "metrics.csv").open() as fh:
+    summary = run_experiment(
+        cfg, tmp_path / "run", host_class=faulty.FailingHost, server_class=server
+    )
+    with (tmp_path / "run" / "metrics.csv").open() as fh:
         first, second = list(csv.DictReader(fh))
-    assert summary["rounds_completed"] == 2
+    opened = [json.loads(line) for line in record.read_text().splitlines()]
+    assert summary["rounds_completed"] == 2 and [o["round"] for o in opened] == [1, 2]
     assert int(second["clients_failed"]) == 0 and int(second["clients_ok"]) >= 2
-    after_round_1 = load_checkpoint(tmp_path / "checkpoints" / "round_00001")["weights"]
+    after_round_1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_00001")["weights"]
     initial = _initial_weights(cfg)
     if privacy == "none":
         cohort = cfg.clients_per_round
         assert (int(first["clients_ok"]), int(first["clients_failed"])) == (0, cohort)
+        assert opened[0]["clients_failed"] == cohort and opened[1]["clients_failed"] == 0
+        # the same clients both rounds (all 10): the same summed weight
+        assert opened[0]["weight"] == pytest.approx(opened[1]["weight"], abs=1e-6)
+        assert opened[0]["train_weight"] == 0 < opened[1]["train_weight"]
         np.testing.assert_array_equal(after_round_1, initial)
     else:  # Poisson cohorts: every client sampled counts as ok, none as failed
         assert int(first["clients_failed"]) == 0 and int(first["clients_ok"]) >= 2
+        for o in opened:  # uniform weights: the summed weight is the cohort's size
+            assert o["clients_failed"] == 0
+            assert o["weight"] == pytest.approx(o["clients"], abs=1e-6)
         moved = np.abs(after_round_1 - initial)
         assert np.isfinite(after_round_1).all() and (moved > 0).mean() > 0.9
+
+
+def test_a_crafted_failure_count_is_clamped_and_ignored_under_dp():
+    """A colluding client can put any number in its ``clients_failed`` slot: the server
+    reports at most the sum's clients, and under DP (where honest hosts send 0) nothing."""
+    from fedray.runtime.server import Server
+
+    server = Server.__new__(Server)
+    server.codec, server.privacy, server.round = object(), None, 3
+    assert server._failed_in_sum({"clients_failed": 2.0}, 5) == 2
+    assert server._failed_in_sum({"clients_failed": 9.0}, 5) == 5
+    server.privacy = object()
+    assert server._failed_in_sum({"clients_failed": 2.0}, 5) == 0

@@ -364,3 +364,37 @@ def test_a_refused_sum_leaves_the_hosts_strategy_state_as_it_was(threshold_key):
     assert lineage.round == 0 and sorted(after) == sorted(before)
     for k in before:
         assert np.array_equal(np.asarray(after[k]), before[k]), k
+
+
+def test_a_sum_attested_in_another_job_is_no_release_of_this_one(threshold_key):
+    """Holders sign the job with each attestation (across organisations, the declared
+    job's digest): a host of job B refuses a sum t holders attested in job A, under the
+    same key, round and model, and takes the same sum attested in its own job."""
+    import types
+
+    key, _ = threshold_key
+    cfg = compose(SMALL_KEY)
+
+    class Decodes:
+        codec = types.SimpleNamespace(max_summands=10)
+
+        def decode_sum(self, plaintexts, count):
+            return np.full(8, 0.5), {"weight": 2.0}
+
+    signers = {j: HostIdentity() for j in (1, 2)}
+    keys = {j: s.public_bytes() for j, s in signers.items()}
+    data = ints_to_bytes([1, 2], plaintext_width(key.public.n))
+
+    def attested(job):
+        message = release_message(key.fingerprint, 1, model_digest(W0), 2, digest(data), job)
+        return Release(
+            1, model_digest(W0), 2, data, {j: s.sign_bytes(message) for j, s in signers.items()}
+        )
+
+    job_b = Lineage(cfg, key, Decodes(), keys, W0, job_sha256="b" * 64)
+    for other in ("a" * 64, ""):
+        with pytest.raises(LineageError, match="0 key holders attest the opened sum, 2 needed"):
+            job_b.advance(attested(other))
+    assert job_b.round == 0
+    job_b.advance(attested("b" * 64))
+    assert job_b.round == 1 and not np.array_equal(job_b.weights, W0)

@@ -127,26 +127,27 @@ def test_codec_for_dp_sample_mode_keeps_the_crypto_settings(small_keypair):
 
 
 # -- UpdateLayout --------------------------------------------------------------------------
-@pytest.mark.parametrize("weight", [-0.5, -1e-300, 1.5, 1.0000001, float("nan")])
+@pytest.mark.parametrize("weight", [0.0, -0.5, 1.5, 1.0000001, float("nan")])
 def test_weights_outside_zero_to_one_are_refused(small_keypair, weight):
     layout = _layout(small_keypair[0])
     entries = [(np.zeros(60), 1.0, None, {}), (np.zeros(60), weight, None, {})]
-    with pytest.raises(ValueError, match=_exactly(f"weight={weight} must be in [0, 1]")):
+    with pytest.raises(ValueError, match=_exactly(f"weight={weight} must be in (0, 1]")):
         layout.encode_sum(entries)
 
 
-def test_a_failed_clients_zero_update_of_zero_weight_adds_nothing_but_its_count(
-    small_keypair,
-):
-    """A client whose training failed is sealed as a zero update of weight 0 counting 1
-    in ``clients_failed``: the sum is the others' sum, and the count is all it adds."""
+def test_a_failed_clients_zero_update_adds_its_weight_and_its_count_only(small_keypair):
+    """A client whose training failed is sealed as a zero update with its usual weight,
+    counting 1 in ``clients_failed``: the summed update is the others' sum, and the
+    summed weight is that of a round where it trained."""
     layout = _layout(small_keypair[0])
     ok = (np.full(60, 0.25), 0.5, None, {"weighted_train_loss": 0.5})
-    failed = (np.zeros(60), 0.0, None, {"clients_failed": 1.0})
+    failed = (np.zeros(60), 0.5, None, {"clients_failed": 1.0})
     with_it = layout.decode_sum(layout.encode_sum([ok, failed, ok]), 3)
     without = layout.decode_sum(layout.encode_sum([ok, ok]), 2)
+    trained = layout.decode_sum(layout.encode_sum([ok, ok, ok]), 3)
     np.testing.assert_allclose(with_it[0], without[0], atol=1e-6)
-    assert with_it[1] == {**without[1], "clients_failed": 1.0}
+    assert with_it[1]["weight"] == trained[1]["weight"] == 1.5
+    assert with_it[1] == {**without[1], "weight": 1.5, "clients_failed": 1.0}
 
 
 def test_weights_are_multiplied_in_and_summed_among_the_stats(small_keypair):

@@ -166,8 +166,8 @@ class PackedPaillierCodec:
 # What a client's statistics hold (fedray/runtime/round_stats.py fills them in): weights
 # and weight-weighted sums, never an example count (with the summed weight, a summed count
 # would give the server the weight reference, n_k / w_k). ``clients_failed``: clients whose
-# training failed, sealed as zero updates of zero weight, so the server learns how many of
-# a sum's clients failed, never which (fedray/runtime/client.py).
+# training failed, sealed as zero updates with their usual weight, so the server learns how
+# many of a sum's clients failed (not under DP), never which (fedray/runtime/client.py).
 STATS_FIELDS = (
     "weight",
     "train_weight",

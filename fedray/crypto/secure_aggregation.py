@@ -73,9 +73,9 @@ class UpdateLayout:
 
     def encode_sum(self, entries: list[tuple[np.ndarray, float, np.ndarray | None, dict]]):
         """Plaintexts for ``(update, weight, noise_steps, stats)`` entries, summed."""
-        for _, weight, _, _ in entries:  # 0: a failed client's zero update
-            if not 0.0 <= weight <= 1.0:
-                raise ValueError(f"weight={weight} must be in [0, 1]")
+        for _, weight, _, _ in entries:
+            if not 0.0 < weight <= 1.0:
+                raise ValueError(f"weight={weight} must be in (0, 1]")
         delta = self.codec.encode_sum(
             [(np.asarray(u, dtype=np.float64) * w, noise) for u, w, noise, _ in entries]
         )

@@ -769,6 +769,7 @@ class SiteAgent:
                         sealed=blob.ref,
                     )
                 )
+        padded = self.answer_after_s > 0
         reply = pb.TrainReply(
             round=round_num,
             update_id=update.update_id,
@@ -776,8 +777,9 @@ class SiteAgent:
             contribution_signature=signature,
             ciphertexts=out.ref,
             failures=failures,
-            train_seconds=float(sum(r.train_seconds for r in results)),
-            encrypt_seconds=float(sum(r.encrypt_seconds for r in results)),
+            # A site that pads its answers sends no timings: they would undo the padding.
+            train_seconds=0.0 if padded else float(sum(r.train_seconds for r in results)),
+            encrypt_seconds=0.0 if padded else float(sum(r.encrypt_seconds for r in results)),
             sealed_shares=sealed_shares,
         )
         # Not before answer_after_s: when the update comes must not say how training went.

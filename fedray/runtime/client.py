@@ -261,7 +261,13 @@ class ClientHost:
             from fedray.runtime.lineage import Lineage
 
             self._lineage = Lineage(
-                self.cfg, key, self.layout, holder_keys, self._initial_weights, root
+                self.cfg,
+                key,
+                self.layout,
+                holder_keys,
+                self._initial_weights,
+                root,
+                job_sha256=self._job_sha256,
             )
         processes = crypto_processes(self.cfg, self.layout.num_ciphertexts)
         if processes > 1:
@@ -514,26 +520,40 @@ class ClientHost:
 
     def _failed_in_the_sum(self, task: RoundTask, failed: ClientResult) -> ClientResult:
         """With encryption, a client whose training failed goes into the sum as a zero
-        update of zero weight that counts 1 in the encrypted ``clients_failed`` (and, under
-        distributed DP, carries its noise share, so the sum's noise does not drop). The
-        server opens only the count: which clients failed, and why, stays in this log. A
-        crafted model that makes training fail only on some data thus tells the server
-        how many of a sum's clients have it, not which (no failure oracle)."""
+        update with the weight it would have had, counting 1 in the encrypted
+        ``clients_failed`` (not released under DP), and under distributed DP with its
+        noise share: the summed weight and the noise are those of a round where it
+        trained. The server opens only the count: which clients failed, and why, stays in
+        this log. A crafted model that makes training fail only on some data thus tells
+        the server how many of a sum's clients have it (under DP, nothing), not which.
+
+        If the zero update cannot be made, the whole call fails (no reason attached)."""
         cid = failed.client_id
         log.warning("round %d: client %d failed: %s", task.round, cid, failed.error)
         try:
             zero = np.zeros(self.view.size, dtype=np.float32)
             noise, privacy = None, self._privacy_plan()
+            weight = self._client_weight(cid, privacy)
             if privacy is not None and getattr(privacy, "mode", None) != "sample":
                 from fedray.privacy.dp import privatize_update
 
                 seed = client_seed(self.cfg.seed + 7919, task.round, cid)
                 zero, noise = privatize_update(zero, privacy, seed)
-        except Exception as exc:  # no zero update without its noise: the failure shows
-            failed.error = f"{failed.error}; and no zero update: {exc}".splitlines()[0]
-            return failed
-        self._to_seal[cid] = (zero, 0.0, noise, failed_statistics(self.cfg))
-        return ClientResult(cid, weight=0.0)
+        except Exception as exc:  # no zero update without its noise: nothing is sealed
+            self._to_seal.clear()
+            raise RuntimeError(
+                f"round {task.round}: a client's training failed and no zero update could "
+                f"be sealed in its place ({type(exc).__name__})"
+            ) from None
+        self._to_seal[cid] = (zero, weight, noise, failed_statistics(self.cfg))
+        return ClientResult(cid, weight=weight)
+
+    def _client_weight(self, cid: int, privacy: Any) -> float:
+        """A client's weight in the sum: 1 under client-level DP (uniform weights keep the
+        sensitivity bound C), else its examples over weight_ref, at most 1."""
+        if privacy is not None and getattr(privacy, "mode", None) != "sample":
+            return 1.0
+        return min(1.0, len(self.data[cid][0]) / self.weight_ref)
 
     def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
         """One client's local round through the task: evaluate, train, take the delta."""
@@ -541,7 +561,6 @@ class ClientHost:
 
         opts = task.options
         train, val = self.data[cid]
-        n = len(train)
         self.view.set(global_weights)
         result = ClientResult(cid, weight=1.0)
         evaluated = self._validate(val)
@@ -569,9 +588,7 @@ class ClientHost:
 
             seed = client_seed(self.cfg.seed + 7919, task.round, cid)
             delta, noise = privatize_update(delta, privacy, seed)
-            result.weight = 1.0  # uniform weights keep the sensitivity bound C
-        else:
-            result.weight = min(1.0, n / self.weight_ref)
+        result.weight = self._client_weight(cid, privacy)
         result.stats = self._statistics(result.weight, delta, train_loss, evaluated)
         return self._finish(result, delta, noise)
 

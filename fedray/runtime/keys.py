@@ -685,6 +685,7 @@ class KeyHolder:
                 deposits[0].model_sha256,
                 count,
                 digest(bytes(plaintexts)),
+                self._job_sha256,
             )
         )
 

@@ -87,12 +87,20 @@ def verifies_models(cfg: Any) -> bool:
 
 
 def release_message(
-    key_id: str, round_num: int, model_sha256: str, count: int, plaintexts_sha256: str
+    key_id: str,
+    round_num: int,
+    model_sha256: str,
+    count: int,
+    plaintexts_sha256: str,
+    job_sha256: str = "",
 ) -> bytes:
-    """What a key holder signs when it attests an opened sum."""
+    """What a key holder signs when it attests an opened sum: of which job (the SHA-256 of
+    the job every party declared, across organisations; "" in one cluster), so a sum
+    attested in one job is no release of another under the same key."""
     return json.dumps(
         {
             "attest": key_id,
+            "job": job_sha256,
             "round": int(round_num),
             "model": model_sha256,
             "count": int(count),
@@ -140,10 +148,7 @@ def plaintext_width(n: int) -> int:
 
 
 def step(strategy: Any, weights: np.ndarray, total: np.ndarray, weight: float, denominator):
-    """The server's step, one definition for the server and every host that checks it.
-    A sum of failed clients only (weight 0, no DP denominator) leaves the model as it is."""
-    if not denominator and not weight > 0:
-        return weights
+    """The server's step, one definition for the server and every host that checks it."""
     delta = total / denominator if denominator else total / weight
     return strategy.apply(weights, delta)
 
@@ -159,10 +164,12 @@ class Lineage:
         holder_keys: dict[int, bytes],
         initial_weights: np.ndarray,
         root: dict[str, Any] | None = None,
+        job_sha256: str = "",
     ):
         from fedray.strategies import build_strategy
 
         self.key = key
+        self.job_sha256 = str(job_sha256)  # attestations of another job do not count
         self.layout = layout
         self.holder_keys = {int(j): bytes(k) for j, k in holder_keys.items()}
         self.strategy = build_strategy(cfg.strategy)
@@ -197,7 +204,12 @@ class Lineage:
                 f"model than round {self.round}'s verified one"
             )
         message = release_message(
-            self.key.fingerprint, r, release.model_sha256, release.count, digest(release.plaintexts)
+            self.key.fingerprint,
+            r,
+            release.model_sha256,
+            release.count,
+            digest(release.plaintexts),
+            self.job_sha256,
         )
         signers = {
             j
@@ -213,13 +225,12 @@ class Lineage:
             raise LineageError(f"round {r}: attestation check failed: count {release.count}")
         plaintexts = ints_from_bytes(release.plaintexts, plaintext_width(self.key.public.n))
         total, stats = self.layout.decode_sum(plaintexts, int(release.count))
-        all_failed = stats.get("clients_failed", 0.0) == int(release.count)
-        if not self.denominator and not stats["weight"] > 0 and not all_failed:
-            # Honest weights are in (0, 1] per client, 0 for a failed one; a colluding
+        if not self.denominator and not stats["weight"] > 0:
+            # Honest weights are in (0, 1] per client (a failed client's too); a colluding
             # client's crafted ciphertexts can wrap the summed weight to 0.
             raise LineageError(
                 f"round {r}: sum check failed: the summed weight {stats['weight']:g} is not "
-                "positive, and not every client of the sum failed"
+                "positive"
             )
         # The step moves the strategy's state (momentum, Adam moments): on a refused sum it
         # goes back, so a crafted release cannot leave its mark on a later check.

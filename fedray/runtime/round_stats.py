@@ -26,11 +26,14 @@ computed from the DP-SGD-trained update and the weight (the server learns the co
 that mode anyway), so the per-example accountant covers it as post-processing.
 
 A client whose training fails (an exception in the task, a diverged update) is, with
-encryption on, sealed as a zero update of zero weight that counts 1 in ``clients_failed``
-(:func:`failed_statistics`): the server learns how many of a sum's clients failed, and
-only once the sum is opened, never which; the reason stays in the host's own log. Under
-DP that count is not released either (and the zero update carries the client's noise
-share, so the sum's noise does not drop).
+encryption on, sealed as a zero update with the weight it would have had, counting 1 in
+``clients_failed`` (:func:`failed_statistics`): the server learns how many of a sum's
+clients failed, and only once the sum is opened, never which; the reason stays in the
+host's own log. Under DP that count is not released, the summed weight is that of a
+round where the client trained, and the zero update carries the client's noise share, so
+nothing of the failure is released. Without DP the sum also shows the failed clients'
+summed weight (``weight`` - ``train_weight``): weights are not known to the server, but
+without DP differencing rounds can reveal them, as it can reveal updates.
 """
 
 from __future__ import annotations
@@ -85,10 +88,11 @@ def client_statistics(
 
 
 def failed_statistics(cfg: Any) -> dict[str, float]:
-    """What a client whose training failed reports: zero weight and nothing else but
-    ``clients_failed`` = 1, inside the encrypted sum like every other client's figures.
-    Under DP the count is not released (travels as 0): which clients' data made training
-    fail is one more release that ε does not cover."""
+    """What a client whose training failed reports besides its weight (which the host
+    sets as for a client that trained): ``clients_failed`` = 1, no loss and no validation
+    figure, inside the encrypted sum like every other client's figures. Under DP the count
+    is not released (travels as 0): how many clients' data made training fail is one more
+    release that ε does not cover."""
     stats = dict.fromkeys(STATS_FIELDS, 0.0)
     if "clients_failed" in released_fields(cfg):
         stats["clients_failed"] = 1.0

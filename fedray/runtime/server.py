@@ -446,22 +446,29 @@ class Server:
     def _failed_in_sum(self, stats: dict[str, float], count: int) -> int:
         """How many of the opened sum's ``count`` clients failed: with encryption each
         failed client is a zero update counted in the encrypted ``clients_failed``, so
-        this is all the server learns of failures (not which; under DP, not even how
-        many). The round is released either way: its sum is opened."""
-        failed = int(round(stats.get("clients_failed", 0.0))) if self.codec is not None else 0
+        this is all the server learns of failures (not which; under DP nothing: honest
+        hosts send 0 there, and the field is ignored). The round is released either way:
+        its sum is opened."""
+        if self.codec is None or self.privacy is not None:
+            return 0
+        failed = int(round(stats.get("clients_failed", 0.0)))
         if not 0 <= failed <= count:  # honest hosts count 0 or 1 per client
-            raise ClusterError(
-                f"round {self.round}: the opened sum counts {failed} failed clients of "
-                f"{count}; the run stops (completed rounds are in metrics.csv and checkpoints/)"
-            )
-        if failed:
             log.warning(
-                "round %d: %d of the sum's %d clients failed (which ones, and why, only "
-                "their sites' logs say)%s",
+                "round %d: the opened sum counts %d failed clients of %d (crafted by a "
+                "client?); reported as %d",
                 self.round,
                 failed,
                 count,
-                "; the model is unchanged" if failed == count else "",
+                min(max(failed, 0), count),
+            )
+            failed = min(max(failed, 0), count)
+        if failed:
+            log.warning(
+                "round %d: %d of the sum's %d clients failed (which ones, and why, only "
+                "their sites' logs say)",
+                self.round,
+                failed,
+                count,
             )
         return failed
 
@@ -605,6 +612,15 @@ class Server:
         )
         return stats
 
+    def _job_sha256(self) -> str:
+        """The job the key holders attest sums of: across organisations the declared
+        job's digest (what every contribution signs), in one cluster ""."""
+        if self.cfg.federation.name != "cross_org":
+            return ""
+        from fedray.federation.site import job_digest
+
+        return job_digest(self.cfg)
+
     def _attest(self, acc, plaintexts: list[int]) -> dict[int, bytes]:
         """t key holders' signatures that ``plaintexts`` open this round's deposited
         updates (see ``KeyHolder.attest``); ClusterError if fewer attest it."""
@@ -635,6 +651,7 @@ class Server:
             self._round_model_sha256,
             acc.count,
             digest(self._opened_bytes),
+            self._job_sha256(),
         )
 
         def valid(j: int, signature: Any) -> str | None:
