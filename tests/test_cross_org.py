@@ -637,6 +637,15 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
         *_train_request(1, [0], nudged, pems),
         match="refusing to train: round 1: lineage check failed: the global model is not",
     )
+    # A crafted request of a later round too; both are refused before the round counts in
+    # the site's record of rounds (or its policy) or opens at its key holder.
+    refused(
+        "train_request",
+        *_train_request(3, [0], weights, pems),
+        match="refusing to train: round 3: lineage check failed: the opened sums up to round 2",
+    )
+    record = w / "a.rounds.json"
+    assert not record.exists() or max(json.loads(record.read_text()).values(), default=0) == 0
 
     reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights, pems), timeout=300)
     body = reply.body

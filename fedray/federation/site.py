@@ -697,6 +697,16 @@ class SiteAgent:
         if foreign:
             raise ch.Refused(f"round {round_num}: clients {foreign[:5]} are not this site's")
         fed = cfg.federation
+        options = self._options(body)
+        weights = np.array(
+            msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
+        )
+        releases = self._releases(msg) if body.releases else None
+        # The model checks first: a crafted model is refused before the round counts in
+        # the site's policy or record, or opens at its key holder.
+        ray.get(
+            self.host.check_model.remote(RoundTask(round_num, clients, options, releases), weights)
+        )
         if self.policy is not None:
             from fedray.federation.policy import TrainRequest
 
@@ -717,15 +727,10 @@ class SiteAgent:
                 f"task {body.task_id}@{body.task_version} is not this site's "
                 f"({fed.task_id}@{fed.task_version})"
             )
-        options = self._options(body)
         self.rounds.take_part(round_num, "trains")  # before anything of the round leaves
-        weights = np.array(
-            msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
-        )
         recipients = self._recipients(round_num, body) if cfg.crypto.fast_decrypt else None
-        releases = self._releases(msg) if body.releases else None
         self._open_round(round_num)
-        task = RoundTask(round_num, clients, options, releases)
+        task = RoundTask(round_num, clients, options, None)  # the sums: checked above
         results = ray.get(self.host.train.remote(task, weights))
         carrier = next((r for r in results if r.encrypted is not None), None)
         failures = [

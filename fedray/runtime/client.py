@@ -446,6 +446,16 @@ class ClientHost:
         with self._on_the_clock():
             return self._train_many(task, global_weights)
 
+    def check_model(self, task: RoundTask, global_weights: np.ndarray) -> bool:
+        """The model checks alone, without training (True, or LineageError): a site's
+        agent asks this before the round counts in its policy and record, so a crafted
+        model spends nothing of them. ``train`` checks again (the sums taken here stay
+        taken)."""
+        if self._lineage is None:  # no model checks in this job
+            return True
+        self._check_lineage(task, global_weights)
+        return True
+
     def _check_lineage(self, task: RoundTask, global_weights: np.ndarray) -> None:
         """Refuse, before training, a global model that is not the next link of the chain
         this host recomputes (one log line here names the round and the check)."""

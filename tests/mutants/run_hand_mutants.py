@@ -2184,6 +2184,16 @@ MUTANTS = [
         "a site that pads its answers still sends its training seconds (the padding undone)",
         "partial_decryptions",
     ),
+    Mutant(
+        "site-counts-before-model-check",
+        "fedray/federation/site.py",
+        "            self.host.check_model.remote(RoundTask(round_num, clients, options, releases), weights)",
+        "            []",
+        ("tests/test_cross_org.py",),
+        "a site counts and opens a round before its host checks the model (train checks it "
+        "later): a crafted model spends the site's record and max_rounds",
+        "hostile",
+    ),
 ]
 
 
