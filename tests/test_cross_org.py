@@ -637,12 +637,12 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
         *_train_request(1, [0], nudged, pems),
         match="refusing to train: round 1: lineage check failed: the global model is not",
     )
-    # A crafted request of a later round too; both are refused before the round counts in
-    # the site's record of rounds (or its policy) or opens at its key holder.
+    # A request of the next round without its opened sum too: both are refused before the
+    # round counts in the site's record of rounds (or its policy) or opens at its holder.
     refused(
         "train_request",
-        *_train_request(3, [0], weights, pems),
-        match="refusing to train: round 3: lineage check failed: the opened sums up to round 2",
+        *_train_request(2, [0], weights, pems),
+        match="refusing to train: round 2: lineage check failed: the opened sums up to round 1",
     )
     record = w / "a.rounds.json"
     assert not record.exists() or max(json.loads(record.read_text()).values(), default=0) == 0

@@ -55,9 +55,12 @@ def test_a_round_whose_clients_all_failed_opens_only_their_count(ray_2cpus, tmp_
         cohort = cfg.clients_per_round
         assert (int(first["clients_ok"]), int(first["clients_failed"])) == (0, cohort)
         assert opened[0]["clients_failed"] == cohort and opened[1]["clients_failed"] == 0
-        # the same clients both rounds (all 10): the same summed weight
-        assert opened[0]["weight"] == pytest.approx(opened[1]["weight"], abs=1e-6)
-        assert opened[0]["train_weight"] == 0 < opened[1]["train_weight"]
+        # the same clients both rounds (all 10): the same summed weights, so none of
+        # them says which clients failed; their losses count as 0 (as a non-finite one)
+        for k in ("weight", "train_weight", "val_weight"):
+            assert opened[0][k] == pytest.approx(opened[1][k], abs=1e-6), k
+        assert opened[0]["train_weight"] > 0 and opened[0]["val_weight"] > 0
+        assert opened[0]["weighted_train_loss"] == 0 < opened[1]["weighted_train_loss"]
         np.testing.assert_array_equal(after_round_1, initial)
     else:  # Poisson cohorts: every client sampled counts as ok, none as failed
         assert int(first["clients_failed"]) == 0 and int(first["clients_ok"]) >= 2

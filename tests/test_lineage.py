@@ -398,3 +398,27 @@ def test_a_sum_attested_in_another_job_is_no_release_of_this_one(threshold_key):
     assert job_b.round == 0
     job_b.advance(attested("b" * 64))
     assert job_b.round == 1 and not np.array_equal(job_b.weights, W0)
+
+
+def test_a_host_checks_no_model_before_it_is_set_up_again():
+    """Across organisations a site's agent asks ``check_model`` before its round counts:
+    a host Ray restarted (no crypto yet) refuses it as ``train`` would, and one whose job
+    has model checks but which holds no chain refuses too: neither passes a model."""
+    from fedray.runtime.client import ClientHost, RoundTask
+
+    host = ClientHost.__new__(ClientHost)
+    host.cfg = compose(SMALL_KEY)
+    host._identity, host._encryptor, host._awaiting_weight_ref, host._lineage = (
+        HostIdentity(),
+        None,
+        False,
+        None,
+    )
+    task = RoundTask(1, [0], {}, None)
+    with pytest.raises(PermissionError, match="crypto is not configured"):
+        host.check_model(task, W0)
+    host._encryptor = object()
+    with pytest.raises(PermissionError, match="model checks are not set up"):
+        host.check_model(task, W0)
+    host.cfg = compose([*SMALL_KEY, "cluster.verify_models=false"])
+    assert host.check_model(task, W0) is True

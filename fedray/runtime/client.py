@@ -424,16 +424,7 @@ class ClientHost:
         Fails closed: a host whose crypto is not configured (Ray restarted it and the
         driver has not set it up again) or whose weight_ref was lost refuses the call
         before it trains, so nothing of its clients reaches the server in the clear."""
-        if self._identity is not None and self._encryptor is None:
-            raise PermissionError(
-                "this host's crypto is not configured (restarted); it trains again once "
-                "the driver has set it up"
-            )
-        if self._awaiting_weight_ref:
-            raise PermissionError(
-                "this host was restarted and has no weight_ref yet; it trains again once "
-                "the driver has set it up"
-            )
+        self._refuse_if_not_set_up()
         if self._lineage is not None:
             self._check_lineage(task, global_weights)
         # Signed with each update: key holders sum only updates of the same model.
@@ -450,11 +441,29 @@ class ClientHost:
         """The model checks alone, without training (True, or LineageError): a site's
         agent asks this before the round counts in its policy and record, so a crafted
         model spends nothing of them. ``train`` checks again (the sums taken here stay
-        taken)."""
-        if self._lineage is None:  # no model checks in this job
+        taken). A host that is not set up (restarted) refuses as ``train`` would, and
+        one of a job with model checks but without its chain refuses too."""
+        from fedray.runtime.lineage import verifies_models
+
+        self._refuse_if_not_set_up()
+        if self._lineage is None:
+            if self._encryptor is not None and verifies_models(self.cfg):
+                raise PermissionError("this host's model checks are not set up")
             return True
         self._check_lineage(task, global_weights)
         return True
+
+    def _refuse_if_not_set_up(self) -> None:
+        if self._identity is not None and self._encryptor is None:
+            raise PermissionError(
+                "this host's crypto is not configured (restarted); it trains again once "
+                "the driver has set it up"
+            )
+        if self._awaiting_weight_ref:
+            raise PermissionError(
+                "this host was restarted and has no weight_ref yet; it trains again once "
+                "the driver has set it up"
+            )
 
     def _check_lineage(self, task: RoundTask, global_weights: np.ndarray) -> None:
         """Refuse, before training, a global model that is not the next link of the chain
@@ -511,6 +520,7 @@ class ClientHost:
         self._to_seal.clear()
         for cid in task.client_ids:
             t0 = time.perf_counter()
+            self._evaluated = None  # (cid, its validation figures) once it has them
             try:
                 result = self._train_one(cid, task, global_weights)
             except Exception as exc:  # one client's failure must not sink its neighbours
@@ -552,11 +562,28 @@ class ClientHost:
         except Exception as exc:  # no zero update without its noise: nothing is sealed
             self._to_seal.clear()
             raise RuntimeError(
-                f"round {task.round}: a client's training failed and no zero update could "
-                f"be sealed in its place ({type(exc).__name__})"
+                f"round {task.round}: this call's updates could not be sealed "
+                f"({type(exc).__name__})"
             ) from None
-        self._to_seal[cid] = (zero, weight, noise, failed_statistics(self.cfg))
+        self._to_seal[cid] = (zero, weight, noise, self._failed_statistics(cid, weight))
         return ClientResult(cid, weight=weight)
+
+    def _failed_statistics(self, cid: int, weight: float) -> dict[str, float]:
+        """A failed client's figures, alike in every weight to a client that trained:
+        its validation figures from before training (0 if they could not be had), a
+        training loss reported as 0 (as a non-finite one is) where the task reports
+        losses, and 1 in ``clients_failed`` (not under DP). So no summed weight tells
+        which clients failed."""
+        evaluated = None
+        last = getattr(self, "_evaluated", None)
+        if last is not None and last[0] == cid:
+            evaluated = last[1]
+        elif self.cfg.federated_eval and metrics_released(self.cfg):
+            val = self.data[cid][1]
+            evaluated = (math.nan, math.nan) if val is not None and len(val) else None
+        loss = math.nan if getattr(self, "_reports_loss", True) else None
+        stats = client_statistics(self.cfg, weight, loss, evaluated, 0)
+        return {**stats, **failed_statistics(self.cfg)}
 
     def _client_weight(self, cid: int, privacy: Any) -> float:
         """A client's weight in the sum: 1 under client-level DP (uniform weights keep the
@@ -574,6 +601,7 @@ class ClientHost:
         self.view.set(global_weights)
         result = ClientResult(cid, weight=1.0)
         evaluated = self._validate(val)
+        self._evaluated = (cid, evaluated)  # a failed client still reports these
         del opts  # the server's options are not trusted for anything that protects a site
         privacy = self._privacy_plan()
         sample_dp = getattr(privacy, "mode", None) == "sample"
@@ -592,6 +620,7 @@ class ClientHost:
         # but non-finite loss counts as reported (sent as 0), so train_weight does not
         # tell the server which sites' data made the loss overflow.
         train_loss = float(metrics["loss"]) if "loss" in metrics else None
+        self._reports_loss = train_loss is not None
         noise = None
         if privacy is not None and not sample_dp:
             from fedray.privacy.dp import privatize_update

@@ -31,9 +31,10 @@ encryption on, sealed as a zero update with the weight it would have had, counti
 clients failed, and only once the sum is opened, never which; the reason stays in the
 host's own log. Under DP that count is not released, the summed weight is that of a
 round where the client trained, and the zero update carries the client's noise share, so
-nothing of the failure is released. Without DP the sum also shows the failed clients'
-summed weight (``weight`` - ``train_weight``): weights are not known to the server, but
-without DP differencing rounds can reveal them, as it can reveal updates.
+nothing of the failure is released (at sample level, only through ``values_clipped``,
+which a failed client sends as 0). Its other weights are those of a client that trained:
+its validation figures from before training, and a training loss reported as 0 (as a
+non-finite one is), so no summed weight says which clients failed.
 """
 
 from __future__ import annotations
@@ -88,15 +89,11 @@ def client_statistics(
 
 
 def failed_statistics(cfg: Any) -> dict[str, float]:
-    """What a client whose training failed reports besides its weight (which the host
-    sets as for a client that trained): ``clients_failed`` = 1, no loss and no validation
-    figure, inside the encrypted sum like every other client's figures. Under DP the count
-    is not released (travels as 0): how many clients' data made training fail is one more
-    release that ε does not cover."""
-    stats = dict.fromkeys(STATS_FIELDS, 0.0)
-    if "clients_failed" in released_fields(cfg):
-        stats["clients_failed"] = 1.0
-    return stats
+    """What marks a client whose training failed: ``clients_failed`` = 1 (the host fills in
+    its weights as for a client that trained), inside the encrypted sum like every other
+    client's figures. Under DP the count is not released (nothing here): how many
+    clients' data made training fail is one more release that ε does not cover."""
+    return {"clients_failed": 1.0} if "clients_failed" in released_fields(cfg) else {}
 
 
 def _storable(value: float) -> float:

@@ -2113,8 +2113,8 @@ MUTANTS = [
     Mutant(
         "failure-count-released-under-dp",
         "fedray/runtime/round_stats.py",
-        '    if "clients_failed" in released_fields(cfg):',
-        "    if True:",
+        '    return {"clients_failed": 1.0} if "clients_failed" in released_fields(cfg) else {}',
+        '    return {"clients_failed": 1.0}',
         ("tests/test_failure_oracle.py",),
         "under DP the sum still counts how many clients failed (a release epsilon does not cover)",
         "dp",
@@ -2150,8 +2150,8 @@ MUTANTS = [
     Mutant(
         "failed-client-weightless",
         "fedray/runtime/client.py",
-        "        self._to_seal[cid] = (zero, weight, noise, failed_statistics(self.cfg))",
-        "        self._to_seal[cid] = (zero, 1e-6, noise, failed_statistics(self.cfg))",
+        "        self._to_seal[cid] = (zero, weight, noise, self._failed_statistics(cid, weight))",
+        "        self._to_seal[cid] = (zero, 1e-6, noise, self._failed_statistics(cid, weight))",
         ("tests/test_failure_oracle.py",),
         "a failed client's zero update carries (almost) no weight: the summed weight tells "
         "how many failed, under DP too",
@@ -2193,6 +2193,34 @@ MUTANTS = [
         "a site counts and opens a round before its host checks the model (train checks it "
         "later): a crafted model spends the site's record and max_rounds",
         "hostile",
+    ),
+    Mutant(
+        "failed-client-train-weightless",
+        "fedray/runtime/client.py",
+        '        loss = math.nan if getattr(self, "_reports_loss", True) else None',
+        "        loss = None",
+        ("tests/test_failure_oracle.py",),
+        "a failed client reports no training weight: weight - train_weight names the failed "
+        "clients' summed weight",
+        "all_failed",
+    ),
+    Mutant(
+        "check-model-skips-set-up",
+        "fedray/runtime/client.py",
+        "        self._refuse_if_not_set_up()\n        if self._lineage is None:\n",
+        "        if self._lineage is None:\n",
+        ("tests/test_lineage.py",),
+        "a restarted host passes any model in check_model (a site then counts the round)",
+        "set_up_again",
+    ),
+    Mutant(
+        "check-model-without-chain-passes",
+        "fedray/runtime/client.py",
+        '                raise PermissionError("this host\'s model checks are not set up")',
+        "                return True",
+        ("tests/test_lineage.py",),
+        "a host of a checked job without its chain passes any model in check_model",
+        "set_up_again",
     ),
 ]
 
