@@ -297,17 +297,21 @@ class RoundRecord:
 
     def take_part(self, round_num: int, what: str) -> None:
         """Refuse a round at or before an earlier process's last one; else record it."""
+        self.refuse_taken(round_num, what)
+        if round_num > self.last:
+            data = self._load()
+            data[self.name] = max(int(round_num), int(data.get(self.name, 0)))
+            self._save(data)
+            self.last = int(round_num)
+
+    def refuse_taken(self, round_num: int, what: str) -> None:
+        """Refuse a round at or before an earlier process's last one (records nothing)."""
         if round_num <= self.floor:
             raise ch.Refused(
                 f"round {round_num}: this site took part in rounds up to {self.floor} of this "
                 f"job under this key before (an earlier run or process, federation.state "
                 f"{self.path}); it {what} no round twice"
             )
-        if round_num > self.last:
-            data = self._load()
-            data[self.name] = max(int(round_num), int(data.get(self.name, 0)))
-            self._save(data)
-            self.last = int(round_num)
 
 
 def check_site_config(cfg: FedrayConfig) -> None:
@@ -697,13 +701,23 @@ class SiteAgent:
         if foreign:
             raise ch.Refused(f"round {round_num}: clients {foreign[:5]} are not this site's")
         fed = cfg.federation
+        self.rounds.refuse_taken(round_num, "trains")  # first: nothing else is looked at
+        if self.policy is None and (body.task_id, body.task_version) != (
+            fed.task_id,
+            fed.task_version,
+        ):
+            raise ch.Refused(
+                f"task {body.task_id}@{body.task_version} is not this site's "
+                f"({fed.task_id}@{fed.task_version})"
+            )
         options = self._options(body)
         weights = np.array(
             msg.blob(body.global_weights).array(np.float32, (self.num_values,)), copy=True
         )
         releases = self._releases(msg) if body.releases else None
-        # The model checks first: a crafted model is refused before the round counts in
-        # the site's policy or record, or opens at its key holder.
+        recipients = self._recipients(round_num, body) if cfg.crypto.fast_decrypt else None
+        # The request's checks first: one the site refuses (a crafted model) counts the
+        # round in neither its policy nor its record, nor opens it at its key holder.
         ray.get(
             self.host.check_model.remote(RoundTask(round_num, clients, options, releases), weights)
         )
@@ -722,13 +736,7 @@ class SiteAgent:
                     },
                 )
             )
-        elif (body.task_id, body.task_version) != (fed.task_id, fed.task_version):
-            raise ch.Refused(
-                f"task {body.task_id}@{body.task_version} is not this site's "
-                f"({fed.task_id}@{fed.task_version})"
-            )
         self.rounds.take_part(round_num, "trains")  # before anything of the round leaves
-        recipients = self._recipients(round_num, body) if cfg.crypto.fast_decrypt else None
         self._open_round(round_num)
         task = RoundTask(round_num, clients, options, None)  # the sums: checked above
         results = ray.get(self.host.train.remote(task, weights))
