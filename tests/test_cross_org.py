@@ -648,6 +648,7 @@ def test_a_site_refuses_what_a_hostile_coordinator_asks(hostile):
     assert not record.exists() or max(json.loads(record.read_text()).values(), default=0) == 0
 
     reply = peer.call("train_request", *_train_request(1, [0, 1, 2], weights, pems), timeout=300)
+    assert list(json.loads(record.read_text()).values()) == [1]  # recorded before it left
     body = reply.body
     statement = json.loads(body.contribution)
     assert statement["client_ids"] == [0, 1, 2] and statement["host"] == 0

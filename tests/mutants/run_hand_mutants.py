@@ -2086,9 +2086,9 @@ MUTANTS = [
         "fedray/federation/site.py",
         '        self.rounds.take_part(round_num, "trains")  # before anything of the round leaves\n',
         "",
-        ("tests/test_cross_org_units.py",),
+        ("tests/test_cross_org.py",),
         "a site trains a round without checking or recording it",
-        "records_the_rounds",
+        "hostile",
     ),
     Mutant(
         "failed-client-error-reaches-server",
