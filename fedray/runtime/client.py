@@ -552,13 +552,7 @@ class ClientHost:
         log.warning("round %d: client %d failed: %s", task.round, cid, failed.error)
         try:
             zero = np.zeros(self.view.size, dtype=np.float32)
-            noise, privacy = None, self._privacy_plan()
-            weight = self._client_weight(cid, privacy)
-            if privacy is not None and getattr(privacy, "mode", None) != "sample":
-                from fedray.privacy.dp import privatize_update
-
-                seed = client_seed(self.cfg.seed + 7919, task.round, cid)
-                zero, noise = privatize_update(zero, privacy, seed)
+            zero, noise, weight = self._weighted(cid, task.round, zero, self._privacy_plan())
         except Exception as exc:  # no zero update without its noise: nothing is sealed
             self._to_seal.clear()
             raise RuntimeError(
@@ -578,19 +572,24 @@ class ClientHost:
         last = getattr(self, "_evaluated", None)
         if last is not None and last[0] == cid:
             evaluated = last[1]
-        elif self.cfg.federated_eval and metrics_released(self.cfg):
-            val = self.data[cid][1]
-            evaluated = (math.nan, math.nan) if val is not None and len(val) else None
+        elif self._validates(self.data[cid][1]):  # its evaluation failed: sent as 0
+            evaluated = (math.nan, math.nan)
         loss = math.nan if getattr(self, "_reports_loss", True) else None
         stats = client_statistics(self.cfg, weight, loss, evaluated, 0)
         return {**stats, **failed_statistics(self.cfg)}
 
-    def _client_weight(self, cid: int, privacy: Any) -> float:
-        """A client's weight in the sum: 1 under client-level DP (uniform weights keep the
-        sensitivity bound C), else its examples over weight_ref, at most 1."""
-        if privacy is not None and getattr(privacy, "mode", None) != "sample":
-            return 1.0
-        return min(1.0, len(self.data[cid][0]) / self.weight_ref)
+    def _weighted(self, cid: int, round_num: int, delta: np.ndarray, privacy: Any) -> tuple:
+        """A client's update as it is sealed, (delta, noise share or None, weight): under
+        client-level DP clipped, with its noise share, and weight 1 (uniform weights keep
+        the sensitivity bound C); else as it is, weighted by its examples over weight_ref
+        (at most 1)."""
+        if privacy is None or getattr(privacy, "mode", None) == "sample":
+            return delta, None, min(1.0, len(self.data[cid][0]) / self.weight_ref)
+        from fedray.privacy.dp import privatize_update
+
+        seed = client_seed(self.cfg.seed + 7919, round_num, cid)
+        delta, noise = privatize_update(delta, privacy, seed)
+        return delta, noise, 1.0
 
     def _train_one(self, cid: int, task: RoundTask, global_weights: np.ndarray) -> ClientResult:
         """One client's local round through the task: evaluate, train, take the delta."""
@@ -621,25 +620,24 @@ class ClientHost:
         # tell the server which sites' data made the loss overflow.
         train_loss = float(metrics["loss"]) if "loss" in metrics else None
         self._reports_loss = train_loss is not None
-        noise = None
-        if privacy is not None and not sample_dp:
-            from fedray.privacy.dp import privatize_update
-
-            seed = client_seed(self.cfg.seed + 7919, task.round, cid)
-            delta, noise = privatize_update(delta, privacy, seed)
-        result.weight = self._client_weight(cid, privacy)
+        delta, noise, result.weight = self._weighted(cid, task.round, delta, privacy)
         result.stats = self._statistics(result.weight, delta, train_loss, evaluated)
         return self._finish(result, delta, noise)
 
     def _validate(self, val) -> tuple[float, float] | None:
         """(loss, accuracy) of the global model on a client's validation split; None
         without one, and not computed where it would not be sent (DP: see round_stats)."""
-        if not (self.cfg.federated_eval and metrics_released(self.cfg)):
-            return None
-        if val is None or not len(val):
+        if not self._validates(val):
             return None
         m = self.task.evaluate(self.model, val)
         return float(m["loss"]), float(m["accuracy"])
+
+    def _validates(self, val) -> bool:
+        """Whether a client computes and sends validation figures: it has a validation
+        split, ``federated_eval`` is on, and they would be released (not under DP)."""
+        if not (self.cfg.federated_eval and metrics_released(self.cfg)):
+            return False
+        return val is not None and len(val) > 0
 
     def _statistics(self, weight, delta, train_loss, evaluated) -> dict[str, float]:
         """What the client reports, by the one definition of both modes (with crypto,

@@ -451,17 +451,17 @@ class Server:
         its sum is opened."""
         if self.codec is None or self.privacy is not None:
             return 0
-        failed = int(round(stats.get("clients_failed", 0.0)))
-        if not 0 <= failed <= count:  # honest hosts count 0 or 1 per client
+        counted = int(round(stats.get("clients_failed", 0.0)))  # a slot: never negative
+        failed = min(counted, count)  # honest hosts count 0 or 1 per client
+        if failed != counted:
             log.warning(
                 "round %d: the opened sum counts %d failed clients of %d (crafted by a "
                 "client?); reported as %d",
                 self.round,
-                failed,
+                counted,
                 count,
-                min(max(failed, 0), count),
+                failed,
             )
-            failed = min(max(failed, 0), count)
         if failed:
             log.warning(
                 "round %d: %d of the sum's %d clients failed (which ones, and why, only "

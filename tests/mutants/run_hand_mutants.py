@@ -195,8 +195,8 @@ MUTANTS = [
     Mutant(
         "fedavg-unweighted",
         "fedray/runtime/client.py",
-        "        return min(1.0, len(self.data[cid][0]) / self.weight_ref)",
-        "        return 1.0",
+        "            return delta, None, min(1.0, len(self.data[cid][0]) / self.weight_ref)",
+        "            return delta, None, 1.0",
         ("tests/test_aggregation_e2e.py",),
         "clients send weight 1 instead of their example count over the largest client's",
         "fedavg and plain",
@@ -2104,8 +2104,8 @@ MUTANTS = [
     Mutant(
         "failed-client-without-noise",
         "fedray/runtime/client.py",
-        "                zero, noise = privatize_update(zero, privacy, seed)",
-        "                noise = None",
+        "            zero, noise, weight = self._weighted(cid, task.round, zero, self._privacy_plan())",
+        "            zero, noise, weight = zero, None, 1.0",
         ("tests/test_failure_oracle.py",),
         "a failed client's zero update carries no noise share (the round's DP noise drops)",
         "dp",
@@ -2169,8 +2169,8 @@ MUTANTS = [
     Mutant(
         "failure-count-unclamped",
         "fedray/runtime/server.py",
-        "            failed = min(max(failed, 0), count)\n",
-        "",
+        "        failed = min(counted, count)  # honest hosts count 0 or 1 per client",
+        "        failed = counted",
         ("tests/test_failure_oracle.py",),
         "a crafted failure count above the sum's clients is reported as it is",
         "crafted",
