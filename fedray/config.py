@@ -36,7 +36,11 @@ STRATEGIES = (
 # Strategies that must see each client's update in the clear: refused with encryption.
 PLAINTEXT_ONLY_STRATEGIES = ("median", "trimmed_mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "shards")
-MISSING_VALUES = ("error", "drop_rows")  # impute_mean needs secure aggregation: not yet
+MISSING_VALUES = ("error", "drop_rows", "impute_mean")
+STANDARDIZE = ("auto", "global", "site", "none")
+# Data sets whose features fedray scales (digits has a fixed scale; synthetic is generated
+# at unit scale; text is tokenised).
+SCALED_DATASETS = ("breast_cancer", "wine", "csv")
 EXTRA_COLUMNS = ("ignore", "error")
 CRYPTO = ("paillier", "none")
 OBFUSCATORS = ("fixed_base", "standard")
@@ -89,9 +93,14 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     """Share of each client's examples held out as its validation split (federated
     evaluation), in [0, 1)."""
-    standardize: bool = True
-    """Standardise features per site with the site's own statistics (not applied to
-    ``digits``)."""
+    standardize: str = "auto"
+    """How features are scaled: ``global`` (z-scored with the federation-wide mean and
+    deviation, opened once before round 1 by the same secure aggregation as the updates:
+    the server learns the federation's per-feature sums, never a site's), ``site`` (each
+    client with its own training rows' mean and deviation), ``none``, or ``auto``:
+    ``global``, but ``site`` under ``privacy=dp`` (the sums are not noised, so they are not
+    released) and across organisations (not built yet), and ``none`` for ``digits``,
+    ``synthetic`` and text. ``true``/``false`` read as ``auto``/``none``."""
     alpha: float = 0.5
     """FedProx Synthetic(alpha, beta): how much the clients' labelling models differ."""
     beta: float = 0.5
@@ -122,7 +131,10 @@ class DatasetConfig:
     """``csv``: columns a file has beyond the features and the label: ``ignore`` (logged)
     or ``error``."""
     missing: str = "error"
-    """``csv``: a row with an empty cell is an ``error``, or dropped (``drop_rows``)."""
+    """``csv``: a row with an empty cell is an ``error``, dropped (``drop_rows``), or its
+    empty feature cells are filled with the federation-wide mean of the column
+    (``impute_mean``: opened before round 1 by secure aggregation, like ``standardize=global``;
+    not with ``privacy=dp``; a row without a label is still an error)."""
     categorical: Any = None
     """``csv``: column -> its allowed values, one-hot in this order, e.g. ``{sex: [F, M]}``;
     null: none. Typed Any, so that both ``dataset.categorical={sex:[F,M]}`` and
@@ -143,6 +155,10 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         _choice("dataset", self.name, DATASETS)
+        # true/false (also as OmegaConf's "True"/"False" for a str field) read as auto/none
+        mode = {"true": "auto", "false": "none"}.get(str(self.standardize).lower())
+        self.standardize = mode or str(self.standardize)
+        _choice("dataset.standardize", self.standardize, STANDARDIZE)
         if self.weight_ref is not None:
             _positive("dataset.weight_ref", self.weight_ref)
         _choice("dataset.partition", self.partition, PARTITIONS)
@@ -181,11 +197,6 @@ class DatasetConfig:
     def _check_table_options(self) -> None:
         """dataset.features / extra_columns / missing / categorical (dataset=csv)."""
         _choice("dataset.extra_columns", self.extra_columns, EXTRA_COLUMNS)
-        if self.missing == "impute_mean":
-            raise ConfigError(
-                "dataset.missing=impute_mean is not available yet (it needs a federation-wide "
-                "mean by secure aggregation); choose one of: " + ", ".join(MISSING_VALUES)
-            )
         _choice("dataset.missing", self.missing, MISSING_VALUES)
         if self.name != "csv" and (self.features is not None or self.categorical):
             which = "dataset.features" if self.features is not None else "dataset.categorical"
@@ -919,6 +930,57 @@ def _validate_task(cfg: FedrayConfig) -> None:
         )
 
 
+def standardization(cfg: FedrayConfig) -> str:
+    """How the job's features are scaled: ``global``, ``site`` or ``none``
+    (``dataset.standardize`` resolved: see its doc)."""
+    ds = cfg.dataset
+    built_in = not cfg.task._target_ and cfg.model.name != "hf"
+    if ds.standardize == "none" or ds.name not in SCALED_DATASETS or not built_in:
+        return "none"
+    if ds.standardize == "auto":
+        return (
+            "site" if cfg.privacy.name == "dp" or cfg.federation.name == "cross_org" else "global"
+        )
+    return ds.standardize
+
+
+def needs_feature_statistics(cfg: FedrayConfig) -> bool:
+    """Whether the job opens the federation's per-feature sums before round 1 (global
+    standardisation, or means to impute missing cells with)."""
+    imputes = cfg.dataset.name == "csv" and cfg.dataset.missing == "impute_mean"
+    return standardization(cfg) == "global" or imputes
+
+
+def _validate_scaling(cfg: FedrayConfig) -> None:
+    """dataset.standardize=global and dataset.missing=impute_mean open federation-wide
+    feature sums: refused where that cannot be done, or not honestly."""
+    ds = cfg.dataset
+    asked = []
+    if ds.standardize == "global":
+        asked.append(("dataset.standardize=global", "dataset.standardize=site"))
+    if ds.name == "csv" and ds.missing == "impute_mean":
+        asked.append(("dataset.missing=impute_mean", "dataset.missing=drop_rows"))
+    for what, instead in asked:
+        why = None
+        if ds.name not in SCALED_DATASETS:
+            why = (
+                f"it applies to dataset={'|'.join(SCALED_DATASETS)} (digits has a fixed "
+                "scale, synthetic data is generated at unit scale, text is tokenised)"
+            )
+            instead = "dataset.standardize=auto|none"
+        elif cfg.task._target_ or cfg.model.name == "hf":
+            why = "it prepares the built-in task's tables; a task._target_ prepares its own"
+        elif cfg.privacy.name == "dp":
+            why = (
+                "with privacy=dp the federation's feature sums would be opened without "
+                "noise, outside the (epsilon, delta) accounting"
+            )
+        elif cfg.federation.name == "cross_org":
+            why = "across organisations the sites' pre-round sum of feature statistics is not built yet"
+        if why:
+            raise ConfigError(f"{what} is not available here: {why}; use {instead}")
+
+
 def validate(cfg: FedrayConfig) -> None:
     """Cross-field rules. Raises ConfigError naming the keys and the allowed values."""
     if cfg.federation.name != "cross_org":  # across organisations: the sites' (site.py)
@@ -971,6 +1033,7 @@ def validate(cfg: FedrayConfig) -> None:
                 "is not supported with it"
             )
     _validate_task(cfg)
+    _validate_scaling(cfg)
     if cfg.compression.name != "none" and cfg.crypto.name != "none":
         raise ConfigError(
             f"compression={cfg.compression.name} applies to plaintext updates; use crypto=none "

@@ -30,13 +30,17 @@ FORMAT = 1
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "fedray_model.json"
 # How a run scaled its features (``scaling.mode`` in the spec file):
-#   none       the values as the table holds them (dataset.standardize=false, synthetic)
+#   none       the values as the table holds them (dataset.standardize=none, synthetic)
+#   global     z-scored with the federation-wide ``mean`` and ``std`` (per feature) the run
+#              opened before round 1 (dataset.standardize=global, the default)
 #   per_table  each table z-scored with its own mean and deviation: every site's clients
-#              and the server's test set were, in training (dataset.standardize=true, the
-#              default); so a table to predict is scaled with its own statistics too and
-#              needs at least 2 rows
+#              and the server's test set were, in training (dataset.standardize=site); so
+#              a table to predict is scaled with its own statistics too and needs at
+#              least 2 rows
 #   divide     a fixed divisor (digits: pixel intensities 0..16 divided by 16)
-SCALING = ("none", "per_table", "divide")
+# ``impute_mean`` (dataset.missing=impute_mean): the federation-wide means empty cells
+# were filled with, before scaling; null otherwise.
+SCALING = ("none", "global", "per_table", "divide")
 
 
 def _saved_config(run_dir: Path):
@@ -72,13 +76,30 @@ def _features(cfg: Any, summary: dict[str, Any]) -> list[str]:
     return list(features)
 
 
-def _scaling(cfg: Any) -> dict[str, Any]:
+def _scaling(cfg: Any, run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    from fedray.config import needs_feature_statistics, standardization
+
     ds = cfg.dataset
     if ds.name == "digits":
         return {"mode": "divide", "divisor": 16.0}
-    if ds.name == "synthetic" or not ds.standardize:
-        return {"mode": "none"}
-    return {"mode": "per_table", "min_std": 1e-8}
+    mode = standardization(cfg)
+    if not needs_feature_statistics(cfg):
+        return {"mode": "per_table", "min_std": 1e-8} if mode == "site" else {"mode": "none"}
+    if "feature_scaling" not in state:  # a run of fedray before it: every table by its own
+        return {"mode": "per_table", "min_std": 1e-8}
+    opened = state["feature_scaling"]
+    if opened is None:
+        raise DataError(
+            f"{run_dir}: the checkpoint holds no feature scaling, though the run's "
+            "settings (dataset.standardize=global or dataset.missing=impute_mean) open one"
+        )
+    out: dict[str, Any] = {"mode": {"site": "per_table"}.get(mode, mode)}
+    if mode == "global":
+        out.update(mean=list(opened["mean"]), std=list(opened["std"]))
+    if mode == "site":
+        out["min_std"] = 1e-8
+    out["impute_mean"] = list(opened["mean"]) if opened["impute"] else None
+    return out
 
 
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dict[str, Any]:
@@ -153,7 +174,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> dic
         "categorical": {k: list(v) for k, v in spec.categorical.items()},
         "label": cfg.dataset.label if cfg.dataset.name == "csv" else "target",
         "classes": list(range(int(num_classes))),
-        "scaling": _scaling(cfg),
+        "scaling": _scaling(cfg, run_dir, state),
         "source": _source(cfg, run_dir, state, summary),
     }
     (out / SPEC_FILE).write_text(json.dumps(written, indent=2) + "\n")

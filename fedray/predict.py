@@ -28,7 +28,7 @@ import numpy as np
 
 from fedray.errors import DataError, FedrayError
 
-MISSING = ("error", "drop_rows")
+MISSING = ("error", "drop_rows", "impute_mean")
 
 
 @dataclass
@@ -57,6 +57,11 @@ class ExportedModel:
         """Scale a feature matrix (columns in :attr:`features` order) as the run did."""
         scaling = self.spec["scaling"]
         x = np.asarray(x, dtype=np.float32)
+        if scaling.get("impute_mean") is not None:  # the federation's means, from training
+            x = np.where(np.isnan(x), np.asarray(scaling["impute_mean"], np.float32), x)
+        if scaling["mode"] == "global":  # the federation's mean and deviation
+            mean = np.asarray(scaling["mean"], dtype=np.float64)
+            return ((x - mean) / np.asarray(scaling["std"], dtype=np.float64)).astype(np.float32)
         if scaling["mode"] == "divide":
             return (x / np.float32(scaling["divisor"])).astype(np.float32)
         if scaling["mode"] == "per_table":
@@ -92,6 +97,11 @@ class ExportedModel:
         from fedray.data.tables import read_table, table_columns
 
         labelled = self.spec["label"] in table_columns(path)
+        if missing == "impute_mean" and self.spec["scaling"].get("impute_mean") is None:
+            raise DataError(
+                "--missing impute_mean needs the federation's means, which only a run with "
+                "dataset.missing=impute_mean exports; use --missing error|drop_rows"
+            )
         try:
             x, y = read_table(path, self.table_spec(missing), labelled=labelled)
         except DataError as exc:  # the fixing option is predict's own here
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "--missing",
         choices=MISSING,
         default="error",
-        help="a row with an empty cell: error (default) or drop_rows",
+        help="a row with an empty cell: error (default), drop_rows, or impute_mean (the "
+        "federation's means, for a model trained with dataset.missing=impute_mean)",
     )
     args = ap.parse_args(argv)
     try:

@@ -44,8 +44,8 @@ class FabricatedSumServer(Server):
     """Claims an opened sum of round 1 with one slot raised by one, and asks the key
     holders to attest it (they multiply the deposited updates themselves)."""
 
-    def _open_with_share_sums(self, acc):
-        plaintexts = super()._open_with_share_sums(acc)
+    def _open_with_share_sums(self, acc, layout, unmasker):
+        plaintexts = super()._open_with_share_sums(acc, layout, unmasker)
         if self.round == 1:
             plaintexts = [plaintexts[0] + 1, *plaintexts[1:]]
         return plaintexts

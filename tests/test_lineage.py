@@ -414,6 +414,7 @@ def test_a_host_checks_no_model_before_it_is_set_up_again():
         False,
         None,
     )
+    host._needs_scaling = False  # its data prepared (tests/test_feature_scaling.py)
     task = RoundTask(1, [0], {}, None)
     with pytest.raises(PermissionError, match="crypto is not configured"):
         host.check_model(task, W0)

@@ -302,7 +302,7 @@ def _variant(update, **changes):
     ("changes", "message"),
     [
         ({"key_id": "someone-else"}, "encrypted under another key"),
-        ({"num_values": 61}, "has 61 values, the model has 60"),
+        ({"num_values": 61}, "has 61 values, the sum has 60"),
         ({"count": 0}, "count 0 is not a positive integer"),
         ({"count": -2}, "count -2 is not a positive integer"),
         ({"count": 1.0}, "count 1.0 is not a positive integer"),

@@ -64,6 +64,14 @@ class RecordingServer(Server):
                 "identities": [ray.get(h.identity.remote())[0] for h in hosts],
                 "attestation_keys": ray.get([h.attestation_key.remote() for h in key_holders]),
             }
+            from fedray.config import needs_feature_statistics
+
+            if needs_feature_statistics(self.cfg):  # round 0: the federation's feature sums
+                from fedray.crypto.secure_aggregation import feature_sums_codec
+
+                codec = feature_sums_codec(self.cfg, key.public, self.info.num_features)
+                facts["feature_ciphertexts"] = codec.num_ciphertexts
+                facts["feature_values"] = codec.num_values
             (Path(self.record_dir) / "facts.pkl").write_bytes(pickle.dumps(facts))
         return done
 
@@ -271,9 +279,50 @@ def _train_call_problems(rec, nodes, facts, cfg, where) -> list[str]:
     return problems
 
 
+def _feature_sums_problems(rec, nodes, facts, where) -> list[str]:
+    """A host's feature sums (round 0): one sealed update of the feature-sums layout,
+    covering exactly the host's clients, and nothing in the clear beside it."""
+    r, key = rec["obj"], facts["key"]
+    if type(r) is not ClientResult or "feature_ciphertexts" not in facts:
+        return [f"{where}: a {type(r).__name__} where a host's sealed feature sums may be"]
+    enc = r.encrypted
+    if type(enc) is not EncryptedUpdate:
+        return [f"{where}: feature sums that are not one EncryptedUpdate"]
+    host = facts["host_of"].get(r.client_id)
+    own = sorted(c for c, h in facts["host_of"].items() if h == host)
+    allowed = {
+        "client_id": lambda v: type(v) is int and v == own[0],
+        "weight": lambda v: type(v) is float and v == 0.0,
+        "delta": lambda v: v is None,
+        "encrypted": lambda v: True,  # checked below
+        "compressed": lambda v: v is None,
+        "stats": lambda v: v is None,
+        "train_seconds": lambda v: type(v) is float and v == 0.0,
+        "encrypt_seconds": lambda v: type(v) is float and v == 0.0,
+        "bytes_up": lambda v: type(v) is int and v == 0,
+        "bytes_to_key_holders": lambda v: type(v) is int and v == 0,
+        "node_id": lambda v: type(v) is str and v in nodes,
+        "error": lambda v: v is None,
+    }
+    size = facts["feature_ciphertexts"] * key.public.ciphertext_bytes
+    on_update = {
+        "key_id": lambda v: v == key.fingerprint,
+        "num_values": lambda v: type(v) is int and v == facts["feature_values"],
+        "ciphertexts": lambda v: type(v) is bytes and len(v) == size,
+        "count": lambda v: type(v) is int and v == 1,
+        "client_ids": lambda v: type(v) is tuple and list(v) == own,
+        "update_id": lambda v: (
+            type(v) is str and re.fullmatch(f"h{host}-[0-9a-f]{{32}}", v) is not None
+        ),
+    }
+    return _check_fields(r, allowed, where) + _check_fields(enc, on_update, f"{where}.encrypted")
+
+
 def _holder_answer_problems(rec, facts, where) -> list[str]:
     """A key holder's answer: about the sum only, and of the size the key fixes."""
     key, obj, num = facts["key"], rec["obj"], facts["num_ciphertexts"]
+    if rec["round"] == 0:  # the federation's feature sums
+        num = facts.get("feature_ciphertexts", -1)
     n2 = key.n * key.n
     if rec["channel"] == "_attest":  # a key holder's attestation key: 32 public bytes
         if type(obj) is bytes and len(obj) == 32:
@@ -328,6 +377,8 @@ def server_view_problems(cfg, received, facts, nodes) -> list[str]:
         where = f"answer {i} (round {rec['round']}, {rec['channel']})"
         if rec["channel"] == "_collect":
             problems += _train_call_problems(rec, nodes, facts, cfg, where)
+        elif rec["channel"] == "open_feature_sums" and rec["round"] == 0:
+            problems += _feature_sums_problems(rec, nodes, facts, where)
         elif rec["channel"] == "_approvals":
             problems += _approval_problems(rec, facts, where)
         elif rec["channel"] in ("_ask_holders", "_decrypt_with_private_key", "_attest"):
@@ -337,10 +388,9 @@ def server_view_problems(cfg, received, facts, nodes) -> list[str]:
         else:
             problems.append(f"{where}: a kind of answer not on the allow-list")
     for r, count in ranges.items():  # the ranges make up one sum, once
-        if count != facts["num_ciphertexts"]:
-            problems.append(
-                f"round {r}: {count} values decrypted, a sum has {facts['num_ciphertexts']}"
-            )
+        expected = facts["num_ciphertexts"] if r else facts.get("feature_ciphertexts")
+        if count != expected:
+            problems.append(f"round {r}: {count} values decrypted, a sum has {expected}")
     return problems
 
 
@@ -359,7 +409,10 @@ def test_with_crypto_everything_the_server_receives_is_on_the_allow_list(
     batches = [rec for rec in received if rec["channel"] == "_collect"]
     assert sum(len(rec["obj"]) for rec in batches) == 2 * 10
     opened_by = "_decrypt_with_private_key" if cfg.crypto.custody == "shared" else "_ask_holders"
-    assert {rec["round"] for rec in received if rec["channel"] == opened_by} == {1, 2}
+    # round 0: the federation's feature sums (dataset.standardize=global, the default)
+    assert {rec["round"] for rec in received if rec["channel"] == opened_by} == {0, 1, 2}
+    sums = [rec for rec in received if rec["channel"] == "open_feature_sums"]
+    assert len(sums) == 2 and all(rec["obj"].encrypted is not None for rec in sums)
     for obj in (o for rec in received for o in _walk(rec["obj"])):
         assert not isinstance(obj, np.ndarray), "an array reached the server"
     assert find_key_material([rec["obj"] for rec in received], facts["key"].n) == []
@@ -474,9 +527,53 @@ def test_the_recorder_sees_plaintext_updates_when_crypto_is_off(ray_2cpus, tmp_p
     and each client's statistics: its weight and weight-weighted figures, no example count
     (the same definition as the encrypted statistics)."""
     _, received, _ = _record(tmp_path, ["crypto=none"])
-    assert {rec["channel"] for rec in received} == {"_collect"}
+    assert {rec["channel"] for rec in received} == {"_collect", "open_feature_sums"}
+    # Without crypto each host's feature sums (round 0) come in the clear too.
+    sums = [rec["obj"] for rec in received if rec["channel"] == "open_feature_sums"]
+    assert len(sums) == 2 and all(r.delta.shape == (90,) for r in sums)
+    received = [rec for rec in received if rec["channel"] == "_collect"]
     results = [r for rec in received for r in rec["obj"]]
     assert all(isinstance(r.delta, np.ndarray) for r in results)
     assert all(set(r.stats) == set(STATS_FIELDS) for r in results)
     assert all(r.stats["weight"] == r.weight > 0 for r in results)
     assert {f.name for f in dataclasses.fields(ClientResult)} >= {"weight", "stats", "delta"}
+
+
+def _feature_sums_record(tweak=None):
+    key = type(
+        "Key",
+        (),
+        {"fingerprint": "f" * 16, "public": type("Public", (), {"ciphertext_bytes": 128})()},
+    )()
+    facts = {
+        "key": key,
+        "host_of": {0: 0, 1: 0, 2: 1},
+        "feature_ciphertexts": 4,
+        "feature_values": 90,
+    }
+    enc = EncryptedUpdate(key.fingerprint, 90, b"\1" * 512, 1, (0, 1), "h0-" + "b" * 32)
+    res = ClientResult(0, encrypted=enc, node_id="node")
+    if tweak is not None:
+        tweak(res)
+    return facts, {"round": 0, "channel": "open_feature_sums", "obj": res}
+
+
+@pytest.mark.parametrize(
+    ("tweak", "complaint"),
+    [
+        (lambda r: setattr(r, "delta", np.zeros(90)), "delta="),
+        (lambda r: setattr(r, "weight", 0.5), "weight=0.5: not a value"),
+        (lambda r: setattr(r.encrypted, "client_ids", (0,)), "client_ids=(0,)"),
+        (lambda r: setattr(r.encrypted, "num_values", 30), "num_values=30"),
+        (lambda r: setattr(r, "encrypted", None), "not one EncryptedUpdate"),
+    ],
+)
+def test_the_allow_list_takes_a_hosts_sealed_feature_sums_only(tweak, complaint):
+    """Round 0 (the federation's feature sums): a host's sealed sums over exactly its own
+    clients pass; plaintext sums, a weight, or an update of other clients fail."""
+    cfg = compose(SMALL_KEY)
+    facts, good = _feature_sums_record()
+    assert server_view_problems(cfg, [good], facts, {"node"}) == []
+    facts, bad = _feature_sums_record(tweak)
+    problems = server_view_problems(cfg, [bad], facts, {"node"})
+    assert any(complaint in p for p in problems), problems

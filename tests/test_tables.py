@@ -140,7 +140,8 @@ def test_drop_rows_drops_exactly_the_rows_with_a_missing_cell(tmp_path):
         read_table(path, SPEC)
     assert _one_line(err) == (
         f"{path}: row 5, column 'bmi' is empty (a missing value); set "
-        "dataset.missing=drop_rows to drop the rows with a missing cell"
+        "dataset.missing=drop_rows to drop the rows with a missing cell, or impute_mean to "
+        "fill them with the federation-wide mean"
     )
     x, y = read_table(path, replace(SPEC, missing="drop_rows"))
     keep = [i for i in range(20) if i not in holes]  # the empty 'note' cells do not count
@@ -235,10 +236,9 @@ def test_the_check_before_ray_reads_headers_only(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"missing": "impute_mean"}, "dataset.missing=impute_mean is not available yet"),
         (
             {"missing": "zero"},
-            "dataset.missing='zero' is not allowed; choose one of: error, drop_rows",
+            "dataset.missing='zero' is not allowed; choose one of: error, drop_rows, impute_mean",
         ),
         ({"extra_columns": "warn"}, "dataset.extra_columns='warn' is not allowed; choose one of"),
         ({"features": ["age", "age"]}, "dataset.features names age more than once"),

@@ -239,3 +239,90 @@ class StatsCodec:
         slots = [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
         scale = float(1 << self.frac_bits)
         return {name: slots[i] / scale for i, name in enumerate(self.fields)}
+
+
+@dataclass(frozen=True)
+class FeatureSumsCodec:
+    """The federation's per-feature sums (``dataset.standardize=global``,
+    ``dataset.missing=impute_mean``) packed as exact signed fixed-point integers.
+
+    A sealed update is one host's sum over its clients of ``3 * num_features`` values (non-empty
+    cells, sums, sums of squares: :func:`fedray.data.datasets.feature_sums`). Each value is
+    ``round(v * 2^frac_bits)`` plus an offset of ``2^(value_bits - 1)``, so a slot is never
+    negative; ``slot_bits`` adds ``ceil(log2(max_summands))`` bits of headroom for the
+    ``max_summands`` host updates of a sum, so sums never carry, and decoding subtracts one
+    offset per update. A value outside ``+-2^(value_bits - 1 - frac_bits)`` is refused by
+    the host that encodes it (its sums could not be carried exactly).
+    """
+
+    key_bits: int
+    num_features: int
+    max_summands: int
+    value_bits: int = 104
+    # The precision of the round weights (StatsCodec): the values are over weight_ref, and
+    # a finer grid would let continued fractions find weight_ref in them where the weights
+    # do not (an integer-valued column's sum over weight_ref has denominator weight_ref).
+    frac_bits: int = 24
+
+    @property
+    def num_values(self) -> int:
+        return 3 * self.num_features
+
+    @property
+    def offset(self) -> int:
+        return 1 << (self.value_bits - 1)
+
+    @property
+    def slot_bits(self) -> int:
+        return self.value_bits + max(0, math.ceil(math.log2(self.max_summands)))
+
+    @property
+    def slots_per_ciphertext(self) -> int:
+        return (self.key_bits - 1) // self.slot_bits
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return -(-self.num_values // self.slots_per_ciphertext)
+
+    def encode(self, values: np.ndarray) -> list[int]:
+        """One host's summed values -> packed plaintexts; ValueError if one is too large."""
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape != (self.num_values,) or not np.all(np.isfinite(v)):
+            raise ValueError(f"expected {self.num_values} finite values, got shape {v.shape}")
+        scale = 1 << self.frac_bits
+        slots = [round(float(x) * scale) + self.offset for x in v]
+        if any(not 0 <= q < 2 * self.offset for q in slots):
+            raise ValueError(
+                f"a feature sum is beyond +-2^{self.value_bits - 1 - self.frac_bits}: too "
+                "large to add up exactly (rescale the column)"
+            )
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        out = []
+        for i in range(0, len(slots), s):
+            m = 0
+            for k, q in enumerate(slots[i : i + s]):
+                m |= q << (k * b)
+            out.append(m)
+        return out
+
+    def fits(self, plaintexts: list[int]) -> bool:
+        """Whether opened plaintexts are within what packing can produce."""
+        width = self.slots_per_ciphertext * self.slot_bits
+        return len(plaintexts) == self.num_ciphertexts and all(
+            0 <= m < 1 << width for m in plaintexts
+        )
+
+    def decode_sum(self, plaintexts: list[int], updates: int) -> np.ndarray:
+        """The opened sum of ``updates`` encodings -> the summed float values."""
+        if not 1 <= updates <= self.max_summands:
+            raise ValueError(f"updates={updates} must be between 1 and {self.max_summands}")
+        if not self.fits(plaintexts):
+            raise ValueError("the opened plaintexts do not fit the feature sums' packing")
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        mask = (1 << b) - 1
+        slots = [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
+        scale = float(1 << self.frac_bits)
+        return np.array(
+            [(q - updates * self.offset) / scale for q in slots[: self.num_values]],
+            dtype=np.float64,
+        )

@@ -18,7 +18,7 @@ from typing import Any
 import gmpy2
 import numpy as np
 
-from fedray.crypto.codec import PackedPaillierCodec, StatsCodec
+from fedray.crypto.codec import FeatureSumsCodec, PackedPaillierCodec, StatsCodec
 from fedray.crypto.paillier import (
     KeyHolderEncryptor,
     PrivateKey,
@@ -70,6 +70,14 @@ class UpdateLayout:
     @property
     def num_ciphertexts(self) -> int:
         return self.codec.num_ciphertexts + self.stats.num_ciphertexts
+
+    @property
+    def num_values(self) -> int:
+        return self.codec.num_values
+
+    @property
+    def max_summands(self) -> int:
+        return self.codec.max_summands
 
     def encode_sum(self, entries: list[tuple[np.ndarray, float, np.ndarray | None, dict]]):
         """Plaintexts for ``(update, weight, noise_steps, stats)`` entries, summed."""
@@ -147,11 +155,19 @@ class ClientEncryptor:
 
         Returns it with one blob of exponent shares per key holder (None without shares).
         """
-        plaintexts = self.layout.encode_sum(entries)
+        update, shares = self.encrypt_plaintexts(self.layout.encode_sum(entries))
+        update.count = len(entries)
+        return update, shares
+
+    def encrypt_plaintexts(
+        self, plaintexts: list[int]
+    ) -> tuple[EncryptedUpdate, list[bytes] | None]:
+        """Encrypt packed plaintexts (a layout's encoding) as one update of ``count`` 1,
+        with one blob of exponent shares per key holder (None without shares)."""
         if self._pool is not None and self.pool_size < len(plaintexts):
             if self.share:  # the workers share the exponents too, in parallel
                 ciphertexts, shares = self._pool.encrypt_and_share(plaintexts)
-                return self._update(ciphertexts, len(entries)), shares
+                return self._update(ciphertexts, 1), shares
             ciphertexts, exponents = self._pool.encrypt(plaintexts)
         elif self._private_enc is not None:
             cts = self._private_enc.encrypt_many(plaintexts)
@@ -160,7 +176,7 @@ class ClientEncryptor:
             cts, exponents = self._public_enc.encrypt_many(plaintexts)
             ciphertexts = to_bytes(self.public, cts)
         shares = share_exponents(self.key, exponents) if self.share and exponents else None
-        return self._update(ciphertexts, len(entries)), shares
+        return self._update(ciphertexts, 1), shares
 
     def _update(self, ciphertexts: bytes, count: int) -> EncryptedUpdate:
         return EncryptedUpdate(
@@ -219,16 +235,16 @@ class EncryptedSum:
         """RejectedUpdate unless key, length, count and payload size are this sum's."""
         if update.key_id != self.public.fingerprint:
             raise RejectedUpdate("encrypted under another key")
-        if update.num_values != self.layout.codec.num_values:
+        if update.num_values != self.layout.num_values:
             raise RejectedUpdate(
-                f"has {update.num_values} values, the model has {self.layout.codec.num_values}"
+                f"has {update.num_values} values, the sum has {self.layout.num_values}"
             )
         if not isinstance(update.count, int) or update.count < 1:
             raise RejectedUpdate(f"count {update.count!r} is not a positive integer")
-        if self.count + update.count > self.layout.codec.max_summands:
+        if self.count + update.count > self.layout.max_summands:
             raise RejectedUpdate(
                 f"the sum holds {self.count} updates; {update.count} more would exceed "
-                f"the maximum {self.layout.codec.max_summands}"
+                f"the maximum {self.layout.max_summands}"
             )
         expected = self.layout.num_ciphertexts * self.public.ciphertext_bytes
         data = update.ciphertexts
@@ -269,3 +285,10 @@ def codec_for(cfg, public: PublicKey, num_values: int) -> PackedPaillierCodec:
         quant_bits=cfg.crypto.quant_bits,
         clip=clip,
     )
+
+
+def feature_sums_codec(cfg, public: PublicKey, num_features: int) -> FeatureSumsCodec:
+    """The codec of the federation's feature sums (opened once, before round 1): hosts
+    and server derive the same one. Headroom for ``num_clients`` updates, more than the
+    hosts there are."""
+    return FeatureSumsCodec(public.key_bits, int(num_features), max(1, int(cfg.num_clients)))

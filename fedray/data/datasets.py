@@ -2,12 +2,15 @@
 
 Bundled scikit-learn data sets are split deterministically from the seed, so every actor
 computes the same split and keeps only its own clients' rows. Features are standardised
-per site with the site's own statistics (a site cannot see another site's data).
+with the federation-wide mean and deviation (``dataset.standardize=global``: the sums are
+opened once before round 1 by secure aggregation, and every party applies one
+:class:`FeatureScaling`), or per site with the site's own statistics (``site``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedray.config import DatasetConfig
+from fedray.config import SCALED_DATASETS, DatasetConfig
 from fedray.data.partition import partition_indices
 from fedray.data.synthetic import synthetic_client
 from fedray.data.tables import (
@@ -149,6 +152,119 @@ def _write_split(path: Path, split) -> None:
             os.unlink(tmp)
 
 
+def site_scales(cfg: DatasetConfig) -> bool:
+    """Whether a site z-scores its features with its own statistics when it loads them
+    (what a direct call does; a job that opens federation-wide sums loads them raw)."""
+    return cfg.standardize != "none" and cfg.name in SCALED_DATASETS
+
+
+def feature_sums(x: np.ndarray) -> np.ndarray:
+    """One table's per-feature sums, what a site adds to the federation's: the count of
+    non-empty cells, their sum and their sum of squares (``3 * width`` values)."""
+    x = np.asarray(x, dtype=np.float64)
+    present = ~np.isnan(x)
+    v = np.where(present, x, 0.0)
+    return np.concatenate([present.sum(axis=0), v.sum(axis=0), (v * v).sum(axis=0)])
+
+
+@dataclass(frozen=True)
+class FeatureScaling:
+    """How every party prepares features once the federation's sums are opened: empty
+    cells filled with the federation-wide mean (``impute``), then z-scored with the
+    federation-wide mean and deviation (``mode="global"``), each table's own (``site``),
+    or left as they are (``none``). The same object at every site, the server (its test
+    set) and in the exported model."""
+
+    mode: str
+    impute: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_sums(
+        cls, sums: np.ndarray, mode: str, impute: bool, max_cells: float | None = None
+    ) -> FeatureScaling:
+        """From the federation's summed :func:`feature_sums` (population deviation); the
+        sums may be in any common unit (each site divides its own by weight_ref, so the
+        non-empty cells of a column are at most ``max_cells``, the number of clients).
+        Sums no honest sites give (no cell, more cells than clients, a negative variance
+        beyond rounding) are refused: DataError."""
+        count, total, squares = np.asarray(sums, dtype=np.float64).reshape(3, -1)
+        empty = np.flatnonzero(count <= 0)
+        if empty.size:
+            raise DataError(
+                f"feature column(s) {', '.join(str(int(j)) for j in empty[:5])} (0-based, "
+                "in the job's feature order) have no value at any site: drop them from "
+                "dataset.features"
+            )
+        mean = total / count
+        var = squares / count - mean * mean
+        # a crafted site: more cells than clients, or sums of squares below the square of
+        # the sums (Cauchy-Schwarz) by more than the fixed-point grid explains
+        slack = 1e-6 * (squares / count + 1.0)
+        if (max_cells is not None and (count > max_cells * (1 + 1e-9)).any()) or (
+            var < -slack
+        ).any():
+            raise DataError(
+                "the opened feature sums are not what honest sites send (more non-empty "
+                "cells than clients, or a negative variance): a site crafted its sums"
+            )
+        std = np.sqrt(np.maximum(var, 0.0))
+        std[std < 1e-8] = 1.0
+        return cls(mode, bool(impute), tuple(map(float, mean)), tuple(map(float, std)))
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "impute": self.impute,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureScaling:
+        """From :meth:`to_dict`'s form; DataError unless it is one (a mode, finite means,
+        deviations > 0, one of each per feature)."""
+        try:
+            mode, impute = str(d["mode"]), d["impute"]
+            mean = tuple(float(v) for v in d["mean"])
+            std = tuple(float(v) for v in d["std"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"a feature scaling without its fields ({exc})") from None
+        if (
+            mode not in ("global", "site", "none")
+            or not isinstance(impute, bool)
+            or len(mean) != len(std)
+            or not all(math.isfinite(v) for v in mean + std)
+            or min(std, default=1.0) <= 0
+        ):
+            raise DataError(
+                "a feature scaling that is not one (mode, finite means, deviations > 0)"
+            )
+        return cls(mode, impute, mean, std)
+
+    def apply(self, x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+        """``x`` prepared (float32); with ``mode="site"`` z-scored by ``ref``'s statistics
+        (a client's training rows; default ``x`` itself), after both are imputed."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise DataError(
+                f"a table of {x.shape[-1]} feature columns; the federation's statistics "
+                f"have {len(self.mean)}"
+            )
+        mean = np.asarray(self.mean)
+        x = self._imputed(x)
+        if self.mode == "global":
+            return ((x - mean) / np.asarray(self.std)).astype(np.float32)
+        if self.mode == "site":
+            return _standardize(x, x if ref is None else self._imputed(ref))
+        return x.astype(np.float32)
+
+    def _imputed(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(np.isnan(x), np.asarray(self.mean), x) if self.impute else x
+
+
 def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     mean = ref.mean(axis=0)
     std = ref.std(axis=0)
@@ -172,9 +288,12 @@ def _holdout(client_id: int, x, y, fraction: float, seed: int) -> ClientData:
 
 
 def load_client_data(
-    cfg: DatasetConfig, client_ids: list[int], num_clients: int, seed: int
+    cfg: DatasetConfig, client_ids: list[int], num_clients: int, seed: int, *, raw: bool = False
 ) -> dict[int, ClientData]:
-    """Load the given clients' data. Runs inside a client actor; nothing is shipped."""
+    """Load the given clients' data. Runs inside a client actor; nothing is shipped.
+
+    ``raw``: not standardised (and, with ``dataset.missing=impute_mean``, with NaN in
+    empty cells): the job prepares it with the federation's :class:`FeatureScaling`."""
     out: dict[int, ClientData] = {}
     if cfg.name in BUNDLED:
         xtr, ytr, _, _ = _bundled_split(cfg.name, cfg.test_fraction, seed)
@@ -189,7 +308,7 @@ def load_client_data(
         for cid in client_ids:
             x, y = xtr[parts[cid]], ytr[parts[cid]]
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
-            if cfg.standardize and cfg.name != "digits":
+            if site_scales(cfg) and not raw:
                 _standardize_site(data)
             out[cid] = data
     elif cfg.name == "synthetic":
@@ -209,7 +328,7 @@ def load_client_data(
         for cid in client_ids:
             x, y = read_table(cfg.path.format(client_id=cid), spec)
             data = _holdout(cid, x, y, cfg.holdout_fraction, seed)
-            if cfg.standardize:
+            if site_scales(cfg) and not raw:
                 _standardize_site(data)
             out[cid] = data
     else:  # guarded by the config schema
@@ -217,13 +336,14 @@ def load_client_data(
     return out
 
 
-def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int):
-    """The server's central test set, or (None, None) when the job has none."""
+def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int, *, raw: bool = False):
+    """The server's central test set, or (None, None) when the job has none (``raw``: as
+    in :func:`load_client_data`)."""
     if cfg.name in BUNDLED:
         _, _, xte, yte = _bundled_split(cfg.name, cfg.test_fraction, seed)
         if len(yte) == 0:
             return None, None
-        if cfg.standardize and cfg.name != "digits":
+        if site_scales(cfg) and not raw:
             xte = _standardize(xte, xte)
         return xte, yte
     if cfg.name == "synthetic":
@@ -249,7 +369,7 @@ def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int):
         return np.concatenate(xs), np.concatenate(ys)
     if cfg.name == "csv" and cfg.test_path:
         x, y = read_table(cfg.test_path, job_table_spec(cfg))
-        return (_standardize(x, x) if cfg.standardize else x), y
+        return (_standardize(x, x) if site_scales(cfg) and not raw else x), y
     return None, None
 
 

@@ -211,6 +211,17 @@ def read_table(path: str, spec: TableSpec, *, labelled: bool = True) -> tuple[np
     missing = np.zeros(rows, dtype=bool)
     for name in wanted:
         missing |= codes[name] < 0 if name in codes else np.isnan(values[name])
+    if missing.any() and spec.missing == "impute_mean":
+        # Feature cells stay empty (NaN), filled with the federation-wide mean once it is
+        # opened (fedray.data.datasets.FeatureScaling); a label cannot be imputed.
+        no_label = np.isnan(values[spec.label]) if labelled else np.zeros(rows, dtype=bool)
+        if no_label.any():
+            raise DataError(
+                f"{path}: {_row(path, int(np.argmax(no_label)))}, label column "
+                f"{spec.label!r} is empty; dataset.missing=impute_mean fills feature cells "
+                "only: fill in the label, or set dataset.missing=drop_rows"
+            )
+        missing[:] = False
     if missing.any():
         first = int(np.argmax(missing))
         if spec.missing != "drop_rows":
@@ -221,7 +232,8 @@ def read_table(path: str, spec: TableSpec, *, labelled: bool = True) -> tuple[np
             )
             raise DataError(
                 f"{path}: {_row(path, first)}, column {col!r} is empty (a missing value); "
-                "set dataset.missing=drop_rows to drop the rows with a missing cell"
+                "set dataset.missing=drop_rows to drop the rows with a missing cell, or "
+                "impute_mean to fill them with the federation-wide mean"
             )
         keep = ~missing
         log.info(
@@ -263,6 +275,7 @@ def _matrix(features, categorical, values, codes, rows: int, spec: TableSpec) ->
         if name in codes:
             k = len(categorical[name])
             x[:, j : j + k] = codes[name][:, None] == np.arange(k)[None, :]
+            x[codes[name] < 0, j : j + k] = np.nan  # impute_mean: filled in later
             j += k
         else:
             x[:, j] = values[name]

@@ -160,6 +160,13 @@ class ClientHost:
         self._job_sha256 = ""  # across organisations: its site's declared job (SiteHost)
         self._model_sha256 = ""
         self._plan = None  # the DP plan: built with the codec when crypto is configured
+        # dataset.standardize=global / missing=impute_mean: the data waits, raw, for the
+        # federation's FeatureScaling (set_feature_scaling); no training before it.
+        from fedray.config import needs_feature_statistics
+
+        self._needs_scaling = needs_feature_statistics(cfg)
+        self._scaling: dict[str, Any] | None = None
+        self._feature_sums_given = False
         try:
             import warnings
 
@@ -197,7 +204,7 @@ class ClientHost:
         asks this to find hosts that Ray restarted (they fail closed until set up)."""
         if self._identity is not None and self._encryptor is None:
             return False
-        return not self._awaiting_weight_ref
+        return not self._awaiting_weight_ref and not self._awaiting_scaling
 
     def install_private_key(self, private: Any) -> bool:
         """Shared custody only: the key dealer gives every host the private key. Once."""
@@ -357,6 +364,85 @@ class ClientHost:
         self._set_up_closed = True  # the server exists only after this: it cannot ask
         return True
 
+    @property
+    def _awaiting_scaling(self) -> bool:
+        return self._needs_scaling and self._scaling is None
+
+    def feature_sums(self, round_num: int = 0) -> ClientResult:
+        """This host's clients' summed feature statistics (their training rows'
+        non-empty cells, sums and sums of squares, per feature, each over weight_ref),
+        once per job, before its first round; the server opens their sum over the hosts
+        (see :class:`~fedray.data.datasets.FeatureScaling`).
+
+        With crypto they are sealed as a round's update is: encrypted, signed and
+        deposited with the key holders for round 0, whose one sum every host approves
+        (:meth:`approve`); the server sees only the federation's sums. Without crypto
+        they go in the clear, as updates do."""
+        from fedray.crypto.secure_aggregation import feature_sums_codec
+
+        self._refuse_if_not_set_up(scaled=False)
+        if not self._needs_scaling or int(round_num) != 0:
+            raise PermissionError(
+                "feature sums are given once, for round 0, and only in a job with "
+                "dataset.standardize=global or dataset.missing=impute_mean"
+            )
+        if self._feature_sums_given or self._scaling is not None:
+            raise PermissionError("this host has given its feature sums (once per job)")
+        self._feature_sums_given = True
+        ids = tuple(self.client_ids)
+        # Over weight_ref, as the FedAvg weights are: a summed count of rows beside the
+        # summed weight would give the server weight_ref (the largest site's size).
+        total = np.sum([self.task.feature_sums(self.data[cid]) for cid in ids], axis=0)
+        total = total / float(self.weight_ref)
+        result = ClientResult(ids[0], node_id=self.node_id())
+        if self._encryptor is None:
+            result.delta = np.asarray(total, dtype=np.float64)
+            return result
+        codec = feature_sums_codec(self.cfg, self._key.public, len(total) // 3)
+        try:
+            plaintexts = codec.encode(total)
+        except ValueError as exc:
+            raise ValueError(f"this site's feature sums cannot be sealed: {exc}") from None
+        with self._on_the_clock():
+            update, shares = self._encryptor.encrypt_plaintexts(plaintexts)
+        update.num_values, update.client_ids = codec.num_values, ids
+        self._sealed.clear()
+        self._signed.clear()
+        self._sealed_round = 0
+        self._model_sha256 = ""
+        accepted = self._await_deposits(self._deposit(0, update, shares))
+        if accepted < self._key.threshold:
+            raise RuntimeError(
+                f"only {accepted} key holders accepted this host's feature sums "
+                f"({self._key.threshold} needed)"
+            )
+        self._sealed[update.update_id] = update.ciphertexts
+        result.encrypted = update
+        return result
+
+    def set_feature_scaling(self, scaling: dict[str, Any], signature: bytes) -> bool:
+        """Prepare every hosted client's data with the federation's scaling (opened from
+        the feature sums), as the driver signed it: the server cannot give sites
+        different ones. Once; the same again is a no-op (a restarted host is sent it
+        again)."""
+        from fedray.data.datasets import FeatureScaling
+        from fedray.runtime.keys import scaling_message, verify
+
+        if not self._needs_scaling:
+            raise PermissionError("this job prepares no data with federation-wide statistics")
+        if self._authority is None or not verify(
+            self._authority, signature, scaling_message(scaling)
+        ):
+            raise PermissionError("feature scaling not signed by the job's set-up key")
+        if self._scaling is not None:
+            if scaling_message(scaling) != scaling_message(self._scaling):
+                raise PermissionError("this host's data is already prepared, with another scaling")
+            return True
+        prepared = FeatureScaling.from_dict(scaling)
+        self.data = {cid: self.task.prepare(d, prepared) for cid, d in self.data.items()}
+        self._scaling = dict(scaling)
+        return True
+
     def _check_set_up_open(self, method: str) -> None:
         """Set-up calls answer the driver only, before the server exists (the server
         holds this host's handle and could otherwise read per-site sizes through them).
@@ -453,7 +539,7 @@ class ClientHost:
         self._check_lineage(task, global_weights)
         return True
 
-    def _refuse_if_not_set_up(self) -> None:
+    def _refuse_if_not_set_up(self, scaled: bool = True) -> None:
         if self._identity is not None and self._encryptor is None:
             raise PermissionError(
                 "this host's crypto is not configured (restarted); it trains again once "
@@ -463,6 +549,12 @@ class ClientHost:
             raise PermissionError(
                 "this host was restarted and has no weight_ref yet; it trains again once "
                 "the driver has set it up"
+            )
+        if scaled and self._awaiting_scaling:
+            raise PermissionError(
+                "this host's data is not prepared yet (dataset.standardize=global or "
+                "dataset.missing=impute_mean: it waits for the federation's feature "
+                "statistics); it trains once the driver has sent them"
             )
 
     def _check_lineage(self, task: RoundTask, global_weights: np.ndarray) -> None:

@@ -133,9 +133,11 @@ def set_up_keys(
     assignment: dict[int, int],
     authority,
     lineage_root: dict[str, Any] | None = None,
+    feature_sums: bool = False,
 ):
     """Key holders on the hosts' nodes, the dealer's shares, signed host configuration
-    (with model checks: the holders' attestation keys and ``lineage_root``)."""
+    (with model checks: the holders' attestation keys and ``lineage_root``).
+    ``feature_sums``: the holders also open the federation's feature sums (round 0)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -158,6 +160,7 @@ def set_up_keys(
             authority.public_bytes(),
             cfg.crypto.custody,
             max_rounds=cfg.rounds,
+            feature_sums=feature_sums,
         )
         for j, node in enumerate(nodes)
     ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedray.config import FedrayConfig, min_clients
+from fedray.config import FedrayConfig, min_clients, standardization
 from fedray.errors import ClusterError, ConfigError, DataError, FedrayError, Interrupted
 from fedray.runtime.outputs import (
     MetricsWriter,
@@ -35,6 +35,8 @@ log = logging.getLogger("fedray")
 READY_TIMEOUT_S = 180.0
 # The DP accountant after every released round, next to the checkpoints (see resume).
 PRIVACY_LEDGER = "privacy_ledger.json"
+# The federation's feature scaling (dataset.standardize=global, missing=impute_mean).
+FEATURE_SCALING = "feature_scaling.json"
 
 
 def _progress(cfg: FedrayConfig, m: dict[str, Any]) -> None:
@@ -355,6 +357,8 @@ class _Job:
     lineage: Any = None  # with model checks: the driver's own chain (see _checked_state)
     # (weight_ref, the driver's signature of it): given back to restarted hosts
     weight_ref: tuple[float, bytes] | None = None
+    # (the federation's feature scaling, the driver's signature): to restarted hosts too
+    scaling: tuple[dict[str, Any], bytes] | None = None
     metrics_writer: MetricsWriter | None = None
     tensorboard: TensorBoardWriter | None = None
     sigint: _StopOnSigint | None = None
@@ -528,9 +532,17 @@ def _set_up_hosts(job: _Job, lineage_root: dict[str, Any] | None = None) -> dict
     weight_ref_signature = job.authority.sign_bytes(weight_ref_message(weight_ref))
     job.weight_ref = (weight_ref, weight_ref_signature)
     if cfg.crypto.name == "paillier":
+        from fedray.config import needs_feature_statistics
         from fedray.runtime.custody import set_up_keys
 
-        job.custody = set_up_keys(cfg, hosts, job.placement.assignment, job.authority, lineage_root)
+        job.custody = set_up_keys(
+            cfg,
+            hosts,
+            job.placement.assignment,
+            job.authority,
+            lineage_root,
+            feature_sums=needs_feature_statistics(cfg) and not job.resumed,
+        )
     job.public_key = job.custody.key if job.custody else None
     for answer in ray.get(
         [h.set_weight_ref.remote(weight_ref, weight_ref_signature) for h in hosts]
@@ -618,10 +630,54 @@ def _start_server(
             ]
         )
     )
+    _feature_scaling(job, resume_state)  # before the window closes round 0
     _key_holders_window(job, saved, counts[0])
     if getattr(job.custody, "holder_keys", None) is not None:  # RemoteCustody: none
         job.lineage = _driver_lineage(job, counts[0], resume_state)
     return counts
+
+
+def _feature_scaling(job: _Job, resume_state: dict[str, Any] | None) -> None:
+    """``dataset.standardize=global`` / ``missing=impute_mean``: the server opens the
+    federation's feature sums (round 0's one sum, with crypto), the driver signs the
+    scaling they give, and every host prepares its data with it before round 1 (a resume
+    takes the checkpoint's: the key holders open no second round 0). Written to
+    feature_scaling.json, which ``python -m fedray.export`` puts in the exported model."""
+    import ray
+
+    from fedray.config import needs_feature_statistics
+    from fedray.runtime.keys import scaling_message
+
+    cfg = job.cfg
+    if not needs_feature_statistics(cfg) or cfg.federation.name == "cross_org":
+        return
+    if resume_state is not None:
+        scaling = resume_state.get("feature_scaling")
+        if scaling is None:
+            raise ConfigError(
+                "the checkpoint holds no feature scaling (its run scaled each site by its "
+                "own statistics, the default before fedray opened federation-wide ones): "
+                "resume with dataset.standardize=site"
+            )
+    else:
+        t0 = time.perf_counter()
+        scaling = _get(job.server.open_feature_sums.remote())
+        if cfg.progress:
+            print(
+                f"[fedray] federation-wide feature statistics opened "
+                f"({'' if job.public_key else 'in the clear, '}"
+                f"{len(scaling['mean'])} features; {time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
+    signature = job.authority.sign_bytes(scaling_message(scaling))
+    job.scaling = (scaling, signature)
+    refs = [h.set_feature_scaling.remote(scaling, signature) for h in job.hosts]
+    for i, ref in enumerate(refs):
+        try:
+            ray.get(ref)
+        except Exception as exc:  # a dead host: _refresh_hosts gives it to its successor
+            log.warning("client host %d did not take the feature scaling: %s", i, exc)
+    write_json(job.output_dir / FEATURE_SCALING, scaling)
 
 
 def _models_checked(cfg: Any, custody: Any) -> bool:
@@ -659,6 +715,8 @@ def _checked_state(job: _Job) -> dict[str, Any]:
     from fedray.runtime.lineage import LineageError
 
     state = ray.get(job.server.state_dict.remote())
+    if job.scaling is not None:  # the driver's own, as it signed it: what a resume uses
+        state["feature_scaling"] = job.scaling[0]
     if job.lineage is None:
         return state
     r = int(state["round"])
@@ -774,6 +832,11 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
         "privacy": cfg.privacy.name,
         "strategy": cfg.strategy.name,
         "dataset": cfg.dataset.name,
+        # How features were scaled (global: the federation's mean and deviation, opened
+        # before round 1; site: each client's own; none), and whether empty cells were
+        # filled with the federation's means (feature_scaling.json has both)
+        "standardize": standardization(cfg),
+        "impute_mean": cfg.dataset.name == "csv" and cfg.dataset.missing == "impute_mean",
         "model": cfg.model.name,
         # The model's input: the table columns it was trained on, in order (csv/parquet;
         # null: a built-in dataset's own), its width and classes (python -m fedray.export)
@@ -891,12 +954,15 @@ def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
             log.debug("client host %d is not available: %s", i, exc)
             continue
         if job.custody is not None:
-            public, _ = ray.get(host.identity.remote())
-            job.custody.re_register(i, public, from_round)
+            public, configured = ray.get(host.identity.remote())
+            if not configured:  # restarted (a host only awaiting its scaling is not)
+                job.custody.re_register(i, public, from_round)
         if job.weight_ref is not None:  # a restarted host starts from 1.0 again
             answer = ray.get(host.set_weight_ref.remote(*job.weight_ref))
             if answer is not True:
                 raise ConfigError(answer)
+        if job.scaling is not None:  # and from its raw data
+            ray.get(host.set_feature_scaling.remote(*job.scaling))
         restarted.append(i)
     if restarted:
         log.warning(

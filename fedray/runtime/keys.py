@@ -246,6 +246,12 @@ def weight_ref_message(weight_ref: float) -> bytes:
     return json.dumps({"weight_ref": float(weight_ref)}, sort_keys=True).encode()
 
 
+def scaling_message(scaling: dict) -> bytes:
+    """What the driver signs so a host prepares its data with the federation's feature
+    scaling (:class:`~fedray.data.datasets.FeatureScaling`, as a dict)."""
+    return json.dumps({"feature_scaling": scaling}, sort_keys=True).encode()
+
+
 def registration_message(
     key_id: str, host: int, public_key: bytes, epoch: int, from_round: int
 ) -> bytes:
@@ -316,23 +322,27 @@ class KeyHolder:
         max_rounds: int,
         identity: bytes = b"",
         job_sha256: str = "",
+        feature_sums: bool = False,
     ):
         """``identity``: a PEM Ed25519 private key to attest with (across organisations,
         the site's manifest key, which every other site checks attestations with); by
         default a fresh one made here. ``job_sha256``: across organisations, the digest of
-        the job this holder's site declared; it takes contributions of that job only."""
+        the job this holder's site declared; it takes contributions of that job only.
+        ``feature_sums``: the job opens the federation's feature sums before round 1, as
+        the one sum of round 0 (:meth:`restrict` to round 1 on closes it)."""
         if min_clients < 2:
             raise ValueError(f"min_clients={min_clients}: key holders need at least 2")
         if int(max_rounds) < 1:
             raise ValueError(f"max_rounds={max_rounds}: must be at least 1")
-        self._first_round, self._max_rounds = 1, int(max_rounds)
+        self._first_round, self._max_rounds = 0 if feature_sums else 1, int(max_rounds)
         self._opened = 0  # the latest round the driver opened (see open_round)
         self.index = int(index)
         self.key: ThresholdPublicKey | None = None
         self.custody = custody
         self._peers = {int(h): bytes(k) for h, k in peers.items()}
         self._epochs = {h: 0 for h in self._peers}
-        self._from_round = {h: 1 for h in self._peers}  # a re-registered host: later
+        # a re-registered host: later
+        self._from_round = {h: self._first_round for h in self._peers}
         self._assignment = {int(c): int(h) for c, h in assignment.items()}
         self._min_clients = int(min_clients)
         self._authority = bytes(authority)
@@ -551,6 +561,11 @@ class KeyHolder:
         clients = [c for d in deposits for c in d.client_ids]
         if len(set(clients)) != len(clients):
             raise PermissionError("the sum counts a client twice")
+        if round_num == 0 and set(clients) != set(self._assignment):
+            raise PermissionError(
+                "round 0: the federation's feature sums are opened with every client of the "
+                "federation in them (a sum of some sites would be those sites' statistics)"
+            )
         if len(clients) < self._min_clients:
             raise PermissionError(
                 f"refusing to decrypt a sum of {len(clients)} clients (fewer than the "

@@ -22,7 +22,7 @@ import numpy as np
 from fedray.config import FedrayConfig, min_clients
 from fedray.crypto.secure_aggregation import codec_for
 from fedray.data.datasets import DatasetInfo
-from fedray.errors import ClusterError
+from fedray.errors import ClusterError, DataError
 from fedray.runtime.client import PARALLEL_MIN_CIPHERTEXTS, ClientResult, RoundTask
 from fedray.runtime.round_stats import round_metrics, sum_statistics
 
@@ -183,7 +183,11 @@ class Server:
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.noise_rng = np.random.default_rng([cfg.seed, 2])
         self.round = 0
-        self.test = self.task.load_test_data()
+        self.info = info
+        self.test = self._raw_test = self.task.load_test_data()
+        # dataset.standardize=global / missing=impute_mean: the federation's FeatureScaling
+        # (a dict), opened before round 1 (open_feature_sums) or loaded on resume
+        self.scaling: dict[str, Any] | None = None
         self.hosts: list[Any] = []
         self.assignment: dict[int, int] = {}
         self._groups: list[list[int]] | None = None
@@ -297,9 +301,12 @@ class Server:
             "rng": self.rng.bit_generator.state,
             "noise_rng": self.noise_rng.bit_generator.state,
             "privacy": self.privacy.state_dict() if self.privacy is not None else None,
+            "feature_scaling": self.scaling,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("feature_scaling") is not None:
+            self.set_feature_scaling(state["feature_scaling"])
         self.round = int(state["round"])
         self.weights = np.asarray(state["weights"], dtype=np.float32)
         self.strategy.load_state_dict(state["strategy"])
@@ -307,6 +314,111 @@ class Server:
         self.noise_rng.bit_generator.state = state["noise_rng"]
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])
+
+    # -- before round 1: the federation's feature statistics ---------------------------
+    def open_feature_sums(self) -> dict[str, Any]:
+        """Ask every host for its clients' feature sums and open their sum: with crypto
+        by the key holders, as the one sum of round 0 (every host approves it), so this
+        server learns the federation's per-feature counts, sums and sums of squares,
+        never a site's. Returns the :class:`~fedray.data.datasets.FeatureScaling` (a
+        dict) and prepares the test set with it. ClusterError if a host gives none (a
+        sum of some sites would be their statistics), or the sum cannot be opened."""
+        from fedray.config import needs_feature_statistics, standardization
+        from fedray.data.datasets import FeatureScaling
+
+        if not self._is_set_up or not needs_feature_statistics(self.cfg):
+            raise ClusterError("this job opens no feature sums, or the server is not set up")
+        if self.round != 0 or self.scaling is not None:
+            raise ClusterError("the feature sums are opened once, before round 1")
+        refs = {self.hosts[h].feature_sums.remote(0): h for h in range(len(self.hosts))}
+        got: list[tuple[int, ClientResult]] = []
+        for ref, h in refs.items():
+            try:
+                res = self._fetch(ref)
+            except Exception as exc:
+                self._no_feature_sums(h, _first_line(exc))
+            if not isinstance(res, ClientResult):
+                self._no_feature_sums(h, f"it answered a {type(res).__name__}")
+            got.append((h, res))
+        width = int(self.info.num_features)
+        if self.key is None:
+            total = self._plain_feature_sums(got, width)
+        else:
+            total = self._open_sealed_feature_sums(got, width)
+        try:
+            scaling = FeatureScaling.from_sums(
+                total,
+                standardization(self.cfg),
+                self.cfg.dataset.missing == "impute_mean",
+                max_cells=float(self.cfg.num_clients),
+            )
+        except DataError as exc:
+            raise ClusterError(f"{exc}; the run stops before round 1") from None
+        self.set_feature_scaling(scaling.to_dict())
+        return self.scaling
+
+    @staticmethod
+    def _no_feature_sums(host: int, why: str):
+        """A statistic of some sites only would be those sites' statistics (and the key
+        holders open round 0's sum only with every client in it): the run stops."""
+        raise ClusterError(
+            f"client host {host} gave no feature sums ({why}); the federation-wide statistics "
+            "need every site, so the run stops before round 1 (run it again, or use "
+            "dataset.standardize=site)"
+        )
+
+    def _host_clients(self, host: int) -> set[int]:
+        return {c for c, h in self.assignment.items() if h == host}
+
+    def _plain_feature_sums(self, got, width: int) -> np.ndarray:
+        total = np.zeros(3 * width)
+        for h, res in got:
+            sums = res.delta
+            if not isinstance(sums, np.ndarray) or sums.shape != total.shape:
+                self._no_feature_sums(h, "sums of another shape")
+            if not np.all(np.isfinite(sums)):
+                self._no_feature_sums(h, "sums that are not finite")
+            total += sums
+        return total
+
+    def _open_sealed_feature_sums(self, got, width: int) -> np.ndarray:
+        """The key holders open round 0's sum, by the same paths as a round's."""
+        from fedray.crypto.paillier import window_for
+        from fedray.crypto.secure_aggregation import (
+            EncryptedSum,
+            EncryptedUpdate,
+            RejectedUpdate,
+            feature_sums_codec,
+        )
+        from fedray.crypto.threshold import Unmasker
+
+        codec = feature_sums_codec(self.cfg, self.key.public, width)
+        acc = EncryptedSum(self.key.public, codec)
+        for h, res in got:
+            enc = res.encrypted
+            try:
+                if not isinstance(enc, EncryptedUpdate) or enc.count != 1:
+                    raise RejectedUpdate("not one sealed update")
+                if set(enc.client_ids) != self._host_clients(h):
+                    raise RejectedUpdate(f"names clients {list(enc.client_ids)}, not its own")
+                acc.add(enc, source=h)
+            except RejectedUpdate as exc:
+                self._no_feature_sums(h, f"rejected: {exc}")
+        acc.approvals = self._approvals(acc)
+        unmasker = None
+        if self._unmasker is not None:
+            unmasker = Unmasker(self.key, len(self.hosts), window=window_for(codec.num_ciphertexts))
+        plaintexts, _ = self._decrypt(acc, codec, unmasker)
+        return codec.decode_sum(plaintexts, len(acc.update_ids))
+
+    def set_feature_scaling(self, scaling: dict[str, Any]) -> bool:
+        """Prepare the test set with the federation's scaling (opened, or on resume the
+        checkpoint's); the hosts get it from the driver, signed."""
+        from fedray.data.datasets import FeatureScaling
+
+        self.test = self.task.prepare_test(self._raw_test, FeatureScaling.from_dict(scaling))
+        self.scaling = dict(scaling)
+        return True
 
     # -- one round ------------------------------------------------------------------------
     def run_round(self) -> RoundOutcome:
@@ -319,6 +431,13 @@ class Server:
 
         if not self._is_set_up:
             raise ClusterError("the server was not set up (Server.set_up) before a round")
+        from fedray.config import needs_feature_statistics
+
+        if self.scaling is None and needs_feature_statistics(self.cfg):
+            raise ClusterError(
+                "the federation's feature statistics were not opened before a round "
+                "(Server.open_feature_sums)"
+            )
 
         if self._open_round is None:
             target = self.privacy.would_exceed_target() if self.privacy is not None else None
@@ -756,17 +875,19 @@ class Server:
 
         return ray.get(ref)
 
-    def _decrypt(self, acc) -> tuple[list[int], str]:
+    def _decrypt(self, acc, layout=None, unmasker=None) -> tuple[list[int], str]:
         """The summed plaintexts, and how they were opened.
 
         Threshold custody: ``share_sums`` (the fast path: t holders' sums of exponent
         shares) or else ``partial_decryption`` (t holders' ``c^(s_j)``). Shared custody:
         ``private_key`` (holders decrypt ranges of the sum).
         """
+        layout = layout or self.layout
+        unmasker = unmasker or self._unmasker
         self._exponents = None
-        if self._unmasker is not None and all(acc.update_ids):
+        if unmasker is not None and all(acc.update_ids):
             try:
-                return self._open_with_share_sums(acc), "share_sums"
+                return self._open_with_share_sums(acc, layout, unmasker), "share_sums"
             except BrokenProcessPool as exc:
                 self._drop_opening_pool(exc)
             except (ClusterError, ValueError) as exc:
@@ -779,8 +900,8 @@ class Server:
         if self.key.threshold >= 2:
             plaintexts, how = self._combine_partials(acc), "partial_decryption"
         else:
-            plaintexts, how = self._decrypt_with_private_key(acc), "private_key"
-        if not self.layout.fits(plaintexts):
+            plaintexts, how = self._decrypt_with_private_key(acc, layout), "private_key"
+        if not layout.fits(plaintexts):
             raise ClusterError(
                 f"round {self.round}: the decrypted sum does not fit the packing (an update "
                 "was not encoded by this job's codec); completed rounds are in metrics.csv"
@@ -857,13 +978,13 @@ class Server:
             )
         return answers
 
-    def _open_with_share_sums(self, acc) -> list[int]:
+    def _open_with_share_sums(self, acc, layout, unmasker) -> list[int]:
         sums = self._ask_holders(
             "share_sum", acc.update_ids, getattr(acc, "approvals", {}), need=self.key.threshold
         )
-        exponents = self._unmasker.exponents(sums, len(acc.update_ids))
-        plaintexts = self._unmasker.unmask(acc.ciphertexts(), exponents)
-        if plaintexts is None or not self.layout.fits(plaintexts):
+        exponents = unmasker.exponents(sums, len(acc.update_ids))
+        plaintexts = unmasker.unmask(acc.ciphertexts(), exponents)
+        if plaintexts is None or not layout.fits(plaintexts):
             raise ValueError("the summed exponents do not open the summed ciphertexts")
         self._exponents = exponents  # key holders check the opened sum with them
         return plaintexts
@@ -889,10 +1010,10 @@ class Server:
             for update_id, host in zip(acc.update_ids, acc.sources, strict=True)
         ]
 
-    def _decrypt_with_private_key(self, acc) -> list[int]:
+    def _decrypt_with_private_key(self, acc, layout) -> list[int]:
         """Shared custody: each holder decrypts a range of the sum, all ranges asked at
         once; a range whose holder failed is asked of the next holders in turn."""
-        num = self.layout.num_ciphertexts
+        num = layout.num_ciphertexts
         holders = list(self.key_holders)
         refs = self._payload_refs(acc)
         parts = min(len(holders), num)

@@ -44,7 +44,9 @@ class TabularClassificationTask(Task):
         from fedray.data.datasets import load_client_data
 
         cfg = self.cfg
-        d = load_client_data(cfg.dataset, [client_id], num_clients, cfg.seed)[client_id]
+        d = load_client_data(
+            cfg.dataset, [client_id], num_clients, cfg.seed, raw=self._federation_scaled()
+        )[client_id]
 
         def put(a):
             return torch.as_tensor(a, device=self.device)
@@ -56,8 +58,43 @@ class TabularClassificationTask(Task):
 
         from fedray.data.datasets import load_test_set
 
-        xt, yt = load_test_set(self.cfg.dataset, self.cfg.num_clients, self.cfg.seed)
+        xt, yt = load_test_set(
+            self.cfg.dataset, self.cfg.num_clients, self.cfg.seed, raw=self._federation_scaled()
+        )
         return None if xt is None else Examples(torch.as_tensor(xt), torch.as_tensor(yt))
+
+    def _federation_scaled(self) -> bool:
+        """Whether features wait, raw, for the federation's statistics (opened before
+        round 1): ``dataset.standardize=global`` or ``dataset.missing=impute_mean``."""
+        from fedray.config import FedrayConfig, needs_feature_statistics
+
+        return isinstance(self.cfg, FedrayConfig) and needs_feature_statistics(self.cfg)
+
+    # -- federation-wide preparation (dataset.standardize=global, missing=impute_mean) --
+    def feature_sums(self, data: tuple[Examples, Examples]):
+        """This client's contribution to the federation's feature sums: its training
+        rows' per-feature counts of non-empty cells, sums and sums of squares."""
+        from fedray.data.datasets import feature_sums
+
+        return feature_sums(data[0].x.cpu().numpy())
+
+    def prepare(self, data: tuple[Examples, Examples], scaling) -> tuple[Examples, Examples]:
+        """A client's splits prepared with the federation's ``FeatureScaling``."""
+        import torch
+
+        train, val = data
+        xt = train.x.cpu().numpy()
+        prepared = scaling.apply(xt), scaling.apply(val.x.cpu().numpy(), ref=xt)
+        x_train, x_val = (torch.as_tensor(a, device=self.device) for a in prepared)
+        return Examples(x_train, train.y), Examples(x_val, val.y)
+
+    def prepare_test(self, test: Examples | None, scaling) -> Examples | None:
+        """The server's test set prepared the same way (``site``: by its own statistics)."""
+        import torch
+
+        if test is None:
+            return None
+        return Examples(torch.as_tensor(scaling.apply(test.x.cpu().numpy())), test.y)
 
     def build_model(self):
         from fedray.models import build_model
