@@ -2263,8 +2263,8 @@ MUTANTS = [
     Mutant(
         "scaling-variance-uncentred",
         "fedray/data/datasets.py",
-        "std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))",
-        "std = np.sqrt(np.maximum(squares / count, 0.0))",
+        "        var = squares / count - mean * mean",
+        "        var = squares / count",
         ("tests/test_feature_scaling.py",),
         "the deviation from the opened sums forgets to subtract the squared mean",
         "pooled_mean",
