@@ -37,7 +37,7 @@ STRATEGIES = (
 PLAINTEXT_ONLY_STRATEGIES = ("median", "trimmed_mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "shards")
 MISSING_VALUES = ("error", "drop_rows", "impute_mean")
-STANDARDIZE = ("auto", "global", "site", "none")
+STANDARDIZE = ("site", "global", "none")
 # Data sets whose features fedray scales (digits has a fixed scale; synthetic is generated
 # at unit scale; text is tokenised).
 SCALED_DATASETS = ("breast_cancer", "wine", "csv")
@@ -93,14 +93,14 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     """Share of each client's examples held out as its validation split (federated
     evaluation), in [0, 1)."""
-    standardize: str = "auto"
-    """How features are scaled: ``global`` (z-scored with the federation-wide mean and
-    deviation, opened once before round 1 by the same secure aggregation as the updates:
-    the server learns the federation's per-feature sums, never a site's), ``site`` (each
-    client with its own training rows' mean and deviation), ``none``, or ``auto``:
-    ``global``, but ``site`` under ``privacy=dp`` (the sums are not noised, so they are not
-    released) and across organisations (not built yet), and ``none`` for ``digits``,
-    ``synthetic`` and text. ``true``/``false`` read as ``auto``/``none``."""
+    standardize: str = "site"
+    """How features are scaled: ``site`` (each client with its own training rows' mean and
+    deviation), ``global`` (z-scored with the federation-wide mean and deviation, opened
+    once before round 1 by the same secure aggregation as the updates: the server learns
+    the federation's per-feature sums, never a site's, but they give away the federation's
+    row count and, with the weights, ``weight_ref``: docs/data.md; not with ``privacy=dp``
+    or across organisations), or ``none``. ``digits``, ``synthetic`` and text are never
+    scaled. ``true``/``false`` read as ``site``/``none``."""
     alpha: float = 0.5
     """FedProx Synthetic(alpha, beta): how much the clients' labelling models differ."""
     beta: float = 0.5
@@ -156,7 +156,7 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         _choice("dataset", self.name, DATASETS)
         # true/false (also as OmegaConf's "True"/"False" for a str field) read as auto/none
-        mode = {"true": "auto", "false": "none"}.get(str(self.standardize).lower())
+        mode = {"true": "site", "false": "none"}.get(str(self.standardize).lower())
         self.standardize = mode or str(self.standardize)
         _choice("dataset.standardize", self.standardize, STANDARDIZE)
         if self.weight_ref is not None:
@@ -937,10 +937,6 @@ def standardization(cfg: FedrayConfig) -> str:
     built_in = not cfg.task._target_ and cfg.model.name != "hf"
     if ds.standardize == "none" or ds.name not in SCALED_DATASETS or not built_in:
         return "none"
-    if ds.standardize == "auto":
-        return (
-            "site" if cfg.privacy.name == "dp" or cfg.federation.name == "cross_org" else "global"
-        )
     return ds.standardize
 
 
@@ -967,7 +963,7 @@ def _validate_scaling(cfg: FedrayConfig) -> None:
                 f"it applies to dataset={'|'.join(SCALED_DATASETS)} (digits has a fixed "
                 "scale, synthetic data is generated at unit scale, text is tokenised)"
             )
-            instead = "dataset.standardize=auto|none"
+            instead = "dataset.standardize=site|none"
         elif cfg.task._target_ or cfg.model.name == "hf":
             why = "it prepares the built-in task's tables; a task._target_ prepares its own"
         elif cfg.privacy.name == "dp":

@@ -369,9 +369,8 @@ def test_find_key_material_sees_keys_shares_and_factors(small_keypair, threshold
 
 # -- a real federation ---------------------------------------------------------------------
 def _federation(overrides, host_class=None):
-    """Hosts, key custody and server exactly as the driver sets them up (site scaling:
-    the driver's pre-round feature sums are tests/test_feature_scaling.py's)."""
-    cfg = compose([*SMALL_KEY, "dataset.standardize=site", *overrides])
+    """Hosts, key custody and server exactly as the driver sets them up."""
+    cfg = compose([*SMALL_KEY, *overrides])
     placement = plan_placement(cfg, ray.cluster_resources())
     info = dataset_info(cfg.dataset)
     authority = HostIdentity()

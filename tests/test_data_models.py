@@ -144,8 +144,7 @@ def test_trainable_exchanges_only_the_head(ray_2cpus, tmp_path):
 
 def _local_delta(overrides: list[str], runs: int = 1) -> list[np.ndarray]:
     """Client 0's update from the initial model, trained in process ``runs`` times."""
-    # site scaling: a plain host has no federation-wide statistics to wait for
-    cfg = compose(["crypto=none", "local_epochs=5", "dataset.standardize=site", *overrides])
+    cfg = compose(["crypto=none", "local_epochs=5", *overrides])
     host = ClientHost(cfg, [0], dataset_info(cfg.dataset), 40.0)
     assert host.ready() is True
     w = host.view.get()

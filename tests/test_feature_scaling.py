@@ -31,7 +31,7 @@ SMALL_KEY = ["crypto=paillier", "crypto.key_bits=512", "crypto.allow_insecure_ke
 
 def test_feature_sums_add_up_exactly_through_the_packing():
     """Signed fixed-point slots with one offset per update: the opened sum of three
-    hosts' encodings is the sum of their values to 2^-24 each, negative ones included; a value
+    hosts' encodings is the sum of their values to 2^-40 each, negative ones included; a value
     too large to carry exactly is refused by the host that encodes it."""
     codec = FeatureSumsCodec(key_bits=512, num_features=7, max_summands=10)
     rng = np.random.default_rng(0)
@@ -39,11 +39,10 @@ def test_feature_sums_add_up_exactly_through_the_packing():
     packed = [codec.encode(v) for v in hosts]
     assert all(len(p) == codec.num_ciphertexts for p in packed)
     summed = [sum(col) for col in zip(*packed, strict=True)]  # what Paillier's sum opens to
-    # to the grid, 2^-24 per update: the precision of the round weights (see the codec)
-    np.testing.assert_allclose(codec.decode_sum(summed, 3), np.sum(hosts, axis=0), atol=1e-7)
+    np.testing.assert_allclose(codec.decode_sum(summed, 3), np.sum(hosts, axis=0), atol=1e-9)
     assert codec.fits(summed)
     with pytest.raises(ValueError, match="too large to add up exactly"):
-        codec.encode(np.full(21, 2.0**88))
+        codec.encode(np.full(21, 2.0**88))  # beyond +-2^87
     with pytest.raises(ValueError, match="does not fit|not fit"):
         codec.decode_sum([1 << 600] * codec.num_ciphertexts, 3)
 
@@ -101,16 +100,16 @@ def test_federation_wide_statistics_are_refused_where_they_cannot_hold(overrides
     assert "\n" not in str(err.value)
 
 
-def test_auto_is_global_but_site_under_dp_and_true_false_still_read():
+def test_site_is_the_default_global_is_asked_for_and_true_false_still_read():
     from fedray.config import needs_feature_statistics, standardization
 
-    assert standardization(compose([])) == "global"
-    assert needs_feature_statistics(compose([]))
-    assert standardization(compose(["privacy=dp"])) == "site"
-    assert standardization(compose(["dataset.standardize=true"])) == "global"
+    assert standardization(compose([])) == "site"
+    assert not needs_feature_statistics(compose([]))
+    assert standardization(compose(["dataset.standardize=global"])) == "global"
+    assert needs_feature_statistics(compose(["dataset.standardize=global"]))
+    assert standardization(compose(["dataset.standardize=true"])) == "site"
     assert standardization(compose(["dataset.standardize=false"])) == "none"
     assert standardization(compose(["dataset=digits"])) == "none"
-    assert not needs_feature_statistics(compose(["dataset.standardize=site"]))
 
 
 def test_impute_mean_keeps_empty_feature_cells_and_refuses_an_empty_label(tmp_path):
@@ -139,7 +138,9 @@ def test_a_host_trains_only_on_data_prepared_with_the_drivers_signed_scaling():
     from fedray.runtime.client import ClientHost, RoundTask
     from fedray.runtime.keys import HostIdentity, scaling_message
 
-    cfg = compose(["crypto=none", "num_clients=4", "clients_per_round=2"])
+    cfg = compose(
+        ["crypto=none", "num_clients=4", "clients_per_round=2", "dataset.standardize=global"]
+    )
     driver = HostIdentity()
     host = ClientHost(cfg, [0, 1], DatasetInfo(30, 2), 500.0, driver.public_bytes())
     assert host.ready() is True and not host.trainable()
@@ -218,7 +219,15 @@ def test_a_site_without_feature_sums_stops_the_run_before_round_1(ray_2cpus, tmp
                 raise RuntimeError("the site's disk is gone")
             return super().feature_sums(round_num)
 
-    cfg = compose([*SMALL_KEY, "rounds=2", "checkpoint.every=0", "progress=false"])
+    cfg = compose(
+        [
+            *SMALL_KEY,
+            "rounds=2",
+            "checkpoint.every=0",
+            "progress=false",
+            "dataset.standardize=global",
+        ]
+    )
     with pytest.raises(ClusterError) as err:
         run_experiment(cfg, tmp_path / "run", host_class=NoSumsHost)
     assert str(err.value).startswith(
@@ -253,6 +262,7 @@ def _job(tmp_path: Path, name: str, orders, *more: str):
             "dataset.label=label",
             "+dataset.categorical.sex=[F,M]",
             "dataset.missing=impute_mean",
+            "dataset.standardize=global",
             "num_clients=3",
             "clients_per_round=3",
             "rounds=2",
@@ -308,10 +318,8 @@ def test_sites_in_any_column_order_train_alike_on_the_federations_statistics(ray
     scaling = json.loads((tmp_path / "out_mixed" / "feature_scaling.json").read_text())
     pooled = _pooled(tmp_path / "mixed", mixed)
     assert np.isnan(pooled).any()  # site 2's empty cells: counted nowhere, then imputed
-    # to the grid of the sums (2^-24 in units of weight_ref, the precision of the weights)
-    std = np.nanstd(pooled, axis=0)
-    assert np.abs(np.array(scaling["mean"]) - np.nanmean(pooled, axis=0)).max() < 1e-5 * std.min()
-    np.testing.assert_allclose(scaling["std"], std, rtol=1e-4)
+    np.testing.assert_allclose(scaling["mean"], np.nanmean(pooled, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(scaling["std"], np.nanstd(pooled, axis=0), rtol=1e-9)
 
     import pickle
 

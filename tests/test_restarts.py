@@ -149,9 +149,10 @@ def _records(directory: Path, kind: str) -> list[tuple[int, object]]:
 )
 def test_restarted_hosts_fail_closed_and_get_their_weight_ref_back(ray_2cpus, tmp_path, mode):
     over = {
-        "paillier": [*BASE, *SMALL_KEY, "crypto.host_sum=false"],
+        # global standardisation: a restarted host waits for the federation's scaling too
+        "paillier": [*BASE, *SMALL_KEY, "crypto.host_sum=false", "dataset.standardize=global"],
         "paillier_dp": [*BASE, *SMALL_KEY, "crypto.host_sum=false", "privacy=dp"],
-        "plaintext": [*BASE, "crypto=none"],
+        "plaintext": [*BASE, "crypto=none", "dataset.standardize=global"],
     }[mode]
     record = tmp_path / "record"
     record.mkdir()

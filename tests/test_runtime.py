@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedray.crypto.codec import STATS_FIELDS
-from fedray.data.datasets import FeatureScaling, dataset_info, load_client_data
+from fedray.data.datasets import dataset_info, load_client_data
 from fedray.models import ParamView, build_model
 from fedray.runtime.client import ClientResult
 from fedray.runtime.driver import run_experiment
@@ -336,18 +336,14 @@ def test_federated_eval_reported(ray_2cpus, tmp_path, crypto):
     model_2 = load_checkpoint(tmp_path / "checkpoints" / "round_00002")["weights"]
     model = build_model(cfg.model, dataset_info(cfg.dataset), cfg.seed)
     ParamView(model, cfg.model.trainable).set(model_2)
-    ids = list(range(cfg.num_clients))
-    # The sites' data as they prepared it: raw, scaled with the federation's statistics
-    # the run opened before round 1 (dataset.standardize=auto, i.e. global).
-    data = load_client_data(cfg.dataset, ids, cfg.num_clients, cfg.seed, raw=True)
-    scaling = FeatureScaling.from_dict(json.loads((tmp_path / "feature_scaling.json").read_text()))
+    data = load_client_data(cfg.dataset, list(range(cfg.num_clients)), cfg.num_clients, cfg.seed)
     ref = max(d.num_examples for d in data.values())
     weights, losses, accuracies = [], [], []
     with torch.no_grad():
         for d in data.values():
             if not len(d.y_val):
                 continue  # no validation split: its weight counts for neither figure
-            logits = model(torch.as_tensor(scaling.apply(d.x_val, ref=d.x_train)))
+            logits = model(torch.as_tensor(d.x_val))
             y = torch.as_tensor(d.y_val)
             weights.append(d.num_examples / ref)
             accuracies.append(float((logits.argmax(1) == y).float().mean()))

@@ -142,7 +142,8 @@ def _record(tmp_path, overrides):
     record = tmp_path / "received"
     record.mkdir()
     server = type("Recording", (RecordingServer,), {"record_dir": str(record)})
-    cfg = compose([*overrides, "rounds=2", "checkpoint.every=0"])
+    # global standardisation: round 0, the federation's feature sums, is recorded too
+    cfg = compose([*overrides, "rounds=2", "checkpoint.every=0", "dataset.standardize=global"])
     run_experiment(cfg, tmp_path / "run", server_class=server)
     received = [pickle.loads(p.read_bytes()) for p in sorted(record.glob("0*.pkl"))]
     facts = record / "facts.pkl"
@@ -409,7 +410,7 @@ def test_with_crypto_everything_the_server_receives_is_on_the_allow_list(
     batches = [rec for rec in received if rec["channel"] == "_collect"]
     assert sum(len(rec["obj"]) for rec in batches) == 2 * 10
     opened_by = "_decrypt_with_private_key" if cfg.crypto.custody == "shared" else "_ask_holders"
-    # round 0: the federation's feature sums (dataset.standardize=global, the default)
+    # round 0: the federation's feature sums (dataset.standardize=global)
     assert {rec["round"] for rec in received if rec["channel"] == opened_by} == {0, 1, 2}
     sums = [rec for rec in received if rec["channel"] == "open_feature_sums"]
     assert len(sums) == 2 and all(rec["obj"].encrypted is not None for rec in sums)

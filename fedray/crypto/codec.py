@@ -258,11 +258,11 @@ class FeatureSumsCodec:
     key_bits: int
     num_features: int
     max_summands: int
-    value_bits: int = 104
-    # The precision of the round weights (StatsCodec): the values are over weight_ref, and
-    # a finer grid would let continued fractions find weight_ref in them where the weights
-    # do not (an integer-valued column's sum over weight_ref has denominator weight_ref).
-    frac_bits: int = 24
+    value_bits: int = 128
+    # Fine enough for a deviation small beside a column's mean. The grid hides nothing: a
+    # column of integers or fixed decimals sums to a fraction with weight_ref in its
+    # denominator, whatever the grid (docs/data.md, what global standardisation reveals).
+    frac_bits: int = 40
 
     @property
     def num_values(self) -> int:

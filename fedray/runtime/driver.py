@@ -656,8 +656,8 @@ def _feature_scaling(job: _Job, resume_state: dict[str, Any] | None) -> None:
         if scaling is None:
             raise ConfigError(
                 "the checkpoint holds no feature scaling (its run scaled each site by its "
-                "own statistics, the default before fedray opened federation-wide ones): "
-                "resume with dataset.standardize=site"
+                "own statistics): resume with dataset.standardize=site and the "
+                "dataset.missing it ran with"
             )
     else:
         t0 = time.perf_counter()
@@ -669,6 +669,17 @@ def _feature_scaling(job: _Job, resume_state: dict[str, Any] | None) -> None:
                 f"{len(scaling['mean'])} features; {time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )
+    from fedray.data.datasets import FeatureScaling
+
+    try:  # what the driver signs is a scaling of this job's width, whatever it was given
+        checked = FeatureScaling.from_dict(scaling)
+    except DataError as exc:
+        raise ClusterError(f"the feature scaling to sign is not one: {exc}") from None
+    if len(checked.mean) != int(job.info.num_features):
+        raise ClusterError(
+            f"the feature scaling has {len(checked.mean)} features, the model "
+            f"{job.info.num_features}"
+        )
     signature = job.authority.sign_bytes(scaling_message(scaling))
     job.scaling = (scaling, signature)
     refs = [h.set_feature_scaling.remote(scaling, signature) for h in job.hosts]

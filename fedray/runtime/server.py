@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -305,7 +305,9 @@ class Server:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("feature_scaling") is not None:
+        from fedray.config import needs_feature_statistics
+
+        if state.get("feature_scaling") is not None and needs_feature_statistics(self.cfg):
             self.set_feature_scaling(state["feature_scaling"])
         self.round = int(state["round"])
         self.weights = np.asarray(state["weights"], dtype=np.float32)
@@ -358,7 +360,7 @@ class Server:
         return self.scaling
 
     @staticmethod
-    def _no_feature_sums(host: int, why: str):
+    def _no_feature_sums(host: int, why: str) -> NoReturn:
         """A statistic of some sites only would be those sites' statistics (and the key
         holders open round 0's sum only with every client in it): the run stops."""
         raise ClusterError(
