@@ -27,8 +27,45 @@ from fedray.crypto.paillier import PublicKey
 PACK_CHUNK = 2048  # ciphertexts packed or unpacked per step (bounds temporaries)
 
 
+class _Slots:
+    """Slot geometry shared by the codecs: a value of ``_width`` bits plus
+    ``ceil(log2(max_summands))`` bits of headroom per slot (a sum of ``max_summands``
+    slots never carries into the next), as many slots as fit below ``2^(key_bits-1) <= n``
+    per plaintext, and ``_count`` values in all."""
+
+    @property
+    def slot_bits(self) -> int:
+        return self._width + max(0, math.ceil(math.log2(self.max_summands)))
+
+    @property
+    def slots_per_ciphertext(self) -> int:
+        # The packed plaintext stays below 2^(key_bits-1) <= n.
+        return (self.key_bits - 1) // self.slot_bits
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return -(-self._count // self.slots_per_ciphertext)
+
+    def _pack_ints(self, slots: list[int]) -> list[int]:
+        """Non-negative slot integers -> plaintexts, the first slot in the lowest bits."""
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        out = []
+        for i in range(0, len(slots), s):
+            m = 0
+            for k, v in enumerate(slots[i : i + s]):
+                m |= v << (k * b)
+            out.append(m)
+        return out
+
+    def _unpack_ints(self, plaintexts: list[int]) -> list[int]:
+        """The inverse of :meth:`_pack_ints` (every slot of every plaintext)."""
+        s, b = self.slots_per_ciphertext, self.slot_bits
+        mask = (1 << b) - 1
+        return [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
+
+
 @dataclass(frozen=True)
-class PackedPaillierCodec:
+class PackedPaillierCodec(_Slots):
     """Quantize, pack and unpack float vectors for a key of ``key_bits`` bits."""
 
     key_bits: int
@@ -59,17 +96,12 @@ class PackedPaillierCodec:
         return (1 << (self.quant_bits - 1)) - 1
 
     @property
-    def slot_bits(self) -> int:
-        return self.quant_bits + max(0, math.ceil(math.log2(self.max_summands)))
+    def _width(self) -> int:
+        return self.quant_bits
 
     @property
-    def slots_per_ciphertext(self) -> int:
-        # The packed plaintext stays below 2^(key_bits-1) <= n.
-        return (self.key_bits - 1) // self.slot_bits
-
-    @property
-    def num_ciphertexts(self) -> int:
-        return -(-self.num_values // self.slots_per_ciphertext)
+    def _count(self) -> int:
+        return self.num_values
 
     @property
     def step(self) -> float:
@@ -181,7 +213,7 @@ STATS_FIELDS = (
 
 
 @dataclass(frozen=True)
-class StatsCodec:
+class StatsCodec(_Slots):
     """Per-client round statistics packed as exact fixed-point integers (extra ciphertexts).
 
     With encryption on, a client's weights and weighted losses and accuracies travel
@@ -198,16 +230,12 @@ class StatsCodec:
     fields: tuple[str, ...] = STATS_FIELDS
 
     @property
-    def slot_bits(self) -> int:
-        return self.value_bits + max(0, math.ceil(math.log2(self.max_summands)))
+    def _width(self) -> int:
+        return self.value_bits
 
     @property
-    def slots_per_ciphertext(self) -> int:
-        return (self.key_bits - 1) // self.slot_bits
-
-    @property
-    def num_ciphertexts(self) -> int:
-        return -(-len(self.fields) // self.slots_per_ciphertext)
+    def _count(self) -> int:
+        return len(self.fields)
 
     def encode_sum(self, stats: list[dict[str, float]]) -> list[int]:
         """The packed sum of several clients' statistics (missing fields count 0)."""
@@ -222,27 +250,18 @@ class StatsCodec:
                     v = 0.0
                 total += min(limit, round(v * scale))
             slots.append(total)
-        s, b = self.slots_per_ciphertext, self.slot_bits
-        out = []
-        for i in range(0, len(slots), s):
-            m = 0
-            for k, v in enumerate(slots[i : i + s]):
-                m |= v << (k * b)
-            out.append(m)
-        return out
+        return self._pack_ints(slots)
 
     def decode_sum(self, plaintexts: list[int]) -> dict[str, float]:
         if len(plaintexts) != self.num_ciphertexts:
             raise ValueError(f"expected {self.num_ciphertexts} plaintexts, got {len(plaintexts)}")
-        s, b = self.slots_per_ciphertext, self.slot_bits
-        mask = (1 << b) - 1
-        slots = [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
+        slots = self._unpack_ints(plaintexts)
         scale = float(1 << self.frac_bits)
         return {name: slots[i] / scale for i, name in enumerate(self.fields)}
 
 
 @dataclass(frozen=True)
-class FeatureSumsCodec:
+class FeatureSumsCodec(_Slots):
     """The federation's per-feature sums (``dataset.standardize=global``,
     ``dataset.missing=impute_mean``) packed as exact signed fixed-point integers.
 
@@ -273,16 +292,12 @@ class FeatureSumsCodec:
         return 1 << (self.value_bits - 1)
 
     @property
-    def slot_bits(self) -> int:
-        return self.value_bits + max(0, math.ceil(math.log2(self.max_summands)))
+    def _width(self) -> int:
+        return self.value_bits
 
     @property
-    def slots_per_ciphertext(self) -> int:
-        return (self.key_bits - 1) // self.slot_bits
-
-    @property
-    def num_ciphertexts(self) -> int:
-        return -(-self.num_values // self.slots_per_ciphertext)
+    def _count(self) -> int:
+        return self.num_values
 
     def encode(self, values: np.ndarray) -> list[int]:
         """One host's summed values -> packed plaintexts; ValueError if one is too large."""
@@ -296,14 +311,7 @@ class FeatureSumsCodec:
                 f"a feature sum is beyond +-2^{self.value_bits - 1 - self.frac_bits}: too "
                 "large to add up exactly (rescale the column)"
             )
-        s, b = self.slots_per_ciphertext, self.slot_bits
-        out = []
-        for i in range(0, len(slots), s):
-            m = 0
-            for k, q in enumerate(slots[i : i + s]):
-                m |= q << (k * b)
-            out.append(m)
-        return out
+        return self._pack_ints(slots)
 
     def fits(self, plaintexts: list[int]) -> bool:
         """Whether opened plaintexts are within what packing can produce."""
@@ -318,9 +326,7 @@ class FeatureSumsCodec:
             raise ValueError(f"updates={updates} must be between 1 and {self.max_summands}")
         if not self.fits(plaintexts):
             raise ValueError("the opened plaintexts do not fit the feature sums' packing")
-        s, b = self.slots_per_ciphertext, self.slot_bits
-        mask = (1 << b) - 1
-        slots = [(m >> (k * b)) & mask for m in plaintexts for k in range(s)]
+        slots = self._unpack_ints(plaintexts)
         scale = float(1 << self.frac_bits)
         return np.array(
             [(q - updates * self.offset) / scale for q in slots[: self.num_values]],
