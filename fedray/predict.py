@@ -56,21 +56,28 @@ class ExportedModel:
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Scale a feature matrix (columns in :attr:`features` order) as the run did."""
         scaling = self.spec["scaling"]
+        mode, impute = scaling["mode"], scaling.get("impute_mean")
         x = np.asarray(x, dtype=np.float32)
-        if scaling.get("impute_mean") is not None:  # the federation's means, from training
-            x = np.where(np.isnan(x), np.asarray(scaling["impute_mean"], np.float32), x)
-        if scaling["mode"] == "global":  # the federation's mean and deviation
-            mean = np.asarray(scaling["mean"], dtype=np.float64)
-            return ((x - mean) / np.asarray(scaling["std"], dtype=np.float64)).astype(np.float32)
-        if scaling["mode"] == "divide":
+        if mode == "divide":
             return (x / np.float32(scaling["divisor"])).astype(np.float32)
-        if scaling["mode"] == "per_table":
-            if len(x) < 2:
-                raise DataError(
-                    "this model was trained on tables each scaled by its own mean and "
-                    "deviation (dataset.standardize=true): predict needs a table of at least "
-                    "2 rows, scaled the same way"
-                )
+        if mode == "per_table" and len(x) < 2:
+            raise DataError(
+                "this model was trained on tables each scaled by its own mean and "
+                "deviation (dataset.standardize=site): predict needs a table of at least "
+                "2 rows, scaled the same way"
+            )
+        if mode == "global" or impute is not None:
+            # the federation's statistics from training, applied as the sites applied them
+            from fedray.data.datasets import FeatureScaling
+
+            mean = scaling.get("mean") or impute
+            return FeatureScaling(
+                {"per_table": "site"}.get(mode, mode),
+                impute is not None,
+                tuple(mean),
+                tuple(scaling.get("std") or [1.0] * len(mean)),
+            ).apply(x)
+        if mode == "per_table":
             from fedray.data.datasets import _standardize
 
             return _standardize(x, x)

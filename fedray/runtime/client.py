@@ -406,9 +406,7 @@ class ClientHost:
         with self._on_the_clock():
             update, shares = self._encryptor.encrypt_plaintexts(plaintexts)
         update.num_values, update.client_ids = codec.num_values, ids
-        self._sealed.clear()
-        self._signed.clear()
-        self._sealed_round = 0
+        self._seal_for_round(0)
         self._model_sha256 = ""
         accepted = self._await_deposits(self._deposit(0, update, shares))
         if accepted < self._key.threshold:
@@ -516,12 +514,17 @@ class ClientHost:
         # Signed with each update: key holders sum only updates of the same model.
         self._model_sha256 = model_digest(global_weights)
         self._set_up_closed = True
-        if task.round != self._sealed_round:  # last round's updates are opened by now
-            self._sealed.clear()
-            self._signed.clear()
-            self._sealed_round = task.round
+        self._seal_for_round(task.round)
         with self._on_the_clock():
             return self._train_many(task, global_weights)
+
+    def _seal_for_round(self, round_num: int) -> None:
+        """The sealed updates kept for the key holders' slow paths (and their signed
+        contributions) are one round's: a new round drops the last one's, opened by now."""
+        if round_num != self._sealed_round:
+            self._sealed.clear()
+            self._signed.clear()
+            self._sealed_round = round_num
 
     def check_model(self, task: RoundTask, global_weights: np.ndarray) -> bool:
         """The model checks alone, without training (True, or LineageError): a site's

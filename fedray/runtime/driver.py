@@ -649,7 +649,7 @@ def _feature_scaling(job: _Job, resume_state: dict[str, Any] | None) -> None:
     from fedray.runtime.keys import scaling_message
 
     cfg = job.cfg
-    if not needs_feature_statistics(cfg) or cfg.federation.name == "cross_org":
+    if not needs_feature_statistics(cfg):  # refused across organisations (config)
         return
     if resume_state is not None:
         scaling = resume_state.get("feature_scaling")

@@ -187,6 +187,9 @@ class Server:
         self.test = self._raw_test = self.task.load_test_data()
         # dataset.standardize=global / missing=impute_mean: the federation's FeatureScaling
         # (a dict), opened before round 1 (open_feature_sums) or loaded on resume
+        from fedray.config import needs_feature_statistics
+
+        self._needs_scaling = needs_feature_statistics(cfg)
         self.scaling: dict[str, Any] | None = None
         self.hosts: list[Any] = []
         self.assignment: dict[int, int] = {}
@@ -305,9 +308,7 @@ class Server:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from fedray.config import needs_feature_statistics
-
-        if state.get("feature_scaling") is not None and needs_feature_statistics(self.cfg):
+        if state.get("feature_scaling") is not None and self._needs_scaling:
             self.set_feature_scaling(state["feature_scaling"])
         self.round = int(state["round"])
         self.weights = np.asarray(state["weights"], dtype=np.float32)
@@ -325,10 +326,10 @@ class Server:
         never a site's. Returns the :class:`~fedray.data.datasets.FeatureScaling` (a
         dict) and prepares the test set with it. ClusterError if a host gives none (a
         sum of some sites would be their statistics), or the sum cannot be opened."""
-        from fedray.config import needs_feature_statistics, standardization
+        from fedray.config import standardization
         from fedray.data.datasets import FeatureScaling
 
-        if not self._is_set_up or not needs_feature_statistics(self.cfg):
+        if not self._is_set_up or not self._needs_scaling:
             raise ClusterError("this job opens no feature sums, or the server is not set up")
         if self.round != 0 or self.scaling is not None:
             raise ClusterError("the feature sums are opened once, before round 1")
@@ -433,9 +434,7 @@ class Server:
 
         if not self._is_set_up:
             raise ClusterError("the server was not set up (Server.set_up) before a round")
-        from fedray.config import needs_feature_statistics
-
-        if self.scaling is None and needs_feature_statistics(self.cfg):
+        if self.scaling is None and self._needs_scaling:
             raise ClusterError(
                 "the federation's feature statistics were not opened before a round "
                 "(Server.open_feature_sums)"

@@ -1714,8 +1714,8 @@ MUTANTS = [
     Mutant(
         "predict-no-scaling",
         "fedray/predict.py",
-        '        if scaling["mode"] == "per_table":',
-        '        if scaling["mode"] == "never":',
+        '        if mode == "per_table":',
+        '        if mode == "never":',
         ("tests/test_export.py",),
         "an exported model predicts on unscaled features (trained on z-scored ones)",
         "default_model",
