@@ -107,6 +107,29 @@ class CorruptingHost(ClientHost):
             carrier.encrypted = replace(enc, ciphertexts=enc.ciphertexts[:-3])
 
 
+class WeightlessHost(ClientHost):
+    """Seals its clients' sum with weight 0 in round 2: valid ciphertexts of a plaintext
+    the honest encoding refuses (its right: there are no range proofs), so the opened
+    summed weight is 0 and the step would divide by it."""
+
+    def _seal(self, task, results):
+        layout = self._encryptor.layout
+        if task.round != 2:
+            return super()._seal(task, results)
+
+        def weightless(entries):
+            delta = layout.codec.encode_sum(
+                [(np.zeros_like(u, dtype=np.float64), n) for u, _, n, _ in entries]
+            )
+            return delta + layout.stats.encode_sum([{**s, "weight": 0.0} for *_, s in entries])
+
+        object.__setattr__(layout, "encode_sum", weightless)
+        try:
+            return super()._seal(task, results)
+        finally:
+            object.__delattr__(layout, "encode_sum")
+
+
 class WrongSharesHost(ClientHost):
     """Gives the key holders exponent shares that are not those of its obfuscators (signed,
     so the holders accept them: each value stays within an honest sharing's bound, one more

@@ -282,3 +282,17 @@ def test_out_of_retries_is_one_clear_error_and_keeps_finished_rounds(ray_2cpus, 
     held = _records(record, "run_round")[-1]
     assert held["round"] == 1
     np.testing.assert_array_equal(held["weights"], checkpoint["weights"])
+
+
+def test_a_sum_of_weight_zero_stops_the_run_without_model_checks(ray_2cpus, tmp_path):
+    """Clients that seal weight 0 (no range proofs) make the opened summed weight 0: the
+    server refuses the step as the hosts' model checks would, even with the checks off,
+    and the run stops with round 1's finite model instead of stepping into inf/NaN."""
+    from fedray.errors import ClusterError
+
+    cfg = compose([*SMALL_KEY, "rounds=3", "checkpoint.every=1", "cluster.verify_models=false"])
+    with pytest.raises(ClusterError, match="round 2: sum check failed: the summed weight 0 is"):
+        run_experiment(cfg, tmp_path, host_class=faulty.WeightlessHost)
+    assert [int(r["round"]) for r in _rows(tmp_path)] == [1]
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint["round"] == 1 and np.all(np.isfinite(checkpoint["weights"]))

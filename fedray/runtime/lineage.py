@@ -148,9 +148,21 @@ def plaintext_width(n: int) -> int:
 
 
 def step(strategy: Any, weights: np.ndarray, total: np.ndarray, weight: float, denominator):
-    """The server's step, one definition for the server and every host that checks it."""
+    """The server's step, one definition for the server and every host that checks it:
+    the next model, or ValueError for a sum no honest cohort gives (then the strategy's
+    state, its momentum or Adam moments, is as it was)."""
+    if not denominator and not weight > 0:
+        # Honest weights are in (0, 1] per client (a failed client's too); a colluding
+        # client's crafted ciphertexts can wrap the summed weight to 0.
+        raise ValueError(f"the summed weight {weight:g} is not positive")
+    saved = copy.deepcopy(strategy.state_dict())
     delta = total / denominator if denominator else total / weight
-    return strategy.apply(weights, delta)
+    with np.errstate(over="ignore", invalid="ignore"):
+        new = strategy.apply(weights, delta)
+    if not np.all(np.isfinite(new)):
+        strategy.load_state_dict(saved)
+        raise ValueError("the next model is not finite")
+    return new
 
 
 class Lineage:
@@ -225,20 +237,12 @@ class Lineage:
             raise LineageError(f"round {r}: attestation check failed: count {release.count}")
         plaintexts = ints_from_bytes(release.plaintexts, plaintext_width(self.key.public.n))
         total, stats = self.layout.decode_sum(plaintexts, int(release.count))
-        if not self.denominator and not stats["weight"] > 0:
-            # Honest weights are in (0, 1] per client (a failed client's too); a colluding
-            # client's crafted ciphertexts can wrap the summed weight to 0.
-            raise LineageError(
-                f"round {r}: sum check failed: the summed weight {stats['weight']:g} is not "
-                "positive"
-            )
-        # The step moves the strategy's state (momentum, Adam moments): on a refused sum it
-        # goes back, so a crafted release cannot leave its mark on a later check.
-        saved = copy.deepcopy(self.strategy.state_dict())
-        weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
-        if not np.all(np.isfinite(weights)):
-            self.strategy.load_state_dict(saved)
-            raise LineageError(f"round {r}: sum check failed: the next model is not finite")
+        # A refused step leaves the strategy's state as it was, so a crafted release cannot
+        # leave its mark on a later check.
+        try:
+            weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
+        except ValueError as e:
+            raise LineageError(f"round {r}: sum check failed: {e}") from None
         self.weights = weights
         self.round = r
 

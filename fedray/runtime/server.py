@@ -719,7 +719,16 @@ class Server:
                 total = self.privacy.server_noise(total, self.noise_rng)
             # DP: a fixed denominator qN, not the count (hosts checking models use theirs)
             denominator = self.privacy.denominator if self.privacy is not None else None
-            self.weights = step(self.strategy, self.weights, total, stats["weight"], denominator)
+            try:  # the hosts' own check, so that a run without model checks stops too
+                self.weights = step(
+                    self.strategy, self.weights, total, stats["weight"], denominator
+                )
+            except ValueError as e:
+                raise ClusterError(
+                    f"round {self.round}: sum check failed: {e} (a client's update is "
+                    "crafted or corrupt): the run stops; completed rounds are in "
+                    "metrics.csv and checkpoints/"
+                ) from None
         else:
             delta = self.strategy.aggregate(acc.deltas, acc.weights)
             self.weights = self.strategy.apply(self.weights, delta)

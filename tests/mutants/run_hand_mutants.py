@@ -213,8 +213,8 @@ MUTANTS = [
     Mutant(
         "mean-over-count",
         "fedray/runtime/server.py",
-        '            self.weights = step(self.strategy, self.weights, total, stats["weight"], denominator)',
-        "            self.weights = step(self.strategy, self.weights, total, acc.count, denominator)",
+        '                    self.strategy, self.weights, total, stats["weight"], denominator',
+        "                    self.strategy, self.weights, total, acc.count, denominator",
         ("tests/test_runtime.py", "tests/test_aggregation_e2e.py"),
         "the server divides the weighted sum by the number of updates, not the total weight",
         "fedavg_matches or fedavg_releases",
@@ -1705,10 +1705,20 @@ MUTANTS = [
     Mutant(
         "lineage-weight-unchecked",
         "fedray/runtime/lineage.py",
-        '        if not self.denominator and not stats["weight"] > 0:',
-        "        if False:",
+        "    if not denominator and not weight > 0:",
+        "    if False:",
         ("tests/test_lineage.py",),
         "a host steps on an attested sum whose weight colluding clients wrapped to 0",
+        "weight_zero",
+    ),
+    Mutant(
+        "server-steps-on-weight-zero",
+        "fedray/runtime/server.py",
+        "                self.weights = step(\n",
+        '                self.weights = self.strategy.apply(self.weights, total / stats["weight"])'
+        " if True else step(\n",
+        ("tests/test_faults.py",),
+        "without model checks the server steps on a summed weight wrapped to 0 (inf/NaN)",
         "weight_zero",
     ),
     Mutant(
@@ -2057,7 +2067,7 @@ MUTANTS = [
     Mutant(
         "lineage-refusal-keeps-strategy-state",
         "fedray/runtime/lineage.py",
-        "            self.strategy.load_state_dict(saved)\n",
+        "        strategy.load_state_dict(saved)\n",
         "",
         ("tests/test_lineage.py",),
         "a host that refuses a sum keeps the momentum its step made",
