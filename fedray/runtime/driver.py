@@ -964,16 +964,20 @@ def _refresh_hosts(job: _Job, from_round: int) -> list[int]:
         except Exception as exc:  # dead for good, or not back in time
             log.debug("client host %d is not available: %s", i, exc)
             continue
-        if job.custody is not None:
-            public, configured = ray.get(host.identity.remote())
-            if not configured:  # restarted (a host only awaiting its scaling is not)
-                job.custody.re_register(i, public, from_round)
-        if job.weight_ref is not None:  # a restarted host starts from 1.0 again
-            answer = ray.get(host.set_weight_ref.remote(*job.weight_ref))
-            if answer is not True:
-                raise ConfigError(answer)
-        if job.scaling is not None:  # and from its raw data
-            ray.get(host.set_feature_scaling.remote(*job.scaling))
+        try:
+            if job.custody is not None:
+                public, configured = ray.get(host.identity.remote())
+                if not configured:  # restarted (a host only awaiting its scaling is not)
+                    job.custody.re_register(i, public, from_round)
+            if job.weight_ref is not None:  # a restarted host starts from 1.0 again
+                answer = ray.get(host.set_weight_ref.remote(*job.weight_ref))
+                if answer is not True:
+                    raise ConfigError(answer)
+            if job.scaling is not None:  # and from its raw data
+                ray.get(host.set_feature_scaling.remote(*job.scaling))
+        except ray.exceptions.RayActorError as exc:  # died again while being set up: it
+            log.warning("client host %d died while being set up again: %s", i, exc)
+            continue  # refuses to train until the next call sets it up
         restarted.append(i)
     if restarted:
         log.warning(
