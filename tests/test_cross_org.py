@@ -165,7 +165,26 @@ def _listing_server(record: Path):
     return Listing
 
 
-def test_three_site_clusters_train_the_single_cluster_model(
+# The coordinator in its own process (its own embedded Ray, in its own session): at the
+# start of round 2, after round 1's checkpoint, its server kills the whole process group
+# (driver, Ray, server, hub) as a power cut would, before any request of round 2 leaves.
+_KILLED_COORDINATOR = """
+import os, signal, sys, time
+from fedray.runtime.driver import run_experiment
+from fedray.runtime.server import Server
+from tests.conftest import compose
+GROUP = os.getpgid(0)
+class PowerCut(Server):
+    def run_round(self):
+        if self.round == 1:
+            os.killpg(GROUP, signal.SIGKILL)
+            time.sleep(60)
+        return super().run_round()
+run_experiment(compose(sys.argv[2:]), sys.argv[1], server_class=PowerCut)
+"""
+
+
+def test_three_site_clusters_train_the_single_cluster_model_across_a_coordinator_restart(
     ray_2cpus, federation_dir, single_cluster_weights, three_sites, tmp_path
 ):
     """Bit-identical final weights to the same job in one cluster (client-level DP on with
@@ -173,21 +192,41 @@ def test_three_site_clusters_train_the_single_cluster_model(
     by the sites (2 of 3 open a sum) and every sum opened by the fast path (each site's
     exponent shares sealed to the other sites' holders, relayed by the coordinator; the
     holders answer share sums), every site reached only through the channel, and the
-    sites stopping when the coordinator says the run is over."""
+    sites stopping when the coordinator says the run is over.
+
+    Across a power cut: the coordinator dies (SIGKILL to its process group) after round
+    1's checkpoint; the sites keep running and dial again with backoff. A new coordinator
+    process resumes from the checkpoint (resume=true) and gives the sites round 1's
+    attested sum from the checkpoints folder: their hosts check round 2's model against
+    it (model checks on), and they train round 2."""
     from fedray.runtime.driver import run_experiment
+    from fedray.runtime.outputs import load_checkpoint
 
     port, procs, logs = three_sites
-    cfg = compose(
-        [
-            "federation=cross_org",
-            *JOB,
-            *_files(federation_dir),
-            f"federation.listen=127.0.0.1:{port}",
-        ]
+    job = [
+        "federation=cross_org",
+        *JOB,
+        *_files(federation_dir),
+        f"federation.listen=127.0.0.1:{port}",
+        "checkpoint.every=1",
+    ]
+    run_dir = tmp_path / "cross"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_COORDINATOR, str(run_dir), *job, "ray.num_cpus=2"],
+        cwd=ROOT,
+        env={**os.environ, "HOME": str(tmp_path)},
+        capture_output=True,
+        start_new_session=True,
+        timeout=400,
     )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert load_checkpoint(run_dir / "checkpoints")["round"] == 1
+    assert (run_dir / "checkpoints/releases/round_00001.json").is_file()
+
     record = tmp_path / "seen.jsonl"
-    summary = run_experiment(cfg, tmp_path / "cross", server_class=_listing_server(record))
-    assert summary["rounds_completed"] == 2
+    cfg = compose([*job, "resume=true"])
+    summary = run_experiment(cfg, run_dir, server_class=_listing_server(record))
+    assert summary["rounds_completed"] == 2 and summary["resumed_from_round"] == 1
     assert summary["mode"] == "cross_org"
     assert summary["key_holder_nodes"] == ["site:a", "site:b", "site:c"]
     assert summary["key_dealer_node"] == "site:a" and summary["threshold"] == 2
@@ -200,23 +239,25 @@ def test_three_site_clusters_train_the_single_cluster_model(
     assert summary["privacy"] == "dp" and 0 < summary["epsilon"] < float("inf")
     assert summary["epsilon_vs_server"] == float("inf")
 
-    assert _opened_by(tmp_path / "cross") == ["share_sums", "share_sums"]
+    assert _opened_by(run_dir) == ["share_sums", "share_sums"]
     assert summary["bytes_to_key_holders"] > 0  # the sealed shares the coordinator relayed
-    cross = np.load(tmp_path / "cross/checkpoints/round_00002/arrays.npz")["weights"]
+    cross = np.load(run_dir / "checkpoints/round_00002/arrays.npz")["weights"]
     one = single_cluster_weights
     assert cross.dtype == one.dtype and np.array_equal(cross, one)
 
     # The coordinator's cluster ran the server and the hub, no site actor; the server's
     # hosts and key holders were site handles, all through the one hub.
     seen = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(seen) == 2
+    assert len(seen) == 1  # round 2, after the restart
     for entry in seen:
         assert "FederationHub" in entry["actors"], entry
         assert not {"SiteHost", "ClientHost", "KeyHolder"} & set(entry["actors"]), entry
         assert entry["hosts"] == ["SiteHandle"] and entry["hubs"] == 1, entry
     for proc, site in zip(procs, SITES, strict=True):  # the goodbye stops every site
         assert proc.wait(timeout=60) == 0, (logs / f"{site}.log").read_text()[-2000:]
-        assert "said goodbye" in (logs / f"{site}.log").read_text()
+        said = (logs / f"{site}.log").read_text()
+        assert "said goodbye" in said
+        assert said.count("joined the federation") == 2  # one process, two sessions
 
 
 def _wine_site_tables(folder: Path, reorder: bool) -> list[str]:
@@ -508,6 +549,21 @@ def test_a_killed_site_is_left_out_and_a_restarted_one_rejoins_the_run(
     assert [int(r["clients_failed"]) for r in rows] == [0, 0, 2, 0]
     assert [r["decrypted_by"] for r in rows] == ["share_sums"] * 4
     assert "clients ready" in (logs / "c2.log").read_text()
+
+
+def test_a_resume_across_organisations_without_the_attested_sums_is_refused(tmp_path):
+    """The sites' hosts outlive the coordinator and check each model against attested
+    sums: a checkpoint without them (releases/ removed) cannot be resumed, one line."""
+    from fedray.errors import FedrayError
+    from fedray.runtime.driver import _resume_state
+    from fedray.runtime.outputs import save_checkpoint
+
+    cfg = compose(["federation=cross_org", *JOB, "resume=true", "privacy=none"])
+    state = {"round": 1, "weights": np.zeros(3, np.float32), "strategy": {}, "privacy": None}
+    save_checkpoint(tmp_path / "checkpoints", state)
+    with pytest.raises(FedrayError, match="the attested sum of round 1") as err:
+        _resume_state(cfg, tmp_path)
+    assert "\n" not in str(err.value)
 
 
 # --- a hostile coordinator against one live site --------------------------------------

@@ -84,6 +84,7 @@ HANDSHAKE_TIMEOUT_S = 3.0
 # long headers cannot pile up in memory.
 MAX_BLOBS_PER_MESSAGE = 64
 BLOB_OVERHEAD_BYTES = 256
+BIND_WAIT_S = 30.0  # how long the coordinator retries a port still in use (a restart)
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
@@ -926,24 +927,36 @@ def listen(
     creds = grpc.ssl_server_credentials(
         [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
     )
-    # Each stream holds a worker while it lasts; a site holds at most one session and one
-    # handshake (a second is refused), so 2 per site plus a few for refusals suffice, and
-    # gRPC answers RESOURCE_EXHAUSTED past that rather than queueing (M1).
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=2 * len(allowed) + 4),
-        options=_GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=2 * len(allowed) + 4,
-    )
-    handler = grpc.stream_stream_rpc_method_handler(coordinator._connect)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler}),)
-    )
-    try:
-        port = server.add_secure_port(host_port, creds)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise FederationError(f"cannot listen on {host_port}")
+    deadline = time.monotonic() + BIND_WAIT_S
+    while True:
+        # Each stream holds a worker while it lasts; a site holds at most one session and
+        # one handshake (a second is refused), so 2 per site plus a few for refusals
+        # suffice, and gRPC answers RESOURCE_EXHAUSTED past that rather than queueing (M1).
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=2 * len(allowed) + 4),
+            options=_GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=2 * len(allowed) + 4,
+        )
+        handler = grpc.stream_stream_rpc_method_handler(coordinator._connect)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler}),)
+        )
+        try:
+            port = server.add_secure_port(host_port, creds)
+        except RuntimeError:
+            port = 0
+        if port:
+            break
+        server.stop(None)
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"cannot listen on {host_port} (in use, or not an address of this machine; "
+                f"waited {BIND_WAIT_S:g} s)"
+            )
+        # A coordinator restarted after a crash: the old process may hold the port for a
+        # few seconds more while it is torn down.
+        log.warning("cannot listen on %s yet (in use?); retrying", host_port)
+        time.sleep(1.0)
     server.start()
     coordinator.port, coordinator._server = port, server
     log.info("federation endpoint of %s listening on port %d", manifest.coordinator.id, port)

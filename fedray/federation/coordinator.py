@@ -565,9 +565,10 @@ class RemoteCustody:
 
     def restrict(self, first_round: int, last_round: int) -> None:
         if first_round > 1:
-            log.warning(
-                "resuming across organisations: each site's key holder and policy ledger "
-                "decide which rounds it opens again"
+            log.info(
+                "resuming across organisations from round %d: each site's key holder, "
+                "record of rounds and policy decide whether it takes part again",
+                first_round,
             )
 
     def open_round(self, round_num: int) -> None:

@@ -257,7 +257,27 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
             )
         saved = json.loads(ledger.read_text())["privacy"]
         state["privacy"] = later_privacy_state(saved, state.get("privacy"))
+    if _sites_check_models(cfg):
+        from fedray.runtime.outputs import load_releases
+
+        try:  # the sites' hosts check the next model against these (they keep running)
+            state["releases"] = load_releases(checkpoints_dir_of(path), int(state["round"]))
+        except FileNotFoundError as exc:
+            raise FedrayError(
+                f"resume=true across organisations with model checks needs every attested "
+                f"sum up to the checkpoint's round, which the sites check the next model "
+                f"against: {exc}; pass checkpoint.path=<the old run's checkpoints folder>"
+            ) from None
     return state
+
+
+def _sites_check_models(cfg: FedrayConfig) -> bool:
+    """Across organisations with model checks: the sites' hosts outlive the coordinator,
+    so a resumed coordinator must give them the opened sums they have not checked yet
+    (the checkpoints folder keeps them: ``releases/``)."""
+    from fedray.runtime.lineage import verifies_models
+
+    return cfg.federation.name == "cross_org" and verifies_models(cfg)
 
 
 class _StopOnSigint:
@@ -716,6 +736,19 @@ def _driver_lineage(job: _Job, num_values: int, resume_state: dict[str, Any] | N
     return Lineage(cfg, key, layout, job.custody.holder_keys, initial, _lineage_root(resume_state))
 
 
+def _save_checkpoint(job: _Job) -> None:
+    """The server's checked state as the next checkpoint; across organisations with
+    model checks, first the attested sums it has not saved yet (see :func:`_resume_state`)."""
+    import ray
+
+    state = _checked_state(job)
+    if _sites_check_models(job.cfg):
+        from fedray.runtime.outputs import save_releases
+
+        save_releases(job.checkpoint_dir, ray.get(job.server.releases_since.remote(0)))
+    save_checkpoint(job.checkpoint_dir, state)
+
+
 def _checked_state(job: _Job) -> dict[str, Any]:
     """The server's state to checkpoint; with model checks, only if its weights and
     strategy state are, bit for bit, what the attested sums give (the driver's own
@@ -906,7 +939,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             and m["test_accuracy"] >= cfg.target_accuracy
         )
         if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
-            save_checkpoint(job.checkpoint_dir, _checked_state(job))
+            _save_checkpoint(job)
             saved_round = last_round
         write_json(job.output_dir / "summary.json", summary)
         if m["clients_failed"] > outcome.failed_in_sum:  # a host call failed
@@ -921,7 +954,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             )
             break
     if last_round > saved_round:
-        save_checkpoint(job.checkpoint_dir, _checked_state(job))
+        _save_checkpoint(job)
     if stop.requested:  # Ctrl-C: the launcher prints the command that resumes
         summary["interrupted"] = True
         write_json(job.output_dir / "summary.json", summary)

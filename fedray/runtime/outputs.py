@@ -185,6 +185,62 @@ def latest_checkpoint_round(directory: Path) -> int | None:
     return int(json.loads(state.read_text())["round"]) if state.exists() else None
 
 
+RELEASES_DIR = "releases"  # in a checkpoints folder: the attested sums, one file a round
+
+
+def save_releases(directory: Path, releases: list[Any]) -> None:
+    """Write each opened sum with its attestations (``lineage.Release``) once, as
+    ``releases/round_NNNNN.json`` in the checkpoints folder: across organisations a
+    resumed coordinator sends them to the sites, whose hosts check every model against
+    them (the sites check the attestations; this file is not trusted)."""
+    import base64
+
+    folder = Path(directory) / RELEASES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in releases:
+        path = folder / f"round_{int(r.round):05d}.json"
+        if path.exists():
+            continue
+        write_json(
+            path,
+            {
+                "round": int(r.round),
+                "model_sha256": str(r.model_sha256),
+                "count": int(r.count),
+                "plaintexts": base64.b64encode(bytes(r.plaintexts)).decode(),
+                "attestations": {
+                    str(j): base64.b64encode(bytes(sig)).decode()
+                    for j, sig in sorted(r.attestations.items())
+                },
+            },
+        )
+
+
+def load_releases(directory: Path, up_to: int) -> list[Any]:
+    """The opened sums of rounds 1..``up_to`` that :func:`save_releases` wrote in the
+    checkpoints folder ``directory``; FileNotFoundError naming the first one missing."""
+    import base64
+
+    from fedray.runtime.lineage import Release
+
+    out = []
+    for r in range(1, int(up_to) + 1):
+        path = Path(directory) / RELEASES_DIR / f"round_{r:05d}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"the attested sum of round {r} ({path}) is not there")
+        data = json.loads(path.read_text())
+        out.append(
+            Release(
+                int(data["round"]),
+                str(data["model_sha256"]),
+                int(data["count"]),
+                base64.b64decode(data["plaintexts"]),
+                {int(j): base64.b64decode(s) for j, s in data["attestations"].items()},
+            )
+        )
+    return out
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint folder, or the one a ``checkpoints/`` folder's ``latest`` (or
     that ``latest`` file) names."""

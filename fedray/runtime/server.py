@@ -317,6 +317,8 @@ class Server:
         self.noise_rng.bit_generator.state = state["noise_rng"]
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])
+        if state.get("releases") is not None:  # across organisations: the sites' hosts
+            self.releases = list(state["releases"])  # check the next model against them
 
     # -- before round 1: the federation's feature statistics ---------------------------
     def open_feature_sums(self) -> dict[str, Any]:
