@@ -551,17 +551,39 @@ def test_a_killed_site_is_left_out_and_a_restarted_one_rejoins_the_run(
     assert "clients ready" in (logs / "c2.log").read_text()
 
 
-def test_a_resume_across_organisations_without_the_attested_sums_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("damage", "refusal"),
+    [
+        ("removed", "the attested sum of round 1 .* is not there"),
+        ("truncated", "the attested sum of round 1 .* is unreadable"),
+        ("renumbered", "holds the attested sum of round 2, not 1"),
+    ],
+)
+def test_a_resume_across_organisations_without_the_attested_sums_is_refused(
+    tmp_path, damage, refusal
+):
     """The sites' hosts outlive the coordinator and check each model against attested
-    sums: a checkpoint without them (releases/ removed) cannot be resumed, one line."""
+    sums: a checkpoint whose releases/ lacks one (removed, cut short by a crash, another
+    round's) cannot be resumed; one line, no traceback."""
     from fedray.errors import FedrayError
     from fedray.runtime.driver import _resume_state
-    from fedray.runtime.outputs import save_checkpoint
+    from fedray.runtime.lineage import Release
+    from fedray.runtime.outputs import RELEASES_DIR, save_checkpoint, save_releases
 
     cfg = compose(["federation=cross_org", *JOB, "resume=true", "privacy=none"])
     state = {"round": 1, "weights": np.zeros(3, np.float32), "strategy": {}, "privacy": None}
-    save_checkpoint(tmp_path / "checkpoints", state)
-    with pytest.raises(FedrayError, match="the attested sum of round 1") as err:
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, state)
+    save_releases(folder, [Release(1, "ab" * 32, 6, b"\x01" * 64, {1: b"s", 2: b"t"})])
+    assert len(_resume_state(cfg, tmp_path)["releases"]) == 1  # intact: it loads
+    path = folder / RELEASES_DIR / "round_00001.json"
+    if damage == "removed":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_text(path.read_text()[:40])
+    else:
+        path.write_text(path.read_text().replace('"round": 1', '"round": 2'))
+    with pytest.raises(FedrayError, match=refusal) as err:
         _resume_state(cfg, tmp_path)
     assert "\n" not in str(err.value)
 

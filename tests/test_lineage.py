@@ -22,6 +22,7 @@ from fedray.runtime.lineage import (
     Lineage,
     LineageError,
     Release,
+    min_client_weight,
     model_digest,
     plaintext_width,
     release_message,
@@ -281,11 +282,21 @@ def test_the_driver_checkpoints_only_the_model_the_attested_sums_give(ray_2cpus,
     assert saved["round"] == 1 and np.all(np.isfinite(saved["weights"]))
 
 
-def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
+@pytest.mark.parametrize(
+    ("grid_steps", "refusal"),
+    [
+        (0, "the summed weight 0 is not positive"),
+        # one step of the statistics' grid: the sum times 2^24, a finite, wrecked model
+        (1, "the summed weight 5.96046e-08 is below its 6 clients' least"),
+        (7 << 24, "the summed weight 7 exceeds its 6 clients' 1 each"),
+    ],
+    ids=["weight_zero", "weight_one_grid_step", "weight_above_count"],
+)
+def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key, grid_steps, refusal):
     """A colluding host deposits valid ciphertexts of out-of-range plaintexts (its right:
-    no range proofs) that wrap the summed weight to 0; honest holders attest the true
-    opening, but the step would give an infinite model: every host refuses it (found by
-    the colluding-site review)."""
+    no range proofs) that wrap the summed weight to 0, to one grid step (the step would
+    multiply the sum by 2^24) or past the clients' count; honest holders attest the true
+    opening, but every host refuses the step (found by the colluding-site reviews)."""
     from fedray.crypto.paillier import to_bytes
     from fedray.crypto.threshold import PublicEncryptor, share_exponents
     from fedray.runtime.keys import Contribution
@@ -298,7 +309,8 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
     for h in holders:
         assert h.deposit(signed, blobs[h.index - 1])
     stats = layout.stats
-    wrap = (1 << stats.slot_bits) - (3 << stats.frac_bits)  # + the honest 3.0 = 0 mod 2^bits
+    # + the honest 3.0 = grid_steps mod 2^bits
+    wrap = (1 << stats.slot_bits) - (3 << stats.frac_bits) + grid_steps
     crafted = (
         layout.codec.encode_sum([(np.zeros(8), None)] * 3)
         + [wrap]
@@ -322,11 +334,12 @@ def test_a_host_refuses_an_attested_sum_of_weight_zero(threshold_key):
     sigs = {
         h.index: h.attest(1, ids, h._approvals(1, ids), payloads, data, exponents) for h in holders
     }
-    assert layout.decode_sum(plaintexts, 6)[1]["weight"] == 0.0  # the wrap worked
+    assert layout.decode_sum(plaintexts, 6)[1]["weight"] == grid_steps / (1 << 24)  # wrapped
     lineage = Lineage(
         compose(SMALL_KEY), key, layout, {h.index: h.attestation_key() for h in holders}, W0
     )
-    with pytest.raises(LineageError, match="round 1: sum check failed: the summed weight 0"):
+    lineage.min_client_weight = min_client_weight(100.0, stats.frac_bits)  # the host's
+    with pytest.raises(LineageError, match=f"round 1: sum check failed: {refusal}"):
         lineage.check(2, W0, [Release(1, model, 6, data, sigs)])
     assert lineage.round == 0
 

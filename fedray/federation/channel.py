@@ -948,7 +948,7 @@ def listen(
         if port:
             break
         server.stop(None)
-        if time.monotonic() >= deadline:
+        if not _port_in_use(host_port) or time.monotonic() >= deadline:
             raise FederationError(
                 f"cannot listen on {host_port} (in use, or not an address of this machine; "
                 f"waited {BIND_WAIT_S:g} s)"
@@ -961,6 +961,24 @@ def listen(
     coordinator.port, coordinator._server = port, server
     log.info("federation endpoint of %s listening on port %d", manifest.coordinator.id, port)
     return coordinator
+
+
+def _port_in_use(host_port: str) -> bool:
+    """Whether binding ``host:port`` fails because something holds the port (worth a
+    retry), not because the address is not this machine's or is malformed."""
+    import errno
+
+    host, _, port = host_port.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, int(port)))
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    except ValueError:
+        return False
+    return False
 
 
 # --- site side -----------------------------------------------------------------------------

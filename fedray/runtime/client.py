@@ -570,6 +570,11 @@ class ClientHost:
             import ray
 
             releases = ray.get(releases)
+        from fedray.runtime.lineage import min_client_weight
+
+        self._lineage.min_client_weight = min_client_weight(
+            self.weight_ref, self._lineage.layout.stats.frac_bits
+        )
         try:
             self._lineage.check(int(task.round), global_weights, list(releases or []))
         except LineageError as exc:

@@ -122,9 +122,11 @@ class KeyCustody:
                 ray.get(ref, timeout=60)
             except Exception as exc:  # a dead holder: the others suffice
                 log.debug("holder did not register host %d: %s", index, exc)
-        ray.get(self.configure_host(index))
+        # Registered from here on (the holders refuse this epoch again), whether or not
+        # the host lives to be configured: a host that dies now is registered afresh.
         self.epochs[index] = epoch
         self.identities[index] = public
+        ray.get(self.configure_host(index))
 
 
 def set_up_keys(

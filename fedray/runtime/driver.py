@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -262,13 +263,22 @@ def _resume_state(cfg: FedrayConfig, output_dir: Path) -> dict[str, Any] | None:
 
         try:  # the sites' hosts check the next model against these (they keep running)
             state["releases"] = load_releases(checkpoints_dir_of(path), int(state["round"]))
-        except FileNotFoundError as exc:
+        except ValueError as exc:
             raise FedrayError(
                 f"resume=true across organisations with model checks needs every attested "
-                f"sum up to the checkpoint's round, which the sites check the next model "
-                f"against: {exc}; pass checkpoint.path=<the old run's checkpoints folder>"
+                f"sum up to the checkpoint's round (the sites check the next model against "
+                f"them): {exc}; a checkpoints folder without its releases/ (removed, or "
+                "written by a fedray that did not keep them) cannot be resumed"
             ) from None
     return state
+
+
+def _checkpoint_due(job: _Job, round_num: int) -> bool:
+    """``checkpoint.every``; across organisations every round, whatever it says: the
+    sites' approvers and key holders have moved on to the last round run, and a resume
+    from an earlier checkpoint would ask them for a round they signed or opened."""
+    every = job.cfg.checkpoint.every
+    return job.cfg.federation.name == "cross_org" or bool(every and round_num % every == 0)
 
 
 def _sites_check_models(cfg: FedrayConfig) -> bool:
@@ -375,6 +385,7 @@ class _Job:
     first_round: int = 1
     last_round: int = 0  # the last round the key holders open (set up with the server)
     lineage: Any = None  # with model checks: the driver's own chain (see _checked_state)
+    releases_saved: int = 0  # across organisations: the last round in checkpoints/releases/
     # (weight_ref, the driver's signature of it): given back to restarted hosts
     weight_ref: tuple[float, bytes] | None = None
     # (the federation's feature scaling, the driver's signature): to restarted hosts too
@@ -745,7 +756,9 @@ def _save_checkpoint(job: _Job) -> None:
     if _sites_check_models(job.cfg):
         from fedray.runtime.outputs import save_releases
 
-        save_releases(job.checkpoint_dir, ray.get(job.server.releases_since.remote(0)))
+        new = ray.get(job.server.releases_since.remote(job.releases_saved))
+        save_releases(job.checkpoint_dir, new)
+        job.releases_saved = max([job.releases_saved, *(r.round for r in new)])
     save_checkpoint(job.checkpoint_dir, state)
 
 
@@ -764,6 +777,11 @@ def _checked_state(job: _Job) -> dict[str, Any]:
     if job.lineage is None:
         return state
     r = int(state["round"])
+    if job.weight_ref is not None:
+        from fedray.runtime.lineage import min_client_weight
+
+        frac_bits = job.lineage.layout.stats.frac_bits
+        job.lineage.min_client_weight = min_client_weight(job.weight_ref[0], frac_bits)
     try:
         releases = ray.get(job.server.releases_since.remote(job.lineage.round))
         job.lineage.check(r + 1, np.asarray(state["weights"]), releases)
@@ -900,10 +918,18 @@ def _new_summary(job: _Job, counts: tuple[int, int, int], setup_seconds: float) 
 def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
     """Run rounds first_round..cfg.rounds, writing each one's outputs as it ends; stop
     early at privacy.target_epsilon or target_accuracy. Checkpoint every
-    checkpoint.every rounds and after the last. Ctrl-C: finish the round in flight,
-    checkpoint it, then raise Interrupted (the launcher prints the resume command)."""
+    checkpoint.every rounds (across organisations every round) and after the last.
+    Ctrl-C: finish the round in flight, checkpoint it, then raise Interrupted (the
+    launcher prints the resume command)."""
 
     cfg, server = job.cfg, job.server
+    if _sites_check_models(cfg):  # the attested sums a resume gives the sites
+        from fedray.runtime.outputs import RELEASES_DIR
+
+        if job.resumed:  # rounds 1..first_round - 1: on disk, and the server has them
+            job.releases_saved = job.first_round - 1
+        else:  # a new run in an old run's folder: none of the old run's
+            shutil.rmtree(job.checkpoint_dir / RELEASES_DIR, ignore_errors=True)
     last_round = saved_round = job.first_round - 1
     stop = job.sigint = _StopOnSigint().__enter__()
     for round_num in range(job.first_round, cfg.rounds + 1):
@@ -938,7 +964,7 @@ def _run_rounds(job: _Job, summary: dict[str, Any]) -> None:
             and not math.isnan(m["test_accuracy"])
             and m["test_accuracy"] >= cfg.target_accuracy
         )
-        if stop.requested or (cfg.checkpoint.every and last_round % cfg.checkpoint.every == 0):
+        if stop.requested or _checkpoint_due(job, last_round):
             _save_checkpoint(job)
             saved_round = last_round
         write_json(job.output_dir / "summary.json", summary)

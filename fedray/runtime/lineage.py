@@ -147,14 +147,39 @@ def plaintext_width(n: int) -> int:
     return (int(n).bit_length() + 7) // 8
 
 
-def step(strategy: Any, weights: np.ndarray, total: np.ndarray, weight: float, denominator):
+def min_client_weight(weight_ref: float, frac_bits: int) -> float:
+    """The least weight an honest client's encoding holds: its examples over weight_ref,
+    at least 1 / weight_ref, rounded to the statistics' grid (0 if that is coarser)."""
+    return max(0.0, 1.0 / float(weight_ref) - 2.0 ** -(frac_bits + 1))
+
+
+def step(
+    strategy: Any,
+    weights: np.ndarray,
+    total: np.ndarray,
+    weight: float,
+    denominator,
+    count: int | None = None,
+    min_weight: float = 0.0,
+):
     """The server's step, one definition for the server and every host that checks it:
     the next model, or ValueError for a sum no honest cohort gives (then the strategy's
-    state, its momentum or Adam moments, is as it was)."""
-    if not denominator and not weight > 0:
+    state, its momentum or Adam moments, is as it was). Without a DP denominator the
+    summed weight divides the sum, so it must be one ``count`` honest clients can give:
+    each in (0, 1], at least ``min_weight`` (a party that knows weight_ref passes it)."""
+    if not denominator:
         # Honest weights are in (0, 1] per client (a failed client's too); a colluding
-        # client's crafted ciphertexts can wrap the summed weight to 0.
-        raise ValueError(f"the summed weight {weight:g} is not positive")
+        # client's crafted ciphertexts (no range proofs) can wrap the summed weight to 0,
+        # to one grid step (the sum times 2^24: a wrecked, finite model) or past count.
+        if not weight > 0:
+            raise ValueError(f"the summed weight {weight:g} is not positive")
+        if count is not None and weight > count * (1 + 1e-9):
+            raise ValueError(f"the summed weight {weight:g} exceeds its {count} clients' 1 each")
+        if count is not None and weight < count * min_weight:
+            raise ValueError(
+                f"the summed weight {weight:g} is below its {count} clients' least "
+                f"({min_weight:g} each)"
+            )
     saved = copy.deepcopy(strategy.state_dict())
     delta = total / denominator if denominator else total / weight
     with np.errstate(over="ignore", invalid="ignore"):
@@ -191,6 +216,7 @@ class Lineage:
 
             self.denominator = getattr(build_privacy(cfg), "denominator", None)
         self.round = 0
+        self.min_client_weight = 0.0  # set by whoever knows weight_ref (min_client_weight)
         self.weights = np.array(initial_weights, copy=True)
         if root is not None:
             self.round = int(root["round"])
@@ -240,7 +266,15 @@ class Lineage:
         # A refused step leaves the strategy's state as it was, so a crafted release cannot
         # leave its mark on a later check.
         try:
-            weights = step(self.strategy, self.weights, total, stats["weight"], self.denominator)
+            weights = step(
+                self.strategy,
+                self.weights,
+                total,
+                stats["weight"],
+                self.denominator,
+                int(release.count),
+                self.min_client_weight,
+            )
         except ValueError as e:
             raise LineageError(f"round {r}: sum check failed: {e}") from None
         self.weights = weights

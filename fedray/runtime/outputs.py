@@ -199,8 +199,6 @@ def save_releases(directory: Path, releases: list[Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for r in releases:
         path = folder / f"round_{int(r.round):05d}.json"
-        if path.exists():
-            continue
         write_json(
             path,
             {
@@ -218,8 +216,10 @@ def save_releases(directory: Path, releases: list[Any]) -> None:
 
 def load_releases(directory: Path, up_to: int) -> list[Any]:
     """The opened sums of rounds 1..``up_to`` that :func:`save_releases` wrote in the
-    checkpoints folder ``directory``; FileNotFoundError naming the first one missing."""
+    checkpoints folder ``directory``; ValueError naming the first one missing or
+    unreadable (the sites check each one's attestations: nothing here is trusted)."""
     import base64
+    import binascii
 
     from fedray.runtime.lineage import Release
 
@@ -227,17 +227,26 @@ def load_releases(directory: Path, up_to: int) -> list[Any]:
     for r in range(1, int(up_to) + 1):
         path = Path(directory) / RELEASES_DIR / f"round_{r:05d}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"the attested sum of round {r} ({path}) is not there")
-        data = json.loads(path.read_text())
-        out.append(
-            Release(
+            raise ValueError(f"the attested sum of round {r} ({path}) is not there")
+        try:
+            data = json.loads(path.read_text())
+            release = Release(
                 int(data["round"]),
                 str(data["model_sha256"]),
                 int(data["count"]),
-                base64.b64decode(data["plaintexts"]),
-                {int(j): base64.b64decode(s) for j, s in data["attestations"].items()},
+                base64.b64decode(data["plaintexts"], validate=True),
+                {
+                    int(j): base64.b64decode(sig, validate=True)
+                    for j, sig in data["attestations"].items()
+                },
             )
-        )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
+            raise ValueError(
+                f"the attested sum of round {r} ({path}) is unreadable ({e})"
+            ) from None
+        if release.round != r:
+            raise ValueError(f"{path} holds the attested sum of round {release.round}, not {r}")
+        out.append(release)
     return out
 
 

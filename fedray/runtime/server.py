@@ -723,7 +723,12 @@ class Server:
             denominator = self.privacy.denominator if self.privacy is not None else None
             try:  # the hosts' own check, so that a run without model checks stops too
                 self.weights = step(
-                    self.strategy, self.weights, total, stats["weight"], denominator
+                    self.strategy,
+                    self.weights,
+                    total,
+                    stats["weight"],
+                    denominator,
+                    int(acc.count) if self.codec is not None else None,
                 )
             except ValueError as e:
                 raise ClusterError(
