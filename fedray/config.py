@@ -653,8 +653,9 @@ class FederationConfig:
     """A site: its policy file (docs/site-policy.md)."""
     state: str | None = None
     """A site: the file where it records, durably, the last round it took part in under
-    each key and job (it never trains, opens or attests a round at or before it again,
-    across restarts and runs); null: ``<federation.keys>/<party>.rounds.json``."""
+    each key, whatever the job (it never trains, opens or attests a round at or before it
+    again, across restarts, runs and jobs: a new job needs a new key); null:
+    ``<federation.keys>/<party>.rounds.json``."""
     connect_timeout_s: float = 300.0
     """How long each side waits for the other, in seconds."""
     answer_after_s: float = 0.0

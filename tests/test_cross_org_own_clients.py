@@ -93,7 +93,7 @@ def federation(tmp_path, monkeypatch):
     )
     agent = SiteAgent.__new__(SiteAgent)
     agent.job_sha256 = ""  # what the contributions below declare (none)
-    agent.rounds = RoundRecord(tmp_path / "a.rounds.json", key.fingerprint, "")
+    agent.rounds = RoundRecord(tmp_path / "a.rounds.json", key.fingerprint)
     agent.cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=None))
     agent.policy, agent.key, agent.index, agent.site_id = policy, key, 0, "a"
     agent.paths = types.SimpleNamespace(manifest_obj=manifest, sites=sites)

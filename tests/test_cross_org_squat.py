@@ -86,7 +86,7 @@ def test_a_squatted_update_id_is_refused_when_the_real_sum_comes(tmp_path, monke
     cfg = types.SimpleNamespace(federation=types.SimpleNamespace(max_colluding_sites=1))
     agent = SiteAgent.__new__(SiteAgent)
     agent.job_sha256 = ""  # what the contributions below declare (none)
-    agent.rounds = RoundRecord(tmp / "a.rounds.json", key.fingerprint, "")
+    agent.rounds = RoundRecord(tmp / "a.rounds.json", key.fingerprint)
     agent.cfg = cfg
     agent.policy = None
     agent.key = key

@@ -1280,44 +1280,48 @@ def test_a_holder_takes_contributions_of_its_own_sites_job_only(share_fed):
 
 def test_a_site_records_the_rounds_it_took_part_in_and_never_takes_one_twice(tmp_path):
     """The durable record behind a restarted site (review of 2026-12-04): rounds an
-    earlier process of this job under this key took part in are refused, in one line
-    naming the file; another job or key starts its own count; a record that is not
-    readable, or a place that cannot be written, stops the site at start."""
+    earlier process under this key took part in are refused, in one line naming the
+    file, whatever job it ran (a job with one setting changed would train round 1 alike);
+    another key starts its own count; a record that is not readable, or a place that
+    cannot be written, stops the site at start."""
     import threading
 
     from fedray.federation import channel as ch
     from fedray.federation.site import RoundRecord, SiteAgent
 
     path = tmp_path / "state" / "a.rounds.json"
-    first = RoundRecord(path, "key1", "job1")
+    first = RoundRecord(path, "key1")
     assert first.floor == 0
     for r in (1, 2, 2, 3):  # a retry of a round in the same process is the same round
         first.take_part(r, "trains")
-    again = RoundRecord(path, "key1", "job1")  # the site restarted (or the job runs again)
+    again = RoundRecord(path, "key1")  # the site restarted (or the job runs again)
     assert again.floor == 3
     for r in (1, 3):
         with pytest.raises(ch.Refused, match=f"round {r}: this site took part in rounds up to 3"):
             again.take_part(r, "trains")
     again.take_part(4, "helps open")
-    assert RoundRecord(path, "key1", "job1").floor == 4
-    assert RoundRecord(path, "key1", "job2").floor == 0  # another job: its own rounds
-    assert RoundRecord(path, "key2", "job1").floor == 0
+    assert RoundRecord(path, "key1").floor == 4  # another job under this key: the same
+    assert RoundRecord(path, "key2").floor == 0  # another key: its own rounds
+    # a record an earlier fedray kept per key and job counts for the key
+    legacy = tmp_path / "legacy.rounds.json"
+    legacy.write_text('{"key1:jobA": 6, "key1:jobB": 2, "key2:jobA": 9}')
+    assert RoundRecord(legacy, "key1").floor == 6
 
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a record of rounds"):
-        RoundRecord(path, "key1", "job1")
+        RoundRecord(path, "key1")
     blocked = tmp_path / "file"
     blocked.write_text("")
     with pytest.raises(ConfigError, match="cannot be written"):
-        RoundRecord(blocked / "a.rounds.json", "key1", "job1")
+        RoundRecord(blocked / "a.rounds.json", "key1")
 
     # The agent refuses a train request of such a round before anything happens
     agent = SiteAgent.__new__(SiteAgent)
     agent.cfg = compose(SITE)
     agent.client_ids, agent.policy, agent._lock = [0, 1], None, threading.Lock()
-    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1", "job1")
+    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1")
     agent.rounds.take_part(5, "trains")
-    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1", "job1")
+    agent.rounds = RoundRecord(tmp_path / "b.rounds.json", "key1")
     env = _train_request(round=5, client_ids=[0])
     body = env.train_request
     with pytest.raises(ch.Refused, match="round 5: this site took part in rounds up to 5"):

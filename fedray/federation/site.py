@@ -247,18 +247,26 @@ class Paths:
 
 class RoundRecord:
     """A site's durable record of the last round it took part in (trained, helped open or
-    attested), per federation key and declared job: a restarted site, or a new run of the
-    same job under the same key, is never made to take part in a round at or before it
-    again. Without it a fresh process would re-train a round the coordinator chooses
+    attested), per federation key, whatever the job: a restarted site, or any new run
+    under the same key, is never made to take part in a round at or before it again.
+    Without it a fresh process would re-train a round the coordinator chooses
     (deterministically, without DP) and help open a second sum of it, which a coordinator
     with ``t - 1`` colluding sites could difference against the first (review of
-    2026-12-04). The record is written (and fsync'ed) before anything of the round leaves."""
+    2026-12-04). Per key, not per declared job: a job with one setting changed that does
+    not change training (answer padding, model checks) trains round 1 as the first did
+    (review of 2026-12-04, second). The record is written (and fsync'ed) before anything
+    of the round leaves."""
 
-    def __init__(self, path: Path, key_id: str, job_sha256: str):
+    def __init__(self, path: Path, key_id: str):
         self.path = Path(path)
-        self.name = f"{key_id}:{job_sha256}"
+        self.name = str(key_id)
         data = self._load()
-        self.floor = int(data.get(self.name, 0))  # rounds up to here: an earlier process's
+        # rounds up to here: an earlier process's (a record written per key and job by an
+        # earlier fedray counts too)
+        self.floor = max(
+            (v for k, v in data.items() if k == self.name or k.startswith(self.name + ":")),
+            default=0,
+        )
         self.last = self.floor
         self._save(data)  # fails now, at start, if the file cannot be written
 
@@ -308,9 +316,9 @@ class RoundRecord:
         """Refuse a round at or before an earlier process's last one (records nothing)."""
         if round_num <= self.floor:
             raise ch.Refused(
-                f"round {round_num}: this site took part in rounds up to {self.floor} of this "
-                f"job under this key before (an earlier run or process, federation.state "
-                f"{self.path}); it {what} no round twice"
+                f"round {round_num}: this site took part in rounds up to {self.floor} under "
+                f"this key before (an earlier run, process or job, federation.state "
+                f"{self.path}); it {what} no round twice (a new job needs a new key)"
             )
 
 
@@ -517,7 +525,7 @@ class SiteAgent:
         )
         check_key_size(cfg, self.key)
         self._check_coalition()
-        self.rounds = RoundRecord(paths.rounds, self.key.fingerprint, self.job_sha256)
+        self.rounds = RoundRecord(paths.rounds, self.key.fingerprint)
         info = self.data_info()  # the site's tables checked before its Ray starts
         if cfg.ray.address is None:
             ray.init(

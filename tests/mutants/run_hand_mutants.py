@@ -1768,6 +1768,16 @@ MUTANTS = [
         "three_site or attested_sums",
     ),
     Mutant(
+        "record-forgets-other-jobs",
+        "fedray/federation/site.py",
+        '            (v for k, v in data.items() if k == self.name or k.startswith(self.name + ":")),',
+        "            (v for k, v in data.items() if k == self.name),",
+        ("tests/test_cross_org_units.py",),
+        "a site's record of rounds under a key forgets the rounds it took part in under "
+        "another declared job (which would train round 1 alike)",
+        "records_the_rounds",
+    ),
+    Mutant(
         "predict-no-scaling",
         "fedray/predict.py",
         '        if mode == "per_table":',
