@@ -610,7 +610,9 @@ class CheckpointConfig:
     """``every: N`` writes a checkpoint every N rounds (0: only after the last round)."""
 
     every: int = 5
-    """Write a checkpoint every N rounds (and after the last); 0: only after the last."""
+    """Write a checkpoint every N rounds (and after the last); 0: only after the last.
+    Across organisations the coordinator writes one every round, whatever this says (a
+    resume must start where the sites are)."""
     path: str | None = None
     """The checkpoints folder; null: ``checkpoints/`` in the run directory. With
     ``resume=true`` it may name an old run's checkpoints folder, its ``latest`` or one
@@ -659,11 +661,12 @@ class FederationConfig:
     connect_timeout_s: float = 300.0
     """How long each side waits for the other, in seconds."""
     answer_after_s: float = 0.0
-    """A site: it sends its update no sooner than this many seconds after the train
-    request came (0: as soon as it is sealed), so when it answers does not tell how long
-    its clients trained (a client whose training fails early, say); a padding site sends
-    no train or encrypt seconds. Set it above the site's longest round; a round that takes
-    longer still shows. The policy's ``answer_after_s`` does the same (the longer
+    """A site (in one cluster: each client host, per call) sends its update no sooner
+    than this many seconds after the train request came (0: as soon as it is sealed), so
+    when it answers does not tell how long its clients trained (a client whose training
+    fails early, say); a padding site or host sends no train or encrypt seconds. Set it
+    above the longest round and below ``round_timeout_s``; a round that takes longer
+    still shows. A site policy's ``answer_after_s`` does the same (the longer
     applies)."""
     max_colluding_sites: int | None = None
     """Sites assumed to collude with the coordinator: a site signs and opens only sums of
@@ -769,6 +772,13 @@ class FedrayConfig:
             raise ConfigError(f"target_accuracy={self.target_accuracy!r} must be in (0, 1]")
         if self.round_timeout_s is not None:
             _positive("round_timeout_s", self.round_timeout_s)
+            pad = self.federation.answer_after_s
+            if pad >= self.round_timeout_s:
+                raise ConfigError(
+                    f"federation.answer_after_s={pad:g} must be below "
+                    f"round_timeout_s={self.round_timeout_s:g}: every padded answer would "
+                    "come after the round's deadline"
+                )
         _positive("max_round_retries", self.max_round_retries, allow_zero=True)
 
 

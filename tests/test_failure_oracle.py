@@ -40,7 +40,10 @@ def test_a_round_whose_clients_all_failed_opens_only_their_count(ray_2cpus, tmp_
     model moves by that noise alone."""
     record = tmp_path / "opened.jsonl"
     server = type("Opened", (faulty.OpenedStatsServer,), {"record": str(record)})
-    cfg = compose([*SMALL_KEY, "rounds=2", "checkpoint.every=1", f"privacy={privacy}"])
+    # Under DP the hosts also pad their answers: a call whose clients all failed comes
+    # no sooner than one whose clients trained, and says nothing of how long it took.
+    pad = ["federation.answer_after_s=2"] if privacy == "dp" else []
+    cfg = compose([*SMALL_KEY, "rounds=2", "checkpoint.every=1", f"privacy={privacy}", *pad])
     summary = run_experiment(
         cfg, tmp_path / "run", host_class=faulty.FailingHost, server_class=server
     )
@@ -69,6 +72,16 @@ def test_a_round_whose_clients_all_failed_opens_only_their_count(ray_2cpus, tmp_
             assert o["weight"] == pytest.approx(o["clients"], abs=1e-6)
         moved = np.abs(after_round_1 - initial)
         assert np.isfinite(after_round_1).all() and (moved > 0).mean() > 0.9
+        for row in (first, second):  # padded: no answer before 2 s, no timing sent
+            assert float(row["wait_seconds"]) >= 2.0
+            assert float(row["train_seconds"]) == float(row["encrypt_seconds"]) == 0.0
+
+
+def test_answer_padding_must_fit_the_round_deadline():
+    from fedray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.answer_after_s=5 must be below"):
+        compose(["federation.answer_after_s=5", "round_timeout_s=5"])
 
 
 def test_a_crafted_failure_count_is_clamped_and_ignored_under_dp():

@@ -508,6 +508,7 @@ class ClientHost:
         Fails closed: a host whose crypto is not configured (Ray restarted it and the
         driver has not set it up again) or whose weight_ref was lost refuses the call
         before it trains, so nothing of its clients reaches the server in the clear."""
+        came = time.monotonic()
         self._refuse_if_not_set_up()
         if self._lineage is not None:
             self._check_lineage(task, global_weights)
@@ -516,7 +517,21 @@ class ClientHost:
         self._set_up_closed = True
         self._seal_for_round(task.round)
         with self._on_the_clock():
-            return self._train_many(task, global_weights)
+            results = self._train_many(task, global_weights)
+        return self._padded(results, came)
+
+    def _padded(self, results: list[ClientResult], came: float) -> list[ClientResult]:
+        """``federation.answer_after_s`` in one cluster: answer no sooner than that after
+        the call came, with no train or encrypt seconds, so when a host answers does not
+        tell how its clients' training went (a client that fails early). Across
+        organisations the site's agent pads (from the request's arrival) instead."""
+        pad = float(self.cfg.federation.answer_after_s)
+        if pad <= 0 or self.cfg.federation.name != "none":
+            return results
+        for r in results:
+            r.train_seconds = r.encrypt_seconds = 0.0
+        time.sleep(max(0.0, pad - (time.monotonic() - came)))
+        return results
 
     def _seal_for_round(self, round_num: int) -> None:
         """The sealed updates kept for the key holders' slow paths (and their signed

@@ -1778,6 +1778,16 @@ MUTANTS = [
         "records_the_rounds",
     ),
     Mutant(
+        "host-answers-at-once",
+        "fedray/runtime/client.py",
+        '        if pad <= 0 or self.cfg.federation.name != "none":',
+        "        if True:",
+        ("tests/test_failure_oracle.py",),
+        "with federation.answer_after_s set, a host in one cluster still answers as soon as "
+        "its clients are done, with their timings",
+        "all_failed",
+    ),
+    Mutant(
         "predict-no-scaling",
         "fedray/predict.py",
         '        if mode == "per_table":',
