@@ -165,9 +165,10 @@ def _listing_server(record: Path):
     return Listing
 
 
-# The coordinator in its own process (its own embedded Ray, in its own session): at the
-# start of round 2, after round 1's checkpoint, its server kills the whole process group
-# (driver, Ray, server, hub) as a power cut would, before any request of round 2 leaves.
+# The coordinator in its own process (its own embedded Ray, in its own session): inside
+# round 2, once every site has trained, sealed its upload and deposited its shares with
+# the key holders, and before any site approves the sum, its server kills the whole
+# process group (driver, Ray, server, hub) as a power cut would.
 _KILLED_COORDINATOR = """
 import os, signal, sys, time
 from fedray.runtime.driver import run_experiment
@@ -175,11 +176,11 @@ from fedray.runtime.server import Server
 from tests.conftest import compose
 GROUP = os.getpgid(0)
 class PowerCut(Server):
-    def run_round(self):
-        if self.round == 1:
+    def _approvals(self, acc):
+        if self.round == 2:
             os.killpg(GROUP, signal.SIGKILL)
             time.sleep(60)
-        return super().run_round()
+        return super()._approvals(acc)
 run_experiment(compose(sys.argv[2:]), sys.argv[1], server_class=PowerCut)
 """
 
@@ -194,11 +195,12 @@ def test_three_site_clusters_train_the_single_cluster_model_across_a_coordinator
     holders answer share sums), every site reached only through the channel, and the
     sites stopping when the coordinator says the run is over.
 
-    Across a power cut: the coordinator dies (SIGKILL to its process group) after round
-    1's checkpoint; the sites keep running and dial again with backoff. A new coordinator
-    process resumes from the checkpoint (resume=true) and gives the sites round 1's
-    attested sum from the checkpoints folder: their hosts check round 2's model against
-    it (model checks on), and they train round 2."""
+    Across a power cut: the coordinator dies (SIGKILL to its process group) inside round
+    2, after the sites' uploads and before their approvals; the sites keep running and
+    dial again with backoff. A new coordinator process resumes from round 1's checkpoint
+    (resume=true) and gives the sites round 1's attested sum from the checkpoints folder:
+    their hosts check round 2's model against it (model checks on), and they train round
+    2 again, as a retry."""
     from fedray.runtime.driver import run_experiment
     from fedray.runtime.outputs import load_checkpoint
 
