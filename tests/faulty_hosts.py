@@ -130,6 +130,21 @@ class WeightlessHost(ClientHost):
             object.__delattr__(layout, "encode_sum")
 
 
+class LostBeforeApprovalHost(ClientHost):
+    """Host 0 dies in round 2 after it sent its sealed update, when the server asks
+    whether it still holds it (before anyone approves the sum): once (``marker_dir``: a
+    restarted actor forgets)."""
+
+    marker_dir: str = ""
+
+    def holds(self, round_num, update_ids):
+        marker = os.path.join(self.marker_dir, "lost-before-approval")
+        if round_num == 2 and 0 in self.client_ids and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return super().holds(round_num, update_ids)
+
+
 class WrongSharesHost(ClientHost):
     """Gives the key holders exponent shares that are not those of its obfuscators (signed,
     so the holders accept them: each value stays within an honest sharing's bound, one more

@@ -296,3 +296,22 @@ def test_a_sum_of_weight_zero_stops_the_run_without_model_checks(ray_2cpus, tmp_
     assert [int(r["round"]) for r in _rows(tmp_path)] == [1]
     checkpoint = load_checkpoint(tmp_path / "checkpoints")
     assert checkpoint["round"] == 1 and np.all(np.isfinite(checkpoint["weights"]))
+
+
+def test_a_host_lost_between_its_upload_and_the_approvals_is_left_out_of_a_retry(
+    ray_2cpus, tmp_path
+):
+    """Host 0 dies in round 2 after its sealed update reached the server, before the sum
+    is approved. Before asking any host to approve, the server asks each host of the sum
+    whether it still holds its update: none has signed the round's list yet, so the round
+    is tried again (without the dead host's clients; Ray restarts it for round 3) instead
+    of stopping the run, as an approval missing after the others signed would."""
+    lost = type("Lost", (faulty.LostBeforeApprovalHost,), {"marker_dir": str(tmp_path)})
+    cfg = compose([*SMALL_KEY, "rounds=3", "checkpoint.every=0", "min_clients_per_round=2"])
+    summary = run_experiment(cfg, tmp_path / "run", host_class=lost)
+    assert (tmp_path / "lost-before-approval").exists()
+    rows = _rows(tmp_path / "run")
+    assert summary["rounds_completed"] == 3
+    assert [int(r["retries"]) for r in rows] == [0, 1, 0]
+    assert int(rows[1]["clients_ok"]) == 5 and int(rows[1]["clients_failed"]) >= 5
+    assert int(rows[2]["clients_ok"]) == 10  # the restarted host serves its clients again

@@ -44,6 +44,7 @@ HANDLE_METHODS = frozenset(
         "attestation_key",
         "ready",
         "trainable",
+        "holds",
     }
 )
 # How a site's refusal to train on a global model it could not verify begins (the site
@@ -121,6 +122,18 @@ class FederationHub:
 
     def ready(self, index: int) -> bool:
         return self.sites[index] in self.coord.connected()
+
+    def holds(self, index: int, round_num: int, update_ids: list[str]) -> bool:
+        """Whether site ``index`` is still the session that sent this round's update (not
+        gone, nor back as another process): asked of every site of a sum before any is
+        asked to approve it."""
+        last_peer, last_round = self._trained.get(index, (None, 0))
+        if last_round != int(round_num) or self.sites[index] not in self.coord.connected():
+            return False
+        try:
+            return self._peer(index) is last_peer
+        except Exception:  # gone since
+            return False
 
     def trainable(self, index: int) -> bool:
         """A site sets itself up again after a restart: nothing for the driver to do."""

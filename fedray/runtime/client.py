@@ -616,6 +616,13 @@ class ClientHost:
         own = self._sealed if int(round_num) == self._sealed_round else {}
         return self._approver.approve(self._key.fingerprint, round_num, update_ids, own)
 
+    def holds(self, round_num: int, update_ids: list[str]) -> bool:
+        """Whether this process sealed these updates this round and can still approve a
+        sum of them (a host Ray restarted holds none): the server asks every host of the
+        sum before any is asked to approve it."""
+        own = self._sealed if int(round_num) == self._sealed_round else {}
+        return self._approver is not None and all(str(u) in own for u in update_ids)
+
     def sealed_payload(self, round_num: int, update_id: str) -> bytes:
         """The ciphertexts of an update this host sealed this round, again.
 

@@ -77,6 +77,8 @@ class RoundOutcome:
     # Clients of the opened sum whose training failed (the encrypted ``clients_failed``;
     # counted in ``clients_failed``, not in ``clients_ok``): their hosts answered.
     failed_in_sum: int = 0
+    # Hosts of the sum lost before its approval: the attempt is tried again (retry).
+    lost_hosts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -473,12 +475,14 @@ class Server:
                     f"{state['retries'] - 1} retries; completed rounds are in metrics.csv "
                     "and checkpoints/"
                 )
-            log.warning(
-                "round %d: %d clients answered, fewer than %d; retrying",
-                self.round,
-                outcome.metrics["clients_ok"],
-                min_clients(self.cfg),
-            )
+            if not outcome.lost_hosts:  # (a lost host's warning is said)
+                log.warning(
+                    "round %d: %d clients answered, fewer than %d; retrying",
+                    self.round,
+                    outcome.metrics["clients_ok"],
+                    min_clients(self.cfg),
+                )
+            self._hosts_failed = self._hosts_failed or bool(outcome.lost_hosts)
             outcome.retry = True
             return outcome
         self._open_round = None
@@ -530,6 +534,17 @@ class Server:
                 self.privacy.saw_in_clear([r.client_id for r in results])
             return RoundOutcome(metrics, rejected=got.rejected)
         if self.codec is not None:
+            lost = self._lost_contributors(acc)
+            if lost:  # nobody approved anything yet: the round can be tried again
+                log.warning(
+                    "round %d: client host(s) %s were lost after sending their updates and "
+                    "before the sum was approved; trying the round again without them",
+                    self.round,
+                    lost,
+                )
+                metrics["clients_failed"] += metrics["clients_ok"]
+                metrics["clients_ok"] = 0
+                return RoundOutcome(metrics, rejected=got.rejected, lost_hosts=lost)
             acc.approvals = self._approvals(acc)  # ClusterError: the run stops here
         stats = self._release(acc, results, metrics)
         metrics["aggregate_seconds"] += got.aggregate_s
@@ -939,6 +954,24 @@ class Server:
         if pool is not None:
             with contextlib.suppress(Exception):
                 pool.close()
+
+    def _lost_contributors(self, acc) -> list[int]:
+        """The hosts of the sum that no longer hold their sealed updates (dead, restarted,
+        or across organisations disconnected), asked before any host approves: once one
+        has approved, the round can never open another sum, so a host lost between its
+        upload and its approval would stop the run (see :meth:`_approvals`)."""
+        by_host: dict[int, list[str]] = {}
+        for uid, h in zip(acc.update_ids, acc.sources, strict=True):
+            by_host.setdefault(h, []).append(uid)
+        refs = {h: self.hosts[h].holds.remote(self.round, ids) for h, ids in by_host.items()}
+        lost = []
+        for h, ref in refs.items():
+            try:
+                if self._fetch(ref) is not True:
+                    lost.append(h)
+            except Exception:  # dead
+                lost.append(h)
+        return sorted(lost)
 
     def _approvals(self, acc) -> dict[int, bytes]:
         """Each host with an update in the sum signs the sum's list of updates (once per

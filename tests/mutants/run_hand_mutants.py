@@ -1788,6 +1788,16 @@ MUTANTS = [
         "all_failed",
     ),
     Mutant(
+        "lost-contributor-unnoticed",
+        "fedray/runtime/server.py",
+        "        return sorted(lost)",
+        "        return []",
+        ("tests/test_faults.py",),
+        "a host lost between its upload and the approvals goes unnoticed: the others approve "
+        "and the run stops (the round can never open another sum)",
+        "lost_between",
+    ),
+    Mutant(
         "predict-no-scaling",
         "fedray/predict.py",
         '        if mode == "per_table":',
