@@ -39,6 +39,10 @@ BENCHMARKS = {
     "scaling": ("scaling.py", "round of 100 of 1000 clients, 1 -> 2 cores"),
     "memory": ("memory.py", "peak memory of a 1000-client simulation"),
     "noise": ("noise.py", "DP noise from the OS CSPRNG against numpy"),
+    "cross_org_rounds": (
+        "cross_org_rounds.py",
+        "3 site clusters against one cluster: federation set-up, round-time ratio",
+    ),
 }
 TAIL_LINES = 30
 

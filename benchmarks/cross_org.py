@@ -9,8 +9,8 @@ train; the site answers with an encrypted update of that many values at 2048-bit
 (MB/s, 10^6 bytes, whole request/reply over mTLS gRPC, signatures and digests included),
 the receiver's (coordinator's) and the sender's (site's) peak RSS growth during the
 transfer against the target "payload + 64 MiB", and the machine's load. Not a test:
-nothing is asserted. (The round-time ratio of 3 site clusters to one cluster needs the
-site agent and is not measured here yet.)
+nothing is asserted. (The round-time ratio of 3 site clusters to one cluster, and the
+federation's set-up: benchmarks/cross_org_rounds.py.)
 """
 
 from __future__ import annotations
