@@ -114,7 +114,8 @@ def main() -> None:
                 thread = threading.Thread(
                     target=lambda: done.update(
                         zip(("summary", "rows"), run_job(coordinator), strict=True)
-                    )
+                    ),
+                    daemon=True,  # a site that fails to start ends the benchmark, not this
                 )
                 thread.start()
                 for site in SITES:

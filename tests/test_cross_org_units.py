@@ -1302,6 +1302,17 @@ def test_a_site_records_the_rounds_it_took_part_in_and_never_takes_one_twice(tmp
     again.take_part(4, "helps open")
     assert RoundRecord(path, "key1").floor == 4  # another job under this key: the same
     assert RoundRecord(path, "key2").floor == 0  # another key: its own rounds
+    # Two processes under one key at the same time (two jobs, say): neither takes a round
+    # the other has recorded, though both started below it (review of 2026-12-04, third)
+    one, other = RoundRecord(path, "key3"), RoundRecord(path, "key3")
+    one.take_part(1, "trains")
+    one.take_part(2, "trains")
+    with pytest.raises(ch.Refused, match="round 1: another process of this site took part"):
+        other.take_part(1, "trains")
+    other.take_part(3, "trains")
+    with pytest.raises(ch.Refused, match="round 3: another process of this site took part"):
+        one.take_part(3, "helps open")
+    one.take_part(2, "trains")  # its own round again: a retry
     # a record an earlier fedray kept per key and job counts for the key
     legacy = tmp_path / "legacy.rounds.json"
     legacy.write_text('{"key1:jobA": 6, "key1:jobB": 2, "key2:jobA": 9}')
@@ -1327,3 +1338,42 @@ def test_a_site_records_the_rounds_it_took_part_in_and_never_takes_one_twice(tmp
     with pytest.raises(ch.Refused, match="round 5: this site took part in rounds up to 5"):
         agent.handle(ch.Message(m.check_envelope(env), body, env, {}))  # no host, holder or
         # channel here: had the check not refused first, handle would have failed otherwise
+
+
+def test_holds_says_whether_the_process_that_sealed_an_update_can_still_approve_it():
+    """The server asks every host of a sum ``holds`` before any approves it: a host (one
+    cluster) answers from its own sealed updates, so one Ray restarted (a fresh process)
+    says False; the hub (across organisations) answers True only while the session that
+    sent the round's update is the site's connected one."""
+    from fedray.federation.coordinator import FederationHub
+    from fedray.runtime.client import ClientHost
+
+    host = ClientHost.__new__(ClientHost)
+    host._sealed, host._sealed_round, host._approver = {"u1": b"c", "u2": b"d"}, 2, object()
+    assert host.holds(2, ["u1", "u2"]) is True
+    assert host.holds(2, ["u1", "u3"]) is False  # not its update
+    assert host.holds(3, ["u1"]) is False  # another round
+    host._sealed, host._sealed_round = {}, 0  # what a restarted process holds
+    assert host.holds(2, ["u1"]) is False
+
+    class Coord:
+        def __init__(self, peers):
+            self.peers = peers
+
+        def connected(self):
+            return list(self.peers)
+
+        def site(self, site_id):
+            return self.peers[site_id]
+
+    session = object()
+    hub = FederationHub.__new__(FederationHub)
+    hub.sites, hub._trained = ["a", "b"], {0: (session, 2)}
+    hub.coord = Coord({"a": session, "b": object()})
+    assert hub.holds(0, 2, ["u1"]) is True
+    assert hub.holds(0, 3, ["u1"]) is False  # it sent nothing in round 3
+    assert hub.holds(1, 2, ["u2"]) is False  # b sent nothing this round
+    hub.coord = Coord({"a": object()})  # a came back as a new session
+    assert hub.holds(0, 2, ["u1"]) is False
+    hub.coord = Coord({})  # gone
+    assert hub.holds(0, 2, ["u1"]) is False

@@ -304,11 +304,25 @@ class RoundRecord:
             ) from None
 
     def take_part(self, round_num: int, what: str) -> None:
-        """Refuse a round at or before an earlier process's last one; else record it."""
+        """Refuse a round at or before an earlier process's last one, or one another
+        process of this site (another job under this key, running at the same time) has
+        recorded since; else record it. A retry of this process's round is the same round."""
+        import fcntl
+
         self.refuse_taken(round_num, what)
-        if round_num > self.last:
+        if round_num <= self.last:
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one read-modify-write at a time
             data = self._load()
-            data[self.name] = max(int(round_num), int(data.get(self.name, 0)))
+            stored = int(data.get(self.name, 0))
+            if stored >= round_num:
+                raise ch.Refused(
+                    f"round {round_num}: another process of this site took part in rounds up "
+                    f"to {stored} under this key (federation.state {self.path}); it {what} "
+                    "no round twice (a new job needs a new key)"
+                )
+            data[self.name] = int(round_num)
             self._save(data)
             self.last = int(round_num)
 

@@ -516,9 +516,13 @@ class ClientHost:
         self._model_sha256 = model_digest(global_weights)
         self._set_up_closed = True
         self._seal_for_round(task.round)
-        with self._on_the_clock():
-            results = self._train_many(task, global_weights)
-        return self._padded(results, came)
+        results: list[ClientResult] = []
+        try:
+            with self._on_the_clock():
+                results = self._train_many(task, global_weights)
+        finally:  # a call that fails answers no sooner than one that trained
+            self._padded(results, came)
+        return results
 
     def _padded(self, results: list[ClientResult], came: float) -> list[ClientResult]:
         """``federation.answer_after_s`` in one cluster: answer no sooner than that after

@@ -469,6 +469,13 @@ class Server:
             if state["retries"] > self.cfg.max_round_retries:
                 self.round -= 1
                 self._open_round = None
+                if outcome.lost_hosts:
+                    raise ClusterError(
+                        f"round {self.round + 1}: client host(s) {outcome.lost_hosts} were "
+                        "lost between their uploads and the sum's approvals, after "
+                        f"{state['retries'] - 1} retries; completed rounds are in "
+                        "metrics.csv and checkpoints/"
+                    )
                 raise ClusterError(
                     f"round {self.round + 1}: only {outcome.metrics['clients_ok']} clients "
                     f"answered (min_clients_per_round={min_clients(self.cfg)}) after "
@@ -538,11 +545,15 @@ class Server:
             if lost:  # nobody approved anything yet: the round can be tried again
                 log.warning(
                     "round %d: client host(s) %s were lost after sending their updates and "
-                    "before the sum was approved; trying the round again without them",
+                    "before the sum was approved (nobody has approved it): trying the round again",
                     self.round,
                     lost,
                 )
-                metrics["clients_failed"] += metrics["clients_ok"]
+                # The lost hosts' clients failed; the others' updates are dropped unopened
+                # and they train again in the retry (clients_ok 0 makes it a retry).
+                metrics["clients_failed"] += sum(
+                    1 for r in results if self.assignment.get(r.client_id) in lost
+                )
                 metrics["clients_ok"] = 0
                 return RoundOutcome(metrics, rejected=got.rejected, lost_hosts=lost)
             acc.approvals = self._approvals(acc)  # ClusterError: the run stops here
@@ -639,7 +650,10 @@ class Server:
         # folded in while the rest still train. Otherwise (plaintext, or a host sealing
         # the sum of its clients) one call per host costs less.
         per_client = self.codec is not None and not self.cfg.crypto.host_sum
-        calls_per_host = 2 if per_client else 1
+        # A padding host (federation.answer_after_s) answers each call no sooner than the
+        # padding, one call at a time: one call each, or its second would come twice as late.
+        padded = self.cfg.federation.answer_after_s > 0
+        calls_per_host = 2 if per_client and not padded else 1
         for host, cids in by_host.items():
             size = max(1, math.ceil(len(cids) / calls_per_host))
             for i in range(0, len(cids), size):
