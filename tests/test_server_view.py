@@ -44,7 +44,8 @@ class RecordingServer(Server):
     with where it came from: the server method that fetched it (``_collect``: a host's
     train call, with the clients it was asked to train and when it was dispatched;
     ``_approvals``: a host's signature of the sum's update list, with the host and the
-    list; ``_ask_holders``: a key holder, with the method and how many updates the sum
+    list; ``_lost_contributors``: whether a host still holds its sealed updates, a
+    bool; ``_ask_holders``: a key holder, with the method and how many updates the sum
     has; ``_decrypt_with_private_key``: a shared-custody holder's range of the sum).
     ``facts.pkl``: what the server holds anyway (public key, layout, assignment, the
     hosts' public signing keys), to check the values against."""
@@ -382,6 +383,9 @@ def server_view_problems(cfg, received, facts, nodes) -> list[str]:
             problems += _feature_sums_problems(rec, nodes, facts, where)
         elif rec["channel"] == "_approvals":
             problems += _approval_problems(rec, facts, where)
+        elif rec["channel"] == "_lost_contributors":  # before approvals: one bit, "holds"
+            if type(rec["obj"]) is not bool:
+                problems.append(f"{where}: holds answered a {type(rec['obj']).__name__}")
         elif rec["channel"] in ("_ask_holders", "_decrypt_with_private_key", "_attest"):
             problems += _holder_answer_problems(rec, facts, where)
             if rec["channel"] == "_decrypt_with_private_key" and type(rec["obj"]) is list:
@@ -578,3 +582,16 @@ def test_the_allow_list_takes_a_hosts_sealed_feature_sums_only(tweak, complaint)
     facts, bad = _feature_sums_record(tweak)
     problems = server_view_problems(cfg, [bad], facts, {"node"})
     assert any(complaint in p for p in problems), problems
+
+
+def test_the_allow_list_takes_a_single_bit_as_a_hosts_holds_answer():
+    """Before the approvals the server asks each host whether it still holds its sealed
+    updates: one bit; any other answer (a count, bytes) is refused (no Ray)."""
+
+    def problems(obj):
+        rec = {"round": 2, "channel": "_lost_contributors", "obj": obj}
+        return server_view_problems(None, [rec], {}, {})
+
+    assert problems(True) == [] and problems(False) == []
+    assert "holds answered a int" in problems(5)[0]
+    assert "holds answered a bytes" in problems(b"\x01")[0]
