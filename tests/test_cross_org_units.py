@@ -755,6 +755,7 @@ def test_the_closed_list_is_what_a_round_needs():
         "attestation_key",  # its site's manifest key, which every site checks it with
         "ready",
         "trainable",
+        "holds",  # before the approvals: is the session that sent the update still there
     } == HANDLE_METHODS
 
 
