@@ -521,21 +521,20 @@ class ClientHost:
             with self._on_the_clock():
                 results = self._train_many(task, global_weights)
         finally:  # a call that fails answers no sooner than one that trained
-            self._padded(results, came)
+            self._pad(results, came)
         return results
 
-    def _padded(self, results: list[ClientResult], came: float) -> list[ClientResult]:
+    def _pad(self, results: list[ClientResult], came: float) -> None:
         """``federation.answer_after_s`` in one cluster: answer no sooner than that after
         the call came, with no train or encrypt seconds, so when a host answers does not
         tell how its clients' training went (a client that fails early). Across
         organisations the site's agent pads (from the request's arrival) instead."""
         pad = float(self.cfg.federation.answer_after_s)
         if pad <= 0 or self.cfg.federation.name != "none":
-            return results
+            return
         for r in results:
             r.train_seconds = r.encrypt_seconds = 0.0
         time.sleep(max(0.0, pad - (time.monotonic() - came)))
-        return results
 
     def _seal_for_round(self, round_num: int) -> None:
         """The sealed updates kept for the key holders' slow paths (and their signed
@@ -617,15 +616,20 @@ class ClientHost:
         this host sealed this round is signed."""
         if self._identity is None or self._key is None:
             raise PermissionError("this host's crypto is not configured")
-        own = self._sealed if int(round_num) == self._sealed_round else {}
-        return self._approver.approve(self._key.fingerprint, round_num, update_ids, own)
+        return self._approver.approve(
+            self._key.fingerprint, round_num, update_ids, self._sealed_of(round_num)
+        )
 
     def holds(self, round_num: int, update_ids: list[str]) -> bool:
         """Whether this process sealed these updates this round and can still approve a
         sum of them (a host Ray restarted holds none): the server asks every host of the
         sum before any is asked to approve it."""
-        own = self._sealed if int(round_num) == self._sealed_round else {}
+        own = self._sealed_of(round_num)
         return self._approver is not None and all(str(u) in own for u in update_ids)
+
+    def _sealed_of(self, round_num: int) -> dict[str, bytes]:
+        """The updates this process sealed in ``round_num`` (it keeps its latest round's)."""
+        return self._sealed if int(round_num) == self._sealed_round else {}
 
     def sealed_payload(self, round_num: int, update_id: str) -> bytes:
         """The ciphertexts of an update this host sealed this round, again.
@@ -633,8 +637,9 @@ class ClientHost:
         The server folds each update into its sum and drops the bytes; when the sum must
         be opened the slow way, it hands the key holders references to these instead
         (they check them against the signed digest). Nothing the server has not seen."""
-        if int(round_num) == self._sealed_round and str(update_id) in self._sealed:
-            return self._sealed[str(update_id)]
+        sealed = self._sealed_of(round_num).get(str(update_id))
+        if sealed is not None:
+            return sealed
         raise LookupError(
             f"round {round_num}: this host holds no sealed update {update_id!r} (it keeps "
             f"those of its latest round only, {self._sealed_round}, and not after a restart)"
