@@ -61,6 +61,18 @@ def test_too_many_clients_is_a_config_error():
         partition_indices(_labels()[:100], 1000)
 
 
+@pytest.mark.parametrize("name", ["breast_cancer", "digits", "wine"])
+def test_the_drivers_shape_of_a_bundled_set_is_scikit_learns(name):
+    """The driver takes a bundled set's width and class count from a table, not from the
+    data (no scikit-learn import in its set-up): the table must be what the data is."""
+    from fedray.config import DatasetConfig
+    from fedray.data.datasets import _bundled
+
+    x, y = _bundled(name)
+    info = dataset_info(DatasetConfig(name=name))
+    assert (info.num_features, info.num_classes) == (x.shape[1], len(np.unique(y)))
+
+
 def test_client_data_is_loaded_per_client_and_holds_out_validation():
     cfg = compose(
         ["dataset=digits", "num_clients=5", "clients_per_round=5", "dataset.partition=dirichlet"]
