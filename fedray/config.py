@@ -660,6 +660,10 @@ class FederationConfig:
     ``<federation.keys>/<party>.rounds.json``."""
     connect_timeout_s: float = 300.0
     """How long each side waits for the other, in seconds."""
+    reconnect_max_s: float = 30.0
+    """A site: the longest wait between two attempts to reach the coordinator, in
+    seconds (the wait starts at 0.5 s and doubles, with +-20% jitter, up to this); a
+    coordinator that comes back is reached at most this long after."""
     answer_after_s: float = 0.0
     """A site (in one cluster: each client host, per call) sends its update no sooner
     than this many seconds after the train request came (0: as soon as it is sealed), so
@@ -681,6 +685,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
+        _positive("federation.reconnect_max_s", self.reconnect_max_s)
         _positive("federation.answer_after_s", self.answer_after_s, allow_zero=True)
         k = self.max_colluding_sites
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):

@@ -37,6 +37,7 @@ JOB = [
     "checkpoint.every=0",
     "privacy=dp",
     "privacy.reproducible_noise=true",
+    "federation.reconnect_max_s=1",  # a site dials the coordinator again within ~1 s
 ]
 
 
@@ -56,9 +57,13 @@ def _files(w: Path) -> list[str]:
     return [f"federation.certs={w / 'certs'}", f"federation.keys={w / 'keys'}"]
 
 
-def _start_site(w: Path, site: str, port: int, log: Path, extra=()) -> subprocess.Popen:
-    """`python -m fedray.site` for ``site``, dialling 127.0.0.1:port; returns once its
-    Ray cluster, host and key holder are up (the next site starts after it)."""
+def _start_site(
+    w: Path, site: str, port: int, log: Path, extra=(), until: str = "clients ready"
+) -> subprocess.Popen:
+    """`python -m fedray.site` for ``site``, dialling 127.0.0.1:port; returns once its log
+    says ``until``: by default once its Ray cluster, host and key holder are up, or ("Ray
+    is up") once its Ray cluster is (the next site's Ray starts after it; see
+    :func:`_wait_until`)."""
     env = {**os.environ, "HOME": str(log.parent / f"home_{site}")}
     Path(env["HOME"]).mkdir(exist_ok=True)
     args = [*JOB, *_files(w), f"federation.party={site}", f"federation.connect=127.0.0.1:{port}"]
@@ -74,14 +79,18 @@ def _start_site(w: Path, site: str, port: int, log: Path, extra=()) -> subproces
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _wait_until(proc, site, log, until)
+    return proc
+
+
+def _wait_until(proc: subprocess.Popen, site: str, log: Path, said: str) -> None:
     deadline = time.monotonic() + 180
-    while "clients ready" not in log.read_text(errors="replace"):
+    while said not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
             pytest.fail(f"site {site} did not start:\n{tail}", pytrace=False)
-        time.sleep(0.5)
-    return proc
+        time.sleep(0.2)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -100,12 +109,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @contextlib.contextmanager
 def _sites(w: Path, logs: Path, extra=()):
-    """Sites a, b and c, each in its own process and Ray cluster, dialling one port."""
+    """Sites a, b and c, each in its own process and Ray cluster, dialling one port. Their
+    Rays start one after another; a site's actors start while the next site's Ray does."""
     port = free_port()
     procs = []
     try:
         for site in SITES:
-            procs.append(_start_site(w, site, port, logs / f"{site}.log", extra))
+            procs.append(_start_site(w, site, port, logs / f"{site}.log", extra, "Ray is up"))
+        for proc, site in zip(procs, SITES, strict=True):
+            _wait_until(proc, site, logs / f"{site}.log", "clients ready")
         yield port, procs, logs
     finally:
         _stop(procs)

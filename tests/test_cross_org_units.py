@@ -32,7 +32,7 @@ from fedray.federation.site import (
 )
 from fedray.runtime.keys import Contribution, HostIdentity, SignedContribution, digest, verify
 from fedray.tools import certs
-from tests.conftest import compose
+from tests.conftest import compose, free_port
 
 # --- contribution_from_statement -------------------------------------------------------
 
@@ -1378,3 +1378,34 @@ def test_holds_says_whether_the_process_that_sealed_an_update_can_still_approve_
     assert hub.holds(0, 2, ["u1"]) is False
     hub.coord = Coord({})  # gone
     assert hub.holds(0, 2, ["u1"]) is False
+
+
+def test_a_site_dials_a_down_coordinator_at_most_reconnect_max_s_apart(tmp_path, caplog):
+    """federation.reconnect_max_s caps a site's backoff: its waits between dials double
+    from 0.5 s (or the cap, if lower) and never pass the cap by more than the jitter."""
+    import logging
+    import re
+
+    from fedray.federation import channel as ch
+    from fedray.federation.site import Paths, SiteAgent
+
+    certs.make_federation(tmp_path / "c", "hub", ["a", "b", "c"], clients={s: 2 for s in "abc"})
+    port = free_port()  # nothing listens there
+    agent = SiteAgent.__new__(SiteAgent)
+    agent.cfg = compose(
+        [
+            *SITE,
+            f"federation.certs={tmp_path / 'c'}",
+            f"federation.keys={tmp_path / 'k'}",
+            f"federation.connect=127.0.0.1:{port}",
+            "federation.reconnect_max_s=0.2",
+        ]
+    )
+    agent.paths = Paths(agent.cfg, "a")
+    agent.site_id = "a"
+    agent._receive_cap = lambda: 1 << 20
+    caplog.set_level(logging.WARNING, logger="fedray.federation")
+    with pytest.raises(ch.Unreachable, match="gave up after 1.5 s"):
+        agent.serve(max_wait_s=1.5)
+    waits = [float(w) for w in re.findall(r"retrying in ([0-9.]+) s", caplog.text)]
+    assert len(waits) >= 5 and max(waits) <= 0.2 * 1.2 + 0.05, waits

@@ -554,6 +554,7 @@ class SiteAgent:
             self.started_ray = True
         else:
             ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+        log.info("site %s: Ray is up; starting its key holder and client host", self.site_id)
         self.authority = HostIdentity()  # this agent's; never leaves this process
         manifest = paths.manifest_obj
         peers = {h: manifest.sites[s].signing_key for h, s in enumerate(paths.sites)}
@@ -630,6 +631,7 @@ class SiteAgent:
     def serve(self, max_wait_s: float | None = None) -> None:
         """Dial the coordinator and answer until it says goodbye or :meth:`close`."""
         paths = self.paths
+        cap = self.cfg.federation.reconnect_max_s  # the longest wait between two dials
         self.channel = ch.dial(
             self.cfg.federation.connect,
             paths.cert,
@@ -641,6 +643,7 @@ class SiteAgent:
             handler=self.handle,
             max_blob_bytes=self._receive_cap(),
             job=agreed_job(self.cfg),
+            backoff=(min(0.5, cap), cap),
         )
         self.channel.run(max_wait_s=max_wait_s)
 

@@ -1825,6 +1825,15 @@ MUTANTS = [
         "holds_says",
     ),
     Mutant(
+        "site-ignores-reconnect-max",
+        "fedray/federation/site.py",
+        "            backoff=(min(0.5, cap), cap),",
+        "            backoff=(0.5, 30.0),",
+        ("tests/test_cross_org_units.py",),
+        "a site waits up to 30 s between dials whatever federation.reconnect_max_s says",
+        "reconnect_max",
+    ),
+    Mutant(
         "predict-no-scaling",
         "fedray/predict.py",
         '        if mode == "per_table":',
