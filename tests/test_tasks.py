@@ -136,3 +136,57 @@ def test_epoch_batches_visit_every_example_once_per_epoch_in_a_replayable_order(
     assert sorted(sum(batches[:3], [])) == sorted(sum(batches[3:], [])) == list(range(10))
     assert batches[:3] != batches[3:]  # a fresh permutation each epoch
     assert run(5) == batches and run(6) != batches
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_local_sgd_gives_torch_optim_sgds_weights_bit_for_bit(momentum):
+    """The built-in task's LocalSGD is torch.optim.SGD(foreach=True)'s update, step for
+    step, momentum buffers included (a parameter without a gradient is left alone)."""
+    import torch
+
+    from fedray.tasks.tabular import LocalSGD
+
+    def model():
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        unused = torch.nn.Linear(2, 2)  # trainable, never in the loss: no gradient
+        return torch.nn.ModuleList([net, unused])
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    ours, theirs = model(), model()
+    opt_ours = LocalSGD(list(ours.parameters()), 0.1, momentum)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=momentum, foreach=True)
+    for step in range(6):
+        batch = slice(step * 6, step * 6 + 8)
+        for net, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net[0](x[batch]), y[batch]).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0][0].weight, model()[0][0].weight)  # it trained
+
+
+def test_training_the_built_in_task_does_not_load_torch_dynamo():
+    """torch.optim.SGD.step() imports torch._dynamo (~1.5 s of CPU, a host's whole first
+    round); the built-in task's local training must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tests.conftest import compose\n"
+        "from fedray.data.datasets import dataset_info\n"
+        "from fedray.tasks.base import build_task\n"
+        "cfg = compose(['momentum=0.9'])\n"
+        "task = build_task(cfg, dataset_info(cfg.dataset))\n"
+        "model = task.build_model()\n"
+        "train, _ = task.load_data(0, cfg.num_clients)\n"
+        "print(task.train(model, train, epochs=1, lr=0.1, seed=1)['loss'] > 0)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]

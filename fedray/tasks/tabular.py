@@ -26,6 +26,48 @@ class Examples:
         return len(self.y)
 
 
+class LocalSGD:
+    """Minibatch SGD with momentum over one client's local run: torch's own update,
+    ``torch.optim.sgd.sgd``, exactly as ``torch.optim.SGD(params, lr, momentum,
+    foreach=True).step()`` calls it (tests/test_tasks.py checks the weights are equal).
+
+    Not ``torch.optim.SGD`` itself: its ``step()`` imports ``torch._dynamo`` on first use
+    (about 1.5 s of CPU per process, most of a job's first round on 2 cores;
+    docs/performance.md), for graph breaks that matter only under ``torch.compile``."""
+
+    def __init__(self, params: list, lr: float, momentum: float):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.buffers: list[Any] = [None] * len(params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+        from torch.optim.sgd import sgd
+
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        buffers = [self.buffers[i] for i in live] if self.momentum != 0 else []
+        with torch.no_grad():
+            sgd(
+                params,
+                [p.grad for p in params],
+                buffers,
+                weight_decay=0.0,
+                momentum=self.momentum,
+                lr=self.lr,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+                has_sparse_grad=any(p.grad.is_sparse for p in params),
+                foreach=True,
+            )
+        for i, buffer in zip(live, buffers, strict=False):
+            self.buffers[i] = buffer
+
+
 class TabularClassificationTask(Task):
     """Classify feature vectors; the task every ``dataset``/``model`` pair without a
     ``task._target_`` runs."""
@@ -33,10 +75,6 @@ class TabularClassificationTask(Task):
     def __init__(self, cfg: Any, info: Any):
         super().__init__(cfg)
         self.info = info
-        # One optimizer per process, reset per client: building one per client costs
-        # more than a small client's whole local step.
-        self._optimizer = None
-        self._optimizer_model = None
 
     def load_data(self, client_id: int, num_clients: int) -> tuple[Examples, Examples]:
         import torch
@@ -139,15 +177,14 @@ class TabularClassificationTask(Task):
                 dp_seed = client_seed(self.cfg.seed + 104729, round_num, client_id)
             return self._train_dp_sgd(model, data, epochs=epochs, lr=lr, seed=dp_seed, plan=privacy)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = self._optimizer_for(model, params, lr)
-        opt.state.clear()  # momentum buffers belong to one client's local run
+        opt = LocalSGD(params, lr, self.cfg.momentum)  # buffers: one client's local run
         gen = torch.Generator().manual_seed(seed)
         proximal = ProximalTerm(params, proximal_mu)
         loss_fn = torch.nn.CrossEntropyLoss()
         total, batches = 0.0, 0
         model.train()
         for idx in epoch_batches(len(data), self.cfg.batch_size, epochs, gen, self.device):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = proximal(loss_fn(model(data.x[idx]), data.y[idx]))
             loss.backward()
             opt.step()
@@ -155,16 +192,6 @@ class TabularClassificationTask(Task):
             batches += 1
         model.eval()
         return {"loss": total / max(1, batches)}
-
-    def _optimizer_for(self, model, params, lr: float):
-        import torch
-
-        if self._optimizer is None or self._optimizer_model is not model:
-            self._optimizer = torch.optim.SGD(
-                params, lr=lr, momentum=self.cfg.momentum, foreach=True
-            )
-            self._optimizer_model = model
-        return self._optimizer
 
     def _train_dp_sgd(
         self, model, data: Examples, *, epochs: int, lr: float, seed: int | None, plan
