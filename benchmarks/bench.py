@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = {
     "crypto": ("crypto.py", "values per ciphertext, bytes per value, values/s, opening 1M"),
     "round_overhead": ("round_overhead.py", "encrypted / plaintext round of the default job"),
+    "setup": ("setup.py", "a job's set-up against ray.init()'s own time"),
     "scaling": ("scaling.py", "round of 100 of 1000 clients, 1 -> 2 cores"),
     "memory": ("memory.py", "peak memory of a 1000-client simulation"),
     "noise": ("noise.py", "DP noise from the OS CSPRNG against numpy"),
