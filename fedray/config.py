@@ -662,8 +662,9 @@ class FederationConfig:
     """How long each side waits for the other, in seconds."""
     reconnect_max_s: float = 30.0
     """A site: the longest wait between two attempts to reach the coordinator, in
-    seconds (the wait starts at 0.5 s and doubles, with +-20% jitter, up to this); a
-    coordinator that comes back is reached at most this long after."""
+    seconds, at least 0.1 (the wait starts at 0.5 s, or this if lower, and doubles with
+    +-20% jitter up to this); a coordinator that comes back is dialled again at most this
+    long after (plus the dial's own time)."""
     answer_after_s: float = 0.0
     """A site (in one cluster: each client host, per call) sends its update no sooner
     than this many seconds after the train request came (0: as soon as it is sealed), so
@@ -686,6 +687,11 @@ class FederationConfig:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
         _positive("federation.reconnect_max_s", self.reconnect_max_s)
+        if self.reconnect_max_s < 0.1:
+            raise ConfigError(
+                f"federation.reconnect_max_s={self.reconnect_max_s!r} must be at least 0.1 "
+                "(seconds between a site's dials; 30 by default)"
+            )
         _positive("federation.answer_after_s", self.answer_after_s, allow_zero=True)
         k = self.max_colluding_sites
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):

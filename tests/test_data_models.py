@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedray.data.datasets import dataset_info, load_client_data, read_csv
+from fedray.data.datasets import BUNDLED, BUNDLED_FEATURES, dataset_info, load_client_data, read_csv
 from fedray.data.partition import partition_indices
 from fedray.errors import ConfigError, DataError
 from fedray.models import ParamView, build_model
@@ -61,13 +61,14 @@ def test_too_many_clients_is_a_config_error():
         partition_indices(_labels()[:100], 1000)
 
 
-@pytest.mark.parametrize("name", ["breast_cancer", "digits", "wine"])
+@pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_the_drivers_shape_of_a_bundled_set_is_scikit_learns(name):
     """The driver takes a bundled set's width and class count from a table, not from the
     data (no scikit-learn import in its set-up): the table must be what the data is."""
     from fedray.config import DatasetConfig
     from fedray.data.datasets import _bundled
 
+    assert set(BUNDLED_FEATURES) == set(BUNDLED)
     x, y = _bundled(name)
     info = dataset_info(DatasetConfig(name=name))
     assert (info.num_features, info.num_classes) == (x.shape[1], len(np.unique(y)))

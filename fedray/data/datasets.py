@@ -32,10 +32,10 @@ from fedray.errors import ConfigError, DataError
 
 log = logging.getLogger("fedray")
 
+# The bundled sets: class count and feature width, so a job's driver knows the model's
+# shape without loading the data (importing scikit-learn costs ~1.3 s of CPU;
+# tests/test_data_models.py checks both against scikit-learn's own loaders).
 BUNDLED = {"breast_cancer": 2, "digits": 10, "wine": 3}
-# Each bundled set's feature width, so a job's driver knows the model's shape without
-# loading the data (importing scikit-learn costs ~1.3 s of CPU; tests/test_data_models.py
-# checks these against scikit-learn's own loaders).
 BUNDLED_FEATURES = {"breast_cancer": 30, "digits": 64, "wine": 13}
 
 

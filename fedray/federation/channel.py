@@ -1057,10 +1057,12 @@ class Site:
                 down_since = down_since or now
                 if max_wait_s is not None and now - down_since >= max_wait_s:
                     raise Unreachable(f"{exc}; gave up after {max_wait_s:g} s") from None
+                if max_wait_s is not None:  # the last wait ends at the give-up time
+                    delay = min(delay, max_wait_s - (now - down_since))
                 log.warning("%s; retrying in %.1f s", exc, delay)
             if self._stop.wait(delay):
                 return
-            delay = min(cap, delay * 2) * random.uniform(0.8, 1.2)
+            delay = min(cap, delay * 2 * random.uniform(0.8, 1.2))  # jitter within the cap
 
     def _probe(self) -> None:
         """Before gRPC: one TLS handshake to see the coordinator's certificate, which
