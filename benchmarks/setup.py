@@ -66,7 +66,7 @@ def launcher_seconds(overrides: list[str], env: dict[str, str]) -> tuple[float, 
                 "rounds=1",
                 *overrides,
                 f"hydra.run.dir={run_dir}",
-            ],  # fmt: skip
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

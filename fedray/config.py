@@ -686,11 +686,10 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _choice("federation", self.name, FEDERATIONS)
         _positive("federation.connect_timeout_s", self.connect_timeout_s)
-        _positive("federation.reconnect_max_s", self.reconnect_max_s)
-        if self.reconnect_max_s < 0.1:
+        if not (math.isfinite(self.reconnect_max_s) and self.reconnect_max_s >= 0.1):
             raise ConfigError(
-                f"federation.reconnect_max_s={self.reconnect_max_s!r} must be at least 0.1 "
-                "(seconds between a site's dials; 30 by default)"
+                f"federation.reconnect_max_s={self.reconnect_max_s!r} must be a finite number "
+                ">= 0.1 (seconds between a site's dials; 30 by default)"
             )
         _positive("federation.answer_after_s", self.answer_after_s, allow_zero=True)
         k = self.max_colluding_sites

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedray.data.datasets import BUNDLED, BUNDLED_FEATURES, dataset_info, load_client_data, read_csv
+from fedray.data.datasets import BUNDLED, dataset_info, load_client_data, read_csv
 from fedray.data.partition import partition_indices
 from fedray.errors import ConfigError, DataError
 from fedray.models import ParamView, build_model
@@ -68,7 +68,6 @@ def test_the_drivers_shape_of_a_bundled_set_is_scikit_learns(name):
     from fedray.config import DatasetConfig
     from fedray.data.datasets import _bundled
 
-    assert set(BUNDLED_FEATURES) == set(BUNDLED)
     x, y = _bundled(name)
     info = dataset_info(DatasetConfig(name=name))
     assert (info.num_features, info.num_classes) == (x.shape[1], len(np.unique(y)))

@@ -32,12 +32,6 @@ from fedray.errors import ConfigError, DataError
 
 log = logging.getLogger("fedray")
 
-# The bundled sets: class count and feature width, so a job's driver knows the model's
-# shape without loading the data (importing scikit-learn costs ~1.3 s of CPU;
-# tests/test_data_models.py checks both against scikit-learn's own loaders).
-BUNDLED = {"breast_cancer": 2, "digits": 10, "wine": 3}
-BUNDLED_FEATURES = {"breast_cancer": 30, "digits": 64, "wine": 13}
-
 
 @dataclass
 class ClientData:
@@ -60,6 +54,16 @@ class DatasetInfo:
 
     num_features: int
     num_classes: int
+
+
+# The bundled sets' shapes, so a job's driver knows the model's without loading the data
+# (importing scikit-learn costs ~1.3 s of CPU; tests/test_data_models.py checks each
+# against scikit-learn's own loader).
+BUNDLED = {
+    "breast_cancer": DatasetInfo(num_features=30, num_classes=2),
+    "digits": DatasetInfo(num_features=64, num_classes=10),
+    "wine": DatasetInfo(num_features=13, num_classes=3),
+}
 
 
 @lru_cache(maxsize=4)
@@ -380,7 +384,7 @@ def load_test_set(cfg: DatasetConfig, num_clients: int, seed: int, *, raw: bool 
 def dataset_info(cfg: DatasetConfig, observed_classes: int = 0, num_features: int = 0):
     """Feature width and class count; for csv from what the clients observed."""
     if cfg.name in BUNDLED:
-        return DatasetInfo(BUNDLED_FEATURES[cfg.name], BUNDLED[cfg.name])
+        return BUNDLED[cfg.name]
     if cfg.name == "synthetic":
         return DatasetInfo(cfg.num_features, cfg.num_classes)
     return DatasetInfo(num_features, max(2, observed_classes))
